@@ -1,0 +1,429 @@
+"""Channel-wise fine-tuning of a Cellpose CPnet on one reporter channel, with early stopping.
+
+The loop reuses Cellpose's pieces (flow targets from ``cellpose.dynamics.masks_to_flows``, its
+normalisation, its loss written out on tensors, its learning-rate schedule) and adds what
+``cellpose.train.train_seg`` lacks: microscopy augmentations, a validation loss every epoch,
+patience-based early stopping that only starts after ``min_epochs``, keeping the *best* checkpoint,
+cancellation and progress callbacks.
+
+Images are single-channel (Y, X) reporter images; the network sees ``[reporter, zeros]``.
+Training images are rescaled per image so that objects are ``diam_mean`` pixels wide (as Cellpose
+does); the mean training diameter is recorded and is the diameter to give at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cellpose import dynamics, utils
+from cellpose.transforms import normalize99
+from skimage.segmentation import relabel_sequential
+
+from app.science.augmentations import AugmentationConfig, augment
+from app.science.backbone import INPUT_CHANNELS, build_network, network_widths
+
+#: Cellpose clamps training diameters below this (pixels) to avoid huge rescale factors.
+MIN_DIAMETER = 5.0
+
+
+class TrainingDataError(ValueError):
+    """The training or validation data cannot be used as given."""
+
+
+class TrainingCancelled(Exception):
+    """Raised inside ``finetune`` when ``should_stop()`` returned True."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Cellpose 3 ``train.train_seg`` defaults plus early stopping and augmentation switches.
+
+    ``learning_rate``, ``weight_decay``, AdamW (``sgd=False``), ``batch_size``, ``bsize``,
+    ``rescale``, ``min_train_masks`` and the schedule (linear warm-up over 10 epochs, halvings at
+    the end) are Cellpose's. ``max_epochs`` defaults to Cellpose's CLI ``n_epochs`` (500).
+    """
+
+    learning_rate: float = 0.005
+    weight_decay: float = 1e-5
+    sgd: bool = False
+    momentum: float = 0.9
+    batch_size: int = 8
+    bsize: int = 224
+    rescale: bool = True
+    min_train_masks: int = 5
+    warmup_epochs: int = 10
+    max_epochs: int = 500
+    patience: int = 20
+    #: BatchNorm momentum is 0.05, so eval-mode validation loss swings early: patience waits.
+    min_epochs: int = 20
+    augment: bool = True
+    microscopy_augment: bool = True
+    #: Fixed (unaugmented) validation crops per validation image, drawn once.
+    val_crops_per_image: int = 2
+    seed: int = 0
+    #: Optional directory for flow targets keyed by the mask's sha256 (computed once, reused).
+    flow_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise TrainingDataError("batch_size, max_epochs and patience must all be at least 1")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise TrainingDataError("learning_rate must be > 0 and weight_decay >= 0")
+        if self.min_epochs < 0 or self.warmup_epochs < 0:
+            raise TrainingDataError("min_epochs and warmup_epochs cannot be negative")
+
+    def augmentation(self) -> AugmentationConfig:
+        return AugmentationConfig(bsize=self.bsize, enabled=self.augment, microscopy=self.microscopy_augment)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """Indices of the training, validation and test images (disjoint, sorted)."""
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    train_loss: float
+    val_loss: float  # NaN when there is no validation set
+    elapsed_s: float
+    learning_rate: float = 0.0
+    is_best: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    net: torch.nn.Module  # best checkpoint loaded, eval mode
+    best_epoch: int
+    history: list[EpochReport]
+    diameter: float  # mean training diameter: give this at inference
+    stopped_early: bool
+    diameter_plus_sd: float = 0.0
+    best_val_loss: float = math.nan
+    n_train: int = 0
+    n_val: int = 0
+
+
+def split_dataset(n: int, *, n_train: int = 40, n_val: int = 5, n_test: int = 5, seed: int = 0) -> DatasetSplit:
+    """A seeded random split; with n != n_train + n_val + n_test the proportions are kept.
+
+    Every part gets at least one image when n >= 3 (validation and test first to the training set).
+
+    >>> split = split_dataset(50)
+    >>> len(split.train), len(split.val), len(split.test)
+    (40, 5, 5)
+    >>> [len(p) for p in (split_dataset(10).train, split_dataset(10).val, split_dataset(10).test)]
+    [8, 1, 1]
+    """
+    if n < 3:
+        raise TrainingDataError(f"need at least 3 annotated images to split into train/val/test, got {n}")
+    if min(n_train, n_val, n_test) < 0 or n_train + n_val + n_test == 0:
+        raise TrainingDataError("n_train, n_val and n_test must be non-negative and not all zero")
+    total = n_train + n_val + n_test
+    if total == n:
+        sizes = [n_train, n_val, n_test]
+    else:
+        n_val_p = max(1, round(n * n_val / total)) if n_val else 0
+        n_test_p = max(1, round(n * n_test / total)) if n_test else 0
+        sizes = [n - n_val_p - n_test_p, n_val_p, n_test_p]
+        if sizes[0] < 1:
+            raise TrainingDataError(f"{n} images are too few for the requested split {n_train}/{n_val}/{n_test}")
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.split(order, np.cumsum(sizes)[:-1])
+    train, val, test = (tuple(sorted(int(i) for i in part)) for part in parts)
+    return DatasetSplit(train, val, test)
+
+
+def image_diameters(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Cellpose's per-image diameter (median equivalent-circle diameter), clamped at 5 px."""
+    diameters = np.array([utils.diameters(np.asarray(m))[0] for m in masks], dtype=np.float64)
+    return np.maximum(diameters, MIN_DIAMETER)
+
+
+def training_diameters(masks: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(mean, mean + 1 sd) of the per-image diameters.
+
+    The mean is the diameter that matches training (give it at inference to a fine-tuned model);
+    mean + 1 sd is what works best for an un-tuned base model.
+
+    >>> yy, xx = np.mgrid[:64, :64]
+    >>> disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 10 ** 2).astype(np.int32)
+    >>> mean, plus_sd = training_diameters([disc, disc])
+    >>> round(mean, 1), round(plus_sd - mean, 6)
+    (20.0, 0.0)
+    """
+    if len(masks) == 0:
+        raise TrainingDataError("no masks given: cannot compute a training diameter")
+    diameters = image_diameters(masks)
+    return float(diameters.mean()), float(diameters.mean() + diameters.std())
+
+
+def learning_rate_schedule(n_epochs: int, learning_rate: float, warmup_epochs: int = 10) -> np.ndarray:
+    """Cellpose's schedule: linear warm-up from 0, constant, then halvings over the last epochs."""
+    rates = np.linspace(0, learning_rate, warmup_epochs) if warmup_epochs else np.zeros(0)
+    rates = np.append(rates, learning_rate * np.ones(max(0, n_epochs - warmup_epochs)))
+    if n_epochs > 300:
+        rates = rates[:-100]
+        for _ in range(10):
+            rates = np.append(rates, rates[-1] / 2 * np.ones(10))
+    elif n_epochs > 100:
+        rates = rates[:-50]
+        for _ in range(10):
+            rates = np.append(rates, rates[-1] / 2 * np.ones(5))
+    return rates[:n_epochs]
+
+
+def mask_sha256(mask: np.ndarray) -> str:
+    """Content hash of a label image (shape and dtype included)."""
+    digest = hashlib.sha256(f"{mask.shape}|{mask.dtype.str}|".encode())
+    digest.update(np.ascontiguousarray(mask).tobytes())
+    return digest.hexdigest()
+
+
+def flow_targets(mask: np.ndarray, *, cache_dir: str | Path | None = None) -> np.ndarray:
+    """Cellpose training targets (3, Y, X) = [cell probability, flow Y, flow X] for one label image.
+
+    With ``cache_dir`` the result is stored as ``<sha256>.npy`` and reused.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise TrainingDataError(f"a mask must be a 2-D integer label image, got {mask.dtype} {mask.shape}")
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = Path(cache_dir) / f"{mask_sha256(mask)}.npy"
+        if cache_path.exists():
+            cached = np.load(cache_path, allow_pickle=False)
+            if cached.shape == (3, *mask.shape):
+                return cached
+    labels = relabel_sequential(mask.astype(np.int64))[0]
+    flows = dynamics.masks_to_flows(labels, device=torch.device("cpu"))
+    targets = np.concatenate([(labels > 0)[None].astype(np.float32), flows.astype(np.float32)])
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_path.with_suffix(".tmp.npy")
+        np.save(temporary, targets, allow_pickle=False)
+        temporary.replace(cache_path)
+    return targets
+
+
+def normalise_image(image: np.ndarray) -> np.ndarray:
+    """Cellpose's per-image 1st-99th percentile normalisation to float32 (constant image -> 0)."""
+    return normalize99(np.asarray(image, dtype=np.float32))
+
+
+def segmentation_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cellpose's loss: MSE on 5x the unit flows (halved) + BCE on the cell probability logit."""
+    flow_loss = F.mse_loss(output[:, :2], 5.0 * targets[:, 1:]) / 2.0
+    probability_loss = F.binary_cross_entropy_with_logits(output[:, 2], (targets[:, 0] > 0.5).float())
+    return flow_loss + probability_loss
+
+
+def fresh_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A new CPnet with the same widths, diam_mean and weights (training a net after eval trips MKL-DNN)."""
+    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()))
+    new.load_state_dict(net.state_dict(), strict=True)
+    return new
+
+
+@dataclass
+class _PreparedSet:
+    images: list[np.ndarray]  # (1, Y, X) normalised
+    targets: list[np.ndarray]  # (3, Y, X)
+    zooms: list[float]
+    diameters: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], what: str) -> None:
+    if len(images) != len(masks):
+        raise TrainingDataError(f"{what}: {len(images)} images but {len(masks)} masks; give one mask per image")
+    for index, (image, mask) in enumerate(zip(images, masks)):
+        image, mask = np.asarray(image), np.asarray(mask)
+        if image.ndim != 2:
+            raise TrainingDataError(
+                f"{what} image {index} has shape {image.shape}; give single-channel (Y, X) reporter images"
+            )
+        if mask.shape != image.shape:
+            raise TrainingDataError(f"{what} mask {index} has shape {mask.shape} but its image is {image.shape}")
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise TrainingDataError(f"{what} mask {index} must be an integer label image, got {mask.dtype}")
+
+
+def _prepare(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], diam_mean: float, config: TrainingConfig
+) -> _PreparedSet:
+    diameters = image_diameters(masks) if len(masks) else np.zeros(0)
+    zooms = [diam_mean / d if config.rescale else 1.0 for d in diameters]
+    return _PreparedSet(
+        images=[normalise_image(image)[None] for image in images],
+        targets=[flow_targets(np.asarray(mask), cache_dir=config.flow_cache_dir) for mask in masks],
+        zooms=zooms,
+        diameters=diameters,
+    )
+
+
+def _with_zero_channel(batch: np.ndarray) -> torch.Tensor:
+    """(B, 1, Y, X) reporter crops -> (B, 2, Y, X) network input [reporter, zeros]."""
+    zeros = np.zeros_like(batch)
+    stacked = np.concatenate([batch] + [zeros] * (INPUT_CHANNELS - 1), axis=1)
+    return torch.from_numpy(np.ascontiguousarray(stacked))
+
+
+def _validation_crops(prepared: _PreparedSet, config: TrainingConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, unaugmented validation crops, batched; drawn once so every epoch sees the same ones."""
+    rng = np.random.default_rng(config.seed + 1)
+    plain = AugmentationConfig(bsize=config.bsize, enabled=False)
+    inputs, targets = [], []
+    for image, target, zoom in zip(prepared.images, prepared.targets, prepared.zooms):
+        for _ in range(config.val_crops_per_image):
+            crop, crop_targets = augment(image, target, rng, plain, zoom=zoom)
+            inputs.append(crop)
+            targets.append(crop_targets)
+    batches = []
+    for start in range(0, len(inputs), config.batch_size):
+        x = _with_zero_channel(np.stack(inputs[start : start + config.batch_size]))
+        y = torch.from_numpy(np.stack(targets[start : start + config.batch_size]))
+        batches.append((x, y))
+    return batches
+
+
+def _validation_loss(net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    if not batches:
+        return math.nan
+    net.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            total += segmentation_loss(net(x)[0], y).item() * len(x)
+            count += len(x)
+    return total / count
+
+
+def finetune(
+    net: torch.nn.Module,
+    train_images: Sequence[np.ndarray],
+    train_masks: Sequence[np.ndarray],
+    val_images: Sequence[np.ndarray],
+    val_masks: Sequence[np.ndarray],
+    config: TrainingConfig = TrainingConfig(),
+    *,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Fine-tune a copy of ``net`` on (Y, X) reporter images; return the best-validation checkpoint.
+
+    ``net`` itself is not modified. Early stopping: once ``epoch >= min_epochs``, training stops after
+    ``patience`` epochs without a new best validation loss (without validation images the training
+    loss decides and training runs ``max_epochs``). ``should_stop`` is polled between steps and
+    raises ``TrainingCancelled``.
+    """
+    _check_pairs(train_images, train_masks, "training")
+    _check_pairs(val_images, val_masks, "validation")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+
+    model = fresh_copy(net)
+    diam_mean = float(model.diam_mean.item())
+    counts = [len(np.unique(np.asarray(m))) - int((np.asarray(m) == 0).any()) for m in train_masks]
+    keep = [i for i, c in enumerate(counts) if c >= config.min_train_masks]
+    if not keep:
+        raise TrainingDataError(
+            f"no training image has at least min_train_masks={config.min_train_masks} annotated objects "
+            f"(counts: {counts}); annotate more objects or lower min_train_masks"
+        )
+    train_images = [train_images[i] for i in keep]
+    train_masks = [train_masks[i] for i in keep]
+    train = _prepare(train_images, train_masks, diam_mean, config)
+    val = _prepare(val_images, val_masks, diam_mean, config)
+    diameter, diameter_plus_sd = training_diameters(train_masks)
+    model.diam_labels.data = torch.tensor([diameter], dtype=torch.float32)
+    val_batches = _validation_crops(val, config)
+    augmentation = config.augmentation()
+
+    if config.sgd:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, momentum=config.momentum
+        )
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    rates = learning_rate_schedule(config.max_epochs, config.learning_rate, config.warmup_epochs)
+
+    history: list[EpochReport] = []
+    best_loss, best_epoch, best_state = math.inf, -1, None
+    epochs_without_improvement = 0
+    stopped_early = False
+    n_train = len(train.images)
+    for epoch in range(config.max_epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = float(rates[epoch])
+        model.train()
+        order = rng.permutation(n_train)
+        epoch_loss = 0.0
+        for start in range(0, n_train, config.batch_size):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"training cancelled during epoch {epoch}")
+            crops, targets = [], []
+            for index in order[start : start + config.batch_size]:
+                crop, crop_targets = augment(
+                    train.images[index], train.targets[index], rng, augmentation, zoom=train.zooms[index]
+                )
+                crops.append(crop)
+                targets.append(crop_targets)
+            x = _with_zero_channel(np.stack(crops))
+            y = torch.from_numpy(np.stack(targets))
+            loss = segmentation_loss(model(x)[0], y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * len(x)
+        train_loss = epoch_loss / n_train
+        val_loss = _validation_loss(model, val_batches)
+        criterion = val_loss if val_batches else train_loss
+        is_best = criterion < best_loss
+        if is_best:
+            best_loss, best_epoch = criterion, epoch
+            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+            epochs_without_improvement = 0
+        elif epoch >= config.min_epochs:
+            epochs_without_improvement += 1
+        report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - started, float(rates[epoch]), is_best)
+        history.append(report)
+        if on_epoch is not None:
+            on_epoch(report)
+        if val_batches and epochs_without_improvement >= config.patience:
+            stopped_early = epoch < config.max_epochs - 1
+            break
+
+    if best_state is None:  # every loss was NaN: keep the last weights rather than nothing
+        best_state = copy.deepcopy(model.state_dict())
+        best_epoch = len(history) - 1
+    result_net = build_network(network_widths(model), diam_mean=diam_mean)
+    result_net.load_state_dict(best_state, strict=True)
+    result_net.eval()
+    return TrainingResult(
+        net=result_net,
+        best_epoch=best_epoch,
+        history=history,
+        diameter=diameter,
+        stopped_early=stopped_early,
+        diameter_plus_sd=diameter_plus_sd,
+        best_val_loss=best_loss if val_batches else math.nan,
+        n_train=n_train,
+        n_val=len(val.images),
+    )
