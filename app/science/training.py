@@ -72,6 +72,8 @@ class TrainingConfig:
     seed: int = 0
     #: Optional directory for flow targets keyed by the mask's sha256 (computed once, reused).
     flow_cache_dir: str | None = None
+    #: Wall-clock budget: no new epoch starts when it would likely end past this (best kept).
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
@@ -114,6 +116,7 @@ class TrainingResult:
     history: list[EpochReport]
     diameter: float  # mean training diameter: give this at inference
     stopped_early: bool
+    stop_reason: str = "max_epochs"  # "patience", "time_limit" or "max_epochs"
     diameter_plus_sd: float = 0.0
     best_val_loss: float = math.nan
     n_train: int = 0
@@ -367,7 +370,7 @@ def finetune(
     history: list[EpochReport] = []
     best_loss, best_epoch, best_state = math.inf, -1, None
     epochs_without_improvement = 0
-    stopped_early = False
+    stop_reason = "max_epochs"
     n_train = len(train.images)
     for epoch in range(config.max_epochs):
         for group in optimizer.param_groups:
@@ -407,8 +410,13 @@ def finetune(
         if on_epoch is not None:
             on_epoch(report)
         if val_batches and epochs_without_improvement >= config.patience:
-            stopped_early = epoch < config.max_epochs - 1
+            stop_reason = "patience"
             break
+        if config.time_limit_s is not None and epoch < config.max_epochs - 1:
+            elapsed = time.perf_counter() - started
+            if elapsed + elapsed / len(history) > config.time_limit_s:
+                stop_reason = "time_limit"
+                break
 
     if best_state is None:  # every loss was NaN: keep the last weights rather than nothing
         best_state = copy.deepcopy(model.state_dict())
@@ -421,7 +429,8 @@ def finetune(
         best_epoch=best_epoch,
         history=history,
         diameter=diameter,
-        stopped_early=stopped_early,
+        stopped_early=stop_reason != "max_epochs",
+        stop_reason=stop_reason,
         diameter_plus_sd=diameter_plus_sd,
         best_val_loss=best_loss if val_batches else math.nan,
         n_train=n_train,

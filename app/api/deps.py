@@ -1,0 +1,70 @@
+"""Dependencies shared by routes: settings, a database session, the caller and their role."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+from sqlalchemy.orm import Session
+
+from app.api.errors import Problem
+from app.db import session_factory
+from app.security import Principal, authenticate
+from app.settings import Settings
+from app.storage import BlobStore
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings.resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_blobs(settings: SettingsDep) -> BlobStore:
+    return BlobStore(settings.blob_dir)
+
+
+BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                               description="An API key created with `cellfuse keys create`")
+
+
+def get_principal(session: SessionDep, key: Annotated[str | None, Depends(_api_key_header)]) -> Principal:
+    if not key:
+        raise Problem(401, "this endpoint needs an API key in the X-API-Key header",
+                      slug="missing-api-key", headers={"WWW-Authenticate": "APIKey"})
+    principal = authenticate(session, key)
+    if principal is None:
+        raise Problem(401, "the API key is unknown or has been revoked", slug="invalid-api-key",
+                      headers={"WWW-Authenticate": "APIKey"})
+    return principal
+
+
+def require_role(role: str):
+    def _check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if not principal.has_role(role):
+            raise Problem(403, f"this action needs the '{role}' role; your key has '{principal.role}'",
+                          slug="insufficient-role")
+        return principal
+
+    return _check
+
+
+InstrumentDep = Annotated[Principal, Depends(require_role("instrument"))]
+ScientistDep = Annotated[Principal, Depends(require_role("scientist"))]
+AdminDep = Annotated[Principal, Depends(require_role("admin"))]

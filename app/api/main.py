@@ -1,0 +1,76 @@
+"""The FastAPI application factory. Tests and tools build the app with ``create_app()``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.routes import jobs, system
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def _bootstrap(settings: Settings) -> None:
+    """Create the data folders and register the bootstrap admin key, if one is configured."""
+    from app.db import session_factory
+    from app.security import ensure_key
+
+    settings.blob_dir.mkdir(parents=True, exist_ok=True)
+    settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    if settings.bootstrap_admin_key is not None:
+        with session_factory(settings.resolved_database_url)() as session:
+            ensure_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key.get_secret_value())
+
+
+def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(_bootstrap, settings)
+        task = None
+        if run_reaper:
+            task = asyncio.create_task(_reaper(settings))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+
+    app = FastAPI(
+        title="CellFuse",
+        version=__version__,
+        description="Cell segmentation without structural reporters: a Cellpose model zoo per "
+                    "(cell line, reporter, object) and Flow Fusion across channels.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(jobs.router)
+    for name in ("zoo", "datasets", "work", "web"):
+        try:
+            module = __import__(f"app.api.routes.{name}", fromlist=["router"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"app.api.routes.{name}":
+                raise
+            continue
+        app.include_router(module.router)
+    return app
+
+
+async def _reaper(settings: Settings) -> None:
+    from app.reaper import reap_once
+
+    while True:
+        await asyncio.sleep(settings.reaper_interval_s)
+        try:
+            await asyncio.to_thread(reap_once, settings)
+        except Exception:
+            log.warning("job reaper sweep failed", exc_info=True)

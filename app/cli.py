@@ -1,0 +1,237 @@
+"""The ``cellfuse`` command: serve, worker, migrate, keys, demo, bench, pretrain, version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app import __version__
+
+cli = typer.Typer(help="CellFuse: segmentation without structural reporters.", no_args_is_help=True,
+                  add_completion=False)
+keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+bench_cli = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(bench_cli, name="bench")
+
+ADMIN_KEY_FILE = "admin-key.txt"
+
+
+def _settings():
+    from app.settings import get_settings
+
+    return get_settings()
+
+
+@cli.command()
+def version() -> None:
+    """Print the versions of CellFuse and of the libraries that shape its results."""
+    from importlib import metadata
+
+    typer.echo(f"cellfuse {__version__}")
+    for dist in ("cellpose", "torch", "numpy"):
+        try:
+            typer.echo(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            typer.echo(f"{dist} not installed")
+
+
+@cli.command()
+def migrate(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Bring the configured database to the newest schema (or to REVISION)."""
+    from app.migrations import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url, revision)
+    typer.echo(f"database at {revision}: {settings.resolved_database_url.split('@')[-1]}")
+
+
+def ensure_admin_key(settings) -> str | None:
+    """On first start, create an admin key and keep it in a 0600 file in the data directory."""
+    from sqlalchemy import func, select
+
+    from app.db import session_factory
+    from app.models import ApiKey
+    from app.security import create_key
+
+    with session_factory(settings.resolved_database_url)() as session:
+        if session.scalar(select(func.count()).select_from(ApiKey)):
+            path = settings.resolved_data_dir / ADMIN_KEY_FILE
+            return path.read_text().strip() if path.is_file() else None
+        _row, key = create_key(session, "first-admin", "admin")
+    path = settings.resolved_data_dir / ADMIN_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
+            "-Q", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"cellfuse-{os.getpid()}@%h"]
+
+
+@cli.command()
+def worker(queue: Annotated[list[str], typer.Option("--queue", "-q", help="queues to consume")] = None,
+           concurrency: Annotated[int, typer.Option(help="parallel jobs")] = 0) -> None:
+    """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu`)."""
+    settings = _settings()
+    queues = queue or settings.worker_queues
+    cmd = worker_command(queues, concurrency or settings.worker_concurrency)
+    os.execv(cmd[0], cmd)
+
+
+@cli.command()
+def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port")] = 8000,
+          embedded_worker: Annotated[bool, typer.Option(help="start one worker beside the API")] = True) -> None:
+    """Migrate the database, then run the API (and one worker) on the configured set-up."""
+    import uvicorn
+
+    from app.api.main import create_app
+    from app.migrations import upgrade
+
+    settings = _settings()
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    key = ensure_admin_key(settings)
+    worker_proc = None
+    if embedded_worker:
+        worker_proc = subprocess.Popen(worker_command(settings.worker_queues, settings.worker_concurrency,
+                                                      "WARNING"), start_new_session=True)
+    typer.echo(f"CellFuse {__version__} on http://{host}:{port}/  (API docs: /docs)")
+    typer.echo(f"data directory: {settings.resolved_data_dir}")
+    if key:
+        typer.echo(f"admin API key (also in {settings.resolved_data_dir / ADMIN_KEY_FILE}): {key}")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        if worker_proc is not None:
+            try:
+                os.killpg(worker_proc.pid, signal.SIGTERM)
+                worker_proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(worker_proc.pid, signal.SIGKILL)
+
+
+@keys_cli.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="who or what uses the key")],
+                role: Annotated[str, typer.Option(help="instrument | scientist | admin")] = "instrument") -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    from app.db import session_factory
+    from app.migrations import upgrade
+    from app.security import create_key
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    with session_factory(settings.resolved_database_url)() as session:
+        try:
+            row, key = create_key(session, name, role)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"key {row.id} ({role}) for {name}: {key}")
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """List keys (prefixes only; keys themselves are never stored)."""
+    from sqlalchemy import select
+
+    from app.db import session_factory
+    from app.models import ApiKey
+
+    settings = _settings()
+    with session_factory(settings.resolved_database_url)() as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            state = "revoked" if row.revoked_at else "active"
+            typer.echo(f"{row.id}\t{row.prefix}…\t{row.role}\t{state}\t{row.name}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="key id or prefix")]) -> None:
+    """Revoke a key by id or prefix; it stops working at once."""
+    from app.db import session_factory
+    from app.security import revoke_key
+
+    settings = _settings()
+    with session_factory(settings.resolved_database_url)() as session:
+        n = revoke_key(session, key)
+    if n == 0:
+        typer.echo(f"no active key matches {key!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {n} key(s)")
+
+
+@keys_cli.command("generate")
+def keys_generate() -> None:
+    """Print a fresh random key (e.g. for CELLFUSE_BOOTSTRAP_ADMIN_KEY) without storing it."""
+    from app.security import generate_key
+
+    typer.echo(generate_key())
+
+
+@bench_cli.command("fused")
+def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1) -> None:
+    """Fused segmentation of a multi-channel field against Cellpose's eval per channel."""
+    from app.benchmarks.fused import run_fused_benchmark
+
+    run_fused_benchmark(size=size, n_channels=channels, repeats=repeats, echo=typer.echo)
+
+
+@bench_cli.command("training")
+def bench_training() -> None:
+    """Training throughput of CellFuse's loop against Cellpose's train_seg; peak memory."""
+    from app.benchmarks.training import run_training_benchmark
+
+    run_training_benchmark(echo=typer.echo)
+
+
+@bench_cli.command("load")
+def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
+               seconds: float = 20.0, rate: float = 20.0) -> None:
+    """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors."""
+    from app.benchmarks.load import run_load_benchmark
+
+    run_load_benchmark(url=url or None, seconds=seconds, rate=rate, echo=typer.echo)
+
+
+@cli.command()
+def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights and card")] = Path("models_zoo"),
+             minutes: Annotated[float, typer.Option(help="training time budget")] = 30.0,
+             data_dir: Annotated[Path | None, typer.Option(help="DSB2018 folder (images/, labels/)")] = None) -> None:
+    """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
+    from app.science.pretrain import pretrain_base
+
+    kwargs = {"minutes": minutes}
+    if data_dir is not None:
+        kwargs["dsb_dir"] = data_dir
+    pretrain_base(out_dir, **kwargs)
+
+
+@cli.command()
+def demo(small: Annotated[bool, typer.Option("--small", help="reduced size for CI")] = False,
+         url: Annotated[str, typer.Option(help="use a running server instead of starting one")] = "",
+         api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="key for --url")] = "",
+         keep_running: Annotated[bool, typer.Option(help="leave the server up at the end")] = False) -> None:
+    """The main job end to end on the embedded default: plate → fine-tune → select → segment → table."""
+    from app.demo import run_demo
+
+    code = run_demo(small=small, url=url or None, api_key=api_key or None, keep_running=keep_running)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

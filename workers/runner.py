@@ -1,0 +1,144 @@
+"""Running one job inside a worker: claim, heartbeat, progress, cancellation, finish.
+
+A pipeline receives a :class:`JobContext` and calls ``ctx.progress(stage, fraction)`` at its
+checkpoints; that is where a cancellation takes effect. Whatever the pipeline raises becomes the
+job's error message; the worker itself never crashes on a job's failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import jobs
+from app.db import session_factory
+from app.models import Job
+from app.settings import Settings, get_settings
+from app.storage import BlobStore, JobFolder
+
+log = logging.getLogger(__name__)
+
+def worker_name() -> str:
+    # Evaluated per call: a prefork child has its own pid, not its parent's.
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobFailed(Exception):
+    """A failure whose message is meant for the person who submitted the job."""
+
+
+class JobContext:
+    def __init__(self, session: Session, job: Job, settings: Settings, worker: str):
+        self.session = session
+        self.job = job
+        self.job_id = job.id
+        self.params: dict[str, Any] = dict(job.params or {})
+        self.settings = settings
+        self.worker = worker
+        self.blobs = BlobStore(settings.blob_dir)
+        self.folder = JobFolder(settings.jobs_dir, job.id)
+        self._last_report = 0.0
+
+    def progress(self, stage: str | None = None, fraction: float | None = None, *,
+                 summary: dict[str, Any] | None = None, force: bool = False) -> None:
+        """Record progress (at most a few times a second) and stop here if cancelled."""
+        now = time.monotonic()
+        if not force and stage is None and now - self._last_report < 0.5:
+            return
+        self._last_report = now
+        cancelled = jobs.report_progress(self.session, self.job_id, self.worker, stage=stage,
+                                         progress=fraction, summary=summary)
+        if cancelled:
+            raise jobs.JobCancelled(self.job_id)
+
+    def cancel_requested(self) -> bool:
+        self.session.expire_all()
+        job = self.session.get(Job, self.job_id)
+        return bool(job and job.cancel_requested)
+
+    @contextmanager
+    def stage(self, name: str, fraction: float | None = None) -> Iterator[None]:
+        self.progress(name, fraction)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            jobs.record_stage_timing(self.session, self.job_id, name, time.perf_counter() - started)
+
+    def add_result(self, name: str, data: bytes, *, kind: str, media_type: str,
+                   meta: dict[str, Any] | None = None) -> None:
+        from app.models import JobResult
+
+        _path, sha = self.folder.write_bytes(name, data)
+        existing = self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
+        if existing is not None:  # a re-run overwrites its own earlier attempt
+            self.session.delete(existing)
+            self.session.flush()
+        self.session.add(JobResult(job_id=self.job_id, name=name, kind=kind, media_type=media_type,
+                                   sha256=sha, size_bytes=len(data), meta=meta or {}))
+        self.session.commit()
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, settings: Settings, job_id: str, worker: str):
+        super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
+        self.settings, self.job_id, self.worker = settings, job_id, worker
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        factory = session_factory(self.settings.resolved_database_url)
+        while not self.stop_event.wait(self.settings.job_heartbeat_s):
+            try:
+                with factory() as session:
+                    if not jobs.heartbeat(session, self.job_id, self.worker):
+                        return
+            except Exception:  # a database blip must not kill the job; the next beat retries
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None],
+            settings: Settings | None = None, worker: str | None = None) -> str:
+    """Claim and run one job; returns the final status (or 'skipped' when not claimable)."""
+    settings = settings or get_settings()
+    worker = worker or worker_name()
+    factory = session_factory(settings.resolved_database_url)
+    with factory() as session:
+        try:
+            job = jobs.claim(session, job_id, worker)
+        except jobs.JobNotClaimable:
+            log.info("job %s is not claimable (already taken, finished or cancelled)", job_id)
+            return "skipped"
+        ctx = JobContext(session, job, settings, worker)
+        beat = _Heartbeat(settings, job_id, worker)
+        beat.start()
+        try:
+            ctx.folder.clear()  # a redelivered job starts clean: no file of an earlier attempt
+            summary = pipeline(ctx) or {}
+        except jobs.JobCancelled:
+            session.rollback()
+            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request", worker=worker)
+            return jobs.JobStatus.CANCELLED.value
+        except JobFailed as exc:
+            session.rollback()
+            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=str(exc), worker=worker)
+            return jobs.JobStatus.FAILED.value
+        except Exception as exc:
+            session.rollback()
+            log.exception("job %s failed", job_id)
+            message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=f"internal error: {message}",
+                        worker=worker)
+            return jobs.JobStatus.FAILED.value
+        finally:
+            beat.stop_event.set()
+        if jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary, worker=worker):
+            return jobs.JobStatus.SUCCEEDED.value
+        return "lost"
