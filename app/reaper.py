@@ -23,7 +23,7 @@ def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
             if action.action in ("requeued", "resend"):
                 job = session.get(jobs.Job, action.job_id)
                 try:
-                    send_job(job.id, job.kind)
+                    send_job(job.id, job.kind, settings)
                     jobs.mark_enqueued(session, job.id)
                     session.commit()
                 except Exception:  # broker down: the next sweep tries again

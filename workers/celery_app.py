@@ -55,10 +55,23 @@ def make_celery(settings: Settings) -> Celery:
 
 celery_app = make_celery(get_settings())
 
+_apps_by_broker: dict[str, Celery] = {}
 
-def send_job(job_id: str, kind: str, app: Celery | None = None) -> None:
+
+def celery_for(settings: Settings) -> Celery:
+    """The Celery app publishing to ``settings``' broker (one per broker URL, reused)."""
+    url = settings.resolved_broker_url
+    if url == celery_app.conf.broker_url:
+        return celery_app
+    if url not in _apps_by_broker:
+        _apps_by_broker[url] = make_celery(settings)
+    return _apps_by_broker[url]
+
+
+def send_job(job_id: str, kind: str, settings: Settings | None = None) -> None:
     """Publish a job by task name (no import of the task code). Raises on a broker failure."""
     task_name, queue = TASK_ROUTES[kind]
-    (app or celery_app).send_task(task_name, args=[job_id], queue=queue,
+    app = celery_for(settings) if settings is not None else celery_app
+    app.send_task(task_name, args=[job_id], queue=queue,
                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2,
                                                             "interval_step": 0.5})

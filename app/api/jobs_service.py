@@ -47,7 +47,7 @@ def submit_job(session: Session, settings: Settings, kind: str, params: dict[str
                           slug="idempotency-key-reused", job_id=job.id)
         return job, False
     try:
-        send_job(job.id, kind)
+        send_job(job.id, kind, settings)
         jobs.mark_enqueued(session, job.id)
         session.commit()
     except Exception:
