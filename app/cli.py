@@ -103,7 +103,8 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
     settings = _settings()
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
-    key = ensure_admin_key(settings)
+    # With a bootstrap key configured (compose), the API registers that one; else make a first key.
+    key = None if settings.bootstrap_admin_key else ensure_admin_key(settings)
     worker_proc = None
     if embedded_worker:
         worker_proc = subprocess.Popen(worker_command(settings.worker_queues, settings.worker_concurrency,
