@@ -138,7 +138,9 @@ def sample_geometry(
     flips = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0])
     linear = scale * np.array([[cos, -sin], [sin, cos]]) @ flips
     crop_centre = np.array([(bsize - 1) / 2.0, (bsize - 1) / 2.0])
-    matrix = np.hstack([linear, (crop_centre - linear @ source_centre)[:, None]])
+    # Whole-pixel translation: a plain crop then copies pixels instead of interpolating them.
+    translation = np.round(crop_centre - linear @ source_centre)
+    matrix = np.hstack([linear, translation[:, None]])
     return GeometryParams(matrix, bsize, float(scale), float(rotation), flip_x, flip_y)
 
 
