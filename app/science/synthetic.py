@@ -114,6 +114,7 @@ class SyntheticField:
 
     ``image`` is float32 (K, Y, X) in camera counts (integer valued, offset included) like a 16-bit
     camera's output; ``nuclei`` and ``cells`` are int32 (Y, X) labels; cell i contains nucleus i.
+    ``extra`` records the drawn imaging parameters and the median nucleus and cell diameters.
     """
 
     image: np.ndarray
@@ -381,8 +382,24 @@ def make_field(
         well=well,
         field=field,
         seed_name=seed_name,
-        extra={"psf_sigma": float(psf_sigma), "exposure": float(exposure), "cytoplasm_extent": float(extent)},
+        extra={
+            "psf_sigma": float(psf_sigma),
+            "exposure": float(exposure),
+            "cytoplasm_extent": float(extent),
+            "nucleus_diameter": median_diameter(nuclei),
+            "cell_diameter": median_diameter(cells),
+        },
     )
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Diameter (pixels) of a disc with the median object area; 0.0 without objects.
+
+    The number to give Cellpose as ``diameter`` for these objects.
+    """
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    return float(2.0 * np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 def well_names(count: int, columns: int = 12) -> list[str]:

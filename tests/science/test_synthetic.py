@@ -62,6 +62,7 @@ def test_every_cell_contains_exactly_its_nucleus(plate: list[SyntheticField]) ->
         cell_area = np.bincount(f.cells.ravel(), minlength=n + 1)[1:]
         nucleus_area = np.bincount(f.nuclei.ravel(), minlength=n + 1)[1:]
         assert np.median(cell_area / nucleus_area) > 1.8
+        assert f.extra["cell_diameter"] > 1.3 * f.extra["nucleus_diameter"] > 10
 
 
 def test_cells_touch_in_dense_fields(plate: list[SyntheticField]) -> None:
