@@ -248,7 +248,13 @@ def predict_maps(
     rescale = _rescale_factor(net, diameter)
     ly0, lx0 = image.shape
     normalized = _normalize_channels(image.astype(np.float32)[..., np.newaxis], normalization)
-    resized = _resize_yxc(normalized, rescale)[..., 0] if rescale != 1.0 else normalized[..., 0]
+    if rescale != 1.0:
+        # Resized with the zero second channel alongside, as Cellpose does: OpenCV's result for a
+        # 1-channel array differs in the last bit from the same channel inside a 2-channel array.
+        with_zero = np.concatenate([normalized, np.zeros_like(normalized)], axis=-1)
+        resized = _resize_yxc(with_zero, rescale)[..., 0]
+    else:
+        resized = normalized[..., 0]
     padded, pads = _pad_for_net(resized)
     if tile:
         maps, style = _run_tiled(net, padded, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size)
@@ -300,7 +306,8 @@ def predict_maps_multi(
     through the net than Cellpose's 10 %-overlap tiles for a 512 x 512 field. ``diameter`` and
     ``normalizations`` are one value for all channels or one per channel.
 
-    With ``tile=True`` and ``channels_last=False`` each channel equals ``predict_maps`` exactly.
+    With ``tile=True`` and ``channels_last=False`` each channel matches ``predict_maps`` to float
+    rounding (exactly when no rescale is needed: OpenCV rounds a K-channel resize differently).
     """
     image = _check_image(image, 3, "a multi-channel field (channels, Y, X)")
     k, ly0, lx0 = image.shape
