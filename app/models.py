@@ -262,3 +262,22 @@ class WorkerHeartbeat(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Evaluation(Base):
+    """Metrics of a model version, or of a fusion setting, on one split of a labelled dataset."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True,
+                                                         index=True)
+    # For fusion evaluations: {"cell_line": ..., "object": ..., "channels": [...], "method": ...}
+    fusion: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    split: Mapped[str] = mapped_column(String(10))
+    # sha256 over the image and mask hashes of the split: "the same test set" means the same bytes.
+    test_set_sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

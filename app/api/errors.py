@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.storage import StorageError, UploadTooLarge
+from app.zoo import ZooError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
         return problem_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ZooError)
+    async def _zoo(request: Request, exc: ZooError) -> JSONResponse:
+        return problem_response(request, exc.status, str(exc), slug=exc.slug)
 
     @app.exception_handler(UploadTooLarge)
     async def _too_large(request: Request, exc: UploadTooLarge) -> JSONResponse:

@@ -20,12 +20,15 @@ def _bootstrap(settings: Settings) -> None:
     """Create the data folders and register the bootstrap admin key, if one is configured."""
     from app.db import session_factory
     from app.security import ensure_key
+    from app.storage import BlobStore
+    from app.zoo import register_base_models
 
     settings.blob_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-    if settings.bootstrap_admin_key is not None:
-        with session_factory(settings.resolved_database_url)() as session:
+    with session_factory(settings.resolved_database_url)() as session:
+        if settings.bootstrap_admin_key is not None:
             ensure_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key.get_secret_value())
+        register_base_models(session, BlobStore(settings.blob_dir))
 
 
 def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> FastAPI:

@@ -79,3 +79,229 @@ class ReadyOut(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, Any]
     versions: dict[str, str | None]
+
+
+ObjectLiteral = Literal["nuclei", "cells"]
+MethodLiteral = Literal["flow_fusion", "staple", "simple", "voting", "majority_voting"]
+SplitLiteral = Literal["train", "val", "test"]
+
+
+class CellLineIn(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    species: str | None = Field(default=None, max_length=120)
+    tissue: str | None = Field(default=None, max_length=120)
+    notes: str | None = Field(default=None, max_length=5000)
+
+
+class CellLineOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    species: str | None
+    tissue: str | None
+    notes: str | None
+
+
+class ReporterIn(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    fluorophore: str | None = Field(default=None, max_length=120)
+    protein: str | None = Field(default=None, max_length=120)
+    localisation: str | None = Field(default=None, max_length=120,
+                                     description="expected localisation, e.g. cytoplasmic, nuclear, translocating")
+    notes: str | None = Field(default=None, max_length=5000)
+
+
+class ReporterOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    fluorophore: str | None
+    protein: str | None
+    localisation: str | None
+    notes: str | None
+
+
+class BaseModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    source: str
+    weights_sha256: str
+    card: dict[str, Any]
+
+
+class ModelVersionOut(BaseModel):
+    id: int
+    cell_line: str
+    reporter: str
+    object: str
+    version: int
+    status: str
+    base_model: str | None
+    parent_version_id: int | None
+    dataset_id: int | None
+    job_id: str | None
+    training_params: dict[str, Any]
+    weights_sha256: str | None
+    diameter: float | None
+    test_metrics: dict[str, Any]
+    training_curve: list[dict[str, Any]]
+    card: dict[str, Any]
+    aliases: list[str]
+    created_at: datetime
+
+    @field_validator("created_at", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        return as_utc(value)
+
+
+class AliasIn(StrictModel):
+    version_id: int = Field(ge=1)
+    force: bool = False
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class AliasOut(BaseModel):
+    cell_line: str
+    reporter: str
+    object: str
+    alias: str
+    version_id: int
+    version: int
+    history: list[dict[str, Any]] = []
+
+
+class ChannelSetOut(BaseModel):
+    cell_line: str
+    object: str
+    method: str
+    chosen: list[str]
+    ranking: list[dict[str, Any]]
+    dataset_id: int | None
+    job_id: str | None
+
+
+class ChannelSetIn(StrictModel):
+    channels: list[str] = Field(min_length=1, max_length=8)
+    method: MethodLiteral = "flow_fusion"
+
+
+class ResolutionOut(BaseModel):
+    cell_line: str
+    object: str
+    alias: str
+    models: dict[str, dict[str, Any]]
+    missing: list[str]
+
+
+class DatasetIn(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    cell_line: str = Field(min_length=1, max_length=120)
+    channels: list[str] = Field(min_length=1, max_length=8,
+                                description="reporter name per channel index of every image")
+    acquisition: dict[str, Any] = Field(default_factory=dict, description="microscope, objective, pixel size ...")
+    notes: str | None = Field(default=None, max_length=5000)
+
+
+class DatasetImageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    filename: str
+    image_sha256: str
+    height: int
+    width: int
+    n_channels: int
+    nuclei_sha256: str | None
+    cells_sha256: str | None
+    plate: str | None
+    well: str | None
+    field: int | None
+    split: str | None
+
+
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    cell_line: str
+    channels: list[str]
+    acquisition: dict[str, Any]
+    notes: str | None
+    images: list[DatasetImageOut]
+    split_counts: dict[str, int]
+
+
+class FinetuneParams(StrictModel):
+    max_epochs: int = Field(default=200, ge=1, le=5000)
+    min_epochs: int = Field(default=30, ge=0, le=5000)
+    patience: int = Field(default=20, ge=1, le=1000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    weight_decay: float | None = Field(default=None, ge=0, le=1.0)
+    batch_size: int = Field(default=8, ge=1, le=64)
+    bsize: int = Field(default=224, ge=64, le=512)
+    augment: bool = True
+    microscopy_augment: bool = True
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    n_train: int = Field(default=40, ge=1, le=100_000)
+    n_val: int = Field(default=5, ge=1, le=100_000)
+    n_test: int = Field(default=5, ge=1, le=100_000)
+
+
+class FinetuneIn(StrictModel):
+    dataset_id: int = Field(ge=1)
+    reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
+    object: ObjectLiteral
+    base: str = Field(default="", max_length=200,
+                      description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
+    params: FinetuneParams = Field(default_factory=FinetuneParams)
+
+
+class SegmentParams(StrictModel):
+    flow_threshold: float | None = Field(default=None, ge=0, le=10)
+    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
+    min_size: int = Field(default=15, ge=0, le=100_000)
+    diameter: float | None = Field(default=None, gt=0, le=1000)
+    preview_channel: int = Field(default=0, ge=0, le=15)
+
+
+class SegmentRequest(StrictModel):
+    cell_line: str = Field(min_length=1, max_length=120)
+    channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
+    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    method: MethodLiteral = "flow_fusion"
+    use_channels: list[str] | None = Field(default=None, max_length=8,
+                                           description="channels to fuse; default: the zoo's chosen set")
+    alias: str = Field(default="production", max_length=60)
+    plate: str | None = Field(default=None, max_length=120)
+    fields: list[dict[str, Any]] = Field(default_factory=list, max_length=1536,
+                                         description="per uploaded file: {well, field}")
+    params: SegmentParams = Field(default_factory=SegmentParams)
+
+
+class SegmentDatasetIn(StrictModel):
+    dataset_id: int = Field(ge=1)
+    split: SplitLiteral | None = None
+    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    method: MethodLiteral = "flow_fusion"
+    use_channels: list[str] | None = Field(default=None, max_length=8)
+    alias: str = Field(default="production", max_length=60)
+    params: SegmentParams = Field(default_factory=SegmentParams)
+
+
+class EvaluateIn(StrictModel):
+    dataset_id: int = Field(ge=1)
+    split: SplitLiteral = "test"
+    model_version_id: int | None = Field(default=None, ge=1)
+    object: ObjectLiteral | None = None
+    use_channels: list[str] | None = Field(default=None, max_length=8)
+    method: MethodLiteral = "flow_fusion"
+    alias: str = Field(default="production", max_length=60)
+
+
+class SelectChannelsIn(StrictModel):
+    dataset_id: int = Field(ge=1)
+    object: ObjectLiteral
+    split: SplitLiteral = "val"
+    method: MethodLiteral = "flow_fusion"
+    alias: str = Field(default="production", max_length=60)
+    metric: Literal["f1", "jaccard", "map_50_95"] = "f1"

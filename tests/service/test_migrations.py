@@ -8,7 +8,7 @@ from app.migrations import current_revision, downgrade, upgrade
 
 CORE_TABLES = {"cell_lines", "reporters", "datasets", "dataset_images", "base_models", "model_versions",
                "model_aliases", "alias_moves", "channel_sets", "jobs", "job_results", "api_keys",
-               "worker_heartbeats"}
+               "worker_heartbeats", "evaluations"}
 
 
 def _tables(url: str) -> set[str]:

@@ -1,0 +1,123 @@
+"""Labelled datasets: images (TIFF, OME-TIFF, one file per channel) with nuclei and cell masks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, UploadFile
+from sqlalchemy import select
+
+from app import zoo
+from app.api.deps import BlobsDep, ScientistDep, SessionDep, SettingsDep
+from app.api.errors import Problem
+from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
+from app.api.uploads import display_name, read_upload
+from app.models import Dataset, DatasetImage
+from app.science.imageio import ImageReadError, image_to_tiff_bytes, read_image, read_labels
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+WELL_PATTERN = r"^[A-Za-z]{1,2}[0-9]{1,3}$"
+
+
+def dataset_out(ds: Dataset) -> DatasetOut:
+    counts: dict[str, int] = {}
+    for image in ds.images:
+        key = image.split or "unassigned"
+        counts[key] = counts.get(key, 0) + 1
+    return DatasetOut(id=ds.id, name=ds.name, cell_line=ds.cell_line.name, channels=ds.channels,
+                      acquisition=ds.acquisition or {}, notes=ds.notes,
+                      images=[DatasetImageOut.model_validate(i) for i in ds.images], split_counts=counts)
+
+
+@router.post("", response_model=DatasetOut, status_code=201, summary="Create a dataset for a cell line")
+def create_dataset(body: DatasetIn, session: SessionDep, principal: ScientistDep) -> DatasetOut:
+    line = zoo.cell_line_by_name(session, body.cell_line)
+    if len(set(body.channels)) != len(body.channels):
+        raise Problem(422, "each channel must map to a different reporter", slug="duplicate-channels")
+    for name in body.channels:
+        zoo.reporter_by_name(session, name)
+    ds = Dataset(name=body.name, cell_line_id=line.id, channels=body.channels, acquisition=body.acquisition,
+                 notes=body.notes, owner_key_id=principal.key_id)
+    session.add(ds)
+    session.commit()
+    session.refresh(ds)
+    return dataset_out(ds)
+
+
+@router.get("", response_model=list[DatasetOut], summary="List datasets")
+def list_datasets(session: SessionDep, _: ScientistDep) -> list[DatasetOut]:
+    return [dataset_out(d) for d in session.scalars(select(Dataset).order_by(Dataset.id))]
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset with its images and splits")
+def get_dataset(dataset_id: int, session: SessionDep, _: ScientistDep) -> DatasetOut:
+    return dataset_out(zoo.dataset_by_id(session, dataset_id))
+
+
+def load_channels(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> tuple[np.ndarray, bytes, str]:
+    """One multi-channel image from one file, or from one single-channel file per channel."""
+    images, raw = [], b""
+    for upload in uploads:
+        raw = read_upload(upload, max_bytes)
+        try:
+            images.append(read_image(raw, max_pixels=max_pixels))
+        except ImageReadError as exc:
+            raise Problem(422, f"{display_name(upload.filename)}: {exc}", slug="invalid-image")
+    if len(images) == 1:
+        return images[0].data, raw, display_name(uploads[0].filename)
+    shapes = {img.data.shape[1:] for img in images}
+    if any(img.data.shape[0] != 1 for img in images) or len(shapes) != 1:
+        raise Problem(422, "with several files per image, each must be one channel of the same size",
+                      slug="invalid-image")
+    stacked = np.concatenate([img.data for img in images], axis=0)
+    names = "+".join(display_name(u.filename) for u in uploads)
+    return stacked, image_to_tiff_bytes(stacked), names[:255]
+
+
+def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max_bytes: int,
+               max_pixels: int) -> bytes | None:
+    if upload is None:
+        return None
+    raw = read_upload(upload, max_bytes)
+    try:
+        labels = read_labels(raw, max_pixels=max_pixels)
+    except ImageReadError as exc:
+        raise Problem(422, f"{what} mask {display_name(upload.filename)}: {exc}", slug="invalid-mask")
+    if labels.shape != shape:
+        raise Problem(422, f"the {what} mask is {labels.shape[0]}×{labels.shape[1]} but the image is "
+                      f"{shape[0]}×{shape[1]}", slug="mask-shape-mismatch")
+    return raw
+
+
+@router.post("/{dataset_id}/images", response_model=DatasetImageOut, status_code=201,
+             summary="Add an image (one multi-channel file, or one file per channel) with its masks")
+def add_image(dataset_id: int, session: SessionDep, settings: SettingsDep, blobs: BlobsDep, _: ScientistDep,
+              image: Annotated[list[UploadFile], File(description="TIFF/OME-TIFF; several = one per channel")],
+              nuclei: Annotated[UploadFile | None, File(description="nuclei instance mask")] = None,
+              cells: Annotated[UploadFile | None, File(description="cell instance mask")] = None,
+              plate: Annotated[str | None, Form(max_length=120)] = None,
+              well: Annotated[str | None, Form(pattern=WELL_PATTERN)] = None,
+              field: Annotated[int | None, Form(ge=0, le=100_000)] = None,
+              split: Annotated[SplitLiteral | None, Form()] = None) -> DatasetImage:
+    ds = zoo.dataset_by_id(session, dataset_id)
+    data, raw, filename = load_channels(image, settings.max_upload_bytes, settings.max_image_pixels)
+    if data.shape[0] != len(ds.channels):
+        raise Problem(422, f"the image has {data.shape[0]} channel(s) but dataset {ds.id} maps "
+                      f"{len(ds.channels)} ({', '.join(ds.channels)})", slug="channel-count-mismatch")
+    shape = data.shape[1:]
+    nuclei_raw = _load_mask(nuclei, shape, "nuclei", settings.max_upload_bytes, settings.max_image_pixels)
+    cells_raw = _load_mask(cells, shape, "cells", settings.max_upload_bytes, settings.max_image_pixels)
+    # Everything is validated before anything is stored: a refused upload leaves nothing behind.
+    image_blob = blobs.put_bytes(raw)
+    nuclei_sha = blobs.put_bytes(nuclei_raw).sha256 if nuclei_raw else None
+    cells_sha = blobs.put_bytes(cells_raw).sha256 if cells_raw else None
+    row = DatasetImage(dataset_id=ds.id, image_sha256=image_blob.sha256, filename=filename,
+                       height=int(shape[0]), width=int(shape[1]), n_channels=int(data.shape[0]),
+                       nuclei_sha256=nuclei_sha, cells_sha256=cells_sha, plate=plate, well=well, field=field,
+                       split=split)
+    session.add(row)
+    session.commit()
+    session.refresh(row)
+    return row

@@ -1,0 +1,217 @@
+"""The model zoo: cell lines, reporters, base models, model versions, aliases, channel sets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app import zoo
+from app.api.deps import AdminDep, BlobsDep, InstrumentDep, ScientistDep, SessionDep, SettingsDep
+from app.api.errors import Problem
+from app.api.schemas import (
+    NAME_PATTERN,
+    AliasIn,
+    AliasOut,
+    BaseModelOut,
+    CellLineIn,
+    CellLineOut,
+    ChannelSetIn,
+    ChannelSetOut,
+    ModelVersionOut,
+    ObjectLiteral,
+    ReporterIn,
+    ReporterOut,
+    ResolutionOut,
+)
+from app.api.uploads import read_upload
+from app.models import AliasMove, BaseModel, CellLine, ChannelSet, ModelAlias, ModelVersion, Reporter
+
+router = APIRouter(prefix="/api/v1", tags=["zoo"])
+
+
+def _create(session, row, what: str):
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Problem(409, f"a {what} named {row.name!r} exists already", slug=f"{what.replace(' ', '-')}-exists")
+    session.refresh(row)
+    return row
+
+
+@router.post("/cell-lines", response_model=CellLineOut, status_code=201, summary="Register a cell line")
+def create_cell_line(body: CellLineIn, session: SessionDep, _: ScientistDep) -> CellLine:
+    return _create(session, CellLine(**body.model_dump()), "cell line")
+
+
+@router.get("/cell-lines", response_model=list[CellLineOut], summary="List cell lines")
+def list_cell_lines(session: SessionDep, _: InstrumentDep) -> list[CellLine]:
+    return list(session.scalars(select(CellLine).order_by(CellLine.name)))
+
+
+@router.post("/reporters", response_model=ReporterOut, status_code=201, summary="Register a reporter")
+def create_reporter(body: ReporterIn, session: SessionDep, _: ScientistDep) -> Reporter:
+    return _create(session, Reporter(**body.model_dump()), "reporter")
+
+
+@router.get("/reporters", response_model=list[ReporterOut], summary="List reporters")
+def list_reporters(session: SessionDep, _: InstrumentDep) -> list[Reporter]:
+    return list(session.scalars(select(Reporter).order_by(Reporter.name)))
+
+
+@router.get("/base-models", response_model=list[BaseModelOut], summary="Models fine-tuning can start from")
+def list_base_models(session: SessionDep, _: InstrumentDep) -> list[BaseModel]:
+    return list(session.scalars(select(BaseModel).order_by(BaseModel.name)))
+
+
+@router.post("/base-models", response_model=BaseModelOut, status_code=201,
+             summary="Upload a base model (safetensors CPnet weights); stored by sha256")
+def upload_base_model(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, _: AdminDep,
+                      name: Annotated[str, Form(pattern=NAME_PATTERN)],
+                      weights: Annotated[UploadFile, File(description="a .safetensors CPnet state dict")],
+                      diam_mean: Annotated[float, Form(gt=0, le=500)] = 30.0,
+                      diameter: Annotated[float | None, Form(gt=0, le=500)] = None) -> BaseModel:
+    from models_zoo.registry import check_cpnet_safetensors
+
+    data = read_upload(weights, settings.max_upload_bytes)
+    try:
+        header = check_cpnet_safetensors(data)
+    except ValueError as exc:
+        raise Problem(422, f"{exc}. Convert Cellpose .pth files with `cellfuse` tools first.",
+                      slug="invalid-weights")
+    if session.scalar(select(BaseModel).where(BaseModel.name == name)) is not None:
+        raise Problem(409, f"a base model named {name!r} exists already", slug="base-model-exists")
+    stored = blobs.put_bytes(data)
+    card = {"name": name, "version": "upload", "diam_mean": diam_mean, "diameter": diameter or diam_mean,
+            "format": "safetensors", "tensors": len([k for k in header if k != "__metadata__"])}
+    return _create(session, BaseModel(name=name, source="upload", weights_sha256=stored.sha256, card=card),
+                   "base model")
+
+
+def version_out(session, v: ModelVersion) -> ModelVersionOut:
+    aliases = list(session.scalars(select(ModelAlias.alias).where(ModelAlias.model_version_id == v.id)))
+    base = session.get(BaseModel, v.base_model_id) if v.base_model_id else None
+    return ModelVersionOut(
+        id=v.id, cell_line=v.cell_line.name, reporter=v.reporter.name, object=v.object, version=v.version,
+        status=v.status, base_model=base.name if base else None, parent_version_id=v.parent_version_id,
+        dataset_id=v.dataset_id, job_id=v.job_id, training_params=v.training_params or {},
+        weights_sha256=v.weights_sha256, diameter=v.diameter, test_metrics=v.test_metrics or {},
+        training_curve=v.training_curve or [], card=v.card or {}, aliases=aliases, created_at=v.created_at)
+
+
+@router.get("/models", response_model=list[ModelVersionOut], summary="Model versions, filtered")
+def list_model_versions(session: SessionDep, _: InstrumentDep,
+                        cell_line: Annotated[str | None, Query(max_length=120)] = None,
+                        reporter: Annotated[str | None, Query(max_length=120)] = None,
+                        object: Annotated[ObjectLiteral | None, Query()] = None,
+                        status: Annotated[str | None, Query(max_length=12)] = None,
+                        limit: Annotated[int, Query(ge=1, le=500)] = 200) -> list[ModelVersionOut]:
+    stmt = select(ModelVersion)
+    if cell_line:
+        stmt = stmt.where(ModelVersion.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
+    if reporter:
+        stmt = stmt.where(ModelVersion.reporter_id == zoo.reporter_by_name(session, reporter).id)
+    if object:
+        stmt = stmt.where(ModelVersion.object == object)
+    if status:
+        stmt = stmt.where(ModelVersion.status == status)
+    rows = session.scalars(stmt.order_by(ModelVersion.id.desc()).limit(limit)).all()
+    return [version_out(session, v) for v in rows]
+
+
+@router.get("/models/{version_id}", response_model=ModelVersionOut, summary="One model version")
+def get_model_version(version_id: int, session: SessionDep, _: InstrumentDep) -> ModelVersionOut:
+    return version_out(session, zoo.model_version_by_id(session, version_id))
+
+
+@router.post("/models/{version_id}/archive", response_model=ModelVersionOut, summary="Archive a version")
+def archive_model_version(version_id: int, session: SessionDep, _: AdminDep) -> ModelVersionOut:
+    version = zoo.model_version_by_id(session, version_id)
+    if session.scalar(select(ModelAlias).where(ModelAlias.model_version_id == version.id)) is not None:
+        raise Problem(409, f"version {version_id} holds an alias; move the alias first", slug="version-holds-alias")
+    if version.status == "ready":
+        version.status = "archived"
+        session.commit()
+    return version_out(session, version)
+
+
+def alias_out(session, row: ModelAlias) -> AliasOut:
+    moves = session.scalars(select(AliasMove).where(AliasMove.alias_id == row.id).order_by(AliasMove.id)).all()
+    return AliasOut(
+        cell_line=session.get(CellLine, row.cell_line_id).name, reporter=session.get(Reporter, row.reporter_id).name,
+        object=row.object, alias=row.alias, version_id=row.model_version_id, version=row.model_version.version,
+        history=[{"from_version_id": m.from_version_id, "to_version_id": m.to_version_id, "forced": m.forced,
+                  "reason": m.reason, "at": m.created_at.isoformat()} for m in moves])
+
+
+@router.get("/aliases", response_model=list[AliasOut], summary="Aliases with their history")
+def list_aliases(session: SessionDep, _: InstrumentDep,
+                 cell_line: Annotated[str | None, Query(max_length=120)] = None) -> list[AliasOut]:
+    stmt = select(ModelAlias)
+    if cell_line:
+        stmt = stmt.where(ModelAlias.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
+    return [alias_out(session, row) for row in session.scalars(stmt.order_by(ModelAlias.id))]
+
+
+@router.put("/aliases/{cell_line}/{reporter}/{object}/{alias}", response_model=AliasOut,
+            summary="Move an alias; refused for a worse model on the same test set unless forced")
+def move_alias(cell_line: str, reporter: str, object: ObjectLiteral, alias: str, body: AliasIn,
+               session: SessionDep, principal: AdminDep) -> AliasOut:
+    if not alias.replace("-", "").replace("_", "").isalnum() or len(alias) > 60:
+        raise Problem(422, "an alias is letters, digits, '-' and '_' (at most 60)", slug="bad-alias")
+    row = zoo.move_alias(session, zoo.cell_line_by_name(session, cell_line), zoo.reporter_by_name(session, reporter),
+                         object, alias, zoo.model_version_by_id(session, body.version_id), force=body.force,
+                         reason=body.reason, actor_key_id=principal.key_id)
+    return alias_out(session, row)
+
+
+def channel_set_out(session, row: ChannelSet) -> ChannelSetOut:
+    return ChannelSetOut(cell_line=session.get(CellLine, row.cell_line_id).name, object=row.object,
+                         method=row.method, chosen=row.chosen, ranking=row.ranking, dataset_id=row.dataset_id,
+                         job_id=row.job_id)
+
+
+@router.get("/channel-sets", response_model=list[ChannelSetOut], summary="Chosen channel sets and rankings")
+def list_channel_sets(session: SessionDep, _: InstrumentDep,
+                      cell_line: Annotated[str | None, Query(max_length=120)] = None) -> list[ChannelSetOut]:
+    stmt = select(ChannelSet)
+    if cell_line:
+        stmt = stmt.where(ChannelSet.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
+    return [channel_set_out(session, r) for r in session.scalars(stmt.order_by(ChannelSet.id.desc()))]
+
+
+@router.put("/channel-sets/{cell_line}/{object}", response_model=ChannelSetOut,
+            summary="Choose the channel set for a (cell line, object) by hand")
+def choose_channel_set(cell_line: str, object: ObjectLiteral, body: ChannelSetIn, session: SessionDep,
+                       _: AdminDep) -> ChannelSetOut:
+    line = zoo.cell_line_by_name(session, cell_line)
+    for name in body.channels:
+        zoo.reporter_by_name(session, name)
+    previous = zoo.chosen_channels(session, line.id, object)
+    row = ChannelSet(cell_line_id=line.id, object=object, method=body.method, chosen=body.channels,
+                     ranking=previous.ranking if previous else [], dataset_id=None, job_id=None)
+    session.add(row)
+    session.commit()
+    return channel_set_out(session, row)
+
+
+@router.get("/resolve", response_model=ResolutionOut,
+            summary="The model version per channel for a cell line; channels with none are reported")
+def resolve(session: SessionDep, _: InstrumentDep,
+            cell_line: Annotated[str, Query(max_length=120)],
+            channels: Annotated[str, Query(max_length=1000, description="comma-separated reporter names")],
+            object: Annotated[ObjectLiteral, Query()] = "nuclei",
+            alias: Annotated[str, Query(max_length=60)] = "production") -> ResolutionOut:
+    line = zoo.cell_line_by_name(session, cell_line)
+    names = [c.strip() for c in channels.split(",") if c.strip()]
+    if not names:
+        raise Problem(422, "give at least one channel (reporter name)", slug="no-channels")
+    res = zoo.resolve_models(session, line, names, object, alias)
+    return ResolutionOut(cell_line=line.name, object=object, alias=alias,
+                         models={k: {"version_id": v.id, "version": v.version, "weights_sha256": v.weights_sha256,
+                                     "how": res.how[k]} for k, v in res.models.items()},
+                         missing=res.missing)
