@@ -1,0 +1,82 @@
+"""Size model: closed-form ridge from style to log diameter (Cellpose 3's SizeModel)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from app.science.size_model import SizeModel, SizeModelError, fit_size_model
+
+
+def _linear_data(n: int = 300, d: int = 16, seed: int = 0, noise: float = 0.0):
+    rng = np.random.default_rng(seed)
+    styles = rng.normal(size=(n, d))
+    styles /= np.linalg.norm(styles, axis=1, keepdims=True)  # unit norm, as network styles are
+    weights = rng.normal(scale=0.8, size=d)
+    log_diameters = math.log(25.0) + styles @ weights + noise * rng.normal(size=n)
+    return styles, np.exp(log_diameters), weights
+
+
+def test_recovers_a_synthetic_linear_relation():
+    styles, diameters, weights = _linear_data()
+    model = fit_size_model(styles, diameters, ridge=1e-8, diam_mean=30.0)
+    np.testing.assert_allclose(model.coefficients, weights, atol=1e-5)
+    new_styles = np.random.default_rng(9).normal(size=(20, 16))
+    new_styles /= np.linalg.norm(new_styles, axis=1, keepdims=True)
+    new_diameters = np.exp(math.log(25.0) + new_styles @ weights)
+    np.testing.assert_allclose(model.predict(new_styles), new_diameters, rtol=1e-5)
+    assert model.train_correlation > 0.999
+
+
+def test_generalises_under_noise_and_ridge_shrinks():
+    styles, diameters, _ = _linear_data(noise=0.05, seed=1)
+    model = fit_size_model(styles[:200], diameters[:200], ridge=1.0)
+    predicted = model.predict(styles[200:])
+    relative_error = np.abs(predicted / diameters[200:] - 1)
+    assert np.median(relative_error) < 0.1
+    strong = fit_size_model(styles[:200], diameters[:200], ridge=1e6)
+    assert np.linalg.norm(strong.coefficients) < 0.01 * np.linalg.norm(model.coefficients)
+    # Fully shrunk, the prediction is the geometric mean diameter of the training set.
+    assert strong.predict(styles[0]) == pytest.approx(math.exp(np.log(diameters[:200]).mean()), rel=1e-3)
+
+
+def test_more_dimensions_than_images_matches_the_primal_solution():
+    """Dual (N x N) and primal (D x D) solves give the same ridge answer."""
+    rng = np.random.default_rng(3)
+    styles, diameters = rng.normal(size=(10, 40)), np.exp(rng.normal(3, 0.2, size=10))
+    dual = fit_size_model(styles, diameters, ridge=0.5)
+    x = styles - styles.mean(axis=0)
+    y = np.log(diameters) - math.log(30.0)
+    primal = np.linalg.solve(x.T @ x + 0.5 * np.eye(40), x.T @ (y - y.mean()))
+    np.testing.assert_allclose(dual.coefficients, primal, atol=1e-9)
+
+
+def test_round_trips_through_json():
+    styles, diameters, _ = _linear_data(n=50, d=128, seed=2)
+    model = fit_size_model(styles, diameters, diam_mean=17.0)
+    restored = SizeModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_array_equal(restored.coefficients, model.coefficients)
+    assert restored.diam_mean == 17.0 and restored.n_train == 50
+    assert restored.predict(styles[3]) == model.predict(styles[3])
+
+
+def test_never_predicts_below_five_pixels():
+    styles = np.array([[0.0], [1.0], [2.0]])
+    model = fit_size_model(styles, np.array([1.0, 0.5, 0.25]), ridge=1e-9)
+    assert model.predict(np.array([5.0])) == 5.0
+
+
+def test_bad_inputs_raise_clear_errors():
+    styles, diameters, _ = _linear_data(n=10, d=4)
+    with pytest.raises(SizeModelError, match="one diameter per style"):
+        fit_size_model(styles, diameters[:5])
+    with pytest.raises(SizeModelError, match="positive"):
+        fit_size_model(styles, -diameters)
+    model = fit_size_model(styles, diameters)
+    with pytest.raises(SizeModelError, match="another width"):
+        model.predict(np.zeros(256))
+    with pytest.raises(SizeModelError, match="not a size model"):
+        SizeModel.from_dict({"coefficients": [1.0]})
