@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Job, utcnow
 
-__all__ = ["Job", "JobStatus", "JobCancelled", "JobNotClaimable", "FINAL_STATUSES"]
+__all__ = ["Job", "JobStatus", "JobCancelled", "JobLost", "JobNotClaimable", "FINAL_STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ class JobCancelled(Exception):
 
 class JobNotClaimable(Exception):
     pass
+
+
+class JobLost(JobCancelled):
+    """This worker no longer owns the job (the reaper gave it to another worker): stop writing.
+
+    A kind of cancellation, so that pipelines that let cancellations through also let this through.
+    """
 
 
 def create_job(
@@ -109,7 +116,11 @@ def heartbeat(session: Session, job_id: str, worker: str) -> bool:
 
 def report_progress(session: Session, job_id: str, worker: str, *, stage: str | None = None,
                     progress: float | None = None, summary: dict[str, Any] | None = None) -> bool:
-    """Record progress; returns True when cancellation has been requested."""
+    """Record progress; returns True when cancellation has been requested.
+
+    Raises :class:`JobLost` when the job is no longer running under ``worker`` (re-queued after a
+    stale heartbeat, or finished): the caller must stop, because another attempt owns the job now.
+    """
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if stage is not None:
         values["stage"] = stage[:200]
@@ -117,13 +128,15 @@ def report_progress(session: Session, job_id: str, worker: str, *, stage: str | 
         values["progress"] = max(0.0, min(1.0, float(progress)))
     if summary is not None:
         values["summary"] = summary
-    session.execute(
+    result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker == worker)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
     session.commit()
+    if result.rowcount != 1:
+        raise JobLost(job_id)
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 

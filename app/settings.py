@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     bootstrap_admin_key: SecretStr | None = None
 
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # The whole request body (a plate upload carries one file per field); refused before it is read.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=64_000_000, gt=0, description="per plane: Y*X*channels")
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
     worker_concurrency: int = Field(default=1, ge=1)

@@ -153,15 +153,20 @@ class JobFolder:
 
     def write_bytes(self, name: str, data: bytes) -> tuple[Path, str]:
         target = self.file(name)
+        tmp = target.with_name(f".{target.name}.partial")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.partial")
             with tmp.open("wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
         except OSError as exc:
+            # A full disk must not leave a half-written file behind (nor fill it further).
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise _storage_error(exc, self.path) from exc
         return target, hashlib.sha256(data).hexdigest()
 

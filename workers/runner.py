@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app import jobs
 from app.db import session_factory
 from app.models import Job
 from app.settings import Settings, get_settings
-from app.storage import BlobStore, JobFolder
+from app.storage import BlobStore, JobFolder, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,29 @@ class JobContext:
         if not force and stage is None and now - self._last_report < 0.5:
             return
         self._last_report = now
-        cancelled = jobs.report_progress(self.session, self.job_id, self.worker, stage=stage,
-                                         progress=fraction, summary=summary)
+        cancelled = self._with_db_retry(lambda: jobs.report_progress(
+            self.session, self.job_id, self.worker, stage=stage, progress=fraction, summary=summary))
         if cancelled:
             raise jobs.JobCancelled(self.job_id)
+
+    def _with_db_retry(self, call: Callable[[], Any]) -> Any:
+        """Ride out a database restart at a checkpoint instead of failing hours of work.
+
+        Retries for as long as the heartbeat may lapse; after that the reaper has re-queued the
+        job, and the next write raises JobLost.
+        """
+        deadline = time.monotonic() + max(10.0, self.settings.job_stale_after_s)
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except OperationalError:
+                self.session.rollback()
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("database unreachable at a checkpoint of job %s; retrying", self.job_id)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def cancel_requested(self) -> bool:
         self.session.expire_all()
@@ -104,6 +124,15 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
 
+def _drop_results(session: Session, job_id: str) -> None:
+    from sqlalchemy import delete
+
+    from app.models import JobResult
+
+    session.execute(delete(JobResult).where(JobResult.job_id == job_id))
+    session.commit()
+
+
 def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None],
             settings: Settings | None = None, worker: str | None = None) -> str:
     """Claim and run one job; returns the final status (or 'skipped' when not claimable)."""
@@ -120,15 +149,22 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
         beat = _Heartbeat(settings, job_id, worker)
         beat.start()
         try:
-            ctx.folder.clear()  # a redelivered job starts clean: no file of an earlier attempt
+            # A re-run starts clean: no file and no result row of an earlier (killed) attempt.
+            ctx.folder.clear()
+            _drop_results(session, job_id)
             summary = pipeline(ctx) or {}
+        except jobs.JobLost:
+            session.rollback()
+            log.warning("job %s was taken over by another attempt; this one stops", job_id)
+            return "lost"
         except jobs.JobCancelled:
             session.rollback()
             jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request", worker=worker)
             return jobs.JobStatus.CANCELLED.value
-        except JobFailed as exc:
+        except (JobFailed, StorageError) as exc:
             session.rollback()
-            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=str(exc), worker=worker)
+            message = exc.strerror if isinstance(exc, StorageError) and exc.strerror else str(exc)
+            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=message, worker=worker)
             return jobs.JobStatus.FAILED.value
         except Exception as exc:
             session.rollback()
@@ -139,6 +175,7 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
             return jobs.JobStatus.FAILED.value
         finally:
             beat.stop_event.set()
-        if jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary, worker=worker):
+        if ctx._with_db_retry(lambda: jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary,
+                                                   worker=worker)):
             return jobs.JobStatus.SUCCEEDED.value
         return "lost"

@@ -305,3 +305,30 @@ class SelectChannelsIn(StrictModel):
     method: MethodLiteral = "flow_fusion"
     alias: str = Field(default="production", max_length=60)
     metric: Literal["f1", "jaccard", "map_50_95"] = "f1"
+
+
+RoleLiteral = Literal["instrument", "scientist", "admin"]
+
+
+class ApiKeyIn(StrictModel):
+    name: str = Field(min_length=1, max_length=120, description="who or what uses the key")
+    role: RoleLiteral = "instrument"
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    name: str
+    role: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @field_validator("created_at", "revoked_at", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return as_utc(value)
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")
