@@ -54,7 +54,7 @@ def _storage_error(exc: OSError, where: Path) -> StorageError:
 
 
 def is_sha256(value: str) -> bool:
-    return bool(_SHA256.match(value))
+    return bool(_SHA256.fullmatch(value))
 
 
 class BlobStore:
@@ -135,7 +135,8 @@ def _iter_bytes(data: bytes) -> Iterable[bytes]:
 
 def check_result_name(name: str) -> str:
     """Refuse anything that could escape a job folder."""
-    if not _RESULT_NAME.match(name) or ".." in name.split("/"):
+    # fullmatch: '$' alone would let a trailing newline through; '.' and '..' name folders, not files.
+    if not _RESULT_NAME.fullmatch(name) or any(part in (".", "..") for part in name.split("/")):
         raise ValueError(f"not a valid result name: {name!r}")
     return name
 
@@ -144,7 +145,7 @@ class JobFolder:
     """The only place a job writes. Files land atomically (temporary name, then rename)."""
 
     def __init__(self, jobs_root: Path, job_id: str):
-        if not re.match(r"^[0-9a-f-]{36}$", job_id):
+        if not re.fullmatch(r"[0-9a-f-]{36}", job_id):
             raise ValueError(f"not a job id: {job_id!r}")
         self.path = Path(jobs_root) / job_id
 
