@@ -178,7 +178,7 @@ def heldout_metrics(net: torch.nn.Module, test: AnnotatedSet, **kwargs) -> dict:
     from app.science.training import evaluate_model
 
     diameters = image_diameters(test.masks)
-    return evaluate_model(net, list(test.images), list(test.masks), [float(d) for d in diameters], **kwargs)
+    return evaluate_model(net, list(test.images), list(test.masks), [float(d) for d in diameters], **kwargs).as_dict()
 
 
 def pretrain_base(

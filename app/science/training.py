@@ -436,3 +436,57 @@ def finetune(
         n_train=n_train,
         n_val=len(val.images),
     )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Pooled scores of a model on a set of annotated images, with its predicted masks."""
+
+    scores: object  # metrics.SegmentationScores
+    masks: list[np.ndarray]
+    diameters: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return {**self.scores.as_dict(), "n_images": len(self.masks)}
+
+
+def evaluate_model(
+    net: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    diameter: float | Sequence[float] | None,
+    *,
+    tile: bool = True,
+    flow_threshold: float | None = 0.4,
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+) -> Evaluation:
+    """Segment each (Y, X) image with Cellpose's pipeline and score against the masks (pooled).
+
+    ``diameter``: one value for all images (the training diameter of a fine-tuned model), one per
+    image, or None for the net's recorded ``diam_labels``.
+    """
+    from app.science.backbone import masks_from_maps, predict_maps
+    from app.science.metrics import score_set
+
+    if len(images) != len(masks) or len(images) == 0:
+        raise TrainingDataError(f"need the same, non-zero number of images and masks; got {len(images)} and {len(masks)}")
+    if diameter is None or np.isscalar(diameter):
+        per_image = [diameter if diameter is not None else float(net.diam_labels.item())] * len(images)
+    else:
+        per_image = [float(d) for d in diameter]
+        if len(per_image) != len(images):
+            raise TrainingDataError(f"got {len(per_image)} diameters for {len(images)} images")
+    diam_mean = float(net.diam_mean.item())
+    net.eval()
+    predicted = []
+    for image, image_diameter in zip(images, per_image):
+        maps = predict_maps(net, np.asarray(image), diameter=float(image_diameter), tile=tile)
+        predicted.append(
+            masks_from_maps(
+                maps, diameter=float(image_diameter), diam_mean=diam_mean, flow_threshold=flow_threshold,
+                cellprob_threshold=cellprob_threshold, min_size=min_size,
+            )
+        )
+    scores = score_set([np.asarray(m) for m in masks], predicted)
+    return Evaluation(scores=scores, masks=predicted, diameters=tuple(float(d) for d in per_image))

@@ -1,0 +1,245 @@
+"""Channel-wise fine-tuning: splits, diameters, flow targets, Cellpose's loss and schedule, and tiny
+real trainings (loss goes down, early stopping restores the best checkpoint, cancellation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from app.science import training
+from app.science.backbone import build_network
+from app.science.training import (
+    TrainingCancelled,
+    TrainingConfig,
+    TrainingDataError,
+    finetune,
+    flow_targets,
+    learning_rate_schedule,
+    segmentation_loss,
+    split_dataset,
+    training_diameters,
+)
+
+TINY = (8, 16, 32, 64)
+
+
+def disc_field(seed: int, size: int = 96, radius: tuple[int, int] = (6, 10), n: int = 8, contrast: float = 1.0):
+    """A noisy fluorescence-like image of non-touching discs and its labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    placed = 0
+    for _ in range(200):
+        r = int(rng.integers(radius[0], radius[1] + 1))
+        cy, cx = rng.integers(r + 1, size - r - 1, size=2)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        grown = (yy - cy) ** 2 + (xx - cx) ** 2 <= (r + 2) ** 2
+        if labels[grown].any():
+            continue
+        placed += 1
+        labels[disc] = placed
+        if placed == n:
+            break
+    image = 0.1 + contrast * (labels > 0) * rng.uniform(0.5, 1.0, size=placed + 1)[labels] + rng.normal(0, 0.05, labels.shape)
+    return image.astype(np.float32), labels
+
+
+def disc_set(seeds, **kwargs):
+    pairs = [disc_field(s, **kwargs) for s in seeds]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def tiny_config(**overrides) -> TrainingConfig:
+    fields = dict(bsize=64, batch_size=4, max_epochs=6, min_epochs=0, patience=50, warmup_epochs=1,
+                  learning_rate=0.01, min_train_masks=1, val_crops_per_image=1, seed=0)
+    fields.update(overrides)
+    return TrainingConfig(**fields)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------
+
+
+def test_split_is_40_5_5_disjoint_and_seeded():
+    split = split_dataset(50)
+    assert (len(split.train), len(split.val), len(split.test)) == (40, 5, 5)
+    assert sorted(split.train + split.val + split.test) == list(range(50))
+    assert split_dataset(50, seed=0) == split
+    assert split_dataset(50, seed=1) != split
+
+
+def test_split_is_proportional_for_other_sizes():
+    for n, expected in [(20, (16, 2, 2)), (100, (80, 10, 10)), (7, (5, 1, 1))]:
+        split = split_dataset(n)
+        assert (len(split.train), len(split.val), len(split.test)) == expected
+        assert len(set(split.train) | set(split.val) | set(split.test)) == n
+    with pytest.raises(TrainingDataError, match="at least 3"):
+        split_dataset(2)
+
+
+def test_training_diameters_mean_and_mean_plus_sd():
+    yy, xx = np.mgrid[:100, :100]
+    small = ((yy - 50) ** 2 + (xx - 50) ** 2 < 10**2).astype(np.int32)
+    large = ((yy - 50) ** 2 + (xx - 50) ** 2 < 20**2).astype(np.int32)
+    mean, plus_sd = training_diameters([small, large])
+    # Equivalent-circle diameters of discs of radius 10 and 20.
+    assert mean == pytest.approx(30.0, abs=0.5)
+    assert plus_sd - mean == pytest.approx(10.0, abs=0.5)
+    with pytest.raises(TrainingDataError):
+        training_diameters([])
+
+
+def test_flow_targets_match_cellpose_and_are_cached(tmp_path, monkeypatch):
+    from cellpose.dynamics import labels_to_flows
+
+    _, labels = disc_field(3)
+    labels[labels == 2] = 77  # non-consecutive ids are fine
+    targets = flow_targets(labels, cache_dir=tmp_path)
+    reference = labels_to_flows([labels.copy()], device=torch.device("cpu"))[0]  # [labels, cellprob, flow Y, flow X]
+    np.testing.assert_allclose(targets, reference[1:], atol=1e-6)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("flows recomputed despite the cache")
+
+    monkeypatch.setattr(training.dynamics, "masks_to_flows", fail)
+    np.testing.assert_array_equal(flow_targets(labels, cache_dir=tmp_path), targets)
+
+
+def test_loss_equals_cellpose_loss():
+    from cellpose.train import _loss_fn_seg
+
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    targets[:, 0] = targets[:, 0] > 0
+    output = torch.from_numpy(rng.normal(size=(2, 3, 16, 16)).astype(np.float32))
+    ours = segmentation_loss(output, torch.from_numpy(targets)).item()
+    theirs = _loss_fn_seg(targets, output, torch.device("cpu")).item()
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_learning_rate_schedule_is_cellposes():
+    rates = learning_rate_schedule(500, 0.005)
+    assert len(rates) == 500 and rates[0] == 0.0 and rates[9] == pytest.approx(0.005)
+    assert rates[300] == pytest.approx(0.005) and rates[-1] == pytest.approx(0.005 / 2**10)
+    assert learning_rate_schedule(150, 0.1)[-1] == pytest.approx(0.1 / 2**10)
+    assert np.all(learning_rate_schedule(50, 0.1)[10:] == 0.1)
+    assert len(learning_rate_schedule(7, 0.1)) == 7
+
+
+def test_bad_training_data_is_refused_clearly():
+    images, masks = disc_set(range(3), size=64)
+    net = build_network(TINY)
+    with pytest.raises(TrainingDataError, match="3 images but 2 masks"):
+        finetune(net, images, masks[:2], [], [], tiny_config())
+    with pytest.raises(TrainingDataError, match=r"single-channel \(Y, X\)"):
+        finetune(net, [np.stack([images[0]] * 2)] + images[1:], masks, [], [], tiny_config())
+    with pytest.raises(TrainingDataError, match="min_train_masks"):
+        finetune(net, images, masks, [], [], tiny_config(min_train_masks=100))
+    with pytest.raises(TrainingDataError, match="integer label"):
+        finetune(net, images, [m.astype(float) for m in masks], [], [], tiny_config())
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny real trainings
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_loss_goes_down_and_is_deterministic_and_input_net_is_untouched():
+    images, masks = disc_set(range(8))
+    val_images, val_masks = disc_set(range(100, 102))
+    torch.manual_seed(0)
+    net = build_network(TINY)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    reports = []
+    config = tiny_config(max_epochs=10)
+    result = finetune(net, images, masks, val_images, val_masks, config, on_epoch=reports.append)
+    losses = [r.train_loss for r in result.history]
+    assert len(reports) == 10 and reports == result.history
+    assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+    assert min(r.val_loss for r in result.history) < result.history[0].val_loss
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert result.diameter == pytest.approx(training_diameters(masks)[0])
+    assert float(result.net.diam_labels) == pytest.approx(result.diameter)
+    assert not result.net.training
+    # Same seed, same numbers (the schedule of the first epochs does not depend on max_epochs here).
+    again = finetune(net, images, masks, val_images, val_masks, tiny_config(max_epochs=3))
+    assert [r.train_loss for r in again.history] == losses[:3]
+
+
+def test_early_stopping_waits_for_min_epochs_and_restores_the_best_checkpoint(monkeypatch):
+    """Scripted validation losses drive the stopping rule; snapshots prove which weights come back."""
+    scripted = [5.0, 6.0, 7.0, 8.0, 9.0, 4.0, 4.5, 4.1, 4.2, 1.0, 1.0]
+    snapshots = []
+
+    def scripted_validation_loss(net, batches):
+        snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
+        return scripted[len(snapshots) - 1]
+
+    monkeypatch.setattr(training, "_validation_loss", scripted_validation_loss)
+    images, masks = disc_set(range(2), size=64)
+    config = tiny_config(max_epochs=len(scripted), min_epochs=6, patience=3, warmup_epochs=0)
+    result = finetune(build_network(TINY), images, masks, images[:1], masks[:1], config)
+    # Epochs 1-4 do not improve but come before min_epochs; epoch 5 is best; 6, 7, 8 exhaust patience.
+    assert [r.val_loss for r in result.history] == scripted[:9]
+    assert result.stopped_early and result.stop_reason == "patience"
+    assert result.best_epoch == 5 and result.best_val_loss == 4.0
+    assert [r.is_best for r in result.history] == [True, False, False, False, False, True, False, False, False]
+    best, last = snapshots[5], snapshots[8]
+    restored = result.net.state_dict()
+    assert all(torch.equal(restored[k], best[k]) for k in best)
+    assert not all(torch.equal(restored[k], last[k]) for k in last)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_a_real_run_returns_the_minimum_validation_loss():
+    images, masks = disc_set(range(6), size=80)
+    val_images, val_masks = disc_set(range(100, 102), size=80)
+    config = tiny_config(max_epochs=12, min_epochs=2, patience=2, warmup_epochs=0)
+    result = finetune(build_network(TINY), images, masks, val_images, val_masks, config)
+    val_losses = [r.val_loss for r in result.history]
+    assert result.best_epoch == int(np.argmin(val_losses))
+    if result.stop_reason == "patience":
+        assert len(result.history) - 1 - max(result.best_epoch, config.min_epochs - 1) == config.patience
+    # The returned net is the best checkpoint: it reproduces the best epoch's validation loss.
+    prepared = training._prepare(val_images, val_masks, 30.0, config)
+    batches = training._validation_crops(prepared, config)
+    assert training._validation_loss(result.net, batches) == pytest.approx(min(val_losses), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_should_stop_cancels_between_steps():
+    images, masks = disc_set(range(8))
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # 2 steps per epoch: cancel in the second epoch
+
+    epochs = []
+    with pytest.raises(TrainingCancelled, match="epoch 1"):
+        finetune(build_network(TINY), images, masks, [], [], tiny_config(), on_epoch=epochs.append,
+                 should_stop=should_stop)
+    assert len(epochs) == 1 and len(calls) == 4
+
+
+@pytest.mark.slow
+def test_time_limit_stops_gracefully_with_the_best_checkpoint():
+    images, masks = disc_set(range(4), size=64)
+    result = finetune(build_network(TINY), images, masks, [], [], tiny_config(max_epochs=1000, time_limit_s=1.5))
+    assert result.stop_reason == "time_limit" and 1 <= len(result.history) < 1000
+    assert result.best_epoch == int(np.argmin([r.train_loss for r in result.history]))
+    assert math.isnan(result.history[0].val_loss)
