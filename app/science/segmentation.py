@@ -1,0 +1,167 @@
+"""Segment one multi-channel field with one model per channel and a fusion method.
+
+This is what the workers call. Flow Fusion (the default) averages the channels' maps and
+reconstructs masks once; the label-fusion baselines reconstruct masks per channel and fuse the
+label images (``label_fusion``).
+
+Typical use::
+
+    models = [ChannelModel(net_a, diameter=24.0, diam_mean=30.0, name="cyto"), ...]
+    result = segment_field(field, models)          # field: (K, Y, X)
+    result.labels, result.timings["total"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from app.science.backbone import ChannelMaps, Normalization, masks_from_maps, predict_maps_multi
+from app.science.flow_fusion import FUSED_FLOW_THRESHOLD, fuse_maps
+from app.science.label_fusion import FUSION_METHODS, fuse_labels
+
+#: Cellpose's flow-error threshold, used for a single channel's own (unfused) maps.
+CHANNEL_FLOW_THRESHOLD = 0.4
+
+
+class SegmentationInputError(ValueError):
+    """A field, model list or setting that ``segment_field`` cannot work with."""
+
+
+@dataclass(frozen=True)
+class ChannelModel:
+    """The network for one channel and the object size it expects.
+
+    ``diameter``: object diameter in pixels to give at inference (the one used in training);
+    ``diam_mean``: the size objects were rescaled to in training (the net's own ``diam_mean``).
+    """
+
+    net: torch.nn.Module
+    diameter: float
+    diam_mean: float
+    name: str
+
+    def __post_init__(self) -> None:
+        if not (self.diameter > 0 and self.diam_mean > 0):
+            raise SegmentationInputError(
+                f"channel model {self.name!r}: diameter and diam_mean must be positive pixel sizes, "
+                f"got {self.diameter} and {self.diam_mean}"
+            )
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """Fused labels (Y, X) int32, every channel's maps, the fused maps (Flow Fusion only), the
+    per-channel labels (label fusion only) and wall-clock seconds per stage."""
+
+    labels: np.ndarray
+    channel_maps: list[ChannelMaps]
+    fused_maps: np.ndarray | None
+    channel_labels: list[np.ndarray] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def reconstruction_size(channel_models: Sequence[ChannelModel]) -> tuple[float, float]:
+    """(diameter, diam_mean) for masks from fused maps: the channels' means.
+
+    They only set the number of dynamics steps (200 x diameter / diam_mean); channels of one
+    field see the same objects, so their diameters agree up to training noise.
+    """
+    return (
+        float(np.mean([m.diameter for m in channel_models])),
+        float(np.mean([m.diam_mean for m in channel_models])),
+    )
+
+
+def segment_field(
+    image: np.ndarray,
+    channel_models: Sequence[ChannelModel],
+    *,
+    method: str = "flow_fusion",
+    normalizations: Normalization | Sequence[Normalization] | None = None,
+    flow_threshold: float | None = None,
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    tile: bool = False,
+    weights: Sequence[float] | None = None,
+    fusion_params: dict | None = None,
+) -> SegmentationResult:
+    """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
+
+    ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
+    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
+    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
+    ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
+    Cellpose's tiling.
+    """
+    started = time.perf_counter()
+    if method not in FUSION_METHODS:
+        raise SegmentationInputError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    if image.ndim != 3:
+        raise SegmentationInputError(f"a field must be (channels, Y, X), got shape {image.shape}")
+    models = list(channel_models)
+    if len(models) != image.shape[0]:
+        raise SegmentationInputError(
+            f"the field has {image.shape[0]} channels but {len(models)} channel models were given: "
+            "give one model per channel, in channel order"
+        )
+    if method == "flow_fusion" and fusion_params:
+        raise SegmentationInputError("fusion_params apply to label-fusion methods only; use weights for flow_fusion")
+    if method != "flow_fusion" and weights is not None:
+        raise SegmentationInputError("channel weights apply to flow_fusion only")
+
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    channel_maps = predict_maps_multi(
+        [m.net for m in models],
+        image,
+        diameter=[m.diameter for m in models],
+        normalizations=normalizations,
+        tile=tile,
+    )
+    timings["maps"] = time.perf_counter() - tic
+
+    if method == "flow_fusion":
+        tic = time.perf_counter()
+        fused = fuse_maps(channel_maps, weights)
+        timings["fuse"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        diameter, diam_mean = reconstruction_size(models)
+        labels = masks_from_maps(
+            fused,
+            diameter=diameter,
+            diam_mean=diam_mean,
+            flow_threshold=FUSED_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            min_size=min_size,
+        )
+        timings["masks"] = time.perf_counter() - tic
+        timings["total"] = time.perf_counter() - started
+        return SegmentationResult(labels, channel_maps, fused, None, timings)
+
+    tic = time.perf_counter()
+    channel_labels = [
+        masks_from_maps(
+            maps,
+            diameter=m.diameter,
+            diam_mean=m.diam_mean,
+            flow_threshold=CHANNEL_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            min_size=min_size,
+        )
+        for maps, m in zip(channel_maps, models)
+    ]
+    timings["masks"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    params = {"min_size": min_size, **(fusion_params or {})}
+    labels = fuse_labels(channel_labels, method, **params)
+    timings["fuse"] = time.perf_counter() - tic
+    timings["total"] = time.perf_counter() - started
+    return SegmentationResult(labels, channel_maps, None, channel_labels, timings)

@@ -1,0 +1,71 @@
+"""segment_field end to end: one model per channel, Flow Fusion and label fusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.science import backbone as bb
+from app.science.metrics import match
+from app.science.segmentation import ChannelModel, segment_field
+from tests.science.test_backbone import disc_field, disc_trained_net
+
+
+def field_with_missing_cells(seed: int):
+    """Three channels of one disc field; channel k lacks every third disc (ids = k mod 3)."""
+    image, labels = disc_field((128, 128), 12, seed=seed)
+    rng = np.random.default_rng(seed)
+    background = image * (labels == 0)
+    channels = []
+    for k in range(3):
+        shown = (labels > 0) & (labels % 3 != k)
+        noise = 0.1 * rng.standard_normal(labels.shape)
+        channels.append(np.where(shown, image, background + noise * (labels > 0)))
+    return np.stack(channels).astype(np.float32), labels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["flow_fusion", "voting", "staple"])
+def test_fusion_finds_cells_that_single_channels_miss(method):
+    net = disc_trained_net()
+    field, labels = field_with_missing_cells(seed=31)
+    models = [ChannelModel(net, diameter=22.0, diam_mean=30.0, name=f"c{k}") for k in range(3)]
+    result = segment_field(field, models, method=method)
+    assert match(labels, result.labels).f1 >= 0.9
+    single = segment_field(field[:1], models[:1])
+    assert match(labels, single.labels).recall < 0.8
+    assert len(result.channel_maps) == 3 and result.labels.dtype == np.int32
+    if method == "flow_fusion":
+        assert result.fused_maps.shape == (3, 128, 128) and result.channel_labels is None
+        assert {"maps", "fuse", "masks", "total"} <= set(result.timings)
+    else:
+        assert result.fused_maps is None and len(result.channel_labels) == 3
+    assert result.timings["total"] >= result.timings["maps"] > 0
+
+
+def test_bad_requests_raise_clear_value_errors():
+    torch.manual_seed(0)
+    model = ChannelModel(bb.build_network(bb.HALF_WIDTHS), diameter=20.0, diam_mean=30.0, name="a")
+    field = np.zeros((2, 32, 32), np.float32)
+    with pytest.raises(ValueError, match="one model per channel"):
+        segment_field(field, [model])
+    with pytest.raises(ValueError, match="valid methods: flow_fusion"):
+        segment_field(field, [model, model], method="average")
+    with pytest.raises(ValueError, match="label-fusion methods only"):
+        segment_field(field, [model, model], fusion_params={"alpha": 1.0})
+    with pytest.raises(ValueError, match="flow_fusion only"):
+        segment_field(field, [model, model], method="voting", weights=[1, 1])
+    with pytest.raises(ValueError, match="positive"):
+        ChannelModel(model.net, diameter=0.0, diam_mean=30.0, name="b")
+
+
+def test_untrained_models_run_every_method_and_return_valid_labels():
+    torch.manual_seed(0)
+    nets = [bb.build_network(bb.HALF_WIDTHS) for _ in range(2)]
+    models = [ChannelModel(net, diameter=20.0, diam_mean=30.0, name=str(k)) for k, net in enumerate(nets)]
+    field = np.stack([disc_field((48, 64), 4, seed=s)[0] for s in (1, 2)])
+    for method in ("flow_fusion", "staple", "simple", "voting", "majority_voting"):
+        result = segment_field(field, models, method=method, min_size=5)
+        assert result.labels.shape == (48, 64) and result.labels.dtype == np.int32
+        assert result.labels.min() >= 0
