@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Job, utcnow
+from app.models import Job, ModelVersion, utcnow
 
 __all__ = ["Job", "JobStatus", "JobCancelled", "JobLost", "JobNotClaimable", "FINAL_STATUSES"]
 
@@ -184,6 +184,17 @@ def request_cancel(session: Session, job_id: str) -> Job | None:
     return job
 
 
+def _fail_unfinished_outputs(session: Session, job_id: str) -> None:
+    """A model version whose training job died for good is failed, not left 'training' forever."""
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.job_id == job_id, ModelVersion.status == "training")
+        .values(status="failed")
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
 @dataclass(frozen=True)
 class ReaperAction:
     job_id: str
@@ -223,6 +234,7 @@ def reap_stale_jobs(session: Session, *, stale_after_s: float, resend_after_s: f
                 actions.append(ReaperAction(job.id, "requeued", reason))
         elif finish(session, job.id, JobStatus.FAILED,
                     error=f"gave up after {job.attempts} attempts: {reason}"):
+            _fail_unfinished_outputs(session, job.id)
             actions.append(ReaperAction(job.id, "failed", reason))
     resend_before = now - timedelta(seconds=resend_after_s)
     for job in session.scalars(

@@ -85,11 +85,28 @@ def upload_base_model(session: SessionDep, settings: SettingsDep, blobs: BlobsDe
                       slug="invalid-weights")
     if session.scalar(select(BaseModel).where(BaseModel.name == name)) is not None:
         raise Problem(409, f"a base model named {name!r} exists already", slug="base-model-exists")
+    widths = _header_widths(header)
+    if not widths:
+        raise Problem(422, "the weights hold no CPnet encoder tensors (downsample.down.res_down_*); "
+                      "upload a Cellpose 3 network", slug="invalid-weights")
     stored = blobs.put_bytes(data)
+    # The widths go on the card: a pipeline builds the network from the card before loading weights.
     card = {"name": name, "version": "upload", "diam_mean": diam_mean, "diameter": diameter or diam_mean,
-            "format": "safetensors", "tensors": len([k for k in header if k != "__metadata__"])}
+            "format": "safetensors", "tensors": len([k for k in header if k != "__metadata__"]),
+            "widths": widths}
     return _create(session, BaseModel(name=name, source="upload", weights_sha256=stored.sha256, card=card),
                    "base model")
+
+
+def _header_widths(header: dict) -> list[int]:
+    """CPnet widths from the safetensors header (the 1x1 projection of each encoder level)."""
+    widths = []
+    while isinstance(info := header.get(f"downsample.down.res_down_{len(widths)}.proj.1.weight"), dict):
+        shape = info.get("shape") or [0]
+        if not isinstance(shape[0], int) or shape[0] <= 0:
+            return []
+        widths.append(shape[0])
+    return widths
 
 
 def version_out(session, v: ModelVersion) -> ModelVersionOut:
