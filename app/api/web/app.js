@@ -46,7 +46,7 @@ function el(tag, attrs = {}, ...children) {
     else if (name === "dataset") Object.assign(node.dataset, value);
     else node.setAttribute(name, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -57,6 +57,11 @@ function fmt(value, digits = 3) {
   if (value === null || value === undefined || value === "") return "–";
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(digits);
   return String(value);
+}
+
+/** A score in [0, 1] (F1, precision, ...): always three decimals, so 0 and 1 read as scores too. */
+function fmtScore(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(3) : fmt(value);
 }
 
 function fmtBytes(n) {
@@ -323,6 +328,22 @@ async function onFilesChosen() {
   info.textContent = text;
 }
 
+/** Well and field from an HCS-style file name, when it starts with the well:
+ *  "B02-field1.ome.tif" -> {well: "B02", field: 1}; "B02_s3_w1.tif" -> {well: "B02", field: 3};
+ *  "r02c03f01p01-ch1.tiff" -> {well: "B03", field: 1};
+ *  anything else -> null (the server then names fields F001, F002, ...). */
+function wellFromName(name) {
+  // Operetta / Opera Phenix names: r02c03f01... = row 2 (B), column 3, field 1.
+  const operetta = name.match(/^r(\d{2})c(\d{2})f(\d{2,3})/i);
+  if (operetta && Number(operetta[1]) >= 1 && Number(operetta[1]) <= 26) {
+    return {well: String.fromCharCode(64 + Number(operetta[1])) + operetta[2], field: Number(operetta[3])};
+  }
+  const well = name.match(/^([A-Za-z]{1,2}\d{1,3})(?=[^0-9]|$)/);
+  if (!well) return null;
+  const field = name.slice(well[1].length).match(/(?:field|fld|_s|-s|_f|-f)(\d{1,4})(?!\d)/i);
+  return {well: well[1].toUpperCase(), field: field ? Number(field[1]) : null};
+}
+
 function numberOrNull(id) {
   const raw = $(id).value.trim();
   return raw === "" ? null : Number(raw);
@@ -348,6 +369,8 @@ function buildSegmentRequest() {
     if (!use.length) throw new ApiError("No channel to fuse", "tick at least one channel to fuse");
     request.use_channels = use;
   }
+  const wells = files.map((f) => wellFromName(f.name));
+  if (wells.every((w) => w !== null)) request.fields = wells;
   const plate = $("seg-plate").value.trim();
   if (plate) request.plate = plate;
   const diameter = numberOrNull("seg-diameter");
@@ -492,13 +515,14 @@ async function download(result) {
   }
 }
 
+const COUNT_KEYS = new Set(["tp", "fp", "fn"]);
 const METRIC_COLUMNS = [["f1", "F1"], ["precision", "Precision"], ["recall", "Recall"], ["jaccard", "Jaccard"],
   ["map_50_95", "mAP .5:.95"], ["tp", "TP"], ["fp", "FP"], ["fn", "FN"]];
 
 function metricsTable(rowsByName, firstHeader) {
   const head = el("tr", {}, el("th", {}, firstHeader), METRIC_COLUMNS.map(([, label]) => el("th", {}, label)));
   const body = Object.entries(rowsByName).map(([name, m]) => el("tr", {}, el("td", {}, name),
-    METRIC_COLUMNS.map(([key]) => el("td", {class: "num"}, fmt(m[key])))));
+    METRIC_COLUMNS.map(([key]) => el("td", {class: "num"}, COUNT_KEYS.has(key) ? fmt(m[key]) : fmtScore(m[key])))));
   return el("table", {class: "list metrics-table"}, el("thead", {}, head), el("tbody", {}, body));
 }
 
@@ -588,7 +612,7 @@ function rankingTable(ranking, chosen) {
   const head = el("tr", {}, el("th", {}, "Channels"), ["F1", "Precision", "Recall", "Jaccard", "mAP .5:.95"].map((h) => el("th", {}, h)));
   const rows = ranking.map((r) => el("tr", {class: JSON.stringify(r.channels) === chosenKey ? "chosen" : ""},
     el("td", {}, (r.channels || []).join(" + ")),
-    ["f1", "precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmt(r[k])))));
+    ["f1", "precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmtScore(r[k])))));
   return el("table", {class: "list ranking"}, el("thead", {}, head), el("tbody", {}, rows));
 }
 
@@ -607,7 +631,8 @@ async function loadZoo() {
       onclick: () => selectVersion(v.id)},
     el("td", {}, v.id), el("td", {}, v.cell_line), el("td", {}, v.reporter), el("td", {}, v.object),
     el("td", {class: "num"}, v.version), el("td", {}, el("span", {class: `badge ${v.status}`}, v.status)),
-    el("td", {class: "num"}, fmt(m.f1)), el("td", {class: "num"}, fmt(m.precision)), el("td", {class: "num"}, fmt(m.recall)),
+    el("td", {class: "num"}, fmtScore(m.f1)), el("td", {class: "num"}, fmtScore(m.precision)),
+    el("td", {class: "num"}, fmtScore(m.recall)),
     el("td", {class: "num"}, fmt(v.diameter, 1)), el("td", {}, v.aliases.join(", ") || "–"),
     el("td", {}, v.base_model || (v.parent_version_id ? `version #${v.parent_version_id}` : "–")));
   }), "No model versions yet: fine-tune one.", 12);
@@ -670,14 +695,16 @@ function svg(tag, attrs = {}, text = null) {
   return node;
 }
 
+/** Round tick values between lo and hi, and the decimals that print them all alike. */
 function niceTicks(lo, hi, count = 5) {
-  if (hi <= lo) return [lo];
+  if (hi <= lo) return Object.assign([lo], {decimals: 2});
   const raw = (hi - lo) / count;
   const magnitude = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * magnitude).find((s) => s >= raw) || raw;
   const ticks = [];
   for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(10)));
-  return ticks;
+  const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(step) + 1e-9) + (step / magnitude === 2.5 ? 1 : 0)));
+  return Object.assign(ticks, {decimals});
 }
 
 /** Train and validation loss per epoch as an inline SVG line chart. */
@@ -698,9 +725,10 @@ function trainingCurveSvg(curve, bestEpoch = null) {
   const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
   const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
   const axes = svg("g", {class: "axes"});
-  for (const t of niceTicks(y0, y1)) {
+  const yTicks = niceTicks(y0, y1);
+  for (const t of yTicks) {
     axes.append(svg("line", {x1: left, x2: width - right, y1: sy(t), y2: sy(t), class: "grid"}));
-    axes.append(svg("text", {x: left - 6, y: sy(t) + 4, "text-anchor": "end"}, fmt(t, t < 1 ? 3 : 2)));
+    axes.append(svg("text", {x: left - 6, y: sy(t) + 4, "text-anchor": "end"}, t.toFixed(yTicks.decimals)));
   }
   for (const t of niceTicks(x0, x1, Math.min(8, Math.max(1, x1 - x0))).filter((t) => Number.isInteger(t))) {
     axes.append(svg("line", {x1: sx(t), x2: sx(t), y1: height - bottom, y2: height - bottom + 5, class: "tick"}));

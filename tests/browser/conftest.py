@@ -1,0 +1,201 @@
+"""A real CellFuse server (uvicorn in a thread, a real Celery worker, the embedded database and
+broker) with a tiny trained zoo, and Debian's Chromium driven by Playwright.
+
+Browser tests skip with a reason when /usr/bin/chromium is missing, unless
+CELLFUSE_TEST_BROWSER=required (CI), where a missing browser is a failure. Playwright's own browser
+downloads are never used: the tests launch the system Chromium by path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import CellFuseClient
+from app.db import session_factory
+from app.security import create_key
+from app.settings import Settings
+from tests.service.conftest import REPO_ROOT, WorkerProcess, make_embedded_settings, start_worker
+from tests.service.workflow import CELL_LINE, small_plate, upload_dataset
+
+CHROMIUM = Path(os.environ.get("CELLFUSE_TEST_CHROMIUM", "/usr/bin/chromium"))
+BROWSER_REQUIRED = os.environ.get("CELLFUSE_TEST_BROWSER", "").lower() == "required"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+#: As small as a model gets while still being a real fine-tune through the API.
+TINY_TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
+#: 3 training images, one validation and one test image: the least a fine-tune accepts.
+SPLITS = ["train", "train", "train", "val", "test"]
+
+
+def require_chromium() -> None:
+    if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK):
+        return
+    message = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    if BROWSER_REQUIRED:
+        pytest.fail(message + " (CELLFUSE_TEST_BROWSER=required)")
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    key: str
+    settings: Settings
+    worker: WorkerProcess
+
+    def client(self) -> CellFuseClient:
+        return CellFuseClient.connect(self.base_url, self.key, timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+    import uvicorn
+
+    from app.api.main import create_app
+
+    require_chromium()
+    folder = tmp_path_factory.mktemp("web")
+    settings = make_embedded_settings(folder)
+    with session_factory(settings.resolved_database_url)() as session:
+        _row, key = create_key(session, "browser-test", "admin")
+    # The worker imports torch and Cellpose; start it first so that it warms up while the API starts.
+    worker = start_worker(settings, folder / "worker.log")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(base_url + "/health", timeout=1).status_code == 200 and server.started:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            worker.kill()
+            raise RuntimeError("the API server did not start in 30 s")
+        time.sleep(0.1)
+    try:
+        yield LiveServer(base_url, key, settings, worker)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        worker.kill()
+
+
+def register_base(api: CellFuseClient, name: str = "random-full-width") -> str:
+    """Upload a randomly initialised full-width CPnet as a base model.
+
+    Full width because the fine-tune pipeline currently assumes full widths for uploaded bases whose
+    card does not name its widths (tests.service.workflow's tiny base fails to load there).
+    """
+    import torch
+    from safetensors.torch import save
+
+    from app.science.backbone import FULL_WIDTHS, build_network
+
+    torch.manual_seed(0)
+    weights = save({k: v.contiguous() for k, v in build_network(FULL_WIDTHS).state_dict().items()})
+    response = api.http.post("/api/v1/base-models", data={"name": name, "diam_mean": "30"},
+                             files={"weights": ("base.safetensors", weights, "application/octet-stream")})
+    assert response.status_code == 201, response.text
+    return name
+
+
+@dataclass(frozen=True)
+class ZooJobs:
+    channels: list[str]
+    dataset_id: int
+    job_ids: list[str]
+
+
+@dataclass(frozen=True)
+class TinyZoo:
+    channels: list[str]
+    dataset_id: int
+    version_ids: list[int]
+
+
+@pytest.fixture(scope="module")
+def zoo_jobs(live_server) -> ZooJobs:
+    """Fine-tunes of a 2-reporter zoo for one cell line (nuclei and cells per reporter), submitted
+    through the API and not waited for: browser tests watch them run."""
+    api = live_server.client()
+    base = register_base(api)
+    fields = small_plate(len(SPLITS), size=128, n_channels=2)
+    channels = list(fields[0].channel_names)
+    ds = upload_dataset(api, fields, splits=SPLITS)
+    # Submitted together: the worker runs them one after the other without a round trip between.
+    jobs = [api.submit("finetune", {"dataset_id": ds["id"], "reporter": r, "object": o, "base": base,
+                                    "params": TINY_TRAINING})
+            for r in channels for o in ("nuclei", "cells")]
+    return ZooJobs(channels, ds["id"], [job["id"] for job in jobs])
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(live_server, zoo_jobs) -> TinyZoo:
+    """The zoo once every fine-tune has finished."""
+    api = live_server.client()
+    version_ids = []
+    for job_id in zoo_jobs.job_ids:
+        done = api.wait(job_id, timeout=240, poll=0.3)
+        assert done["status"] == "succeeded", f"fine-tune failed: {done['error']}\n{live_server.worker.log()[-2000:]}"
+        version_ids.append(done["summary"]["model_version_id"])
+    return TinyZoo(zoo_jobs.channels, zoo_jobs.dataset_id, version_ids)
+
+
+@pytest.fixture(scope="module")
+def browser(live_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    """A fresh page (own storage) on the live server; page errors fail the test."""
+    context = browser.new_context(base_url=live_server.base_url, viewport={"width": 1280, "height": 900},
+                                  accept_downloads=True)
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def enter_key(page, key: str) -> None:
+    page.goto("/")
+    page.fill("#api-key", key)
+    page.click("#key-save")
+    page.wait_for_selector("#key-state:has-text('connected')")
+
+
+__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key"]

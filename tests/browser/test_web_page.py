@@ -1,0 +1,176 @@
+"""The web page as a lab person uses it, in a real Chromium against a real server and worker:
+enter the key, segment an uploaded 2-channel TIFF, watch the job, see the overlay and the tables;
+a bad upload shows the server's problem detail in plain words; the zoo lists versions with curves."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.browser.conftest import ARTIFACTS, CELL_LINE, enter_key
+from tests.service.workflow import field_tiff, small_plate
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _choose_channels(page, reporters: list[str]) -> None:
+    page.fill("#seg-n-channels", str(len(reporters)))
+    page.dispatch_event("#seg-n-channels", "change")
+    for i, name in enumerate(reporters):
+        page.select_option(f"select[data-channel='{i}']", name)
+
+
+def test_page_is_public_and_served_locally(live_server):
+    import httpx
+
+    index = httpx.get(live_server.base_url + "/")
+    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+    # Nothing from another origin: no CDN scripts, style sheets or fonts.
+    assert "http://" not in index.text.replace("http://www.w3.org", "") and "https://" not in index.text
+    for name, media in (("app.js", "javascript"), ("style.css", "text/css")):
+        response = httpx.get(f"{live_server.base_url}/static/{name}")
+        assert response.status_code == 200 and media in response.headers["content-type"]
+        assert "https://" not in response.text
+    assert httpx.get(live_server.base_url + "/static/..%2Fmain.py").status_code == 404
+    assert "/" not in httpx.get(live_server.base_url + "/openapi.json").json()["paths"]
+
+
+def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
+    enter_key(page, live_server.key)
+    # A job queued behind the fine-tunes, to cancel from the page.
+    api = live_server.client()
+    waiting = api.submit("noop", {"steps": 50, "step_seconds": 0.1})
+    page.click("nav [data-tab='jobs']")
+    rows = page.locator("#jobs-body tr.job-row")
+    page.wait_for_function("n => document.querySelectorAll('#jobs-body tr.job-row').length >= n",
+                           arg=len(zoo_jobs.job_ids) + 1)
+    assert "fine-tuning" in page.inner_text("#jobs-body")
+    noop_row = page.locator(f"#jobs-body tr[data-job='{waiting['id']}']")
+    noop_row.locator("button.cancel").click()
+    noop_row.locator(".badge.cancelled").wait_for()
+    assert api.job(waiting["id"])["status"] == "cancelled"
+    assert noop_row.locator("button.cancel").count() == 0
+
+    # The page polls: progress moves and every fine-tune ends "succeeded" without a reload.
+    seen_progress: set[str] = set()
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        statuses = page.locator("#jobs-body tr.job-row .badge").all_inner_texts()
+        seen_progress.update(page.locator("#jobs-body .progress").evaluate_all(
+            "bars => bars.map(b => b.getAttribute('aria-valuenow'))"))
+        if statuses.count("succeeded") >= len(zoo_jobs.job_ids):
+            break
+        assert "failed" not in statuses, page.inner_text("#jobs-body")
+        page.wait_for_timeout(300)
+    assert page.locator("#jobs-body tr.job-row .badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
+    assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while training, 100
+    # A finished fine-tune shows its training curve in the job's details.
+    rows.filter(has_text="fine-tuning").first.click()
+    page.locator("#job-detail svg.curve polyline").first.wait_for()
+
+
+def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
+    enter_key(page, live_server.key)
+    # The key is kept: a reload needs no typing.
+    page.reload()
+    page.wait_for_selector("#key-state:has-text('connected')")
+    field = small_plate(1, size=128, n_channels=2, seed=41)[0]
+    page.set_input_files("#seg-files", files=[{"name": "B02-field1.ome.tif", "mimeType": "image/tiff",
+                                               "buffer": field_tiff(field)}])
+    # The channel count and the reporters come from the file's OME-XML channel names.
+    page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+    assert page.input_value("#seg-n-channels") == "2"
+    selected = [page.input_value(f"select[data-channel='{i}']") for i in range(2)]
+    assert selected == tiny_zoo.channels
+    page.select_option("#seg-cell-line", CELL_LINE)
+    page.select_option("#seg-method", "flow_fusion")
+    page.click("#seg-submit")
+
+    # The jobs tab opens on the new job; its progress is polled until it finishes.
+    page.wait_for_selector("section#tab-jobs:not([hidden])")
+    page.wait_for_selector("#jobs-body tr.job-row")
+    badge = page.locator("#job-detail h3 .badge")
+    badge.wait_for()
+    deadline = time.monotonic() + 60
+    while badge.inner_text() not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    assert badge.inner_text() == "succeeded", page.locator("#job-detail").inner_text()
+    assert page.locator("#jobs-body tr.job-row .badge").first.inner_text() == "succeeded"
+
+    overlay = page.locator("#job-detail img.overlay").first
+    overlay.wait_for()
+    page.wait_for_function("() => { const i = document.querySelector('#job-detail img.overlay');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
+    assert overlay.get_attribute("src").startswith("blob:")
+    fields_table = page.locator("#job-detail table.fields-table")
+    header = fields_table.locator("thead").inner_text()
+    assert "nuclei found" in header and "cells found" in header and "Seconds" in header
+    row = fields_table.locator("tbody tr").first.inner_text()
+    assert row.startswith("B02-1\tB02")  # field and well read from the file name
+    counts = fields_table.locator("tbody tr").first.locator("td.num")
+    assert all(int(counts.nth(i).inner_text()) >= 0 for i in range(2))
+
+    # Every result is a download, fetched with the key.
+    names = page.locator("#job-detail a.download").all_inner_texts()
+    assert "provenance.json" in names and any(n.endswith("overlay.png") for n in names)
+    with page.expect_download() as info:
+        page.locator("#job-detail a.download", has_text="provenance.json").click()
+    assert info.value.suggested_filename == "provenance.json"
+    assert b'"method": "flow_fusion"' in open(info.value.path(), "rb").read()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-segment-job.png"), full_page=True)
+
+
+def test_a_bad_upload_shows_the_problem_detail(page, live_server, tiny_zoo):
+    enter_key(page, live_server.key)
+    page.set_input_files("#seg-files", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                               "buffer": b"plate map, not an image"}])
+    page.wait_for_selector("#seg-file-info:has-text('does not look like a TIFF')")
+    _choose_channels(page, tiny_zoo.channels)
+    page.select_option("#seg-cell-line", CELL_LINE)
+    page.click("#seg-submit")
+    notice = page.locator("#notice.error")
+    notice.wait_for()
+    assert page.inner_text("#notice-title") == "Invalid request"
+    detail = page.inner_text("#notice-detail")
+    assert "notes.txt" in detail and "not a readable TIFF" in detail and "send a TIFF" in detail
+    assert page.locator("section#tab-segment").is_visible()  # the form stays, ready for another try
+
+    # A wrong key is explained, not just "401".
+    page.fill("#api-key", "not-a-key")
+    page.click("#key-save")
+    page.locator("#notice.error").wait_for()
+    assert "API key" in page.inner_text("#notice")
+
+
+def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny_zoo):
+    enter_key(page, live_server.key)
+    page.click("nav [data-tab='zoo']")
+    rows = page.locator("#versions-body tr.version-row")
+    rows.first.wait_for()
+    assert rows.count() == len(tiny_zoo.version_ids)
+    text = page.inner_text("#versions-body")
+    for reporter in tiny_zoo.channels:
+        assert reporter in text
+    assert "ready" in text and "nuclei" in text and "cells" in text
+    # F1 / precision / recall are numbers in [0, 1]; the diameter is a positive number.
+    first = rows.first.locator("td.num")
+    values = [first.nth(i).inner_text() for i in range(first.count())]
+    assert all(0.0 <= float(v) <= 1.0 for v in values[1:4]) and float(values[4]) > 0
+    # The newest version with a curve is drawn; clicking another row draws its curve.
+    rows.nth(1).click()
+    curve = page.locator("#curve svg.curve")
+    curve.wait_for()
+    version = next(v for v in live_server.client().get("/api/v1/models")
+                   if v["id"] == int(rows.nth(1).get_attribute("data-version")))
+    n_epochs = len(version["training_curve"])
+    assert n_epochs >= 1
+    assert curve.locator("circle.series-train").count() == n_epochs
+    assert curve.locator("polyline.series-train").count() == 1
+    assert page.inner_text("#curve-title").endswith(f"{version['object']} v{version['version']}")
+    assert page.locator("#cell-lines-body").inner_text().startswith(CELL_LINE)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-zoo.png"), full_page=True)
