@@ -24,9 +24,9 @@ channel on its own and fuses the K label images afterwards. That happens in two 
 2. **Instance recovery** (documented, the same for every method): label images carry identities
    that binary fusion loses. Each rater's instances are shrunk to their cores (pixels whose
    distance to the instance's edge is at least ``marker_fraction`` of the instance's largest such
-   distance); pixels where at least ``marker_votes`` raters (default: a strict majority of the
-   raters used) have a core, inside the fused foreground, form the markers (connected
-   components). Each rater's instance belongs to the marker it overlaps most, and each fused
+   distance); pixels of the fused foreground where at least half of the raters that have an
+   object there have its core (or at least ``marker_votes`` raters, when given) form the markers
+   (connected components). Each rater's instance belongs to the marker it overlaps most, and each fused
    foreground pixel takes the marker that most raters' instances there belong to (so the raters'
    own boundaries between touching objects survive). A seeded watershed
    (``skimage.segmentation.watershed``) on the negated distance transform of the fused
@@ -258,13 +258,20 @@ def recover_instances(
     foreground = np.asarray(foreground, bool)
     if not foreground.any():
         return np.zeros(foreground.shape, np.int32)
-    votes_needed = len(raters) // 2 + 1 if marker_votes is None else int(marker_votes)
-    if not 1 <= votes_needed <= len(raters):
+    if marker_votes is not None and not 1 <= int(marker_votes) <= len(raters):
         raise LabelFusionError(f"marker_votes must be between 1 and {len(raters)} (the raters used), got {marker_votes}")
     core_votes = np.zeros(foreground.shape, np.int32)
+    object_votes = np.zeros(foreground.shape, np.int32)
     for labels in raters:
         core_votes += instance_cores(labels, marker_fraction)
-    markers, n_markers = ndi.label((core_votes >= votes_needed) & foreground)
+        object_votes += np.asarray(labels) > 0
+    if marker_votes is None:
+        # At least half of the raters that see an object here see its core: an object only some
+        # channels show still gets a marker, a stray object of one rater inside another's does not.
+        seeds_here = (core_votes >= 1) & (2 * core_votes >= object_votes)
+    else:
+        seeds_here = core_votes >= int(marker_votes)
+    markers, n_markers = ndi.label(seeds_here & foreground)
     seeds = _vote_instances(markers, n_markers, raters) * foreground
     distance = ndi.distance_transform_edt(foreground)
     labels = watershed(-distance, seeds, mask=foreground) if seeds.any() else np.zeros(foreground.shape, np.int64)

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``cellfuse bench ...``: each prints its numbers and returns them as a dict."""
