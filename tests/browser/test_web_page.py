@@ -138,6 +138,8 @@ def test_a_bad_upload_shows_the_problem_detail(page, live_server, tiny_zoo):
     detail = page.inner_text("#notice-detail")
     assert "notes.txt" in detail and "not a readable TIFF" in detail and "send a TIFF" in detail
     assert page.locator("section#tab-segment").is_visible()  # the form stays, ready for another try
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-bad-upload.png"), full_page=True)
 
     # A wrong key is explained, not just "401".
     page.fill("#api-key", "not-a-key")
@@ -172,5 +174,16 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
     assert curve.locator("polyline.series-train").count() == 1
     assert page.inner_text("#curve-title").endswith(f"{version['object']} v{version['version']}")
     assert page.locator("#cell-lines-body").inner_text().startswith(CELL_LINE)
+
+    # An alias and a hand-chosen channel set show up after a refresh.
+    api = live_server.client()
+    nuclear_nuclei = next(v for v in api.get("/api/v1/models") if v["object"] == "nuclei")
+    api.put(f"/api/v1/aliases/{CELL_LINE}/{nuclear_nuclei['reporter']}/nuclei/production",
+            {"version_id": nuclear_nuclei["id"]})
+    api.put(f"/api/v1/channel-sets/{CELL_LINE}/nuclei", {"channels": tiny_zoo.channels[:1]})
+    page.click("#zoo-refresh")
+    page.locator("#aliases-body", has_text="production").wait_for()
+    assert "production" in page.inner_text(f"#versions-body tr[data-version='{nuclear_nuclei['id']}']")
+    assert f"{CELL_LINE} · nuclei: {tiny_zoo.channels[0]}" in page.inner_text("#channel-sets")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-zoo.png"), full_page=True)

@@ -145,7 +145,12 @@ async function api(path, {method = "GET", json, form, raw = false} = {}) {
   return response.json();
 }
 
+let noticeTimer = null;
+
 function showNotice(title, detail, kind = "error") {
+  // Errors stay until dismissed; good news fades after a while.
+  if (noticeTimer) clearTimeout(noticeTimer);
+  noticeTimer = kind === "info" ? setTimeout(clearNotice, 8000) : null;
   $("notice-title").textContent = title;
   $("notice-detail").textContent = detail || "";
   $("notice").className = `notice ${kind}`;
@@ -285,7 +290,7 @@ function renderChannelRows(fileNames = null) {
     const select = el("select", {"data-channel": i, "aria-label": `reporter of channel ${i + 1}`},
       el("option", {value: ""}, "— choose a reporter —"),
       state.reporters.map((r) => el("option", {value: r.name},
-        r.localisation ? `${r.name} (${r.localisation})` : r.name)));
+        r.localisation && r.localisation !== r.name ? `${r.name} (${r.localisation})` : r.name)));
     const fromFile = names[i] ? state.reporters.find((r) => r.name.toLowerCase() === names[i].toLowerCase()) : null;
     if (previous[i] && state.reporters.some((r) => r.name === previous[i]) && !fileNames) select.value = previous[i];
     else if (fromFile) select.value = fromFile.name;
