@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import numpy as np
@@ -15,6 +16,8 @@ from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
 from app.api.uploads import display_name, read_upload
 from app.models import Dataset, DatasetImage
 from app.science.imageio import ImageReadError, image_to_tiff_bytes, read_image, read_labels
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -65,6 +68,10 @@ def load_channels(uploads: list[UploadFile], max_bytes: int, max_pixels: int) ->
             images.append(read_image(raw, max_pixels=max_pixels))
         except ImageReadError as exc:
             raise Problem(422, f"{display_name(upload.filename)}: {exc}", slug="invalid-image")
+        except Exception as exc:  # a reader bug on untrusted bytes is the file's problem, not a 500
+            log.warning("reading %s failed unexpectedly", display_name(upload.filename), exc_info=True)
+            raise Problem(422, f"{display_name(upload.filename)} could not be read as a TIFF image "
+                          f"({type(exc).__name__}); send a plain TIFF or OME-TIFF", slug="invalid-image")
     if len(images) == 1:
         return images[0].data, raw, display_name(uploads[0].filename)
     shapes = {img.data.shape[1:] for img in images}
@@ -85,6 +92,10 @@ def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max
         labels = read_labels(raw, max_pixels=max_pixels)
     except ImageReadError as exc:
         raise Problem(422, f"{what} mask {display_name(upload.filename)}: {exc}", slug="invalid-mask")
+    except Exception as exc:  # a reader bug on untrusted bytes is the file's problem, not a 500
+        log.warning("reading mask %s failed unexpectedly", display_name(upload.filename), exc_info=True)
+        raise Problem(422, f"{what} mask {display_name(upload.filename)} could not be read as a TIFF label "
+                      f"image ({type(exc).__name__})", slug="invalid-mask")
     if labels.shape != shape:
         raise Problem(422, f"the {what} mask is {labels.shape[0]}×{labels.shape[1]} but the image is "
                       f"{shape[0]}×{shape[1]}", slug="mask-shape-mismatch")
