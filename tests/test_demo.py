@@ -1,0 +1,30 @@
+"""The demo runs end to end in its reduced size (a real `cellfuse serve` child process) and prints
+a table a biologist can read."""
+
+import re
+
+import pytest
+from rich.console import Console
+
+from app.demo import METHODS, run_demo
+
+
+@pytest.mark.slow
+def test_small_demo_prints_the_results_table(tmp_path):
+    console = Console(record=True, width=200, force_terminal=False)
+    code = run_demo(small=True, data_dir=tmp_path / "demo", console=console)
+    text = console.export_text()
+    assert code == 0, text
+    for method in METHODS:
+        assert re.search(rf"^\W*{method}\W", text, flags=re.M), (method, text)
+    assert "nuclei F1" in text and "cells Jaccard" in text
+    assert "chosen channel set for nuclei:" in text and "chosen channel set for cells:" in text
+    assert "Flow Fusion by channel subset, nuclei" in text
+    # Every F1 printed is a number in [0, 1].
+    f1_rows = re.findall(r"^\W*flow_fusion\W+([0-9.]+)", text, flags=re.M)
+    assert f1_rows and 0.0 <= float(f1_rows[0]) <= 1.0
+    assert "web page: http://127.0.0.1:" in text
+    assert re.search(r"demo finished in \d+ s", text)
+    jobs_dir = tmp_path / "demo" / "jobs"
+    assert any(p.name == "overlay.png" for p in jobs_dir.rglob("*.png"))
+    assert any(p.name == "measurements.csv" for p in jobs_dir.rglob("*.csv"))
