@@ -271,7 +271,9 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
     images, masks = train
     if len(images) < 2:
         return None
-    styles = np.stack([predict_maps(result.net, im, diameter=result.diameter).style for im in images])
+    # Styles at the image's own scale (no rescaling), as at inference when the diameter is unknown.
+    raw_scale = float(result.net.diam_mean.item())
+    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, tile=False).style for im in images])
     diameters = image_diameters(masks)
     try:
         return fit_size_model(styles, diameters, diam_mean=float(result.net.diam_mean.item())).to_dict()
@@ -287,7 +289,7 @@ def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diamet
     preds = []
     diam_mean = float(net.diam_mean.item())
     for image in images:
-        maps = predict_maps(net, image, diameter=diameter)
+        maps = predict_maps(net, image, diameter=diameter, tile=False)
         preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean))
     return score_set(masks, preds).as_dict()
 
@@ -325,16 +327,38 @@ def _segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], pla
                     method: str, seg_params: dict[str, Any], cache: dict[int, LoadedModel]) -> np.ndarray:
     from app.science.segmentation import segment_field
 
-    models = _channel_models(ctx, plan_for_object, cache)
-    if seg_params.get("diameter"):
-        from dataclasses import replace
+    from dataclasses import replace
 
-        models = [replace(m, diameter=float(seg_params["diameter"])) for m in models]
+    models = _channel_models(ctx, plan_for_object, cache)
     indices = [channels.index(name) for name in plan_for_object["channels"]]
+    if seg_params.get("diameter"):
+        models = [replace(m, diameter=float(seg_params["diameter"])) for m in models]
+    elif seg_params.get("estimate_diameter"):
+        estimated = _estimate_diameter(ctx, image[indices], plan_for_object, cache)
+        if estimated is not None:
+            models = [replace(m, diameter=estimated) for m in models]
     result = segment_field(image[indices], models, method=method, flow_threshold=seg_params.get("flow_threshold"),
                            cellprob_threshold=seg_params.get("cellprob_threshold", 0.0),
                            min_size=seg_params.get("min_size", 15))
     return result.labels
+
+
+def _estimate_diameter(ctx: JobContext, image: np.ndarray, plan_for_object: dict[str, Any],
+                       cache: dict[int, LoadedModel]) -> float | None:
+    """Per-image diameter from the channels' size models (Cellpose 3's SizeModel), averaged."""
+    from app.science.backbone import predict_maps
+    from app.science.size_model import SizeModel
+
+    estimates = []
+    for k, name in enumerate(plan_for_object["channels"]):
+        version = ctx.session.get(ModelVersion, plan_for_object["models"][name])
+        size_params = (version.card or {}).get("size_model")
+        if not size_params:
+            continue
+        loaded = load_version(ctx, version.id, cache)
+        style = predict_maps(loaded.net, image[k].astype(np.float32), diameter=loaded.diam_mean, tile=False).style
+        estimates.append(float(SizeModel.from_dict(size_params).predict(style)))
+    return float(np.mean(estimates)) if estimates else None
 
 
 def _provenance(ctx: JobContext, p: dict[str, Any], cache: dict[int, LoadedModel]) -> dict[str, Any]:
@@ -452,7 +476,7 @@ def evaluate_pipeline(ctx: JobContext) -> dict[str, Any]:
         for i, im in enumerate(images):
             ctx.progress(f"image {i + 1} of {len(images)}", i / len(images))
             maps = predict_maps(loaded.net, _image(ctx, im.image_sha256)[channel].astype(np.float32),
-                                diameter=loaded.diameter)
+                                diameter=loaded.diameter, tile=False)
             preds.append(masks_from_maps(maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean))
             truths.append(_labels(ctx, _mask_sha(im, obj)))
         fusion = None

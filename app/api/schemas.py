@@ -260,7 +260,9 @@ class SegmentParams(StrictModel):
     flow_threshold: float | None = Field(default=None, ge=0, le=10)
     cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
     min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(default=None, gt=0, le=1000)
+    diameter: float | None = Field(default=None, gt=0, le=1000,
+                                   description="object diameter in pixels; default: the models' training diameter")
+    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
     preview_channel: int = Field(default=0, ge=0, le=15)
 
 

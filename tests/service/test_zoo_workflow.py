@@ -100,8 +100,11 @@ def run_workflow(settings, worker_factory) -> None:
         assert "cellpose" in provenance["library_versions"]
 
     # Segmenting a dataset gives metrics against its masks; evaluations are stored.
-    job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "use_channels": channels})
+    # (with per-image diameters from the size models)
+    job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "use_channels": channels,
+                                      "params": {"estimate_diameter": True}})
     assert set(job["summary"]["metrics"]) == {"nuclei", "cells"}
+    assert first["card"]["size_model"]["n_train"] == 4
     evaluation = api.run("evaluate", {"dataset_id": ds["id"], "split": "test", "model_version_id": first["id"]})
     assert 0.0 <= evaluation["summary"]["metrics"]["f1"] <= 1.0
     fused = api.run("evaluate", {"dataset_id": ds["id"], "split": "test", "object": "nuclei",
