@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -181,10 +182,16 @@ def heldout_metrics(net: torch.nn.Module, test: AnnotatedSet, **kwargs) -> dict:
     return evaluate_model(net, list(test.images), list(test.masks), [float(d) for d in diameters], **kwargs).as_dict()
 
 
+def default_dsb_dir() -> Path:
+    """``$CELLFUSE_DSB2018_DIR``, else the development checkout's ``../shared/data/dsb2018_fluo``."""
+    configured = os.environ.get("CELLFUSE_DSB2018_DIR")
+    return Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "data" / "dsb2018_fluo"
+
+
 def pretrain_base(
     out_dir: str | Path,
     *,
-    data_dir: str | Path,
+    dsb_dir: str | Path | None = None,
     widths: tuple[int, ...] = HALF_WIDTHS,
     minutes: float = 28.0,
     name: str = "cellfuse-base-w16",
@@ -198,8 +205,10 @@ def pretrain_base(
 ):
     """Train, score on the held-out split and save ``<out_dir>/weights/<name>-<version>.safetensors``
     plus ``<out_dir>/cards/<name>-<version>.json``. Returns the ``weights.SavedModel``.
+
+    ``dsb_dir`` holds DSB2018's ``images/`` and ``labels/`` (default: ``default_dsb_dir()``).
     """
-    data = load_annotated_dir(data_dir)
+    data = load_annotated_dir(dsb_dir if dsb_dir is not None else default_dsb_dir())
     split = split_base_data(data, n_test=n_test, n_val=n_val, seed=seed)
     extra = synthetic_training_set(synthetic_fields, seed=seed + 1000) if synthetic_fields else None
     config = base_training_config(minutes, seed=seed, bsize=bsize)
@@ -280,6 +289,7 @@ def save_base(
         license="BSD-3-Clause (weights); training data CC0",
         attribution=DSB2018_ATTRIBUTION,
     )
-    saved = save_model(result.net, card, out_dir, f"{name}-{version}")
+    out_dir = Path(out_dir)
+    saved = save_model(result.net, card, out_dir / "weights", f"{name}-{version}", card_directory=out_dir / "cards")
     echo(f"wrote {saved.weights_path} (sha256 {saved.sha256}) and {saved.card_path}")
     return saved

@@ -74,6 +74,8 @@ class TrainingConfig:
     flow_cache_dir: str | None = None
     #: Wall-clock budget: no new epoch starts when it would likely end past this (best kept).
     time_limit_s: float | None = None
+    #: NHWC convolutions: a training step took ~20-25 % less CPU time here (half and full width).
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
@@ -280,11 +282,11 @@ def _prepare(
     )
 
 
-def _with_zero_channel(batch: np.ndarray) -> torch.Tensor:
+def _with_zero_channel(batch: np.ndarray, channels_last: bool = False) -> torch.Tensor:
     """(B, 1, Y, X) reporter crops -> (B, 2, Y, X) network input [reporter, zeros]."""
     zeros = np.zeros_like(batch)
-    stacked = np.concatenate([batch] + [zeros] * (INPUT_CHANNELS - 1), axis=1)
-    return torch.from_numpy(np.ascontiguousarray(stacked))
+    stacked = torch.from_numpy(np.ascontiguousarray(np.concatenate([batch] + [zeros] * (INPUT_CHANNELS - 1), axis=1)))
+    return stacked.contiguous(memory_format=torch.channels_last) if channels_last else stacked
 
 
 def _validation_crops(prepared: _PreparedSet, config: TrainingConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -299,7 +301,7 @@ def _validation_crops(prepared: _PreparedSet, config: TrainingConfig) -> list[tu
             targets.append(crop_targets)
     batches = []
     for start in range(0, len(inputs), config.batch_size):
-        x = _with_zero_channel(np.stack(inputs[start : start + config.batch_size]))
+        x = _with_zero_channel(np.stack(inputs[start : start + config.batch_size]), config.channels_last)
         y = torch.from_numpy(np.stack(targets[start : start + config.batch_size]))
         batches.append((x, y))
     return batches
@@ -342,6 +344,8 @@ def finetune(
     started = time.perf_counter()
 
     model = fresh_copy(net)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     diam_mean = float(model.diam_mean.item())
     counts = [len(np.unique(np.asarray(m))) - int((np.asarray(m) == 0).any()) for m in train_masks]
     keep = [i for i, c in enumerate(counts) if c >= config.min_train_masks]
@@ -388,7 +392,7 @@ def finetune(
                 )
                 crops.append(crop)
                 targets.append(crop_targets)
-            x = _with_zero_channel(np.stack(crops))
+            x = _with_zero_channel(np.stack(crops), config.channels_last)
             y = torch.from_numpy(np.stack(targets))
             loss = segmentation_loss(model(x)[0], y)
             optimizer.zero_grad(set_to_none=True)
@@ -490,3 +494,47 @@ def evaluate_model(
         )
     scores = score_set([np.asarray(m) for m in masks], predicted)
     return Evaluation(scores=scores, masks=predicted, diameters=tuple(float(d) for d in per_image))
+
+
+def run_cellpose_train_seg(
+    net: torch.nn.Module,
+    train_images: Sequence[np.ndarray],
+    train_masks: Sequence[np.ndarray],
+    val_images: Sequence[np.ndarray],
+    val_masks: Sequence[np.ndarray],
+    *,
+    save_dir: str | Path,
+    n_epochs: int,
+    batch_size: int = 8,
+    bsize: int = 224,
+    learning_rate: float = 0.005,
+    weight_decay: float = 1e-5,
+    min_train_masks: int = 1,
+) -> tuple[float, np.ndarray]:
+    """Cellpose's own ``train.train_seg`` on (Y, X) reporter images (as [reporter, zeros]), for
+    comparisons; trains a fresh copy of ``net``. Returns (wall seconds, per-epoch training losses).
+    """
+    from cellpose import train
+
+    _check_pairs(train_images, train_masks, "training")
+    _check_pairs(val_images, val_masks, "validation")
+    model = fresh_copy(net)
+
+    def two_channel(image: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(image, np.float32), np.zeros(np.shape(image), np.float32)])
+
+    # A complete normalisation dict: Cellpose mutates its module default when given a bool.
+    normalize = {"normalize": True, "norm3D": True, "invert": False, "lowhigh": None, "percentile": [1.0, 99.0],
+                 "sharpen_radius": 0, "smooth_radius": 0, "tile_norm_blocksize": 0, "tile_norm_smooth3D": 1}
+    started = time.perf_counter()
+    _, train_losses, _ = train.train_seg(
+        model,
+        train_data=[two_channel(i) for i in train_images],
+        train_labels=[np.asarray(m) for m in train_masks],
+        test_data=[two_channel(i) for i in val_images] or None,
+        test_labels=[np.asarray(m) for m in val_masks] or None,
+        batch_size=batch_size, bsize=bsize, learning_rate=learning_rate, weight_decay=weight_decay,
+        n_epochs=n_epochs, normalize=normalize, save_path=str(save_dir), model_name="cellpose_train_seg",
+        min_train_masks=min_train_masks,
+    )
+    return time.perf_counter() - started, np.asarray(train_losses)
