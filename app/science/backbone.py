@@ -59,7 +59,9 @@ class Normalization:
 
     By default each image is scaled between its own 1st and 99th percentiles (Cellpose's default).
     Give ``low`` and ``high`` (both) to use fixed values instead, e.g. the 1st/99th percentiles of
-    a whole dataset computed upstream, which keeps dim fields dim.
+    a whole dataset computed upstream, which keeps dim fields dim. Only the reporter is scaled:
+    the second network channel stays zero, as in training (Cellpose's own ``eval`` with
+    ``lowhigh`` would shift its zero channel to -low / (high - low)).
 
     >>> Normalization().cellpose_params()["percentile"]
     [1.0, 99.0]
