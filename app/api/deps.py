@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
+from app.api.schemas import MAX_ID
 from app.db import session_factory
 from app.security import Principal, authenticate
 from app.settings import Settings
@@ -68,3 +69,7 @@ def require_role(role: str):
 InstrumentDep = Annotated[Principal, Depends(require_role("instrument"))]
 ScientistDep = Annotated[Principal, Depends(require_role("scientist"))]
 AdminDep = Annotated[Principal, Depends(require_role("admin"))]
+
+
+#: A row id in a path: out-of-range numbers are a 422, never a driver overflow (500).
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]

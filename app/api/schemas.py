@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+#: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
+MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
 
 
@@ -157,7 +159,7 @@ class ModelVersionOut(BaseModel):
 
 
 class AliasIn(StrictModel):
-    version_id: int = Field(ge=1)
+    version_id: int = Field(ge=1, le=MAX_ID)
     force: bool = False
     reason: str | None = Field(default=None, max_length=2000)
 
@@ -248,7 +250,7 @@ class FinetuneParams(StrictModel):
 
 
 class FinetuneIn(StrictModel):
-    dataset_id: int = Field(ge=1)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
     object: ObjectLiteral
     base: str = Field(default="", max_length=200,
@@ -266,6 +268,11 @@ class SegmentParams(StrictModel):
     preview_channel: int = Field(default=0, ge=0, le=15)
 
 
+class FieldMeta(StrictModel):
+    well: str | None = Field(default=None, max_length=60)
+    field: int | None = Field(default=None, ge=0, le=100_000)
+
+
 class SegmentRequest(StrictModel):
     cell_line: str = Field(min_length=1, max_length=120)
     channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
@@ -275,13 +282,13 @@ class SegmentRequest(StrictModel):
                                            description="channels to fuse; default: the zoo's chosen set")
     alias: str = Field(default="production", max_length=60)
     plate: str | None = Field(default=None, max_length=120)
-    fields: list[dict[str, Any]] = Field(default_factory=list, max_length=1536,
+    fields: list[FieldMeta] = Field(default_factory=list, max_length=1536,
                                          description="per uploaded file: {well, field}")
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
 class SegmentDatasetIn(StrictModel):
-    dataset_id: int = Field(ge=1)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     split: SplitLiteral | None = None
     objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
@@ -291,9 +298,9 @@ class SegmentDatasetIn(StrictModel):
 
 
 class EvaluateIn(StrictModel):
-    dataset_id: int = Field(ge=1)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     split: SplitLiteral = "test"
-    model_version_id: int | None = Field(default=None, ge=1)
+    model_version_id: int | None = Field(default=None, ge=1, le=MAX_ID)
     object: ObjectLiteral | None = None
     use_channels: list[str] | None = Field(default=None, max_length=8)
     method: MethodLiteral = "flow_fusion"
@@ -301,7 +308,7 @@ class EvaluateIn(StrictModel):
 
 
 class SelectChannelsIn(StrictModel):
-    dataset_id: int = Field(ge=1)
+    dataset_id: int = Field(ge=1, le=MAX_ID)
     object: ObjectLiteral
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from sqlalchemy import select
 
 from app import zoo
-from app.api.deps import BlobsDep, ScientistDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, IdPath, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
 from app.api.uploads import display_name, read_upload
@@ -55,7 +55,7 @@ def list_datasets(session: SessionDep, _: ScientistDep) -> list[DatasetOut]:
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset with its images and splits")
-def get_dataset(dataset_id: int, session: SessionDep, _: ScientistDep) -> DatasetOut:
+def get_dataset(dataset_id: IdPath, session: SessionDep, _: ScientistDep) -> DatasetOut:
     return dataset_out(zoo.dataset_by_id(session, dataset_id))
 
 
@@ -104,7 +104,7 @@ def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max
 
 @router.post("/{dataset_id}/images", response_model=DatasetImageOut, status_code=201,
              summary="Add an image (one multi-channel file, or one file per channel) with its masks")
-def add_image(dataset_id: int, session: SessionDep, settings: SettingsDep, blobs: BlobsDep, _: ScientistDep,
+def add_image(dataset_id: IdPath, session: SessionDep, settings: SettingsDep, blobs: BlobsDep, _: ScientistDep,
               image: Annotated[list[UploadFile], File(description="TIFF/OME-TIFF; several = one per channel")],
               nuclei: Annotated[UploadFile | None, File(description="nuclei instance mask")] = None,
               cells: Annotated[UploadFile | None, File(description="cell instance mask")] = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import func, select
 
-from app.api.deps import AdminDep, SessionDep
+from app.api.deps import AdminDep, IdPath, SessionDep
 from app.api.errors import Problem
 from app.api.schemas import ApiKeyCreatedOut, ApiKeyIn, ApiKeyOut
 from app.models import ApiKey, utcnow
@@ -28,7 +28,7 @@ def create_api_key(body: ApiKeyIn, session: SessionDep, _: AdminDep) -> ApiKeyCr
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyOut,
              summary="Revoke a key; it stops working with the next request")
-def revoke_api_key(key_id: int, session: SessionDep, _: AdminDep) -> ApiKey:
+def revoke_api_key(key_id: IdPath, session: SessionDep, _: AdminDep) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
         raise Problem(404, f"no API key with id {key_id}", slug="key-not-found")

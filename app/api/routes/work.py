@@ -18,6 +18,7 @@ from app.api.errors import Problem
 from app.api.jobs_service import job_out, submit_job
 from app.api.routes.datasets import load_channels
 from app.api.schemas import (
+    MAX_ID,
     EvaluateIn,
     FinetuneIn,
     JobOut,
@@ -93,12 +94,10 @@ def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep
                       "needs at least 3 (training, validation, test)", slug="too-few-labelled-images")
     base = body.base
     if base.startswith("version:"):
-        try:
-            zoo.model_version_by_id(session, int(base.split(":", 1)[1]))
-        except ValueError as exc:
-            if isinstance(exc, zoo.ZooError):
-                raise
-            raise Problem(422, "base 'version:<id>' needs a number", slug="bad-base")
+        number = base.split(":", 1)[1].strip()
+        if not number.isdigit() or not 1 <= int(number) <= MAX_ID:
+            raise Problem(422, "base 'version:<id>' needs a model version number", slug="bad-base")
+        zoo.model_version_by_id(session, int(number))
     elif base:
         zoo.base_model_by_name(session, base)
     else:
@@ -143,7 +142,7 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
         if data.shape[0] != len(req.channels):
             raise Problem(422, f"{filename} has {data.shape[0]} channel(s) but the request maps "
                           f"{len(req.channels)} ({', '.join(req.channels)})", slug="channel-count-mismatch")
-        meta = req.fields[index] if req.fields else {}
+        meta = req.fields[index].model_dump() if req.fields else {}
         well, field = str(meta.get("well") or f"F{index + 1:03d}")[:8], int(meta.get("field") or 1)
         loaded.append((raw, {"name": _field_name(well, field, index), "well": well, "field": field,
                              "filename": filename}))

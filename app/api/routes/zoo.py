@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import zoo
-from app.api.deps import AdminDep, BlobsDep, InstrumentDep, ScientistDep, SessionDep, SettingsDep
+from app.api.deps import AdminDep, BlobsDep, IdPath, InstrumentDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.schemas import (
     NAME_PATTERN,
@@ -141,12 +141,12 @@ def list_model_versions(session: SessionDep, _: InstrumentDep,
 
 
 @router.get("/models/{version_id}", response_model=ModelVersionOut, summary="One model version")
-def get_model_version(version_id: int, session: SessionDep, _: InstrumentDep) -> ModelVersionOut:
+def get_model_version(version_id: IdPath, session: SessionDep, _: InstrumentDep) -> ModelVersionOut:
     return version_out(session, zoo.model_version_by_id(session, version_id))
 
 
 @router.post("/models/{version_id}/archive", response_model=ModelVersionOut, summary="Archive a version")
-def archive_model_version(version_id: int, session: SessionDep, _: AdminDep) -> ModelVersionOut:
+def archive_model_version(version_id: IdPath, session: SessionDep, _: AdminDep) -> ModelVersionOut:
     version = zoo.model_version_by_id(session, version_id)
     if session.scalar(select(ModelAlias).where(ModelAlias.model_version_id == version.id)) is not None:
         raise Problem(409, f"version {version_id} holds an alias; move the alias first", slug="version-holds-alias")
