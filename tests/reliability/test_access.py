@@ -5,6 +5,7 @@ manage keys over the API and the CLI."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -58,6 +59,17 @@ def test_every_operation_needs_a_key_except_health_ready_docs_and_pages(embedded
         assert client.get(path).status_code in (200, 503)
     for path in DOCS:
         assert client.get(path).status_code == 200
+    # The web page (hidden from the schema) is public but serves only its static files.
+    web_dir = Path(__file__).resolve().parents[2] / "app" / "api" / "web"
+    pages = ["/"] + [f"/static/{p.name}" for p in web_dir.glob("*") if p.suffix != ".html"] if web_dir.is_dir() else []
+    for page in pages:
+        response = client.get(page)
+        assert response.status_code == 200, page
+        assert response.headers["content-type"].startswith(STATIC_CONTENT), (page, response.headers)
+        assert admin_key not in response.text
+    for trick in ("/static/..%2Fmain.py", "/static/%2E%2E%2F%2E%2E%2Fsettings.py", "/static/.hidden.js",
+                  "/static/..%5Cmain.py", "/static/app.js%00.py"):
+        assert client.get(trick).status_code in (404, 422), trick
     # Nothing outside the schema answers with data either (a hidden route would show up here).
     for probe in ("/api", "/api/v1", "/api/v1/", "/api/v1/admin", "/api/v1/keys/1", "/admin"):
         assert client.get(probe).status_code in (401, 404, 405), probe

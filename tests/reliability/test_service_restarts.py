@@ -86,7 +86,6 @@ def test_redis_killed_with_jobs_queued_and_running_loses_no_job(tmp_path, pg_url
         # The worker reconnected by itself (same process) and takes new work straight away.
         assert worker.proc.poll() is None
         fresh = client.post("/api/v1/jobs/noop", json={"steps": 1, "step_seconds": 0}).json()
-        assert fresh["status"] == "queued"
         assert wait_for_job(client, fresh["id"], timeout=30)["status"] == "succeeded"
 
 
