@@ -538,3 +538,45 @@ def run_cellpose_train_seg(
         min_train_masks=min_train_masks,
     )
     return time.perf_counter() - started, np.asarray(train_losses)
+
+
+def train_size_model(
+    net: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5),
+    ridge: float = 1.0,
+):
+    """Cellpose 3's ``train_size`` for a trained net: style vectors of each image resized by a few
+    factors (net run at its own scale, i.e. no diameter rescale) regressed on log(diameter x factor).
+
+    Returns a ``size_model.SizeModel``; ``predict_diameter`` applies it to a new image.
+    """
+    import cv2
+
+    from app.science.backbone import predict_maps
+    from app.science.size_model import fit_size_model
+
+    _check_pairs(images, masks, "size-model")
+    if len(images) == 0:
+        raise TrainingDataError("need at least one annotated image to fit a size model")
+    diam_mean = float(net.diam_mean.item())
+    net.eval()
+    styles, diameters = [], []
+    for image, diameter in zip(images, image_diameters(masks)):
+        image = np.asarray(image, np.float32)
+        for scale in scales:
+            size = (max(16, round(image.shape[1] * scale)), max(16, round(image.shape[0] * scale)))
+            resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            styles.append(predict_maps(net, resized, diameter=diam_mean).style)
+            diameters.append(diameter * size[1] / image.shape[0])
+    return fit_size_model(np.stack(styles), np.asarray(diameters), ridge=ridge, diam_mean=diam_mean)
+
+
+def predict_diameter(net: torch.nn.Module, size_model, image: np.ndarray) -> float:
+    """Object diameter (pixels) of one (Y, X) image from the net's style vector and a size model."""
+    from app.science.backbone import predict_maps
+
+    style = predict_maps(net, np.asarray(image, np.float32), diameter=float(net.diam_mean.item())).style
+    return float(size_model.predict(style))

@@ -203,6 +203,7 @@ def save_model(
     weights_path = directory / f"{stem}.safetensors"
     temporary = weights_path.with_name(f".{stem}.safetensors.tmp")
     save_file(state, str(temporary), metadata={"format": "pt", "architecture": json.dumps(architecture)})
+    _readable_by_all(temporary)
     os.replace(temporary, weights_path)
     sha256 = file_sha256(weights_path)
 
@@ -217,6 +218,13 @@ def save_model(
     temporary_card.write_text(saved_card.to_json() + "\n")
     os.replace(temporary_card, card_path)
     return SavedModel(weights_path, card_path, sha256, saved_card)
+
+
+def _readable_by_all(path: Path) -> None:
+    """safetensors writes 0600 files; model files are shared artefacts (umask still applies)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def find_card(weights_path: str | Path) -> Path | None:
@@ -338,6 +346,7 @@ def export_cellpose(net: torch.nn.Module, path: str | Path) -> Path:
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in net.state_dict().items()}
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save(state, temporary)
+    _readable_by_all(temporary)
     os.replace(temporary, path)
     return path
 

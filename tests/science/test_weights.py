@@ -205,3 +205,16 @@ def test_exported_file_loads_in_cellpose_with_identical_outputs(tmp_path):
     # And back: a Cellpose file imports into CellFuse unchanged.
     back = import_cellpose_file(path)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), back.state_dict().values()))
+
+
+def test_shipped_base_loads_verified_and_is_documented():
+    weights = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v1.safetensors"
+    net, card = load_model(weights)  # sha256 checked against models_zoo/cards/cellfuse-base-w16-v1.json
+    assert network_widths(net) == HALF_WIDTHS and card.architecture["widths"] == list(HALF_WIDTHS)
+    assert card.weights_sha256 and card.object == "nuclei" and card.parent is None
+    assert card.metrics["heldout_dsb2018"]["f1"] > 0.8
+    assert "BBBC038" in card.attribution and len(card.training["test_images"]) == 12
+    assert not set(card.training["test_images"]) & set(card.training["val_images"])
+    assert weights.stat().st_size < 8 * 2**20
+    assert all(t.dtype in (torch.float32, torch.int64) for t in net.state_dict().values())
+    assert (REPO_ROOT / "models_zoo" / "BASE_MODEL.md").is_file()
