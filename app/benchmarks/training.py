@@ -8,8 +8,8 @@ validation loss every epoch and applies the photometric augmentations; Cellpose'
 geometry and validates every 10 epochs.
 
 Peak memory of a fine-tune (batch 8, 224 x 224, CPU) is measured in a child process so that the
-benchmark's own allocations do not count: ``ru_maxrss`` before training (imports + data) and at
-the end, and tracemalloc's peak of Python/numpy allocations during training.
+benchmark's own allocations do not count: the child's peak RSS (``VmHWM``; ``ru_maxrss`` where
+/proc is missing) before training (imports + data) and at the end, and tracemalloc's peak of Python/numpy allocations during training.
 
 ``cellfuse bench training`` prints the numbers; ``run_training_benchmark`` returns them.
 """
@@ -46,6 +46,21 @@ def benchmark_data(n_images: int, *, size: int = 256, seed: int = 7) -> tuple[li
 _PEAK_MEMORY_CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import torch
+
+
+def peak_kib():
+    # VmHWM is this process's own high-water mark; ru_maxrss survives exec and can report the
+    # parent's peak (Linux keeps it in the signal struct across fork + exec).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 torch.set_num_threads(int(sys.argv[1]))
 from app.benchmarks.training import benchmark_data
 from app.science.backbone import build_network, FULL_WIDTHS, HALF_WIDTHS
@@ -53,14 +68,14 @@ from app.science.training import TrainingConfig, finetune
 widths = tuple(json.loads(sys.argv[2]))
 images, masks = benchmark_data(int(sys.argv[3]) + 2)
 net = build_network(widths)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 tracemalloc.start()
 started = time.perf_counter()
 config = TrainingConfig(max_epochs=int(sys.argv[4]), batch_size=8, bsize=224, min_train_masks=1)
 finetune(net, images[2:], masks[2:], images[:2], masks[:2], config)
 wall = time.perf_counter() - started
 _, traced_peak = tracemalloc.get_traced_memory()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 print(json.dumps({"rss_before_kib": before, "rss_peak_kib": after, "tracemalloc_peak_bytes": traced_peak,
                   "wall_s": wall}))
 """

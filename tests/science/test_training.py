@@ -309,3 +309,16 @@ def test_size_model_from_a_network_fits_its_styles():
     assert model.style_dim == TINY[-1] and model.n_train == 9 and model.diam_mean == 30.0
     diameter = predict_diameter(net, model, images[0])
     assert np.isfinite(diameter) and diameter >= 5.0
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_both_loops_on_tiny_settings():
+    from app.benchmarks.training import run_training_benchmark
+
+    lines = []
+    result = run_training_benchmark(echo=lines.append, widths=TINY, n_train=4, n_val=1, epochs=1, batch_size=4,
+                                    bsize=64, memory=False)
+    assert result["ours_samples_per_s"] > 0 and result["cellpose_samples_per_s"] > 0
+    # Wall times are rounded to 10 ms in the record, so the ratio agrees only roughly.
+    assert result["speedup"] == pytest.approx(result["cellpose_wall_s"] / result["ours_wall_s"], rel=0.1)
+    assert lines[-1].startswith("speed-up ratio: ")
