@@ -17,7 +17,8 @@ def test_small_demo_prints_the_results_table(tmp_path):
     assert code == 0, text
     for method in METHODS:
         assert re.search(rf"^\W*{method}\W", text, flags=re.M), (method, text)
-    assert "nuclei F1" in text and "cells Jaccard" in text
+    assert "Nuclei: held-out test fields by method" in text and "Cells: held-out test fields" in text
+    assert "flow_fusion, chosen set" in text
     assert "chosen channel set for nuclei:" in text and "chosen channel set for cells:" in text
     assert "Flow Fusion by channel subset, nuclei" in text
     # Every F1 printed is a number in [0, 1].
