@@ -129,6 +129,9 @@ def _plan_axes(axes: str, shape: tuple[int, ...], max_channels: int) -> tuple[st
     """
     if any(size == 0 for size in shape):
         raise ImageReadError(f"the image is empty (shape {shape})")
+    if len(set(axes)) != len(axes):
+        # tifffile names a degenerate series (e.g. 1x1x1) with a repeated letter such as 'XYX'.
+        raise ImageReadError(f"the image's axes are ambiguous ('{axes}', shape {shape}); send a 2-D field")
     if "Y" not in axes or "X" not in axes:
         raise ImageReadError(f"the image has no Y and X axes (axes '{axes}', shape {shape})")
     extra = [(a, s) for a, s in zip(axes, shape, strict=True) if a not in "YX" and s > 1]
