@@ -215,7 +215,7 @@ def pretrain_base(
     echo(
         f"pretraining {name}-{version}: widths {widths}, {len(split.train)} DSB2018 training images"
         f" (+{len(extra) if extra else 0} synthetic), {len(split.val)} val, {len(split.test)} held out,"
-        f" budget {minutes:.0f} min"
+        f" budget {minutes:g} min"
     )
     started = time.perf_counter()
     result = train_base(
