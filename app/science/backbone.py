@@ -195,7 +195,13 @@ def _forward(net: torch.nn.Module, batch: np.ndarray, channels_last: bool = Fals
 
 
 def _run_tiled(
-    net: torch.nn.Module, padded: np.ndarray, *, bsize: int, tile_overlap: float, batch_size: int
+    net: torch.nn.Module,
+    padded: np.ndarray,
+    *,
+    bsize: int,
+    tile_overlap: float,
+    batch_size: int,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cellpose's tiled pass (as ``core.run_net``) on one padded (2, Y, X) image, any CPnet width."""
     tiles, ysub, xsub, ly, lx = transforms.make_tiles(padded, bsize=bsize, augment=False, tile_overlap=tile_overlap)
@@ -203,7 +209,7 @@ def _run_tiled(
     tiles = tiles.reshape(ny * nx, nchan, tly, tlx)
     outputs, styles = [], []
     for start in range(0, tiles.shape[0], batch_size):
-        y, style = _forward(net, tiles[start : start + batch_size])
+        y, style = _forward(net, tiles[start : start + batch_size], channels_last=channels_last)
         outputs.append(y)
         styles.append(style)
     y_all = np.concatenate(outputs)
@@ -349,7 +355,12 @@ def predict_maps_multi(
             if tile:
                 for j in members:
                     maps, style = _run_tiled(
-                        net, padded_list[j], bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size
+                        net,
+                        padded_list[j],
+                        bsize=bsize,
+                        tile_overlap=tile_overlap,
+                        batch_size=batch_size,
+                        channels_last=channels_last,
                     )
                     group_maps[j], styles_out[idx[j]] = maps, style
             else:
