@@ -208,11 +208,16 @@ def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")]
 @cli.command()
 def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights and card")] = Path("models_zoo"),
              minutes: Annotated[float, typer.Option(help="training time budget")] = 30.0,
-             data_dir: Annotated[Path | None, typer.Option(help="DSB2018 folder (images/, labels/)")] = None) -> None:
+             data_dir: Annotated[Path | None, typer.Option(help="DSB2018 folder (images/, labels/)")] = None,
+             synthetic_fields: Annotated[int, typer.Option(help="synthetic multi-reporter fields to add")] = 48,
+             init_weights: Annotated[Path | None, typer.Option(help="continue from these weights")] = None,
+             version: Annotated[str, typer.Option(help="version label of the new base")] = "v1",
+             bsize: Annotated[int, typer.Option(help="training crop size")] = 224) -> None:
     """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
     from app.science.pretrain import pretrain_base
 
-    kwargs = {"minutes": minutes}
+    kwargs = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
+              "version": version, "bsize": bsize, "synthetic_size": 192}
     if data_dir is not None:
         kwargs["dsb_dir"] = data_dir
     pretrain_base(out_dir, **kwargs)

@@ -10,6 +10,7 @@ scored on the held-out split and written as safetensors + a JSON model card.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,16 +101,19 @@ def split_base_data(data: AnnotatedSet, *, n_test: int = 12, n_val: int = 6, see
     return BaseSplit(data.subset(train), data.subset(val), data.subset(test))
 
 
-def synthetic_training_set(n_fields: int, *, size: int = 256, seed: int = 1000) -> AnnotatedSet:
+def synthetic_training_set(n_fields: int, *, size: int = 256, seed: int = 1000,
+                           exclude: frozenset[str] = frozenset()) -> AnnotatedSet:
     """Synthetic multi-reporter fields as single-channel training pairs.
 
     The channel whose signal best covers the cells is paired with the cell masks (a cytoplasmic-like
-    channel); every other channel is paired with the nuclei.
+    channel); every other channel is paired with the nuclei. Seed masks named in ``exclude`` (the
+    held-out and validation DSB2018 images) are not used, so no held-out nucleus is seen in training.
     """
-    from app.science.synthetic import make_plate  # optional: only when asked for
+    from app.science.synthetic import load_seed_masks, make_plate, seed_mask_names  # only when asked for
 
+    kept = [name for name in seed_mask_names() if name not in exclude]
     names, images, masks = [], [], []
-    for index, synthetic in enumerate(make_plate(n_fields, size=size, seed=seed)):
+    for index, synthetic in enumerate(make_plate(n_fields, size=size, seed=seed, seed_masks=load_seed_masks(kept))):
         cyto = _most_cytoplasmic_channel(synthetic.image, synthetic.nuclei, synthetic.cells)
         for channel, name in enumerate(synthetic.channel_names):
             target = synthetic.cells if channel == cyto else synthetic.nuclei
@@ -159,10 +163,12 @@ def train_base(
     config: TrainingConfig,
     extra_train: AnnotatedSet | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    init_net: torch.nn.Module | None = None,
 ) -> TrainingResult:
-    """Train a randomly initialised CPnet (seeded) on the split's training (+ extra) images."""
+    """Train a CPnet on the split's training (+ extra) images: randomly initialised (seeded), or
+    continued from ``init_net`` (a second stage on more data)."""
     torch.manual_seed(config.seed)
-    net = build_network(widths)
+    net = init_net if init_net is not None else build_network(widths)
     train = split.train
     if extra_train is not None and len(extra_train):
         train = AnnotatedSet(
@@ -201,6 +207,8 @@ def pretrain_base(
     synthetic_fields: int = 0,
     seed: int = 0,
     bsize: int = 224,
+    init_weights: str | Path | None = None,
+    synthetic_size: int = 256,
     echo: Callable[[str], None] = print,
 ):
     """Train, score on the held-out split and save ``<out_dir>/weights/<name>-<version>.safetensors``
@@ -210,8 +218,19 @@ def pretrain_base(
     """
     data = load_annotated_dir(dsb_dir if dsb_dir is not None else default_dsb_dir())
     split = split_base_data(data, n_test=n_test, n_val=n_val, seed=seed)
-    extra = synthetic_training_set(synthetic_fields, seed=seed + 1000) if synthetic_fields else None
+    held = frozenset(split.test.names) | frozenset(split.val.names)
+    extra = (synthetic_training_set(synthetic_fields, size=synthetic_size, seed=seed + 1000, exclude=held)
+             if synthetic_fields else None)
     config = base_training_config(minutes, seed=seed, bsize=bsize)
+    init_net, parent = None, None
+    if init_weights is not None:
+        from app.science.weights import load_model
+
+        init_net, init_card = load_model(init_weights)
+        widths = tuple(init_card.widths)
+        config = dataclasses.replace(config, warmup_epochs=0, min_epochs=5)
+        parent = f"{init_card.name}:{init_card.version}"
+        echo(f"continuing from {parent} (sha256 {init_card.weights_sha256})")
     echo(
         f"pretraining {name}-{version}: widths {widths}, {len(split.train)} DSB2018 training images"
         f" (+{len(extra) if extra else 0} synthetic), {len(split.val)} val, {len(split.test)} held out,"
@@ -219,7 +238,7 @@ def pretrain_base(
     )
     started = time.perf_counter()
     result = train_base(
-        split, widths=widths, config=config, extra_train=extra,
+        split, widths=widths, config=config, extra_train=extra, init_net=init_net,
         on_epoch=lambda r: echo(
             f"epoch {r.epoch:3d}  train {r.train_loss:.4f}  val {r.val_loss:.4f}  {r.elapsed_s:7.1f}s"
             + ("  *best" if r.is_best else "")
@@ -228,7 +247,7 @@ def pretrain_base(
     training_s = time.perf_counter() - started
     return save_base(
         result, split, config, out_dir, name=name, version=version, widths=widths, extra_train=extra,
-        training_s=training_s, echo=echo,
+        training_s=training_s, parent=parent, echo=echo,
     )
 
 
@@ -243,13 +262,20 @@ def save_base(
     widths: tuple[int, ...],
     extra_train: AnnotatedSet | None = None,
     training_s: float = 0.0,
+    parent: str | None = None,
     echo: Callable[[str], None] = print,
 ):
     """Score the trained base on the held-out split and write weights + card."""
     from app.science.weights import ModelCard, library_versions, save_model
 
-    metrics = heldout_metrics(result.net, split.test)
-    echo(f"held-out ({len(split.test)} DSB2018 images, true diameters): {json.dumps(metrics)}")
+    metrics = {"heldout_dsb2018": heldout_metrics(result.net, split.test)}
+    echo(f"held-out ({len(split.test)} DSB2018 images, true diameters): {json.dumps(metrics['heldout_dsb2018'])}")
+    if extra_train is not None and len(extra_train):
+        # Fields of another synthetic plate (its own seed): how well the base finds cells and nuclei
+        # in reporter channels before any fine-tuning.
+        heldout = synthetic_training_set(6, size=192, seed=987_654)
+        metrics["heldout_synthetic_plate"] = heldout_metrics(result.net, heldout)
+        echo(f"held-out synthetic plate ({len(heldout)} channel images): {json.dumps(metrics['heldout_synthetic_plate'])}")
     data_hashes = {
         "train_dsb2018": data_hash(split.train),
         "val_dsb2018": data_hash(split.val),
@@ -268,7 +294,7 @@ def save_base(
         object="nuclei",
         training={
             **config.to_dict(),
-            "from": "random initialisation",
+            "from": parent or "random initialisation",
             "epochs_run": len(result.history),
             "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss,
@@ -283,9 +309,9 @@ def save_base(
         },
         data={"sources": [DSB2018_ATTRIBUTION] + (["CellFuse synthetic multi-reporter fields"] if extra_train else [])},
         data_hashes=data_hashes,
-        metrics={"heldout_dsb2018": metrics},
+        metrics=metrics,
         library_versions=library_versions(),
-        parent=None,
+        parent=parent,
         license="BSD-3-Clause (weights); training data CC0",
         attribution=DSB2018_ATTRIBUTION,
     )
