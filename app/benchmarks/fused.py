@@ -106,10 +106,16 @@ def run_fused_benchmark(
     """
     if size < 32 or n_channels < 1 or repeats < 1:
         raise ValueError(f"size must be >= 32, n_channels >= 1 and repeats >= 1; got {size}, {n_channels}, {repeats}")
+    from app.science import backbone
+
+    layout = backbone.FAST_PATH_CHANNELS_LAST
     with tempfile.TemporaryDirectory(prefix="cellfuse-bench-") as tmp:
         # Read by Cellpose when cellpose.models is first imported: never its download cache here.
         os.environ.setdefault("CELLPOSE_LOCAL_MODELS_PATH", str(Path(tmp) / "cellpose-models"))
-        return _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, train_steps, Path(tmp))
+        try:
+            return _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, train_steps, Path(tmp))
+        finally:
+            backbone.FAST_PATH_CHANNELS_LAST = layout  # the layout switch is for this run only
 
 
 def _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, train_steps, tmp: Path) -> dict:
