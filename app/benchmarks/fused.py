@@ -54,6 +54,7 @@ def quick_trained_state(
     from cellpose import dynamics, transforms
 
     from app.science import backbone
+    from app.science.training import segmentation_loss
 
     scale = backbone.DEFAULT_DIAM_MEAN / diameter  # train at the size the net sees objects
     ly, lx = int(image.shape[0] * scale), int(image.shape[1] * scale)
@@ -76,9 +77,7 @@ def quick_trained_state(
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=1e-5)
     net.train()
     for _ in range(steps):
-        out = net(x_t)[0]
-        loss = torch.nn.functional.mse_loss(out[:, :2], 5.0 * y_t[:, 1:]) / 2.0
-        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out[:, 2], y_t[:, 0])
+        loss = segmentation_loss(net(x_t)[0], y_t)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -20,6 +20,7 @@ import torch
 from skimage.draw import disk
 
 from app.science import backbone as bb
+from app.science.training import segmentation_loss
 
 
 def disc_field(shape: tuple[int, int], n: int, seed: int, radius: tuple[float, float] = (9.0, 13.0)):
@@ -64,9 +65,7 @@ def disc_trained_net(widths: tuple[int, ...] = bb.FULL_WIDTHS) -> torch.nn.Modul
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=1e-5)
         net.train()
         for _ in range(30):
-            y = net(x)[0]
-            loss = torch.nn.functional.mse_loss(y[:, :2], 5 * targets[:, 1:]) / 2
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(y[:, 2], targets[:, 0])
+            loss = segmentation_loss(net(x)[0], targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
