@@ -21,9 +21,12 @@ def test_small_demo_prints_the_results_table(tmp_path):
     assert "flow_fusion, chosen set" in text
     assert "chosen channel set for nuclei:" in text and "chosen channel set for cells:" in text
     assert "Flow Fusion by channel subset, nuclei" in text
-    # Every F1 printed is a number in [0, 1].
-    f1_rows = re.findall(r"^\W*flow_fusion\W+([0-9.]+)", text, flags=re.M)
-    assert f1_rows and 0.0 <= float(f1_rows[0]) <= 1.0
+    # The Flow Fusion rows carry five scores in [0, 1] (F1, precision, recall, Jaccard, mAP).
+    ff_rows = [line for line in text.splitlines() if re.match(r"^\W*flow_fusion\W", line)]
+    assert len(ff_rows) >= 4, text  # two objects x (all channels, chosen set)
+    for line in ff_rows:
+        scores = [float(x) for x in re.findall(r"\b[01]\.\d{3}\b", line)]
+        assert len(scores) == 5 and all(0.0 <= x <= 1.0 for x in scores), line
     assert "web page: http://127.0.0.1:" in text
     assert re.search(r"demo finished in \d+ s", text)
     jobs_dir = tmp_path / "demo" / "jobs"
