@@ -405,7 +405,8 @@ def segment_pipeline(ctx: JobContext) -> dict[str, Any]:
                                kind=f"{obj}_rois", media_type="application/zip", meta={"field": name})
             base = nuclei if nuclei is not None else cells
             rows = exports.measure_cells(base, cells if nuclei is not None else None, image, p["channels"])
-            ctx.add_result(f"{name}/measurements.csv", exports.measurements_csv(rows), kind="measurements",
+            table = exports.measurements_csv(rows, columns=exports.measurement_columns(p["channels"]))
+            ctx.add_result(f"{name}/measurements.csv", table, kind="measurements",
                            media_type="text/csv", meta={"field": name, "rows": len(rows)})
             preview_channel = min(int(seg_params.get("preview_channel", 0)), image.shape[0] - 1)
             ctx.add_result(f"{name}/overlay.png",
