@@ -208,11 +208,13 @@ def test_exported_file_loads_in_cellpose_with_identical_outputs(tmp_path):
 
 
 def test_shipped_base_loads_verified_and_is_documented():
-    weights = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v1.safetensors"
-    net, card = load_model(weights)  # sha256 checked against models_zoo/cards/cellfuse-base-w16-v1.json
+    weights = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+    net, card = load_model(weights)  # sha256 checked against models_zoo/cards/cellfuse-base-w16-v2.json
     assert network_widths(net) == HALF_WIDTHS and card.architecture["widths"] == list(HALF_WIDTHS)
-    assert card.weights_sha256 and card.object == "nuclei" and card.parent is None
+    # v2 continued v1 (random init, DSB2018) on DSB2018 + synthetic reporter fields.
+    assert card.weights_sha256 and card.object == "nuclei" and card.parent == "cellfuse-base-w16:v1"
     assert card.metrics["heldout_dsb2018"]["f1"] > 0.8
+    assert card.metrics["heldout_synthetic_plate"]["f1"] > 0.5
     assert "BBBC038" in card.attribution and len(card.training["test_images"]) == 12
     assert not set(card.training["test_images"]) & set(card.training["val_images"])
     assert weights.stat().st_size < 8 * 2**20
