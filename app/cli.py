@@ -181,11 +181,12 @@ def keys_generate() -> None:
 
 
 @bench_cli.command("fused")
-def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1) -> None:
+def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1,
+                tile: Annotated[bool, typer.Option(help="fused route tiled like Cellpose (else one pass)")] = False) -> None:
     """Fused segmentation of a multi-channel field against Cellpose's eval per channel."""
     from app.benchmarks.fused import run_fused_benchmark
 
-    run_fused_benchmark(size=size, n_channels=channels, repeats=repeats, echo=typer.echo)
+    run_fused_benchmark(size=size, n_channels=channels, repeats=repeats, tile=tile, echo=typer.echo)
 
 
 @bench_cli.command("training")
