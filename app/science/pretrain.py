@@ -111,7 +111,8 @@ def synthetic_training_set(n_fields: int, *, size: int = 256, seed: int = 1000,
     """
     from app.science.synthetic import load_seed_masks, make_plate, seed_mask_names  # only when asked for
 
-    kept = [name for name in seed_mask_names() if name not in exclude]
+    # Crops are named "<image id>_y<row>_x<col>": a crop of an excluded image is excluded too.
+    kept = [name for name in seed_mask_names() if name.split("_y")[0] not in exclude]
     names, images, masks = [], [], []
     for index, synthetic in enumerate(make_plate(n_fields, size=size, seed=seed, seed_masks=load_seed_masks(kept))):
         cyto = _most_cytoplasmic_channel(synthetic.image, synthetic.nuclei, synthetic.cells)
