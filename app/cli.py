@@ -197,6 +197,14 @@ def bench_training() -> None:
     run_training_benchmark(echo=typer.echo)
 
 
+@bench_cli.command("ablation")
+def bench_ablation(max_epochs: int = 30) -> None:
+    """Fine-tune with and without microscopy augmentations; score on a differently acquired plate."""
+    from app.benchmarks.ablation import run_ablation_benchmark
+
+    run_ablation_benchmark(max_epochs=max_epochs, echo=typer.echo)
+
+
 @bench_cli.command("load")
 def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
                seconds: float = 20.0, rate: float = 20.0) -> None:

@@ -1,0 +1,16 @@
+"""Benchmarks run end to end on tiny settings and report what they promise (numbers, not timings)."""
+
+import pytest
+
+from app.benchmarks.ablation import run_ablation_benchmark
+
+
+@pytest.mark.slow
+def test_ablation_benchmark_trains_both_arms_and_scores_both_acquisitions():
+    lines: list[str] = []
+    result = run_ablation_benchmark(n_train=3, n_val=1, n_test=2, size=96, max_epochs=2, seeds=(0,),
+                                    echo=lines.append)
+    assert set(result["summary"]) == {"with microscopy augmentations", "geometry only"}
+    for arm in result["summary"].values():
+        assert 0.0 <= arm["same"] <= 1.0 and 0.0 <= arm["shifted"] <= 1.0
+    assert lines[-1].startswith("F1 gain on the shifted acquisition")
