@@ -8,7 +8,6 @@ from a clean folder and updates the rows it created the first time instead of ad
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -20,7 +19,6 @@ from sqlalchemy import select
 
 from app.models import (
     BaseModel,
-    CellLine,
     ChannelSet,
     Dataset,
     DatasetImage,
@@ -544,5 +542,4 @@ def _subset_row(score) -> dict[str, Any]:
     return out
 
 
-__all__ = ["finetune_pipeline", "segment_pipeline", "evaluate_pipeline", "select_channels_pipeline",
-           "CellLine", "io"]
+__all__ = ["finetune_pipeline", "segment_pipeline", "evaluate_pipeline", "select_channels_pipeline"]

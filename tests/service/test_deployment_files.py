@@ -6,7 +6,6 @@ sets is a real setting.
 """
 
 import re
-import shlex
 
 import yaml
 from typer.testing import CliRunner
