@@ -20,12 +20,22 @@ def test_api_does_not_import_torch_or_cellpose():
     assert "cellpose" not in loaded
 
 
-def test_science_core_imports_no_framework():
-    stmt = "; ".join(
-        f"import app.science.{m}" for m in ("metrics", "imageio", "synthetic", "backbone", "flow_fusion")
-        if (REPO_ROOT / "app" / "science" / f"{m}.py").exists()
-    )
-    loaded = _modules_after(stmt)
-    assert "numpy" in loaded
-    for framework in ("fastapi", "celery", "sqlalchemy", "starlette", "kombu"):
-        assert framework not in loaded, framework
+def test_science_core_imports_no_framework_and_nothing_else_from_app():
+    modules = sorted(p.stem for p in (REPO_ROOT / "app" / "science").glob("*.py") if p.stem != "__init__")
+    stmt = "; ".join(f"import app.science.{m}" for m in modules)
+    code = f"import sys; {stmt}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True, timeout=180).stdout.split()
+    assert {"numpy", "torch", "cellpose"} <= {name.split(".")[0] for name in out}
+    for framework in ("fastapi", "celery", "sqlalchemy", "starlette", "kombu", "pydantic_settings"):
+        assert framework not in {name.split(".")[0] for name in out}, framework
+    outside = [name for name in out if name.startswith("app.") and not name.startswith("app.science")]
+    assert outside == [], outside
+    assert len(modules) >= 15
+
+
+def test_light_science_modules_do_not_import_torch():
+    """The API validates uploads and writes exports with these: they must stay torch-free."""
+    loaded = _modules_after("import app.science.imageio, app.science.metrics, app.science.synthetic, "
+                            "app.science.exports, app.science.flow_fusion")
+    assert "numpy" in loaded and "torch" not in loaded and "cellpose" not in loaded
