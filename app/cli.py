@@ -233,6 +233,52 @@ def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights 
 
 
 @cli.command()
+def segment(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="TIFF/OME-TIFF fields")],
+            cell_line: Annotated[str, typer.Option(help="cell line registered in the zoo")],
+            channels: Annotated[str, typer.Option(help="reporter per channel, comma-separated")],
+            method: Annotated[str, typer.Option(help="flow_fusion | staple | simple | voting | majority_voting")] = "flow_fusion",
+            objects: Annotated[str, typer.Option(help="nuclei, cells or both")] = "nuclei,cells",
+            use_channels: Annotated[str, typer.Option(help="channels to fuse (default: the zoo's chosen set)")] = "",
+            url: Annotated[str, typer.Option(help="CellFuse server")] = "http://127.0.0.1:8000",
+            api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="API key")] = "",
+            out: Annotated[Path, typer.Option(help="folder for the downloaded results")] = Path("cellfuse-results")) -> None:
+    """Segment local fields on a CellFuse server and download masks, tables, ROIs and previews."""
+    from rich.progress import Progress
+
+    from app.client import ApiError, CellFuseClient, segment_files
+
+    key = api_key or _local_admin_key()
+    if not key:
+        raise typer.BadParameter("give --api-key (or CELLFUSE_API_KEY)", param_hint="--api-key")
+    request = {"cell_line": cell_line, "channels": [c.strip() for c in channels.split(",") if c.strip()],
+               "objects": [o.strip() for o in objects.split(",") if o.strip()], "method": method}
+    if use_channels:
+        request["use_channels"] = [c.strip() for c in use_channels.split(",") if c.strip()]
+    api = CellFuseClient.connect(url, key)
+    with Progress() as progress:
+        task = progress.add_task(f"segmenting {len(files)} field(s)", total=1.0)
+        try:
+            job, written = segment_files(api, files, request, out,
+                                         on_progress=lambda j: progress.update(task, completed=j["progress"]))
+        except ApiError as exc:
+            typer.echo(f"refused: {exc.problem.get('detail', exc)}", err=True)
+            raise typer.Exit(1)
+        except RuntimeError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1)
+    failed = job["summary"].get("failed_fields", [])
+    typer.echo(f"job {job['id']}: {job['summary'].get('fields_done', 0)} field(s) done, {len(failed)} failed")
+    for item in failed:
+        typer.echo(f"  {item['field']}: {item['error']}")
+    typer.echo(f"{len(written)} file(s) written under {out / job['id']}")
+
+
+def _local_admin_key() -> str | None:
+    path = _settings().resolved_data_dir / ADMIN_KEY_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+@cli.command()
 def demo(small: Annotated[bool, typer.Option("--small", help="reduced size for CI")] = False,
          url: Annotated[str, typer.Option(help="use a running server instead of starting one")] = "",
          api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="key for --url")] = "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -111,3 +112,28 @@ class CellFuseClient:
         if job["status"] != "succeeded":
             raise RuntimeError(f"{kind} job {job['id']} {job['status']}: {job['error']}")
         return job
+
+
+def download_results(api: CellFuseClient, job: dict, out_dir: Path) -> list[Path]:
+    """Every result of a finished job, written under ``out_dir/<job id>/`` (names checked first)."""
+    from app.storage import check_result_name
+
+    target = Path(out_dir) / job["id"]
+    written = []
+    for result in job["results"]:
+        name = check_result_name(result["name"])  # never trust a path from the other side
+        path = target / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(api.download(result["url"]))
+        written.append(path)
+    return written
+
+
+def segment_files(api: CellFuseClient, files: list[Path], request: dict, out_dir: Path, *,
+                  on_progress: Callable[[dict], None] | None = None, timeout: float = 3600.0) -> tuple[dict, list[Path]]:
+    """Submit local TIFFs as one plate, wait, and download the results. -> (job, written files)"""
+    job = api.submit_segment(request, [(Path(f).name, Path(f).read_bytes()) for f in files])
+    job = api.wait(job["id"], timeout=timeout, on_progress=on_progress)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"segmentation job {job['id']} {job['status']}: {job['error']}")
+    return job, download_results(api, job, out_dir)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.client import ApiError, CellFuseClient
+from app.client import ApiError, CellFuseClient, segment_files
 from tests.service.conftest import make_client
 from tests.service.workflow import (
     CELL_LINE,
@@ -98,6 +98,17 @@ def run_workflow(settings, worker_factory) -> None:
         assert provenance["method"] == method and provenance["fused_channels"]["nuclei"] == channels
         assert provenance["models"]["nuclei"][channels[0]]["weights_sha256"] == worse["weights_sha256"]
         assert "cellpose" in provenance["library_versions"]
+
+    # The same from local files, as `cellfuse segment` does: every result lands on disk under the job.
+    local = settings.resolved_data_dir.parent / "local-fields"
+    local.mkdir(exist_ok=True)
+    (local / "B04-1.tif").write_bytes(field_tiff(plate[0]))
+    job, written = segment_files(api, [local / "B04-1.tif"], {**request, "fields": [{"well": "B04", "field": 1}]},
+                                 local / "out")
+    assert {p.relative_to(local / "out" / job["id"]).as_posix() for p in written} == {r["name"] for r in job["results"]}
+    assert np.array_equal(tiff_to_array((local / "out" / job["id"] / "B04-1" / "nuclei.tif").read_bytes()),
+                          tiff_to_array(api.download(next(r["url"] for r in job["results"]
+                                                          if r["name"] == "B04-1/nuclei.tif"))))
 
     # Segmenting a dataset gives metrics against its masks; evaluations are stored.
     # (with per-image diameters from the size models)
