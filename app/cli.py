@@ -73,6 +73,20 @@ def ensure_admin_key(settings) -> str | None:
     return key
 
 
+def _die_with_parent() -> None:
+    """Linux: the embedded worker gets SIGTERM when `cellfuse serve` dies, however it dies.
+
+    Runs in the child between fork and exec; without it a killed server would leave its worker
+    (in a session of its own) running.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
             "-Q", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
@@ -108,7 +122,8 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
     worker_proc = None
     if embedded_worker:
         worker_proc = subprocess.Popen(worker_command(settings.worker_queues, settings.worker_concurrency,
-                                                      "WARNING"), start_new_session=True)
+                                                      "WARNING"), start_new_session=True,
+                                       preexec_fn=_die_with_parent)
     typer.echo(f"CellFuse {__version__} on http://{host}:{port}/  (API docs: /docs)")
     typer.echo(f"data directory: {settings.resolved_data_dir}")
     if key:
@@ -119,7 +134,7 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
         if worker_proc is not None:
             try:
                 os.killpg(worker_proc.pid, signal.SIGTERM)
-                worker_proc.wait(timeout=20)
+                worker_proc.wait(timeout=10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(worker_proc.pid, signal.SIGKILL)
 
