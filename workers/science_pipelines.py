@@ -359,12 +359,12 @@ def _estimate_diameter(ctx: JobContext, image: np.ndarray, plan_for_object: dict
     return float(np.mean(estimates)) if estimates else None
 
 
-def _provenance(ctx: JobContext, p: dict[str, Any], cache: dict[int, LoadedModel]) -> dict[str, Any]:
+def _provenance(ctx: JobContext, p: dict[str, Any]) -> dict[str, Any]:
     models = {}
     for obj, plan in p["plan"].items():
-        models[obj] = {name: {"model_version_id": vid, "weights_sha256": ctx.session.get(ModelVersion, vid).weights_sha256,
-                              "diameter": ctx.session.get(ModelVersion, vid).diameter}
-                       for name, vid in plan["models"].items()}
+        versions = {name: ctx.session.get(ModelVersion, vid) for name, vid in plan["models"].items()}
+        models[obj] = {name: {"model_version_id": v.id, "weights_sha256": v.weights_sha256, "diameter": v.diameter}
+                       for name, v in versions.items()}
     return {"job_id": ctx.job_id, "cell_line": p["cell_line"], "channels": p["channels"], "method": p["method"],
             "fused_channels": {obj: plan["channels"] for obj, plan in p["plan"].items()},
             "channel_source": {obj: plan["channel_source"] for obj, plan in p["plan"].items()},
@@ -384,7 +384,7 @@ def segment_pipeline(ctx: JobContext) -> dict[str, Any]:
     done, failed = [], []
     truths: dict[str, list[np.ndarray]] = {obj: [] for obj in p["objects"]}
     preds: dict[str, list[np.ndarray]] = {obj: [] for obj in p["objects"]}
-    provenance = _provenance(ctx, p, cache)
+    provenance = _provenance(ctx, p)
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
     for index, field in enumerate(fields):

@@ -165,3 +165,21 @@ def own_postgres() -> Iterator[OwnPostgres]:
 
         engine_for(server.url).dispose()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def seed_minimal_zoo(client, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+    """Cell line L, reporter R and dataset 1 with one labelled 16x16 image per split, so that
+    generated requests can get past the name and id lookups."""
+    import numpy as np
+
+    from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+
+    assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
+    assert client.post("/api/v1/reporters", json={"name": "R"}).status_code == 201
+    assert client.post("/api/v1/datasets", json={"name": "d", "cell_line": "L", "channels": ["R"]}).status_code == 201
+    image = image_to_tiff_bytes(np.ones((1, 16, 16), np.uint16))
+    mask = labels_to_tiff_bytes(np.eye(16, dtype=np.int32))
+    for split in splits:
+        response = client.post("/api/v1/datasets/1/images", data={"split": split},
+                               files={"image": ("a.tif", image), "nuclei": ("n.tif", mask)})
+        assert response.status_code == 201, response.text

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from app.api import schemas
 from app.science.imageio import ImageReadError, image_to_tiff_bytes, labels_to_tiff_bytes, read_image, read_labels
-from tests.reliability.conftest import make_client
+from tests.reliability.conftest import make_client, seed_minimal_zoo
 from tests.service.conftest import make_embedded_settings
 
 BOUNDED = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -207,15 +207,7 @@ def seeded_client(tmp_path_factory):
     """An API with a cell line L, a reporter R and a dataset 1, so requests can get past lookups."""
     settings = make_embedded_settings(tmp_path_factory.mktemp("props"))
     client, _ = make_client(settings, run_reaper=False)
-    assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
-    assert client.post("/api/v1/reporters", json={"name": "R"}).status_code == 201
-    assert client.post("/api/v1/datasets", json={"name": "d", "cell_line": "L", "channels": ["R"]}).status_code == 201
-    image = image_to_tiff_bytes(np.ones((1, 16, 16), np.uint16))
-    mask = labels_to_tiff_bytes(np.eye(16, dtype=np.int32))
-    for split in ("train", "val", "test"):
-        response = client.post("/api/v1/datasets/1/images", data={"split": split},
-                               files={"image": ("a.tif", image), "nuclei": ("n.tif", mask)})
-        assert response.status_code == 201, response.text
+    seed_minimal_zoo(client)
     return client
 
 

@@ -3,14 +3,12 @@ answers 500 to anything generated from its schema (bounded: 15 examples per oper
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
-from tests.reliability.conftest import make_client
+from tests.reliability.conftest import make_client, seed_minimal_zoo
 from tests.service.conftest import make_embedded_settings
 
 ADMIN_KEY: dict[str, str] = {}
@@ -21,13 +19,7 @@ def api_schema(tmp_path_factory):
     settings = make_embedded_settings(tmp_path_factory.mktemp("schemathesis"))
     client, key = make_client(settings, run_reaper=False)
     # Some data, so that generated ids and names sometimes hit something that exists.
-    assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
-    assert client.post("/api/v1/reporters", json={"name": "R"}).status_code == 201
-    assert client.post("/api/v1/datasets", json={"name": "d", "cell_line": "L", "channels": ["R"]}).status_code == 201
-    image = image_to_tiff_bytes(np.ones((1, 16, 16), np.uint16))
-    mask = labels_to_tiff_bytes(np.eye(16, dtype=np.int32))
-    assert client.post("/api/v1/datasets/1/images", data={"split": "test"},
-                       files={"image": ("a.tif", image), "nuclei": ("n.tif", mask)}).status_code == 201
+    seed_minimal_zoo(client, splits=("test",))
     assert client.post("/api/v1/jobs/noop", json={"steps": 1}).status_code == 202
     ADMIN_KEY["X-API-Key"] = key
     return schemathesis.openapi.from_asgi("/openapi.json", client.app)
