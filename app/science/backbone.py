@@ -427,3 +427,49 @@ def masks_from_maps(
         device=torch.device("cpu"),
     )
     return np.asarray(masks, dtype=np.int32)
+
+
+def masks_for_flow_thresholds(
+    maps: ChannelMaps | np.ndarray,
+    *,
+    diameter: float,
+    diam_mean: float,
+    flow_thresholds: Sequence[float | None],
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    niter: float | None = None,
+    max_size_fraction: float = 0.4,
+) -> list[np.ndarray]:
+    """``masks_from_maps`` for several flow-error thresholds at the price of one reconstruction.
+
+    Cellpose runs the dynamics first and drops masks whose flow error exceeds the threshold
+    afterwards, so the dynamics and the flow errors are computed once here and each threshold only
+    filters; every result equals ``masks_from_maps(..., flow_threshold=t)``. Threshold searches
+    (``fusion_fitting``) are built on this.
+    """
+    from cellpose import metrics as cp_metrics
+    from cellpose import utils as cp_utils
+
+    arr = maps.maps if isinstance(maps, ChannelMaps) else np.asarray(maps)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise BackboneInputError(f"maps must be (3, Y, X) [flow_y, flow_x, cellprob], got shape {arr.shape}")
+    if not (diameter and diameter > 0 and diam_mean and diam_mean > 0):
+        raise BackboneInputError(f"diameter and diam_mean must be positive, got {diameter} and {diam_mean}")
+    arr = arr.astype(np.float32, copy=False)
+    if niter is None or niter == 0:
+        niter = default_niter(diameter, diam_mean)
+    raw = dynamics.compute_masks(
+        arr[:2], arr[2], niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=0,
+        interp=True, max_size_fraction=max_size_fraction, device=torch.device("cpu"),
+    )
+    raw = np.asarray(raw)
+    errors = cp_metrics.flow_error(raw, arr[:2], torch.device("cpu"))[0] if raw.max() > 0 else np.zeros(0)
+    out = []
+    for threshold in flow_thresholds:
+        masks = raw.copy()
+        if threshold is not None and threshold > 0 and masks.max() > 0:
+            bad = 1 + np.flatnonzero(errors > threshold)
+            masks[np.isin(masks, bad)] = 0
+        masks = cp_utils.fill_holes_and_remove_small_masks(masks, min_size=min_size)
+        out.append(np.asarray(masks, dtype=np.int32))
+    return out
