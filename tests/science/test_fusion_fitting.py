@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from app.science.backbone import masks_for_flow_thresholds, masks_from_maps
-from app.science.flow_fusion import FusionInputError, FusionParameters, flow_fusion, fuse_maps
+from app.science.flow_fusion import (
+    FusionInputError,
+    FusionParameters,
+    flow_fusion,
+    fuse_maps,
+)
 from app.science.fusion_fitting import (
     FusionFittingError,
     bootstrap_f1,
