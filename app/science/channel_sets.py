@@ -95,8 +95,10 @@ def rank_channel_subsets(
     ``within_noise`` of the top one unless the top one's F1 is higher in ``gain_confidence`` of
     the resamples. ``choose_channel_set`` picks the smallest such subset.
     """
-    from app.science.fusion_fitting import _f1, field_counts, interval
-    from app.science.backbone import masks_from_maps  # the torch/Cellpose part, only when scoring
+    from app.science.backbone import (
+        masks_from_maps,  # the torch/Cellpose part, only when scoring
+    )
+    from app.science.fusion_fitting import field_counts, interval, pooled_f1
 
     if method not in FUSION_METHODS:
         raise ChannelSetError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
@@ -169,7 +171,7 @@ def rank_channel_subsets(
         return [replace(scored[j][1], n_fields=n_fields, within_noise=(j == order[0])) for j in order]
     rng = np.random.default_rng(seed)
     resamples = rng.integers(0, n_fields, size=(n_boot, n_fields))
-    boot = np.stack([_f1(counts[resamples].sum(axis=1)) for counts in per_field_counts])  # (subsets, n_boot)
+    boot = np.stack([pooled_f1(counts[resamples].sum(axis=1)) for counts in per_field_counts])  # (subsets, n_boot)
     top = order[0]
     ranked = []
     for j in order:

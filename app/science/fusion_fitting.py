@@ -98,7 +98,7 @@ class Candidate:
     cellprob_threshold: float
 
 
-def _f1(counts: np.ndarray) -> np.ndarray:
+def pooled_f1(counts: np.ndarray) -> np.ndarray:
     """F1 from (..., 3) [tp, fp, fn] counts; 1.0 where there is nothing to find and nothing found."""
     counts = np.asarray(counts, dtype=np.float64)
     tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
@@ -119,7 +119,7 @@ def bootstrap_f1(counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0) -> np
     counts = np.asarray(counts)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-    return _f1(counts[idx].sum(axis=1))
+    return pooled_f1(counts[idx].sum(axis=1))
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -181,7 +181,7 @@ def fit_thresholds(
     maps = [np.asarray(getattr(m, "maps", m), np.float32) for m in maps_per_field]
     table = threshold_table(maps, truths, diameter=diameter, diam_mean=diam_mean, flow_thresholds=flow_thresholds,
                             cellprob_thresholds=cellprob_thresholds, min_size=min_size)
-    scores = _f1(table.sum(axis=2))
+    scores = pooled_f1(table.sum(axis=2))
     c, f = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return ThresholdFit(float(flow_thresholds[f]), float(cellprob_thresholds[c]), float(scores[c, f]))
 
@@ -193,7 +193,7 @@ def _loo_heldout(counts: np.ndarray) -> np.ndarray:
     n_fields = counts.shape[1]
     held = np.zeros((n_fields, 3), counts.dtype)
     for i in range(n_fields):
-        best = int(np.argmax(_f1(totals - counts[:, i])))
+        best = int(np.argmax(pooled_f1(totals - counts[:, i])))
         held[i] = counts[best, i]
     return held
 
@@ -291,7 +291,7 @@ def fit_fusion_parameters(
         rng_seed = seed
         held = {m: _loo_heldout(counts[idx]) for m, idx in by_method.items()}
         boots = {m: bootstrap_f1(h, n_boot=n_boot, seed=rng_seed) for m, h in held.items()}  # same resamples
-        cv = {m: float(_f1(h.sum(axis=0))) for m, h in held.items()}
+        cv = {m: float(pooled_f1(h.sum(axis=0))) for m, h in held.items()}
         for m in by_method:
             details["methods"][m] = {"cv_f1": round(cv[m], 4), "cv_interval": [round(x, 4) for x in interval(boots[m])]}
         for m in ("weights", "per_pixel"):
@@ -306,7 +306,7 @@ def fit_fusion_parameters(
         cv_f1, cv_int = None, None
 
     idx = by_method[chosen]
-    totals = _f1(counts[idx].sum(axis=1))
+    totals = pooled_f1(counts[idx].sum(axis=1))
     best = candidates[int(idx[int(np.argmax(totals))])]
     # Report the method that the best candidate really is (the equal vector inside "weights").
     method = best.method
@@ -316,7 +316,7 @@ def fit_fusion_parameters(
         onehot = tuple(1.0 if i == j else 0.0 for i in range(k))
         sel = [n for n, c in enumerate(candidates) if c.weights == onehot and c.confidence is None]
         if sel:
-            singles[name] = round(float(_f1(counts[sel].sum(axis=1)).max()), 4)
+            singles[name] = round(float(pooled_f1(counts[sel].sum(axis=1)).max()), 4)
     if singles:
         details["single_channel_best_f1"] = singles
     return FusionParameters(
