@@ -14,7 +14,7 @@ Typical use::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,6 +92,7 @@ def segment_field(
     weights: Sequence[float] | None = None,
     fusion_params: dict | None = None,
     fusion: FusionParameters | dict | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SegmentationResult:
     """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
 
@@ -102,7 +103,8 @@ def segment_field(
     Cellpose's tiling. ``fusion``: fitted fusion parameters (``FusionParameters`` or its dict) for
     exactly these channels (matched by the models' names): their weights, confidence mode and
     thresholds are used, an explicit ``flow_threshold`` / ``cellprob_threshold`` still wins.
-    ``result.settings`` records what was used.
+    ``result.settings`` records what was used. ``checkpoint`` is called between channels (a job's
+    cancellation point: it raises to stop).
     """
     started = time.perf_counter()
     if method not in FUSION_METHODS:
@@ -144,6 +146,7 @@ def segment_field(
         diameter=[m.diameter for m in models],
         normalizations=normalizations,
         tile=tile,
+        checkpoint=checkpoint,
     )
     timings["maps"] = time.perf_counter() - tic
 
