@@ -191,8 +191,11 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
 
 
 def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel]) -> np.ndarray:
-    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels."""
+                   seg: SegmentParams, cache: dict[int, LoadedModel], used: dict | None = None) -> np.ndarray:
+    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
+
+    Flow Fusion applies the plan's fitted fusion parameters when it has them; ``used`` (a dict)
+    receives the settings actually applied (weights, confidence, thresholds, their source)."""
     from app.science.segmentation import segment_field
 
     models = channel_models(ctx, plan, cache)
@@ -203,9 +206,14 @@ def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan
         estimated = estimate_diameter(ctx, image[indices], plan, cache)
         if estimated is not None:
             models = [replace(m, diameter=estimated) for m in models]
+    fusion = plan.fusion if method == "flow_fusion" else None
     result = segment_field(image[indices], models, method=method, flow_threshold=seg.flow_threshold,
                            cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           checkpoint=lambda: ctx.progress())
+                           checkpoint=lambda: ctx.progress(), fusion=fusion)
+    if used is not None:
+        used.update(result.settings)
+        if fusion is not None:
+            used["weights_source"] = plan.fusion_source or used.get("weights_source")
     return result.labels
 
 
