@@ -9,6 +9,11 @@ real nucleus masks and split into train / validation / test fields. From the shi
 - the **joint** baseline, one CPnet taking all K reporters (``backbone.joint_network``), is
   fine-tuned on the same fields with the same schedule.
 
+Every regime's plate has the same seed, so its fields hold the same cells (masks) and imaging
+draws; only the reporters differ. A reporter that appears in several regimes is fine-tuned once
+(on the same training masks) and its model reused, as the zoo reuses a reporter's model across
+panels; each regime's joint model is trained on that regime's own training fields.
+
 On the validation fields only: the learned fusion is fitted (``fusion_fitting``: weights,
 thresholds, confidence, by leave-one-field-out CV), and every single model (each channel alone, the
 joint model) gets its best flow / cell-probability thresholds from the same grid. The label-fusion
@@ -38,9 +43,10 @@ class QualitySize:
     n_boot: int = 2000
 
 
-#: ~15 min on 2 busy CPU cores: 3 trained regimes x (3 reporter models + 1 joint model).
-FULL = QualitySize(n_train=10, n_val=6, n_test=10, field_size=160,
-                   training={"max_epochs": 30, "min_epochs": 10, "patience": 8, "batch_size": 8, "bsize": 128})
+#: 8 fine-tunes (5 distinct reporters, 3 joint models), short: sized for 2 busy CPU cores.
+FULL = QualitySize(n_train=8, n_val=6, n_test=10, field_size=128,
+                   training={"max_epochs": 16, "min_epochs": 6, "patience": 5, "batch_size": 8, "bsize": 96,
+                             "val_crops_per_image": 1})
 #: A smoke test: everything runs, the numbers mean little.
 SMALL = QualitySize(n_train=3, n_val=2, n_test=2, field_size=96,
                     training={"max_epochs": 1, "min_epochs": 0, "patience": 1, "batch_size": 4, "bsize": 64},
@@ -68,7 +74,7 @@ def _truth(field, obj: str) -> np.ndarray:
     return field.nuclei if obj == "nuclei" else field.cells
 
 
-def _train_regime(regime, size: QualitySize, obj: str, seed: int, echo) -> _Trained:
+def _train_regime(regime, size: QualitySize, obj: str, seed: int, echo, reporter_models: dict) -> _Trained:
     from app.science.backbone import (
         joint_network,
         predict_maps_joint,
@@ -89,18 +95,24 @@ def _train_regime(regime, size: QualitySize, obj: str, seed: int, echo) -> _Trai
     seconds: dict[str, float] = {}
     nets, diameters = [], []
     tic = time.perf_counter()
-    for k, name in enumerate(names):
-        result = finetune(base, [f.image[k] for f in train], [_truth(f, obj) for f in train],
-                          [f.image[k] for f in val], [_truth(f, obj) for f in val], config)
-        nets.append(result.net)
-        diameters.append(float(result.diameter))
-        echo(f"  fine-tuned {name}: best epoch {result.best_epoch}, {result.stop_reason}")
+    for k, (name, spec) in enumerate(zip(names, regime.reporters)):
+        if spec not in reporter_models:
+            result = finetune(base, [f.image[k] for f in train], [_truth(f, obj) for f in train],
+                              [f.image[k] for f in val], [_truth(f, obj) for f in val], config)
+            reporter_models[spec] = (result.net, float(result.diameter))
+            echo(f"  fine-tuned {name}: best epoch {result.best_epoch}, {result.stop_reason}, "
+                 f"{time.perf_counter() - tic:.0f} s")
+        else:
+            echo(f"  {name}: the model fine-tuned for an earlier regime (same reporter, same training masks)")
+        nets.append(reporter_models[spec][0])
+        diameters.append(reporter_models[spec][1])
     seconds["per-channel fine-tunes"] = time.perf_counter() - tic
     tic = time.perf_counter()
     joint_result = finetune(joint_network(base, len(names)), [f.image for f in train], [_truth(f, obj) for f in train],
                             [f.image for f in val], [_truth(f, obj) for f in val], config, joint=True)
     seconds["joint fine-tune"] = time.perf_counter() - tic
-    echo(f"  fine-tuned the joint {len(names)}-channel model: best epoch {joint_result.best_epoch}")
+    echo(f"  fine-tuned the joint {len(names)}-channel model: best epoch {joint_result.best_epoch}, "
+         f"{seconds['joint fine-tune']:.0f} s")
 
     tic = time.perf_counter()
     diam_mean = float(base.diam_mean.item())
@@ -214,13 +226,14 @@ def run_quality_benchmark(*, small: bool = False, regimes: Sequence[str] | None 
          f"{size.n_test} test per regime, torch threads {torch.get_num_threads()}, seed {seed}; "
          f"training {size.training}")
     trained_by_reporters: dict[tuple, _Trained] = {}
+    reporter_models: dict = {}
     results = {}
     for name in chosen:
         regime = REGIMES[name]
         echo(f"regime {name}: {regime.description}")
         key = tuple(regime.reporters)
         if key not in trained_by_reporters:
-            trained_by_reporters[key] = _train_regime(regime, size, obj, seed, echo)
+            trained_by_reporters[key] = _train_regime(regime, size, obj, seed, echo, reporter_models)
         else:
             echo("  (models and fitted fusion reused from the regime with the same reporters)")
         trained = trained_by_reporters[key]

@@ -146,8 +146,7 @@ REGIMES: dict[str, Regime] = {
     for regime in (
         Regime("strong+weak", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "one strong reporter and two weak ones"),
         Regime("all-weak", (WEAK_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "three weak reporters"),
-        Regime("one-blind", (DEFAULT_REPORTERS[0], DEFAULT_REPORTERS[2], BLIND),
-               "two ordinary reporters and one channel blind to the cells"),
+        Regime("one-blind", (WEAK_CYTO, WEAK_TRANSLOC, BLIND), "two weak reporters and one channel blind to the cells"),
         Regime("shifted", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA),
                "strong+weak reporters; test fields dimmer, noisier and blurrier than training", SHIFTED_IMAGING),
     )

@@ -196,8 +196,8 @@ def test_regimes_render_their_reporters_and_the_blind_channel_ignores_cells() ->
         inside, outside = f.cells > 0, f.cells == 0
         contrasts.append(f.image[0][inside].mean() / f.image[0][outside].mean())
         blind_contrasts.append(f.image[blind][inside].mean() / f.image[blind][outside].mean())
-    # the ordinary reporter is brighter in cells; the blind one is as often brighter as dimmer there
-    assert min(contrasts) > 1.3
+    # the (weak) cell reporter is brighter in cells; the blind one is as often brighter as dimmer there
+    assert min(contrasts) > 1.0 and np.median(contrasts) > 1.1
     assert 0.8 < np.median(blind_contrasts) < 1.25 and min(blind_contrasts) < 1.0 < max(blind_contrasts)
     strong, weak = (make_plate(2, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[k]
                     for k in (0, 1))
