@@ -614,11 +614,24 @@ function renderJobDetail(job) {
 
 function rankingTable(ranking, chosen) {
   const chosenKey = JSON.stringify(chosen || []);
-  const head = el("tr", {}, el("th", {}, "Channels"), ["F1", "Precision", "Recall", "Jaccard", "mAP .5:.95"].map((h) => el("th", {}, h)));
+  const head = el("tr", {}, el("th", {}, "Channels"), ["F1", "F1 95% interval", "Precision", "Recall", "Jaccard",
+    "mAP .5:.95"].map((h) => el("th", {}, h)));
+  // The interval is a bootstrap over validation fields: sets whose intervals overlap the best are within noise.
+  const interval = (r) => (Array.isArray(r.f1_interval) ? `${fmtScore(r.f1_interval[0])}–${fmtScore(r.f1_interval[1])}` : "–");
   const rows = ranking.map((r) => el("tr", {class: JSON.stringify(r.channels) === chosenKey ? "chosen" : ""},
-    el("td", {}, (r.channels || []).join(" + ")),
-    ["f1", "precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmtScore(r[k])))));
+    el("td", {}, (r.channels || []).join(" + ")), el("td", {class: "num"}, fmtScore(r.f1)),
+    el("td", {class: "num"}, interval(r)),
+    ["precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmtScore(r[k])))));
   return el("table", {class: "list ranking"}, el("thead", {}, head), el("tbody", {}, rows));
+}
+
+function fusionSummary(fp) {
+  const weights = fp.channels.map((c, i) => `${c} ${fmt(fp.weights[i], 2)}`).join(", ");
+  const cv = fp.cv_f1 === null || fp.cv_f1 === undefined ? "" : `; cross-validated F1 ${fmtScore(fp.cv_f1)}` +
+    (fp.cv_interval ? ` (${fmtScore(fp.cv_interval[0])}–${fmtScore(fp.cv_interval[1])})` : "");
+  return `Flow Fusion fitted on ${fp.n_fields} field(s): ${fp.method}, weights ${weights}` +
+    `${fp.confidence ? `, per-pixel ${fp.confidence}` : ""}, flow threshold ${fp.flow_threshold}, ` +
+    `cell-probability threshold ${fp.cellprob_threshold}${cv}`;
 }
 
 async function loadZoo() {
@@ -656,6 +669,7 @@ async function loadZoo() {
     sets.append(el("div", {class: "channel-set"},
       el("h4", {}, `${cs.cell_line} · ${cs.object}: `, el("strong", {}, cs.chosen.join(" + ")),
         el("span", {class: "muted"}, ` (${METHOD_NAMES[cs.method] || cs.method}${cs.job_id ? "" : ", chosen by hand"})`)),
+      cs.fusion_parameters ? el("p", {class: "muted"}, fusionSummary(cs.fusion_parameters)) : null,
       cs.ranking.length ? rankingTable(cs.ranking, cs.chosen) : null));
   }
   const withCurve = versions.filter((v) => v.training_curve && v.training_curve.length);
