@@ -67,3 +67,9 @@ def test_select_channels_stores_fusion_parameters_and_segmentation_applies_them(
     used = job["summary"]["fields"][0]["settings"]["nuclei"]
     assert used["weights_source"] == "equal weights" and used["flow_threshold"] == 0.7
     assert used["weights"] == pytest.approx([1 / len(chosen)] * len(chosen), abs=1e-5)
+
+    # A newer model for a channel of the set makes the fitted weights stale: they are not applied.
+    api.run("finetune", {"dataset_id": ds["id"], "reporter": chosen[0], "object": "nuclei", "base": base,
+                         "params": {**TINY_TRAINING, "seed": 1}}, timeout=300)
+    job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "objects": ["nuclei"]}, timeout=300)
+    assert job["summary"]["fields"][0]["settings"]["nuclei"]["weights_source"] == "equal weights"
