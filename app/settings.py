@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     # The whole request body (a plate upload carries one file per field); refused before it is read.
     max_request_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
+    # Bodies received at once (upload slots) and their bytes; beyond: 503 (429 past one key's share).
+    max_concurrent_uploads: int = Field(default=4, ge=1)
+    max_uploads_per_key: int = Field(default=2, ge=1)
+    max_upload_bytes_in_flight: int = Field(default=8 * 1024 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=64_000_000, gt=0, description="per plane: Y*X*channels")
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
     worker_concurrency: int = Field(default=1, ge=1)

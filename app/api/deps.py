@@ -10,6 +10,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
+from app.api.gate import PRINCIPAL_STATE
 from app.api.schemas import MAX_ID
 from app.db import session_factory
 from app.security import Principal, authenticate
@@ -45,7 +46,12 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                description="An API key created with `cellfuse keys create`")
 
 
-def get_principal(session: SessionDep, key: Annotated[str | None, Depends(_api_key_header)]) -> Principal:
+def get_principal(request: Request, session: SessionDep,
+                  key: Annotated[str | None, Depends(_api_key_header)]) -> Principal:
+    # The request gate has checked the key already (before the body was read): do not look it up twice.
+    checked = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+    if isinstance(checked, Principal):
+        return checked
     if not key:
         raise Problem(401, "this endpoint needs an API key in the X-API-Key header",
                       slug="missing-api-key", headers={"WWW-Authenticate": "APIKey"})

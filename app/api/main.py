@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.limits import BodySizeLimit
+from app.api.gate import RequestGate
 from app.api.routes import jobs, system
 from app.settings import Settings, get_settings
 
@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    # Outermost: keys, upload admission and body size are checked before any body byte is read.
+    app.add_middleware(RequestGate, settings=settings)
     app.include_router(system.router)
     app.include_router(jobs.router)
     for name in ("zoo", "datasets", "work", "keys", "web"):
