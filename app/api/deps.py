@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
 from app.api.gate import PRINCIPAL_STATE
-from app.api.schemas import MAX_ID
+from app.api.schemas import MAX_ID, storable_problem
 from app.db import session_factory
 from app.security import Principal, authenticate
 from app.settings import Settings
@@ -75,6 +75,23 @@ def require_role(role: str):
 InstrumentDep = Annotated[Principal, Depends(require_role("instrument"))]
 ScientistDep = Annotated[Principal, Depends(require_role("scientist"))]
 AdminDep = Annotated[Principal, Depends(require_role("admin"))]
+
+
+async def check_text_params(request: Request) -> None:
+    """Query, path and form values must be storable text (no NUL, no unpaired surrogate).
+
+    JSON bodies are checked by their models; these are the values that reach SQL without one.
+    """
+    items = [("query", k, v) for k, v in request.query_params.multi_items()]
+    items += [("path", k, v) for k, v in request.path_params.items()]
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()  # parsed already for the route: this is the cached form
+        items += [("form", k, v) for k, v in form.multi_items() if isinstance(v, str)]
+    for where, name, value in items:
+        if isinstance(value, str) and (problem := storable_problem(value, f"{where}.{name}")):
+            raise Problem(422, f"the request is not valid: {problem}", slug="validation-error",
+                          errors=[{"location": f"{where}.{name}", "message": problem, "type": "unstorable_value"}])
 
 
 #: A row id in a path: out-of-range numbers are a 422, never a driver overflow (500).

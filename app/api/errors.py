@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.storage import StorageError, UploadTooLarge
@@ -99,6 +99,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage error: %s", exc)
         return problem_response(request, 507, exc.strerror or str(exc), slug="storage-unavailable")
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (validation should have caught it): a 4xx, never a 500.
+        log.warning("database refused a value on %s: %s", request.url.path, exc.orig)
+        return problem_response(request, 422, "a value in the request cannot be stored (NUL characters, unpaired "
+                                "surrogates, NaN and out-of-range numbers are refused)", slug="unstorable-value")
 
     @app.exception_handler(OperationalError)
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:

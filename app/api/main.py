@@ -6,9 +6,10 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
+from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
 from app.api.gate import RequestGate
 from app.api.routes import jobs, system
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         description="Cell segmentation without structural reporters: a Cellpose model zoo per "
                     "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
+        dependencies=[Depends(check_text_params)],
     )
     app.state.settings = settings
     install_error_handlers(app)

@@ -51,9 +51,10 @@ def create_dataset(body: DatasetIn, session: SessionDep, principal: ScientistDep
     ds = Dataset(name=body.name, cell_line_id=line.id, channels=body.channels, acquisition=body.acquisition,
                  notes=body.notes, owner_key_id=principal.key_id)
     session.add(ds)
+    session.flush()
+    out = dataset_out(ds)  # a row that cannot be presented is never committed
     session.commit()
-    session.refresh(ds)
-    return dataset_out(ds)
+    return out
 
 
 @router.get("", response_model=list[DatasetOut], summary="List datasets")
