@@ -53,7 +53,10 @@ def migrate(revision: Annotated[str, typer.Argument(help="target revision")] = "
 
 
 def ensure_admin_key(settings) -> str | None:
-    """On first start, create an admin key and keep it in a 0600 file in the data directory."""
+    """On first start, create an admin key and keep it in a 0600 file in the data directory.
+
+    -> the new key on the start that created it; None on later starts (the key is never shown twice).
+    """
     from sqlalchemy import func, select
 
     from app.db import session_factory
@@ -62,8 +65,7 @@ def ensure_admin_key(settings) -> str | None:
 
     with session_factory(settings.resolved_database_url)() as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):
-            path = settings.resolved_data_dir / ADMIN_KEY_FILE
-            return path.read_text().strip() if path.is_file() else None
+            return None
         _row, key = create_key(session, "first-admin", "admin")
     path = settings.resolved_data_dir / ADMIN_KEY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,13 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
     typer.echo(f"CellFuse {__version__} on http://{host}:{port}/  (API docs: /docs)")
     typer.echo(f"data directory: {settings.resolved_data_dir}")
     if key:
-        typer.echo(f"admin API key (also in {settings.resolved_data_dir / ADMIN_KEY_FILE}): {key}")
+        key_file = settings.resolved_data_dir / ADMIN_KEY_FILE
+        # Shown once, and only to a person at a terminal: output redirected to a file (a log) gets
+        # the file's location instead of the key.
+        if sys.stdout.isatty():
+            typer.echo(f"admin API key, shown this once (also in {key_file}, mode 0600): {key}")
+        else:
+            typer.echo(f"an admin API key was created; it is in {key_file} (mode 0600)")
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -23,7 +24,7 @@ from app import jobs
 from app.db import session_factory
 from app.models import Job
 from app.settings import Settings, get_settings
-from app.storage import BlobStore, JobFolder, StorageError
+from app.storage import BlobStore, JobFolder, StorageError, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,24 @@ class JobContext:
         if cancelled:
             raise jobs.JobCancelled(self.job_id)
 
-    def _with_db_retry(self, call: Callable[[], Any]) -> Any:
+    def _with_db_retry(self, call: Callable[[], Any], *, through_full_disk: bool = False) -> Any:
         """Ride out a database restart at a checkpoint instead of failing hours of work.
 
         Retries for as long as the heartbeat may lapse; after that the reaper has re-queued the
-        job, and the next write raises JobLost.
+        job, and the next write raises JobLost. A database on a full disk (SQLite) is a storage
+        failure, raised at once as :class:`StorageError` unless ``through_full_disk`` (recording
+        the failure itself: that waits for space like any outage).
         """
         deadline = time.monotonic() + max(10.0, self.settings.job_stale_after_s)
         delay = 0.2
         while True:
             try:
                 return call()
-            except OperationalError:
+            except OperationalError as exc:
                 self.session.rollback()
+                full = disk_full_error(exc)
+                if full is not None and not through_full_disk:
+                    raise full from exc
                 if time.monotonic() > deadline:
                     raise
                 log.warning("database unreachable at a checkpoint of job %s; retrying", self.job_id)
@@ -80,9 +86,19 @@ class JobContext:
                 delay = min(delay * 2, 2.0)
 
     def cancel_requested(self) -> bool:
-        self.session.expire_all()
-        job = self.session.get(Job, self.job_id)
-        return bool(job and job.cancel_requested)
+        def read() -> bool:
+            # A column read, not expire_all(): expiring would make every ORM object the pipeline
+            # holds reload on its next attribute access, outside this retry.
+            return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+
+        return self._with_db_retry(read)
+
+    def db(self, call: Callable[[], Any], *, through_full_disk: bool = False) -> Any:
+        """Run a database step of a pipeline (reads and writes, then commit) riding out a restart.
+
+        ``call`` must be repeatable: after a failure the session is rolled back and ``call`` runs again.
+        """
+        return self._with_db_retry(call, through_full_disk=through_full_disk)
 
     @contextmanager
     def stage(self, name: str, fraction: float | None = None) -> Iterator[None]:
@@ -91,20 +107,25 @@ class JobContext:
         try:
             yield
         finally:
-            jobs.record_stage_timing(self.session, self.job_id, name, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._with_db_retry(lambda: jobs.record_stage_timing(self.session, self.job_id, name, elapsed))
 
     def add_result(self, name: str, data: bytes, *, kind: str, media_type: str,
                    meta: dict[str, Any] | None = None) -> None:
         from app.models import JobResult
 
         _path, sha = self.folder.write_bytes(name, data)
-        existing = self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
-        if existing is not None:  # a re-run overwrites its own earlier attempt
-            self.session.delete(existing)
-            self.session.flush()
-        self.session.add(JobResult(job_id=self.job_id, name=name, kind=kind, media_type=media_type,
-                                   sha256=sha, size_bytes=len(data), meta=meta or {}))
-        self.session.commit()
+
+        def record() -> None:
+            existing = self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
+            if existing is not None:  # a re-run overwrites its own earlier attempt
+                self.session.delete(existing)
+                self.session.flush()
+            self.session.add(JobResult(job_id=self.job_id, name=name, kind=kind, media_type=media_type,
+                                       sha256=sha, size_bytes=len(data), meta=meta or {}))
+            self.session.commit()
+
+        self._with_db_retry(record)
 
 
 class _Heartbeat(threading.Thread):
@@ -151,7 +172,7 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
         try:
             # A re-run starts clean: no file and no result row of an earlier (killed) attempt.
             ctx.folder.clear()
-            _drop_results(session, job_id)
+            ctx.db(lambda: _drop_results(session, job_id))
             summary = pipeline(ctx) or {}
         except jobs.JobLost:
             session.rollback()
@@ -159,19 +180,34 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
             return "lost"
         except jobs.JobCancelled:
             session.rollback()
-            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request", worker=worker)
+            ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request",
+                                       worker=worker))
             return jobs.JobStatus.CANCELLED.value
-        except (JobFailed, StorageError) as exc:
+        except (JobFailed, StorageError, OperationalError) as exc:
             session.rollback()
+            if isinstance(exc, OperationalError):
+                full = disk_full_error(exc)
+                if full is None:
+                    # The database stayed away longer than the retries: leave the job to the reaper,
+                    # which re-queues it once the heartbeat is stale.
+                    log.warning("job %s stopped: the database is unreachable", job_id, exc_info=True)
+                    return "interrupted"
+                exc = full  # SQLite on a full disk
             message = exc.strerror if isinstance(exc, StorageError) and exc.strerror else str(exc)
-            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=message, worker=worker)
+            try:
+                # Recording the failure waits for the database (and for space) like any checkpoint.
+                ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=message, worker=worker),
+                       through_full_disk=True)
+            except OperationalError:
+                log.error("job %s failed (%s) and the failure cannot be recorded yet", job_id, message)
+                return "interrupted"
             return jobs.JobStatus.FAILED.value
         except Exception as exc:
             session.rollback()
             log.exception("job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=f"internal error: {message}",
-                        worker=worker)
+            ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=f"internal error: {message}",
+                                       worker=worker))
             return jobs.JobStatus.FAILED.value
         finally:
             beat.stop_event.set()

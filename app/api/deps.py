@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request, Response
 from fastapi.security import APIKeyHeader
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
@@ -75,6 +77,33 @@ def require_role(role: str):
 InstrumentDep = Annotated[Principal, Depends(require_role("instrument"))]
 ScientistDep = Annotated[Principal, Depends(require_role("scientist"))]
 AdminDep = Annotated[Principal, Depends(require_role("admin"))]
+
+
+#: Listings are paged: ``limit`` (at most MAX_PAGE) rows from ``offset``; X-Total-Count has the total.
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class PageParams:
+    limit: int
+    offset: int
+
+    def rows(self, session: Session, stmt, response: Response) -> list:
+        total = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0
+        response.headers["X-Total-Count"] = str(total)
+        return list(session.scalars(stmt.limit(self.limit).offset(self.offset)))
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"rows per page (at most {MAX_PAGE}); the "
+                                "total is in the X-Total-Count header")] = DEFAULT_PAGE,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="rows to skip")] = 0,
+) -> PageParams:
+    return PageParams(limit=limit, offset=offset)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]
 
 
 async def check_text_params(request: Request) -> None:

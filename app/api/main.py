@@ -12,6 +12,7 @@ from app import __version__
 from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
 from app.api.gate import RequestGate
+from app.api.headers import SecurityHeaders
 from app.api.routes import jobs, system
 from app.settings import Settings, get_settings
 
@@ -27,6 +28,7 @@ def _bootstrap(settings: Settings) -> None:
 
     settings.blob_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    BlobStore(settings.blob_dir).clean_tmp(settings.tmp_max_age_s)  # leftovers of a killed process
     with session_factory(settings.resolved_database_url)() as session:
         if settings.bootstrap_admin_key is not None:
             ensure_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key.get_secret_value())
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     install_error_handlers(app)
     # Outermost: keys, upload admission and body size are checked before any body byte is read.
     app.add_middleware(RequestGate, settings=settings)
+    app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
     app.include_router(system.router)
     app.include_router(jobs.router)
     for name in ("zoo", "datasets", "work", "keys", "web"):

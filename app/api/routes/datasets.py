@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app import zoo
-from app.api.deps import BlobsDep, IdPath, ScientistDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, IdPath, PageDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
 from app.api.uploads import display_name, upload_size, upload_source
@@ -57,9 +57,9 @@ def create_dataset(body: DatasetIn, session: SessionDep, principal: ScientistDep
     return out
 
 
-@router.get("", response_model=list[DatasetOut], summary="List datasets")
-def list_datasets(session: SessionDep, _: ScientistDep) -> list[DatasetOut]:
-    return [dataset_out(d) for d in session.scalars(select(Dataset).order_by(Dataset.id))]
+@router.get("", response_model=list[DatasetOut], summary="List datasets (paged; total in X-Total-Count)")
+def list_datasets(session: SessionDep, _: ScientistDep, page: PageDep, response: Response) -> list[DatasetOut]:
+    return [dataset_out(d) for d in page.rows(session, select(Dataset).order_by(Dataset.id), response)]
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset with its images and splits")
@@ -95,10 +95,21 @@ def _read_channels(upload: UploadFile, max_bytes: int, max_pixels: int) -> np.nd
                       f"({type(exc).__name__}); send a plain TIFF or OME-TIFF", slug="invalid-image")
 
 
+#: Smaller fields cannot be segmented or trained on (the network downsamples 8x); refused at upload.
+MIN_FIELD_SIDE = 16
+
+
+def _check_field_size(data: np.ndarray, filename: str) -> None:
+    if min(data.shape[1:]) < MIN_FIELD_SIDE:
+        raise Problem(422, f"{filename} is {data.shape[1]}×{data.shape[2]} pixels; a field must be at least "
+                      f"{MIN_FIELD_SIDE}×{MIN_FIELD_SIDE}", slug="image-too-small", min_side=MIN_FIELD_SIDE)
+
+
 def load_image(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> LoadedImage:
     """One multi-channel image from one file, or from one single-channel file per channel."""
     if len(uploads) == 1:
         data = _read_channels(uploads[0], max_bytes, max_pixels)
+        _check_field_size(data, display_name(uploads[0].filename))
         return LoadedImage(data=data, filename=display_name(uploads[0].filename), upload=uploads[0])
     images = [_read_channels(upload, max_bytes, max_pixels) for upload in uploads]
     shapes = {img.shape[1:] for img in images}
@@ -107,6 +118,7 @@ def load_image(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> Lo
                       slug="invalid-image")
     stacked = np.concatenate(images, axis=0)
     names = "+".join(display_name(u.filename) for u in uploads)
+    _check_field_size(stacked, names[:200])
     return LoadedImage(data=stacked, filename=names[:255], stacked=image_to_tiff_bytes(stacked))
 
 
