@@ -57,8 +57,8 @@ def queued_job_ids(settings: Settings) -> set[str] | None:
 
 
 def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
+    from app.queue import send_job
     from app.storage import BlobStore
-    from workers.celery_app import send_job
 
     BlobStore(settings.blob_dir).clean_tmp(settings.tmp_max_age_s)
 

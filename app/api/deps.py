@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from app.api.errors import Problem
 from app.api.gate import PRINCIPAL_STATE
-from app.api.schemas import MAX_ID, storable_problem
+from app.api.schemas import MAX_ID
 from app.db import session_factory
+from app.job_params import storable_problem
 from app.security import Principal, authenticate
 from app.settings import Settings
 from app.storage import BlobStore

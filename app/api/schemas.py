@@ -2,75 +2,25 @@
 
 from __future__ import annotations
 
-import json
-import math
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.job_params import FinetuneParams, NoopJob, SegmentParams, StrictModel
+from app.vocabulary import (
+    DEFAULT_ALIAS,
+    JobStatusLiteral,
+    MethodLiteral,
+    MetricLiteral,
+    ObjectLiteral,
+    RoleLiteral,
+    SplitLiteral,
+)
+
 #: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
 MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
-
-
-#: Free-form JSON (a dataset's acquisition, ...): deep nesting and huge documents are refused, so
-#: that what is stored can always be read back and serialised.
-MAX_JSON_DEPTH = 8
-MAX_JSON_BYTES = 64 * 1024
-MAX_JSON_INT = 2**63 - 1
-
-
-def storable_problem(value: Any, path: str, depth: int = 0) -> str | None:
-    """Why ``value`` cannot be stored in and read back from SQLite and PostgreSQL (None: it can).
-
-    PostgreSQL refuses NUL characters and NaN/Infinity in JSON; an unpaired surrogate cannot be
-    encoded as UTF-8; deep nesting breaks serialisation on the way out.
-    """
-    if isinstance(value, str):
-        if "\x00" in value:
-            return f"{path}: the NUL character (\\u0000) is not allowed"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{path}: an unpaired surrogate (\\ud800-\\udfff) is not valid text"
-        return None
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{path}: NaN and infinite numbers are not allowed"
-    if isinstance(value, int):
-        return None if abs(value) <= MAX_JSON_INT else f"{path}: integers must fit in 64 bits"
-    if isinstance(value, dict | list | tuple):
-        if depth >= MAX_JSON_DEPTH:
-            return f"{path}: nested deeper than {MAX_JSON_DEPTH} levels"
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            sub = f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]"
-            if isinstance(key, str) and (problem := storable_problem(key, f"{path} (a key)", depth)):
-                return problem
-            if problem := storable_problem(item, sub, depth + 1):
-                return problem
-        return None
-    if isinstance(value, BaseModel):
-        return None  # checked by its own validator
-    return None
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    @model_validator(mode="after")
-    def _storable(self):
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if problem := storable_problem(value, name):
-                raise PydanticCustomError("unstorable_value", problem)
-            if isinstance(value, dict) and len(json.dumps(value)) > MAX_JSON_BYTES:
-                raise PydanticCustomError("json_too_large", f"{name}: larger than {MAX_JSON_BYTES} bytes as JSON")
-        return self
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -125,10 +75,8 @@ class JobPage(BaseModel):
     offset: int
 
 
-class NoopJobIn(StrictModel):
-    steps: int = Field(default=3, ge=1, le=1000)
-    step_seconds: float = Field(default=0.2, ge=0, le=60)
-    fail: bool = False
+#: A noop job's request is its stored parameters.
+NoopJobIn = NoopJob
 
 
 class HealthOut(BaseModel):
@@ -141,9 +89,6 @@ class ReadyOut(BaseModel):
     versions: dict[str, str | None] | None = Field(default=None, description="for admin keys only")
 
 
-ObjectLiteral = Literal["nuclei", "cells"]
-MethodLiteral = Literal["flow_fusion", "staple", "simple", "voting", "majority_voting"]
-SplitLiteral = Literal["train", "val", "test"]
 
 
 class CellLineIn(StrictModel):
@@ -291,22 +236,6 @@ class DatasetOut(BaseModel):
     split_counts: dict[str, int]
 
 
-class FinetuneParams(StrictModel):
-    max_epochs: int = Field(default=200, ge=1, le=5000)
-    min_epochs: int = Field(default=30, ge=0, le=5000)
-    patience: int = Field(default=20, ge=1, le=1000)
-    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
-    weight_decay: float | None = Field(default=None, ge=0, le=1.0)
-    batch_size: int = Field(default=8, ge=1, le=64)
-    bsize: int = Field(default=224, ge=64, le=512)
-    augment: bool = True
-    microscopy_augment: bool = True
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    n_train: int = Field(default=40, ge=1, le=100_000)
-    n_val: int = Field(default=5, ge=1, le=100_000)
-    n_test: int = Field(default=5, ge=1, le=100_000)
-
-
 class FinetuneIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
@@ -314,16 +243,6 @@ class FinetuneIn(StrictModel):
     base: str = Field(default="", max_length=200,
                       description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
     params: FinetuneParams = Field(default_factory=FinetuneParams)
-
-
-class SegmentParams(StrictModel):
-    flow_threshold: float | None = Field(default=None, ge=0, le=10)
-    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
-    min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="object diameter in pixels; default: the models' training diameter")
-    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
-    preview_channel: int = Field(default=0, ge=0, le=15)
 
 
 class FieldMeta(StrictModel):
@@ -338,7 +257,7 @@ class SegmentRequest(StrictModel):
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     plate: str | None = Field(default=None, max_length=120)
     fields: list[FieldMeta] = Field(default_factory=list, max_length=1536,
                                          description="per uploaded file: {well, field}")
@@ -351,7 +270,7 @@ class SegmentDatasetIn(StrictModel):
     objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
@@ -362,7 +281,7 @@ class EvaluateIn(StrictModel):
     object: ObjectLiteral | None = None
     use_channels: list[str] | None = Field(default=None, max_length=8)
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
 
 
 class SelectChannelsIn(StrictModel):
@@ -370,11 +289,10 @@ class SelectChannelsIn(StrictModel):
     object: ObjectLiteral
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
-    metric: Literal["f1", "jaccard", "map_50_95"] = "f1"
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    metric: MetricLiteral = "f1"
 
 
-RoleLiteral = Literal["instrument", "scientist", "admin"]
 
 
 class ApiKeyIn(StrictModel):
