@@ -97,3 +97,12 @@ def test_noop_duration_is_bounded_per_role(embedded_settings, role, steps, secon
     else:
         assert response.status_code == 422 and response.json()["type"].endswith("job-too-long"), response.text
         assert role in response.json()["detail"]
+
+
+def test_finetune_epochs_are_bounded_per_role(embedded_settings):
+    scientist, _ = make_client(embedded_settings, role="scientist", run_reaper=False)
+    body = {"dataset_id": 1, "reporter": "R", "object": "nuclei", "params": {"max_epochs": 1001}}
+    response = scientist.post("/api/v1/jobs/finetune", json=body)
+    assert response.status_code == 422 and response.json()["limit_epochs"] == 1000, response.text
+    admin, _ = make_client(embedded_settings, role="admin", run_reaper=False)
+    assert admin.post("/api/v1/jobs/finetune", json=body).status_code == 404  # past the bound: no dataset 1

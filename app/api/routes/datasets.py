@@ -122,15 +122,6 @@ def load_image(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> Lo
     return LoadedImage(data=stacked, filename=names[:255], stacked=image_to_tiff_bytes(stacked))
 
 
-def load_channels(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> tuple[np.ndarray, bytes, str]:
-    """``load_image`` with the bytes to store in memory (for callers not yet streaming)."""
-    loaded = load_image(uploads, max_bytes, max_pixels)
-    if loaded.upload is not None:
-        loaded.upload.file.seek(0)
-        return loaded.data, loaded.upload.file.read(), loaded.filename
-    return loaded.data, loaded.stacked or b"", loaded.filename
-
-
 def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max_bytes: int,
                max_pixels: int) -> UploadFile | None:
     if upload is None:
