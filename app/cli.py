@@ -230,11 +230,22 @@ def bench_ablation(max_epochs: int = 30) -> None:
 
 @bench_cli.command("load")
 def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
-               seconds: float = 20.0, rate: float = 20.0) -> None:
-    """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors."""
+               seconds: float = 20.0, rate: float = 20.0,
+               stack: Annotated[str, typer.Option(help="without --url: services | embedded | both")] = "both") -> None:
+    """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors.
+
+    Without --url it starts local stacks: PostgreSQL + Redis, and the embedded default (SQLite).
+    """
     from app.benchmarks.load import run_load_benchmark
 
-    run_load_benchmark(url=url or None, seconds=seconds, rate=rate, echo=typer.echo)
+    if url:
+        run_load_benchmark(url=url, seconds=seconds, rate=rate, echo=typer.echo)
+        return
+    if stack not in ("services", "embedded", "both"):
+        raise typer.BadParameter("--stack is services, embedded or both")
+    for embedded in {"services": (False,), "embedded": (True,), "both": (False, True)}[stack]:
+        typer.echo(f"== {'embedded default' if embedded else 'PostgreSQL + Redis'} ==")
+        run_load_benchmark(url=None, seconds=seconds, rate=rate, echo=typer.echo, embedded=embedded)
 
 
 @cli.command()
