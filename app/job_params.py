@@ -70,6 +70,10 @@ def storable_problem(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -79,7 +83,7 @@ class StrictModel(BaseModel):
             value = getattr(self, name)
             if problem := storable_problem(value, name):
                 raise PydanticCustomError("unstorable_value", problem)
-            if isinstance(value, dict) and len(json.dumps(value)) > MAX_JSON_BYTES:
+            if isinstance(value, dict) and len(json.dumps(value, default=_jsonable)) > MAX_JSON_BYTES:
                 raise PydanticCustomError("json_too_large", f"{name}: larger than {MAX_JSON_BYTES} bytes as JSON")
         return self
 

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         default_factory=lambda: {"instrument": 300.0, "scientist": 3600.0, "admin": 6 * 3600.0})
     max_finetune_epochs: dict[str, int] = Field(default_factory=lambda: {"scientist": 1000, "admin": 5000})
 
+    # A fine-tune saves its training state at most this often, so that a later attempt (after a lost
+    # worker or a long database outage) resumes from the last saved epoch instead of epoch 0.
+    checkpoint_interval_s: float = Field(default=60.0, ge=0)
+
     # A running job's worker writes a heartbeat this often; a job whose heartbeat is older than
     # job_stale_after_s is taken to have lost its worker and is re-run, up to job_max_attempts.
     job_heartbeat_s: float = Field(default=5.0, gt=0)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -51,6 +53,8 @@ class JobContext:
         self.worker = worker
         self.blobs = BlobStore(settings.blob_dir)
         self.folder = JobFolder(settings.jobs_dir, job.id)
+        #: Where a long job keeps what lets a later attempt resume (not a result; removed when the job ends).
+        self.checkpoint_dir = checkpoint_dir(settings, job.id)
         self._last_report = 0.0
         #: When the pipeline last reached a checkpoint; the heartbeat stops once this is too old.
         self.last_checkpoint = time.monotonic()
@@ -147,6 +151,27 @@ class JobContext:
         self._with_db_retry(record)
 
 
+    def drop_results_except(self, keep: Callable[[str], bool]) -> None:
+        """Remove the result rows and files of an earlier attempt, except those ``keep(name)`` accepts."""
+        from app.models import JobResult
+
+        def drop() -> list[str]:
+            rows = self.session.query(JobResult).filter_by(job_id=self.job_id).all()
+            gone = [row.name for row in rows if not keep(row.name)]
+            for row in rows:
+                if row.name in gone:
+                    self.session.delete(row)
+            self.session.commit()
+            return gone
+
+        self._with_db_retry(drop)
+        if self.folder.path.is_dir():
+            for path in list(self.folder.path.rglob("*")):
+                name = path.relative_to(self.folder.path).as_posix()
+                if path.is_file() and not keep(name):
+                    path.unlink(missing_ok=True)
+
+
 class _Heartbeat(threading.Thread):
     """Beats while the job's pipeline keeps reaching checkpoints.
 
@@ -185,6 +210,14 @@ def _result_count(session: Session, job_id: str) -> int:
     return int(session.scalar(select(func.count()).select_from(JobResult).where(JobResult.job_id == job_id)) or 0)
 
 
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    return settings.resolved_data_dir / "checkpoints" / JobFolder(settings.jobs_dir, job_id).path.name
+
+
+def _drop_checkpoints(settings: Settings, job_id: str) -> None:
+    shutil.rmtree(checkpoint_dir(settings, job_id), ignore_errors=True)
+
+
 def _drop_results(session: Session, job_id: str) -> None:
     from sqlalchemy import delete
 
@@ -196,9 +229,20 @@ def _drop_results(session: Session, job_id: str) -> None:
 
 def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None],
             settings: Settings | None = None, worker: str | None = None) -> str:
-    """Claim and run one job; returns the final status (or 'skipped' when not claimable)."""
+    """Claim and run one job; returns the final status (or 'skipped' when not claimable).
+
+    A job that ends (succeeded, failed, cancelled) loses its checkpoints; one that was interrupted
+    or taken over keeps them for the attempt that resumes it.
+    """
     settings = settings or get_settings()
-    worker = worker or worker_name()
+    status = _run_job(job_id, pipeline, settings, worker or worker_name())
+    if status in jobs.FINAL_STATUSES:
+        _drop_checkpoints(settings, job_id)
+    return status
+
+
+def _run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None], settings: Settings,
+             worker: str) -> str:
     factory = session_factory(settings.resolved_database_url)
     with factory() as session:
         try:
@@ -210,9 +254,11 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
         beat = _Heartbeat(settings, job_id, worker, ctx)
         beat.start()
         try:
-            # A re-run starts clean: no file and no result row of an earlier (killed) attempt.
-            ctx.folder.clear()
-            ctx.db(lambda: _drop_results(session, job_id))
+            # A re-run starts clean: no file and no result row of an earlier (killed) attempt; a
+            # resumable pipeline keeps what it finished and tidies the rest itself.
+            if not getattr(pipeline, "resumable", False):
+                ctx.folder.clear()
+                ctx.db(lambda: _drop_results(session, job_id))
             summary = pipeline(ctx) or {}
         except jobs.JobLost:
             session.rollback()

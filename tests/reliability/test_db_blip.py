@@ -35,3 +35,25 @@ def test_postgresql_restart_mid_finetune_does_not_restart_training(tmp_path, own
     epochs = [p["epoch"] for p in job["summary"]["training_curve"]]
     assert epochs == list(range(len(epochs))), epochs  # one run from epoch 0 (the baseline), never restarted
     assert "database unreachable" in worker.log()  # the outage did hit the job
+
+
+@pytest.mark.slow
+def test_finetune_rerun_after_a_lost_worker_resumes_from_its_checkpoint(tmp_path, worker_factory):
+    from tests.service.conftest import make_embedded_settings
+
+    settings = make_embedded_settings(tmp_path, job_max_attempts=2, checkpoint_interval_s=0.0)
+    worker = worker_factory(settings)
+    client, _ = make_client(settings)
+    job_id = _submit_finetune(client)
+    _wait_for_training(client, job_id, epoch=4)
+    worker.kill()  # SIGKILL: the process dies mid-training, its last checkpoint is on disk
+    checkpoint = settings.resolved_data_dir / "checkpoints" / job_id / "finetune.pt"
+    assert checkpoint.is_file()
+    worker_factory(settings)  # its reaper re-queues the job; the new attempt resumes
+    job = wait_for_job(client, job_id, timeout=240)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    resumed_after = job["summary"]["resumed_after_epoch"]
+    assert resumed_after >= 3  # not from scratch
+    epochs = [p["epoch"] for p in job["summary"]["training_curve"]]
+    assert epochs == list(range(len(epochs))), epochs  # one curve: saved epochs, then the rest
+    assert not checkpoint.parent.exists()  # removed once the job ended
