@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.api.routes import datasets, jobs, keys, system, web, work, zoo
+from app.api.routes import datasets, illumination, jobs, keys, system, web, work, zoo
 from app.reaper import reaper_loop
 from app.settings import Settings, get_settings
 
@@ -58,6 +58,6 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (system, jobs, zoo, datasets, work, keys, web):
+    for module in (system, jobs, zoo, datasets, illumination, work, keys, web):
         app.include_router(module.router)
     return app
