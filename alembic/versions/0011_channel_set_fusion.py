@@ -1,7 +1,7 @@
 """Channel sets carry the fusion parameters fitted for them (weights, thresholds, CV score).
 
 Revision ID: 0011
-Revises: 0003
+Revises: 0017 (written against 0003; chained after main's 0017 so that the tree has one head)
 Create Date: 2026-12-02 08:00:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0011'
-down_revision = '0003'
+down_revision = '0017'
 branch_labels = None
 depends_on = None
 
