@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -95,7 +95,7 @@ def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") 
 
 
 @cli.command()
-def worker(queue: Annotated[list[str], typer.Option("--queue", "-q", help="queues to consume")] = None,
+def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
            concurrency: Annotated[int, typer.Option(help="parallel jobs")] = 0) -> None:
     """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu`)."""
     settings = _settings()
@@ -240,7 +240,7 @@ def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights 
     """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
     from app.science.pretrain import pretrain_base
 
-    kwargs = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
+    kwargs: dict[str, Any] = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
               "version": version, "bsize": bsize, "synthetic_size": 192}
     if data_dir is not None:
         kwargs["dsb_dir"] = data_dir

@@ -22,6 +22,8 @@ def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
         for action in actions:
             if action.action in ("requeued", "resend"):
                 job = session.get(jobs.Job, action.job_id)
+                if job is None:  # deleted since the sweep
+                    continue
                 try:
                     send_job(job.id, job.kind, settings)
                     jobs.mark_enqueued(session, job.id)

@@ -31,8 +31,8 @@ def _gpu_info() -> dict:
     return {"gpu": False, "gpu_name": None}
 
 
-def _versions() -> dict:
-    out = {}
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for dist in ("cellfuse", "cellpose", "torch"):
         try:
             out[dist] = metadata.version(dist)

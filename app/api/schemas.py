@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every timestamp CellFuse stores is UTC.
     if value is not None and value.tzinfo is None:
@@ -276,7 +282,7 @@ class FieldMeta(StrictModel):
 class SegmentRequest(StrictModel):
     cell_line: str = Field(min_length=1, max_length=120)
     channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
@@ -290,7 +296,7 @@ class SegmentRequest(StrictModel):
 class SegmentDatasetIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     split: SplitLiteral | None = None
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default="production", max_length=60)

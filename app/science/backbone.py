@@ -368,6 +368,7 @@ def predict_maps_multi(
                 y, styles = _forward(net, batch, channels_last=channels_last)
                 for b, j in enumerate(members):
                     group_maps[j], styles_out[idx[j]] = y[b], styles[b]
+        assert pads is not None  # every rescale group has at least one channel
         cropped = np.stack([_unpad(group_maps[j], pads) for j in range(len(idx))])  # (n, 3, Yr, Xr)
         if rescale != 1.0:
             n = len(idx)

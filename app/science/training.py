@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from skimage.segmentation import relabel_sequential
 
 from app.science.augmentations import AugmentationConfig, augment
 from app.science.backbone import INPUT_CHANNELS, build_network, network_widths
+
+if TYPE_CHECKING:
+    from app.science.metrics import SegmentationScores
 
 #: Cellpose clamps training diameters below this (pixels) to avoid huge rescale factors.
 MIN_DIAMETER = 5.0
@@ -446,7 +450,7 @@ def finetune(
 class Evaluation:
     """Pooled scores of a model on a set of annotated images, with its predicted masks."""
 
-    scores: object  # metrics.SegmentationScores
+    scores: SegmentationScores
     masks: list[np.ndarray]
     diameters: tuple[float, ...]
 
@@ -478,7 +482,7 @@ def evaluate_model(
     if diameter is None or np.isscalar(diameter):
         per_image = [diameter if diameter is not None else float(net.diam_labels.item())] * len(images)
     else:
-        per_image = [float(d) for d in diameter]
+        per_image = [float(d) for d in np.atleast_1d(diameter)]
         if len(per_image) != len(images):
             raise TrainingDataError(f"got {len(per_image)} diameters for {len(images)} images")
     diam_mean = float(net.diam_mean.item())

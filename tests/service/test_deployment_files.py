@@ -36,7 +36,7 @@ def test_compose_has_the_services_and_dependencies():
 
 
 def test_compose_commands_exist_in_the_cli():
-    for name, service in _compose()["services"].items():
+    for service in _compose()["services"].values():
         command = service.get("command")
         if command and command[0] == "cellfuse":
             _cli_accepts(command)

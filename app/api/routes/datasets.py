@@ -83,7 +83,7 @@ def load_channels(uploads: list[UploadFile], max_bytes: int, max_pixels: int) ->
     return stacked, image_to_tiff_bytes(stacked), names[:255]
 
 
-def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max_bytes: int,
+def _load_mask(upload: UploadFile | None, shape: tuple[int, ...], what: str, max_bytes: int,
                max_pixels: int) -> bytes | None:
     if upload is None:
         return None
