@@ -104,6 +104,21 @@ def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help
     os.execv(cmd[0], cmd)
 
 
+@cli.command("worker-health")
+def worker_health(max_age: Annotated[float, typer.Option(help="seconds since a worker here last reported")] = 60.0,
+                  ) -> None:
+    """Exit 0 if a worker on this host reported within --max-age seconds (the worker container's healthcheck)."""
+    import socket
+
+    from app.worker_presence import live_workers_on_host
+
+    names = live_workers_on_host(_settings(), max_age)
+    if not names:
+        typer.echo(f"no worker on {socket.gethostname()} reported in the last {max_age:g} s", err=True)
+        raise typer.Exit(1)
+    typer.echo(" ".join(names))
+
+
 @cli.command()
 def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="port")] = 8000,
