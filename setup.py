@@ -18,6 +18,7 @@ class BuildPyWithMigrations(build_py):
         if getattr(self, "editable_mode", False):
             return
         target = Path(self.build_lib) / "app" / "_alembic"
+        shutil.rmtree(target, ignore_errors=True)  # a reused build/ must not keep a deleted revision
         shutil.copytree("alembic", target, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # Inside the package the ini sits next to env.py, so the scripts are "here".
