@@ -243,6 +243,18 @@ def bench_ablation(max_epochs: int = 30) -> None:
     run_ablation_benchmark(max_epochs=max_epochs, echo=typer.echo)
 
 
+@bench_cli.command("preprocessing")
+def bench_preprocessing(max_epochs: int = 40,
+                        small: Annotated[bool, typer.Option(help="a quick smoke run")] = False) -> None:
+    """Flow Fusion F1 with and without per-plate illumination correction and plate-level percentiles."""
+    from app.benchmarks.preprocessing import run_preprocessing_benchmark
+
+    if small:
+        run_preprocessing_benchmark(n_train=3, n_val=2, n_test=3, size=96, max_epochs=2, n_boot=50, echo=typer.echo)
+    else:
+        run_preprocessing_benchmark(max_epochs=max_epochs, echo=typer.echo)
+
+
 @bench_cli.command("load")
 def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
                seconds: float = 20.0, rate: float = 20.0,

@@ -80,6 +80,9 @@ class TrainingConfig:
     time_limit_s: float | None = None
     #: NHWC convolutions: a training step took ~20-25 % less CPU time here (half and full width).
     channels_last: bool = True
+    #: Cellpose's per-image 1st-99th percentile scaling. False when the images come already scaled
+    #: by dataset-level percentiles (a preprocessing recipe), which must not be undone per image.
+    normalize_per_image: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
@@ -318,7 +321,8 @@ def _prepare(
     diameters = image_diameters(masks) if len(masks) else np.zeros(0)
     zooms = [diam_mean / d if config.rescale else 1.0 for d in diameters]
     return _PreparedSet(
-        images=[normalise_image(image)[None] for image in images],
+        images=[(normalise_image(image) if config.normalize_per_image else np.asarray(image, np.float32))[None]
+                for image in images],
         targets=[flow_targets(np.asarray(mask), cache_dir=config.flow_cache_dir) for mask in masks],
         zooms=zooms,
         diameters=diameters,
