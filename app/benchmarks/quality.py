@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,12 +61,12 @@ class _Trained:
     names: list[str]
     nets: list
     diameters: list[float]
-    joint: object
+    joint: Any
     joint_diameter: float
     diam_mean: float
-    fusion: object  # FusionParameters
-    single_thresholds: list  # ThresholdFit per channel
-    joint_thresholds: object  # ThresholdFit
+    fusion: Any  # flow_fusion.FusionParameters
+    single_thresholds: list  # fusion_fitting.ThresholdFit per channel
+    joint_thresholds: Any  # fusion_fitting.ThresholdFit
     val_fields: list
     seconds: dict
 
@@ -190,7 +191,7 @@ def _score_rows(trained: _Trained, fields: Sequence, obj: str) -> dict[str, np.n
 def _summarise(counts: dict[str, np.ndarray], names: list[str], n_boot: int, seed: int) -> dict:
     from app.science.fusion_fitting import bootstrap_f1, interval, pooled_f1
 
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for row, c in counts.items():
         samples = bootstrap_f1(c, n_boot=n_boot, seed=seed)
         table[row] = {"f1": float(pooled_f1(c.sum(axis=0))), "interval": interval(samples),

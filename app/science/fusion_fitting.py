@@ -182,7 +182,7 @@ def fit_thresholds(
     table = threshold_table(maps, truths, diameter=diameter, diam_mean=diam_mean, flow_thresholds=flow_thresholds,
                             cellprob_thresholds=cellprob_thresholds, min_size=min_size)
     scores = pooled_f1(table.sum(axis=2))
-    c, f = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    c, f = (int(i) for i in np.unravel_index(int(np.argmax(scores)), scores.shape))
     return ThresholdFit(float(flow_thresholds[f]), float(cellprob_thresholds[c]), float(scores[c, f]))
 
 

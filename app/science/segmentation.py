@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,10 +170,11 @@ def segment_field(
         timings["masks"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
         norm = [float(w) for w in (weights if weights is not None else [1.0] * len(models))]
-        settings = {"method": method, "channels": [m.name for m in models],
-                    "weights": [round(w / sum(norm), 6) for w in norm], "confidence": confidence,
-                    "flow_threshold": float(used_flow or 0.0), "cellprob_threshold": float(used_cellprob),
-                    "diameter": diameter, "weights_source": source}
+        settings: dict[str, Any] = {
+            "method": method, "channels": [m.name for m in models],
+            "weights": [round(w / sum(norm), 6) for w in norm], "confidence": confidence,
+            "flow_threshold": float(used_flow or 0.0), "cellprob_threshold": float(used_cellprob),
+            "diameter": diameter, "weights_source": source}
         return SegmentationResult(labels, channel_maps, fused, None, timings, settings)
 
     tic = time.perf_counter()
@@ -195,7 +197,8 @@ def segment_field(
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
     timings["total"] = time.perf_counter() - started
-    settings = {"method": method, "channels": [m.name for m in models], "flow_threshold": float(channel_flow or 0.0),
+    settings = {"method": method, "channels": [m.name for m in models],
+                "flow_threshold": float(channel_flow or 0.0),
                 "cellprob_threshold": float(channel_cellprob), "fusion_params": params,
                 "diameters": [m.diameter for m in models]}
     return SegmentationResult(labels, channel_maps, None, channel_labels, timings, settings)

@@ -122,7 +122,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             image = read_field(ctx, field.image_sha256)
-            labels, settings = {}, {}
+            labels: dict[str, np.ndarray] = {}
+            settings: dict[str, dict[str, Any]] = {}
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
