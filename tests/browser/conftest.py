@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,17 +65,16 @@ class LiveServer:
         return CellFuseClient.connect(self.base_url, self.key, timeout=60.0)
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+@contextmanager
+def serve(folder: Path, role: str = "admin") -> Iterator[LiveServer]:
+    """A real server (uvicorn in a thread) and a real worker on an empty embedded service in ``folder``."""
     import uvicorn
 
     from app.api.main import create_app
 
-    require_chromium()
-    folder = tmp_path_factory.mktemp("web")
     settings = make_embedded_settings(folder)
     with session_factory(settings.resolved_database_url)() as session:
-        _row, key = create_key(session, "browser-test", "admin")
+        _row, key = create_key(session, "browser-test", role)
     # The worker imports torch and Cellpose; start it first so that it warms up while the API starts.
     worker = start_worker(settings, folder / "worker.log")
     port = _free_port()
@@ -100,6 +100,20 @@ def live_server(tmp_path_factory) -> Iterator[LiveServer]:
         server.should_exit = True
         thread.join(timeout=15)
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """One server for the browser tests that share the tiny zoo (started once: a worker costs ~15 s)."""
+    require_chromium()
+    with serve(tmp_path_factory.mktemp("web")) as server:
+        yield server
+
+
+def make_key(server: LiveServer, role: str, name: str = "browser-role") -> str:
+    with session_factory(server.settings.resolved_database_url)() as session:
+        _row, key = create_key(session, name, role)
+    return key
 
 
 def register_base(api: CellFuseClient, name: str = "random-full-width") -> str:
@@ -135,7 +149,7 @@ class TinyZoo:
     version_ids: list[int]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def zoo_jobs(live_server) -> ZooJobs:
     """Fine-tunes of a 2-reporter zoo for one cell line (nuclei and cells per reporter), submitted
     through the API and not waited for: browser tests watch them run."""
@@ -151,7 +165,7 @@ def zoo_jobs(live_server) -> ZooJobs:
     return ZooJobs(channels, ds["id"], [job["id"] for job in jobs])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_zoo(live_server, zoo_jobs) -> TinyZoo:
     """The zoo once every fine-tune has finished."""
     api = live_server.client()
@@ -163,10 +177,11 @@ def tiny_zoo(live_server, zoo_jobs) -> TinyZoo:
     return TinyZoo(zoo_jobs.channels, zoo_jobs.dataset_id, version_ids)
 
 
-@pytest.fixture(scope="module")
-def browser(live_server):
+@pytest.fixture(scope="session")
+def browser():
     from playwright.sync_api import sync_playwright
 
+    require_chromium()
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -225,5 +240,5 @@ def no_horizontal_overflow(page) -> int:
     return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
 
 
-__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "no_horizontal_overflow",
-           "open_page"]
+__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "make_key",
+           "no_horizontal_overflow", "open_page", "serve"]

@@ -54,6 +54,7 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     rows = page.locator("#jobs-body tr.job-row")
     page.wait_for_function("n => document.querySelectorAll('#jobs-body tr.job-row').length >= n",
                            arg=len(zoo_jobs.job_ids) + 1)
+    finetunes = page.locator("#jobs-body tr.job-row", has_text="fine-tuning")
     assert "fine-tuning" in page.inner_text("#jobs-body")
     noop_row = page.locator(f"#jobs-body tr[data-job='{waiting['id']}']")
     noop_row.locator("button.cancel").click()
@@ -65,14 +66,14 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     seen_progress: set[str] = set()
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
-        statuses = page.locator("#jobs-body tr.job-row .badge").all_inner_texts()
-        seen_progress.update(page.locator("#jobs-body .progress").evaluate_all(
+        statuses = finetunes.locator(".badge").all_inner_texts()
+        seen_progress.update(finetunes.locator(".progress").evaluate_all(
             "bars => bars.map(b => b.getAttribute('aria-valuenow'))"))
         if statuses.count("succeeded") >= len(zoo_jobs.job_ids):
             break
         assert "failed" not in statuses, page.inner_text("#jobs-body")
         page.wait_for_timeout(300)
-    assert page.locator("#jobs-body tr.job-row .badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
+    assert finetunes.locator(".badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
     assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while training, 100
     # A finished fine-tune shows its training curve in the job's details.
     rows.filter(has_text="fine-tuning").first.click()
