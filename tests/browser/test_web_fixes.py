@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.browser.conftest import ARTIFACTS, CELL_LINE, enter_key, make_key, no_horizontal_overflow, open_page
+from tests.browser.conftest import ARTIFACTS, CELL_LINE, SHIPPED_BASE, enter_key, make_key, no_horizontal_overflow, open_page
 from tests.service.workflow import field_tiff, small_plate
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -47,7 +47,7 @@ def test_start_from_offers_every_zoo_version(page, live_server, tiny_zoo):
     assert not any("[object" in t for t in texts), texts
     for version_id in tiny_zoo.version_ids:
         assert f"version:{version_id}" in values
-    assert "random-full-width" in values  # the uploaded base
+    assert SHIPPED_BASE in values  # the shipped base model, by name
 
 
 def test_an_invalid_value_in_the_folded_panel_is_shown(page, live_server, tiny_zoo):
