@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.browser.conftest import ARTIFACTS, CELL_LINE, SHIPPED_BASE, enter_key, make_key, no_horizontal_overflow, open_page
+from tests.browser.conftest import (
+    ARTIFACTS,
+    CELL_LINE,
+    SHIPPED_BASE,
+    enter_key,
+    make_key,
+    no_horizontal_overflow,
+    open_page,
+)
 from tests.service.workflow import field_tiff, small_plate
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

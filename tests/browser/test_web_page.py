@@ -125,7 +125,8 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     with page.expect_download() as info:
         page.locator("#job-detail a.download", has_text="provenance.json").click()
     assert info.value.suggested_filename == "provenance.json"
-    assert b'"method": "flow_fusion"' in open(info.value.path(), "rb").read()
+    with open(info.value.path(), "rb") as saved:
+        assert b'"method": "flow_fusion"' in saved.read()
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-segment-job.png"), full_page=True)

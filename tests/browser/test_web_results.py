@@ -11,7 +11,13 @@ import zipfile
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, CELL_LINE, enter_key, no_horizontal_overflow, open_page
+from tests.browser.conftest import (
+    ARTIFACTS,
+    CELL_LINE,
+    enter_key,
+    no_horizontal_overflow,
+    open_page,
+)
 from tests.service.workflow import field_tiff, small_plate
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -187,7 +187,8 @@ def field_view(job_id: str, field: str, session: SessionDep, settings: SettingsD
     for obj in ("nuclei", "cells"):
         labels = _field_labels(job, field, obj, settings)
         if labels is not None:
-            objects[obj] = {"count": int(labels.max()), "colour": bytes(OUTLINE_COLOURS[obj]).hex()}
+            ids = np.unique(labels)
+            objects[obj] = {"count": int(np.count_nonzero(ids)), "colour": bytes(OUTLINE_COLOURS[obj]).hex()}
     return {"field": field, "well": meta.get("well"), "width": int(image.shape[2]), "height": int(image.shape[1]),
             "dtype": str(image.dtype), "channels": channels, "objects": objects}
 
