@@ -238,9 +238,24 @@ def enter_key(page, key: str) -> None:
     page.wait_for_selector("#conn-state:has-text('connected')")
 
 
-def no_horizontal_overflow(page) -> int:
+class Overflow(int):
+    """How many CSS pixels the page is wider than its viewport; ``culprits`` name the elements past it."""
+
+    culprits: list[str]
+
+
+def no_horizontal_overflow(page) -> Overflow:
     """How many CSS pixels the page is wider than its viewport (0 = nothing to scroll sideways)."""
-    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    found = page.evaluate("""() => {
+      const width = document.documentElement.clientWidth;
+      const past = [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > width + 1
+        && e.getClientRects().length && !e.closest('.table-scroll'));
+      return [document.documentElement.scrollWidth - width,
+              past.slice(0, 8).map((e) => `${e.tagName.toLowerCase()}#${e.id}.${e.className}`)];
+    }""")
+    result = Overflow(found[0])
+    result.culprits = found[1]
+    return result
 
 
 __all__ = ["ARTIFACTS", "CELL_LINE", "SHIPPED_BASE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "make_key",

@@ -271,7 +271,8 @@ def test_no_sideways_scrolling(browser, live_server, tiny_zoo, width):
             if tab == "jobs":
                 page.locator("#jobs-body tr.job-row", has_text="fine-tuning").first.click()
                 page.locator("#job-detail svg.curve").first.wait_for()
-            assert no_horizontal_overflow(page) <= 0, f"{tab} at {width} px"
+            overflow = no_horizontal_overflow(page)
+            assert overflow <= 0, f"{tab} at {width} px: {overflow.culprits}"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"web-jobs-{width}px.png"), full_page=True)
         assert not page.console_errors.unexpected()

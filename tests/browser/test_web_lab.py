@@ -183,10 +183,12 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         for tab in ("segment", "zoo", "train", "jobs"):
             page.click(f"nav [data-tab='{tab}']")
             page.wait_for_timeout(500)
-            assert no_horizontal_overflow(page) <= 0, tab
+            overflow = no_horizontal_overflow(page)
+            assert overflow <= 0, f"{tab}: {overflow.culprits}"
         page.goto("/" + job_hash)
         page.wait_for_selector("#viewer[data-ready='true']", timeout=30_000)
-        assert no_horizontal_overflow(page) <= 0, "job page"
+        overflow = no_horizontal_overflow(page)
+        assert overflow <= 0, f"job page: {overflow.culprits}"
         page.screenshot(path=str(ARTIFACTS / "web-lab-job-400px.png"), full_page=True)
         assert not page.console_errors.unexpected(), page.console_errors.unexpected()
     finally:

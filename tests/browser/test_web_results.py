@@ -104,6 +104,8 @@ def test_the_viewer_zooms_toggles_and_tells_about_a_cell(browser, live_server, p
         page.goto(f"/#/jobs/{plate_job}")
         page.wait_for_selector("#viewer[data-ready='true']", timeout=30_000)
         field = page.inner_text("#field-view-title").removeprefix("Field ").strip()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#field-view").screenshot(path=str(ARTIFACTS / f"web-viewer-default-{width}px.png"))
         assert page.locator("#viewer").get_attribute("data-layers") == "4"  # 2 channels + 2 outline layers
         assert page.locator("#viewer-box input[data-channel]").count() == 2
         assert page.locator("#viewer-box input[data-outline]").count() == 2
@@ -141,7 +143,8 @@ def test_the_viewer_zooms_toggles_and_tells_about_a_cell(browser, live_server, p
         picked.wait_for()
         assert f"nucleus {nucleus['label']}" in page.inner_text("#viewer-box .picked")
         assert "area" in picked.inner_text()
-        assert no_horizontal_overflow(page) <= 0
+        overflow = no_horizontal_overflow(page)
+        assert overflow <= 0, overflow.culprits
         ARTIFACTS.mkdir(exist_ok=True)
         page.locator("#field-view").screenshot(path=str(ARTIFACTS / f"web-viewer-{width}px.png"))
         assert not page.console_errors.unexpected()

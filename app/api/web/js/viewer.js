@@ -1,7 +1,7 @@
 // The result viewer: one field at full resolution with deep zoom and pan (OpenSeadragon, vendored),
 // each channel a tinted layer added up like Fiji's composite, nucleus and cell outlines on top, and
 // a click on a cell shows its measurements. Every layer is a PNG fetched with the key.
-import {el, fmt} from "./dom.js";
+import {el, fmt, scroller} from "./dom.js";
 import {api, showError} from "./api.js";
 
 const viewers = new WeakMap();   // container -> {osd, urls}
@@ -133,12 +133,12 @@ export async function openViewer(box, job, field) {
       ` ${layer.obj} outlines (${meta.count})`)), el("td", {colspan: 3}, opacity));
   });
   controls.append(
-    el("table", {class: "layers"},
+    scroller(el("table", {class: "layers"},
       el("thead", {}, el("tr", {}, el("th", {}, "Channel (colour)"), el("th", {}, "black at"), el("th", {}, "white at"),
         el("th", {}, ""))),
-      el("tbody", {}, channelRows)),
-    el("table", {class: "layers"}, el("thead", {}, el("tr", {}, el("th", {}, "Outlines"), el("th", {colspan: 3}, "opacity"))),
-      el("tbody", {}, outlineRows)),
+      el("tbody", {}, channelRows))),
+    scroller(el("table", {class: "layers"}, el("thead", {}, el("tr", {}, el("th", {}, "Outlines"),
+      el("th", {colspan: 3}, "opacity"))), el("tbody", {}, outlineRows))),
     el("p", {class: "muted small-text legend-text"}, "Channels add up in their colours (as in Fiji's composite); ",
       "outlines trace each object's edge pixels: ", legendSwatch(info.objects.nuclei ? info.objects.nuclei.colour : "ffff00"),
       " nuclei, ", legendSwatch(info.objects.cells ? info.objects.cells.colour : "ff00ff"), " cells."));
@@ -174,9 +174,9 @@ async function pick(base, x, y, box) {
   const columns = found.rows.length ? Object.keys(found.rows[0]).filter((k) => k !== "object") : [];
   box.replaceChildren(title,
     el("p", {}, `nucleus ${found.nucleus_label || "–"} · cell ${found.cell_label || "–"}`),
-    found.rows.length ? el("table", {class: "list picked-table"},
+    found.rows.length ? scroller(el("table", {class: "list picked-table"},
       el("thead", {}, el("tr", {}, el("th", {}, "Measure"), found.rows.map((r) => el("th", {}, `${r.object} ${r.label}`)))),
       el("tbody", {}, columns.map((k) => el("tr", {}, el("td", {}, k.replaceAll("_", " ")),
-        found.rows.map((r) => el("td", {class: "num"}, fmt(Number.isFinite(Number(r[k])) && r[k] !== "" ? Number(r[k]) : r[k])))))))
+        found.rows.map((r) => el("td", {class: "num"}, fmt(Number.isFinite(Number(r[k])) && r[k] !== "" ? Number(r[k]) : r[k]))))))))
       : el("p", {class: "muted"}, "no measurement row for this object"));
 }
