@@ -37,6 +37,9 @@ def plate_job(browser, live_server, tiny_zoo) -> str:
         page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
         assert page.locator("#seg-file-list tbody tr").count() == len(WELLS)
         assert page.locator("#seg-file-list td.job-error").count() == 0
+        # Each channel of the first file as a thumbnail, decoded in the browser before any upload.
+        page.locator("#seg-channels canvas.thumb").nth(1).wait_for()
+        assert page.locator("#seg-channels canvas.thumb").count() == 2
         page.select_option("#seg-cell-line", CELL_LINE)
         page.fill("#seg-plate", "P-17")
         # Before submitting, each channel shows the model version it will use and that model's F1.

@@ -3,6 +3,7 @@
 import {$, EXPLAIN, WEAK_F1, el, fmtBytes, fmtScore, setOptions} from "./dom.js";
 import {ApiError, api, clearNotice, showError, showNotice} from "./api.js";
 import {state} from "./state.js";
+import {channelThumbnails} from "./thumbnails.js";
 
 /** What a TIFF says about its channels: OME-XML channel names, ImageJ's channels=, tifffile's JSON
  *  shape, samples per pixel, or else the number of pages (a plain multi-page TIFF is one page per
@@ -107,6 +108,7 @@ export function renderChannelRows(fileNames = null) {
     fuse.disabled = zooChooses;
     body.append(el("tr", {},
       el("td", {}, `${i + 1}`, names[i] ? el("span", {class: "muted"}, ` (file: ${names[i]})`) : null),
+      el("td", {class: "thumb-cell"}),
       el("td", {}, select), el("td", {}, fuse), el("td", {class: "plan", "data-plan": i}, "")));
   }
   schedulePlan();
@@ -167,6 +169,7 @@ async function onFilesChosen() {
     renderChannelRows([]);
   }
   info.textContent = text;
+  showThumbnails(files[0], first && first.count ? first.count : 0).catch(() => {});
   const count = first && first.count;
   const problems = checked.filter((c) => c.found === null || (count && c.found.count && c.found.count !== count));
   list.append(el("table", {class: "list files-checked"},
@@ -184,6 +187,23 @@ async function onFilesChosen() {
   if (problems.length) {
     list.append(el("p", {class: "job-error"}, `${problems.length} file(s) need a look before submitting.`));
   }
+}
+
+/** Each channel of the first file as a small grey picture, in the channel table's rows. */
+async function showThumbnails(file, count) {
+  const cells = [...document.querySelectorAll("#seg-channels td.thumb-cell")];
+  for (const cell of cells) cell.replaceChildren();
+  if (!count) return;
+  const thumbs = await channelThumbnails(file, count);
+  if (typeof thumbs === "string") {
+    if (cells[0]) cells[0].append(el("span", {class: "muted small-text"}, thumbs));
+    return;
+  }
+  thumbs.forEach((canvas, i) => {
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", `channel ${i + 1} of ${file.name}`);
+    if (cells[i]) cells[i].append(canvas);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ export async function openViewer(box, job, field) {
     const point = item.viewportToImageCoordinates(osd.viewport.pointFromPixel(event.position));
     const x = Math.floor(point.x), y = Math.floor(point.y);
     if (x < 0 || y < 0 || x >= info.width || y >= info.height) return;
-    pick(base, x, y, picked).catch(showError);
+    pick(osd, base, x, y, picked).catch(showError);
   });
   await new Promise((resolve) => {
     const done = () => osd.world.getItemCount() && [...Array(osd.world.getItemCount()).keys()]
@@ -164,8 +164,20 @@ export async function openViewer(box, job, field) {
   canvas.dataset.ready = "true";
 }
 
-async function pick(base, x, y, box) {
+/** Frame the picked object (its bounding box) on the image, as Fiji's ROI manager would. */
+function frame(osd, row) {
+  osd.clearOverlays();
+  if (!row) return;
+  const item = osd.world.getItemAt(0);
+  const [y0, x0, y1, x1] = ["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"].map((k) => Number(row[k]));
+  if (![y0, x0, y1, x1].every(Number.isFinite)) return;
+  osd.addOverlay({element: el("div", {class: "pick-frame", "aria-hidden": "true"}),
+    location: item.imageToViewportRectangle(x0, y0, x1 - x0, y1 - y0)});
+}
+
+async function pick(osd, base, x, y, box) {
   const found = await api(`${base}/pick?x=${x}&y=${y}`);
+  frame(osd, found.rows.find((r) => r.object === "cell") || found.rows[0]);
   const title = el("h5", {}, `Pixel (x ${x}, y ${y})`);
   if (!found.nucleus_label && !found.cell_label) {
     box.replaceChildren(title, el("p", {class: "muted"}, "background: no nucleus or cell here"));
