@@ -65,6 +65,9 @@ def test_an_invalid_value_in_the_folded_panel_is_shown(page, live_server, tiny_z
                                                "buffer": field_tiff(field)}])
     page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
     page.select_option("#seg-cell-line", CELL_LINE)
+    # The alias is a list (a misspelt one would silently mean "the newest models").
+    assert page.evaluate("() => document.getElementById('seg-alias').tagName") == "SELECT"
+    assert page.input_value("#seg-alias") == "production"
     assert page.locator("#seg-advanced").get_attribute("open") is None
     page.evaluate("() => { document.getElementById('seg-diameter').value = '0.5'; }")
     before = _jobs_total(live_server)

@@ -194,5 +194,13 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
     page.locator("#aliases-body", has_text="production").wait_for()
     assert "production" in page.inner_text(f"#versions-body tr[data-version='{nuclear_nuclei['id']}']")
     assert f"{CELL_LINE} · nuclei: {tiny_zoo.channels[0]}" in page.inner_text("#channel-sets")
+    # F1 is explained where it appears, and a weak production model is called out.
+    assert "IoU ≥ 0.5" in page.inner_text("#zoo-f1-help")
+    f1 = (nuclear_nuclei["test_metrics"] or {}).get("f1")
+    if f1 is not None and f1 < 0.5:
+        assert f"#{nuclear_nuclei['id']}" in page.inner_text("#zoo-weak")
+        assert page.locator(f"#versions-body tr[data-version='{nuclear_nuclei['id']}'] .badge.weak").count() == 1
+    else:
+        assert page.locator("#zoo-weak").is_hidden()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-zoo.png"), full_page=True)
