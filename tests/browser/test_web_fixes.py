@@ -287,3 +287,55 @@ def test_static_files_stay_inside_the_web_folder(live_server):
     for bad in ("../routes/web.py", "js/../../main.py", "%2e%2e/main.py", "vendor/../../errors.py"):
         assert httpx.get(f"{live_server.base_url}/static/{bad}").status_code == 404, bad
     assert httpx.get(f"{live_server.base_url}/static/vendor/openseadragon/openseadragon.min.js").status_code == 200
+
+
+AA_JS = """() => {
+  const lum = (rgb) => { const c = rgb.match(/[\\d.]+/g).slice(0, 3).map(Number).map((v) => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]; };
+  const alpha = (rgb) => { const m = rgb.match(/[\\d.]+/g); return m.length > 3 ? Number(m[3]) : 1; };
+  const background = (node) => {
+    for (let n = node; n; n = n.parentElement) {
+      const bg = getComputedStyle(n).backgroundColor;
+      if (alpha(bg) > 0.5) return bg;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  const bad = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let t = walker.nextNode(); t; t = walker.nextNode()) {
+    const node = t.parentElement;
+    if (!t.textContent.trim() || !node || !node.getClientRects().length) continue;
+    if (node.closest('svg, canvas, .osd, [hidden], .progress, :disabled, option')) continue;
+    const style = getComputedStyle(node);
+    if (style.visibility === 'hidden' || Number(style.opacity) < 0.5) continue;
+    const [a, b] = [lum(style.color), lum(background(node))].sort((p, q) => q - p);
+    const ratio = (a + 0.05) / (b + 0.05);
+    const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+    const need = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    if (ratio < need) bad.push(`${node.tagName.toLowerCase()}.${node.className}: "${t.textContent.trim().slice(0, 30)}" ${ratio.toFixed(2)}`);
+  }
+  return [...new Set(bad)];
+}"""
+
+
+def test_text_contrast_meets_wcag_aa_and_tabs_work_by_keyboard(page, live_server, tiny_zoo):
+    enter_key(page, live_server.key)
+    for tab in ("segment", "jobs", "zoo", "train"):
+        page.click(f"nav [data-tab='{tab}']")
+        page.wait_for_timeout(700)
+        if tab == "jobs":
+            page.locator("#jobs-body tr.job-row", has_text="fine-tuning").first.click()
+            page.locator("#job-detail svg.curve").first.wait_for()
+        assert page.evaluate(AA_JS) == [], tab
+    # Tabs by keyboard (arrow keys, as in the WAI-ARIA tabs pattern); a job page by Enter on its link.
+    page.focus("#tab-btn-train")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("() => document.activeElement.id") == "tab-btn-segment"
+    assert page.locator("#tab-segment").is_visible()
+    page.keyboard.press("ArrowRight")
+    page.locator("#jobs-body a.job-link").first.focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => location.hash.startsWith('#/jobs/')")
+    page.locator("#job-detail h3").wait_for()
+    assert page.locator("#live").get_attribute("aria-live") == "polite"

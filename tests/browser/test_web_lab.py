@@ -52,7 +52,8 @@ def _fine_tune(page, reporter: str, epochs: int) -> None:
     page.select_option("#ft-object", "nuclei")
     page.select_option("#ft-base", "")  # the shipped base
     page.fill("#ft-max-epochs", str(epochs))
-    page.click("#finetune-form summary")
+    if page.locator("#finetune-form details").get_attribute("open") is None:
+        page.click("#finetune-form summary")
     page.fill("#ft-min-epochs", "0")
     page.fill("#ft-batch-size", "4")
     page.fill("#ft-bsize", "64")
