@@ -34,9 +34,12 @@ def empty_server(tmp_path_factory):
         yield server
 
 
-def _wait_job_page(page, timeout_s: float = 240) -> str:
+def _wait_job_page(page, before: str, timeout_s: float = 240) -> str:
     """Wait on the job page that the page opened after a submit until the job ends; -> its status."""
-    page.wait_for_function("() => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash)")
+    page.wait_for_function("old => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash) && location.hash !== old",
+                           arg=before)
+    job_id = page.evaluate("() => location.hash.split('/').pop()")
+    page.locator("#job-detail h3 code", has_text=job_id[:8]).wait_for()
     badge = page.locator("#job-detail h3 .badge")
     badge.wait_for()
     deadline = time.monotonic() + timeout_s
@@ -57,8 +60,9 @@ def _fine_tune(page, reporter: str, epochs: int) -> None:
     page.fill("#ft-min-epochs", "0")
     page.fill("#ft-batch-size", "4")
     page.fill("#ft-bsize", "64")
+    before = page.evaluate("() => location.hash")
     page.click("#ft-submit")
-    assert _wait_job_page(page) == "succeeded", page.inner_text("#job-detail")
+    assert _wait_job_page(page, before) == "succeeded", page.inner_text("#job-detail")
 
 
 def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server):
@@ -166,8 +170,9 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         plan = page.inner_text(f"#seg-channels td.plan[data-plan='{channels.index('nuclear')}']")
         assert f"#{better}" in plan and "alias production" in plan
         page.fill("#seg-plate", "lab-plate-1")
+        before = page.evaluate("() => location.hash")
         page.click("#seg-submit")
-        assert _wait_job_page(page) == "succeeded", page.inner_text("#job-detail")
+        assert _wait_job_page(page, before) == "succeeded", page.inner_text("#job-detail")
         page.locator("#plate-box svg.plate .well-group").nth(2).wait_for()
         page.wait_for_selector("#viewer[data-ready='true']", timeout=30_000)
         page.locator("#plate-box").screenshot(path=str(ARTIFACTS / "web-lab-plate-map.png"))

@@ -437,7 +437,7 @@ function renderJobDetail(job, position) {
       updateProgress(bar, job);
       head.querySelector(".job-timing").textContent = timing(job, position);
     } else {
-      head.replaceChildren(...renderHeader(job, position));
+      head.replaceChildren(...renderHeader(job, position).filter(Boolean));
       head.dataset.status = job.status;
       head.dataset.cancel = String(canCancel(job));
       if (focused) {
@@ -454,7 +454,7 @@ function renderJobDetail(job, position) {
   }
   if (resultsKey !== detail.resultsKey) {
     detail.resultsKey = resultsKey;
-    $("job-results").replaceChildren(...renderResults(job));
+    $("job-results").replaceChildren(...renderResults(job).filter(Boolean));
     const s = job.summary || {};
     if ($("plate-box")) showPlate($("plate-box"), job, (field) => showField(job, field)).catch(showError);
     if (job.status === "succeeded" && Array.isArray(s.fields) && s.fields.length) showField(job, s.fields[0].field);
