@@ -59,8 +59,10 @@ export async function openViewer(box, job, field) {
   });
   canvas.osd = osd;  // for tests and the browser console: document.getElementById("viewer").osd
   viewers.set(box, {osd, urls});
+  let touched = false;   // whether the user has zoomed or panned (then a resize keeps their view)
   for (const button of box.querySelectorAll("[data-zoom]")) {
     button.addEventListener("click", () => {
+      touched = true;
       const how = button.dataset.zoom;
       if (how === "in") osd.viewport.zoomBy(1.5);
       if (how === "out") osd.viewport.zoomBy(1 / 1.5);
@@ -140,8 +142,8 @@ export async function openViewer(box, job, field) {
     scroller(el("table", {class: "layers"}, el("thead", {}, el("tr", {}, el("th", {}, "Outlines"),
       el("th", {colspan: 3}, "opacity"))), el("tbody", {}, outlineRows))),
     el("p", {class: "muted small-text legend-text"}, "Channels add up in their colours (as in Fiji's composite); ",
-      "outlines trace each object's edge pixels: ", legendSwatch(info.objects.nuclei ? info.objects.nuclei.colour : "ffff00"),
-      " nuclei, ", legendSwatch(info.objects.cells ? info.objects.cells.colour : "ff00ff"), " cells."));
+      "outlines trace each object's edge pixels:",
+      Object.entries(info.objects).map(([obj, meta]) => [" ", legendSwatch(meta.colour), ` ${obj}`]), "."));
 
   // Click a cell: its nucleus and cell labels, and their rows of measurements.csv.
   osd.addHandler("canvas-click", (event) => {
@@ -161,6 +163,12 @@ export async function openViewer(box, job, field) {
     osd.addHandler("tile-drawn", check);
     setTimeout(resolve, 5000);
   });
+  // The layout may have moved while the layers loaded: start on the whole field, and keep it whole
+  // when the box changes size until the user zooms.
+  osd.viewport.goHome(true);
+  osd.addHandler("canvas-scroll", () => { touched = true; });
+  osd.addHandler("canvas-drag", () => { touched = true; });
+  new ResizeObserver(() => { if (!touched) osd.viewport.goHome(true); }).observe(canvas);
   canvas.dataset.ready = "true";
 }
 
