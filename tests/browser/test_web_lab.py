@@ -103,7 +103,7 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
             page.select_option("#up-split", split)
             page.click("#up-submit")
             page.locator("#notice-title", has_text="Image added").wait_for()
-            page.locator("#datasets-list", has_text=f"{SPLITS[:i + 1].count('train')} train").wait_for()
+            page.locator("#datasets-list", has_text=f"{SPLITS[:i + 1].count(split)} {split}").wait_for()
         assert "1 val" in page.inner_text("#datasets-list") and "1 test" in page.inner_text("#datasets-list")
 
         # 3. Two versions of the nuclear reporter's nuclei model.

@@ -62,19 +62,23 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     assert api.job(waiting["id"])["status"] == "cancelled"
     assert noop_row.locator("button.cancel").count() == 0
 
-    # The page polls: progress moves and every fine-tune ends "succeeded" without a reload.
+    # The page polls: progress moves and every job ends "succeeded" without a reload. (The fine-tunes
+    # may have finished already when other browser tests ran first: a stepped job shows it moving.)
+    moving = api.submit("noop", {"steps": 20, "step_seconds": 0.25})
+    moving_row = page.locator(f"#jobs-body tr[data-job='{moving['id']}']")
     seen_progress: set[str] = set()
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         statuses = finetunes.locator(".badge").all_inner_texts()
-        seen_progress.update(finetunes.locator(".progress").evaluate_all(
+        seen_progress.update(page.locator(f"#jobs-body tr[data-job='{moving['id']}'] .progress").evaluate_all(
             "bars => bars.map(b => b.getAttribute('aria-valuenow'))"))
-        if statuses.count("succeeded") >= len(zoo_jobs.job_ids):
+        moving_done = moving_row.count() and moving_row.locator(".badge").inner_text() == "succeeded"
+        if statuses.count("succeeded") >= len(zoo_jobs.job_ids) and moving_done:
             break
         assert "failed" not in statuses, page.inner_text("#jobs-body")
         page.wait_for_timeout(300)
     assert finetunes.locator(".badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
-    assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while training, 100
+    assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while running, 100
     # A finished fine-tune shows its training curve in the job's details.
     rows.filter(has_text="fine-tuning").first.click()
     page.locator("#job-detail svg.curve polyline").first.wait_for()
