@@ -98,7 +98,7 @@ async function onFinetuneSubmit(event, onJob) {
     const body = {dataset_id: datasetId, reporter: $("ft-reporter").value, object: $("ft-object").value,
       base: $("ft-base").value, params: {max_epochs: Number($("ft-max-epochs").value) || 200}};
     for (const [id, key] of [["ft-min-epochs", "min_epochs"], ["ft-patience", "patience"],
-      ["ft-batch-size", "batch_size"], ["ft-bsize", "bsize"]]) {
+      ["ft-batch-size", "batch_size"], ["ft-bsize", "bsize"], ["ft-learning-rate", "learning_rate"]]) {
       const raw = $(id).value.trim();
       if (raw !== "") body.params[key] = Number(raw);
     }
