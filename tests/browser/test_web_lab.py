@@ -144,7 +144,12 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         page.select_option("#promote-version", str(better))
         page.click("#promote-submit")
         page.locator("#promote-result", has_text="now points").wait_for()
-        page.locator(f"#versions-body tr[data-version='{better}']", has_text="production").wait_for()
+        row = page.locator(f"#versions-body tr[data-version='{better}']")
+        deadline = time.monotonic() + 15
+        while "production" not in row.inner_text() and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+        assert "production" in row.inner_text(), (page.inner_text("#promote-result"), page.inner_text("#versions-body"),
+                                                  page.console_errors, scores)
         # The gate refuses a worse model, and the page says why (both F1s on the same test set).
         page.select_option("#promote-version", str(worse))
         page.click("#promote-submit")

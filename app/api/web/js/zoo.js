@@ -1,7 +1,7 @@
 // The Model zoo tab: cell lines and reporters (and forms to add them), model versions with their
 // metrics and training curves, side-by-side comparison, evaluation, promotion to an alias (with the
 // server's reason when it refuses a worse model), aliases and chosen channel sets.
-import {$, EXPLAIN, WEAK_F1, el, fillTable, fmt, fmtScore} from "./dom.js";
+import {$, EXPLAIN, WEAK_F1, el, fillTable, fmt, fmtScore, setOptions} from "./dom.js";
 import {ApiError, api, clearNotice, showError, showNotice} from "./api.js";
 import {mayDo, state} from "./state.js";
 import {trainingCurveSvg} from "./charts.js";
@@ -127,10 +127,9 @@ function renderCompare() {
     el("thead", {}, el("tr", {}, el("th", {}, ""), chosen.map((v) => el("th", {}, `#${v.id}`)))),
     el("tbody", {}, rows.map(([label, get]) => el("tr", {}, el("th", {scope: "row"}, label),
       chosen.map((v) => el("td", {class: label === "Test F1" && (v.test_metrics || {}).f1 === best ? "best-cell" : ""}, get(v)))))));
-  const pick = $("promote-version");
-  pick.replaceChildren(...chosen.map((v) => el("option", {value: v.id}, `#${v.id} ${v.reporter} ${v.object} v${v.version}`)));
-  const evalDs = $("evaluate-dataset");
-  evalDs.replaceChildren(...state.datasets.map((d) => el("option", {value: d.id}, `#${d.id} ${d.name}`)));
+  // A refresh keeps what the user picked in these lists.
+  setOptions($("promote-version"), chosen.map((v) => el("option", {value: v.id}, `#${v.id} ${v.reporter} ${v.object} v${v.version}`)));
+  setOptions($("evaluate-dataset"), state.datasets.map((d) => el("option", {value: d.id}, `#${d.id} ${d.name}`)));
   $("compare-actions").hidden = !mayDo("scientist");
   $("promote-form").hidden = !mayDo("admin");
 }
