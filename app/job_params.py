@@ -12,7 +12,12 @@ True
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.vocabulary import (
     DEFAULT_ALIAS,
@@ -22,9 +27,65 @@ from app.vocabulary import (
     SplitLiteral,
 )
 
+#: Free-form JSON (a dataset's acquisition, ...): deep nesting and huge documents are refused, so
+#: that what is stored can always be read back and serialised.
+MAX_JSON_DEPTH = 8
+MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_INT = 2**63 - 1
+
+
+def storable_problem(value: Any, path: str, depth: int = 0) -> str | None:
+    """Why ``value`` cannot be stored in and read back from SQLite and PostgreSQL (None: it can).
+
+    PostgreSQL refuses NUL characters and NaN/Infinity in JSON; an unpaired surrogate cannot be
+    encoded as UTF-8; deep nesting breaks serialisation on the way out.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path}: the NUL character (\\u0000) is not allowed"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path}: an unpaired surrogate (\\ud800-\\udfff) is not valid text"
+        return None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path}: NaN and infinite numbers are not allowed"
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_JSON_INT else f"{path}: integers must fit in 64 bits"
+    if isinstance(value, dict | list | tuple):
+        if depth >= MAX_JSON_DEPTH:
+            return f"{path}: nested deeper than {MAX_JSON_DEPTH} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            sub = f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]"
+            if isinstance(key, str) and (problem := storable_problem(key, f"{path} (a key)", depth)):
+                return problem
+            if problem := storable_problem(item, sub, depth + 1):
+                return problem
+        return None
+    if isinstance(value, BaseModel):
+        return None  # checked by its own validator
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @model_validator(mode="after")
+    def _storable(self):
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if problem := storable_problem(value, name):
+                raise PydanticCustomError("unstorable_value", problem)
+            if isinstance(value, dict) and len(json.dumps(value, default=_jsonable)) > MAX_JSON_BYTES:
+                raise PydanticCustomError("json_too_large", f"{name}: larger than {MAX_JSON_BYTES} bytes as JSON")
+        return self
 
 
 # --- parameters a client sets (also part of the API's request bodies) -------------------------

@@ -7,8 +7,11 @@ numbers are allocated under the table's unique constraint, so two concurrent fin
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -126,20 +129,32 @@ def run(ctx: JobContext) -> dict[str, Any]:
                             patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize,
                             augment=tp.augment, microscopy_augment=tp.microscopy_augment, seed=tp.seed,
                             flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"), **overrides)
-    curve: list[dict[str, Any]] = []
+    resume_from = _load_checkpoint(ctx)
+    curve: list[dict[str, Any]] = [_curve_point(r) for r in resume_from.history] if resume_from else []
+    if resume_from is not None:
+        ctx.progress(f"training: resuming after epoch {resume_from.epoch} (its checkpoint)", force=True,
+                     summary={"training_curve": curve, "model_version_id": version.id,
+                              "resumed_after_epoch": resume_from.epoch})
+    resumed = {"resumed_after_epoch": resume_from.epoch} if resume_from is not None else {}
+    last_saved = [time.monotonic()]
+
+    def on_checkpoint(checkpoint) -> None:
+        # Written at most every checkpoint_interval_s: a full CPnet state is tens of MB.
+        if time.monotonic() - last_saved[0] >= ctx.settings.checkpoint_interval_s:
+            _save_checkpoint(ctx, checkpoint)
+            last_saved[0] = time.monotonic()
 
     def on_epoch(report) -> None:
-        curve.append({"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
-                      "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
-                      "elapsed_s": round(float(report.elapsed_s), 2)})
+        curve.append(_curve_point(report))
         ctx.progress(f"training: epoch {report.epoch} of at most {config.max_epochs}",
                      0.05 + 0.8 * min(1.0, report.epoch / config.max_epochs),
-                     summary={"training_curve": curve, "model_version_id": version.id}, force=True)
+                     summary={"training_curve": curve, "model_version_id": version.id, **resumed}, force=True)
 
     try:
         with ctx.stage("training", 0.05):
             result = finetune(base_net, *by_split["train"], *by_split["val"], config, on_epoch=on_epoch,
-                              should_stop=ctx.cancel_requested)
+                              should_stop=ctx.cancel_requested, on_checkpoint=on_checkpoint,
+                              resume_from=resume_from)
     except TrainingCancelled:
         from app.jobs import JobCancelled
 
@@ -182,7 +197,54 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ctx.session.commit()
     return {"model_version_id": version.id, "version": version.version, "best_epoch": result.best_epoch,
             "stop_reason": result.stop_reason, "test_metrics": metrics, "diameter": result.diameter,
-            "training_curve": curve}
+            "training_curve": curve, **resumed}
+
+
+CHECKPOINT_FILE = "finetune.pt"
+
+
+def _curve_point(report) -> dict[str, Any]:
+    return {"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
+            "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
+            "elapsed_s": round(float(report.elapsed_s), 2)}
+
+
+def _save_checkpoint(ctx: JobContext, checkpoint) -> None:
+    """The training state after an epoch, written atomically (a kill mid-write keeps the previous one)."""
+    import torch
+
+    from app.storage import StorageError
+
+    path = ctx.checkpoint_dir / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as out:
+            torch.save(checkpoint.as_state(), out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(errno.ENOSPC, "the data directory is full; free space and retry") from exc
+        log.warning("could not write the training checkpoint of job %s", ctx.job_id, exc_info=True)
+
+
+def _load_checkpoint(ctx: JobContext):
+    """The last saved training state of an earlier attempt of this job, or None."""
+    import torch
+
+    from app.science.training import TrainingCheckpoint
+
+    path = ctx.checkpoint_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TrainingCheckpoint.from_state(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a damaged checkpoint costs the time it saved, nothing more
+        log.warning("ignoring the unreadable training checkpoint of job %s", ctx.job_id, exc_info=True)
+        return None
 
 
 def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any] | None:

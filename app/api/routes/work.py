@@ -16,7 +16,7 @@ from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.jobs_service import job_out, submit_job
-from app.api.routes.datasets import load_channels
+from app.api.routes.datasets import load_image
 from app.api.schemas import (
     MAX_ID,
     EvaluateIn,
@@ -93,6 +93,10 @@ def plan_models(session: Session, line: CellLine, channels: list[str], objects: 
              summary="Fine-tune a model for one (cell line, reporter, object) on a dataset")
 def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
                     response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+    max_epochs = settings.max_finetune_epochs.get(principal.role, 0)
+    if body.params.max_epochs > max_epochs:
+        raise Problem(422, f"a {principal.role} key may fine-tune for at most {max_epochs} epochs "
+                      f"(max_epochs {body.params.max_epochs})", slug="job-too-long", limit_epochs=max_epochs)
     ds = zoo.dataset_by_id(session, body.dataset_id)
     if body.reporter not in ds.channels:
         raise Problem(422, f"dataset {ds.id} has no channel {body.reporter!r} (it has {', '.join(ds.channels)})",
@@ -151,15 +155,17 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
     plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias)
     loaded = []
     for index, upload in enumerate(files):
-        data, raw, filename = load_channels([upload], settings.max_upload_bytes, settings.max_image_pixels)
-        if data.shape[0] != len(req.channels):
-            raise Problem(422, f"{filename} has {data.shape[0]} channel(s) but the request maps "
+        # Validated from its spooled file; only one field's pixels are in memory at a time.
+        image = load_image([upload], settings.max_upload_bytes, settings.max_image_pixels)
+        n_channels, image.data = image.data.shape[0], None
+        if n_channels != len(req.channels):
+            raise Problem(422, f"{image.filename} has {n_channels} channel(s) but the request maps "
                           f"{len(req.channels)} ({', '.join(req.channels)})", slug="channel-count-mismatch")
         meta = req.fields[index] if req.fields else None
-        loaded.append((raw, {"name": names[index], "well": meta.well if meta else None,
-                             "field": meta.field if meta else None, "filename": filename}))
-    # All files are valid: only now store them.
-    fields = [FieldSpec(image_sha256=blobs.put_bytes(raw).sha256, **meta) for raw, meta in loaded]
+        loaded.append((image, {"name": names[index], "well": meta.well if meta else None,
+                               "field": meta.field if meta else None, "filename": image.filename}))
+    # All files are valid: only now store them (streamed from the spooled files).
+    fields = [FieldSpec(image_sha256=image.store(blobs).sha256, **meta) for image, meta in loaded]
     params = SegmentJob(cell_line=line.name, channels=req.channels, objects=list(req.objects), method=req.method,
                         alias=req.alias, plate=req.plate, plan=plan, fields=fields, params=req.params)
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
