@@ -51,10 +51,13 @@ export async function openViewer(box, job, field) {
       el("span", {class: "muted small-text"}, `${info.width} × ${info.height} px · ${info.dtype}`)),
     canvas), el("div", {class: "viewer-side"}, controls, picked)));
 
-  // OpenSeadragon adds an inline <style> for touch screens unless one with this marker exists; a
-  // strict CSP forbids inline styles, so the marker is a non-CSS placeholder and the rule is in style.css.
+  // OpenSeadragon adds an inline <style> for touch screens unless a "style" element with this marker
+  // exists; the strict CSP refuses inline styles (even an empty one), so the marker is an element of
+  // another namespace that no browser treats as CSS, and the rule itself is in style.css.
   if (!document.querySelector("style[data-openseadragon-mobile-css]")) {
-    document.head.append(el("style", {type: "text/plain", "data-openseadragon-mobile-css": "in style.css"}));
+    const marker = document.createElementNS("urn:cellfuse:marker", "style");
+    marker.setAttribute("data-openseadragon-mobile-css", "in style.css");
+    document.head.append(marker);
   }
   const osd = window.OpenSeadragon({
     element: canvas, drawer: "canvas", showNavigationControl: false, showNavigator: true,
