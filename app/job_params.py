@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -91,6 +91,48 @@ class StrictModel(BaseModel):
 # --- parameters a client sets (also part of the API's request bodies) -------------------------
 
 
+class PreprocessingRecipe(StrictModel):
+    """How a channel's raw pixels become network input; fixed at fine-tuning, reused at inference.
+
+    ``illumination``: ``none``; ``per-plate`` (a BaSiC flatfield estimated per channel from all
+    fields of the plate or dataset, as CellProfiler's CorrectIlluminationCalculate per plate); or
+    ``profile`` (a stored profile, ``profile_id``: estimated earlier or uploaded). ``normalization``:
+    ``per-image`` (Cellpose's 1st-99th percentile of each field) or ``per-plate`` (the same
+    percentiles over all fields of the plate or dataset, so a dim field stays dim).
+    """
+
+    illumination: Literal["none", "per-plate", "profile"] = "none"
+    profile_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    darkfield: bool = Field(default=False, description="with per-plate: BaSiC also fits a darkfield")
+    normalization: Literal["per-image", "per-plate"] = "per-image"
+    lower_percentile: float = Field(default=1.0, ge=0, lt=100)
+    upper_percentile: float = Field(default=99.0, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessingRecipe:
+        if (self.illumination == "profile") != (self.profile_id is not None):
+            raise ValueError("give profile_id exactly when illumination is 'profile'")
+        if self.lower_percentile >= self.upper_percentile:
+            raise ValueError("lower_percentile must be below upper_percentile")
+        return self
+
+
+def recipe_from_card(card: dict | None) -> PreprocessingRecipe:
+    """The recipe a model was trained with, from its card (older models: per-image, no correction).
+
+    >>> recipe_from_card({}).normalization
+    'per-image'
+    """
+    record = ((card or {}).get("data") or {}).get("preprocessing") or {}
+    return PreprocessingRecipe.model_validate(record.get("recipe") or {})
+
+
+def training_profile_from_card(card: dict | None) -> dict | None:
+    """The illumination profile a model was trained with ({id, sha256, ...}), if any."""
+    record = ((card or {}).get("data") or {}).get("preprocessing") or {}
+    return record.get("illumination_profile")
+
+
 class FinetuneParams(StrictModel):
     max_epochs: int = Field(default=200, ge=1, le=5000)
     min_epochs: int = Field(default=30, ge=0, le=5000)
@@ -105,6 +147,8 @@ class FinetuneParams(StrictModel):
     n_train: int = Field(default=40, ge=1, le=100_000)
     n_val: int = Field(default=5, ge=1, le=100_000)
     n_test: int = Field(default=5, ge=1, le=100_000)
+    preprocessing: PreprocessingRecipe = Field(default_factory=PreprocessingRecipe,
+                                               description="recorded on the model card and reused at inference")
 
 
 class SegmentParams(StrictModel):
@@ -115,6 +159,9 @@ class SegmentParams(StrictModel):
                                    description="object diameter in pixels; default: the models' training diameter")
     estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
     preview_channel: int = Field(default=0, ge=0, le=15)
+    preprocessing: PreprocessingRecipe | None = Field(
+        default=None, description="default: each channel's model's own recipe (from its card); given here, it "
+                                  "overrides every channel's and the override is recorded")
 
 
 # --- what the API resolved and the worker runs -------------------------------------------------

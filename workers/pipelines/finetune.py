@@ -21,7 +21,6 @@ from sqlalchemy.exc import IntegrityError
 from app.job_params import FinetuneJob, FinetuneParams
 from app.models import BaseModel, Dataset, DatasetImage, ModelVersion, Reporter
 from workers.pipelines.common import (
-    PREPROCESSING,
     LabelledImage,
     library_versions,
     load_labelled,
@@ -96,8 +95,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if not splits["train"]:
             raise JobFailed("no training images: every labelled image is in the validation or test split")
 
+    with ctx.stage("preprocessing", 0.02):
+        from workers.pipelines.common import read_field
+        from workers.pipelines.preprocess import dataset_preprocessing
+
+        # The recipe is fitted on every image of the dataset (labelled or not), as on a plate.
+        loaded = {it.row.id: it.image for items in splits.values() for it in items}
+        planes = [(loaded[im.id] if im.id in loaded else read_field(ctx, im.image_sha256))[channel] for im in ds.images]
+        prepare, preprocessing_record, prenormalised = dataset_preprocessing(ctx, tp.preprocessing, p.reporter,
+                                                                             planes, ds.id)
+
     def channel_of(items: list[LabelledImage]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return [it.image[channel].astype(np.float32) for it in items], [it.mask for it in items]
+        return [prepare(it.image[channel]) for it in items], [it.mask for it in items]
 
     by_split = {name: channel_of(items) for name, items in splits.items()}
 
@@ -128,7 +137,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     config = TrainingConfig(max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs),
                             patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize,
                             augment=tp.augment, microscopy_augment=tp.microscopy_augment, seed=tp.seed,
-                            flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"), **overrides)
+                            flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
+                            normalize_per_image=not prenormalised, **overrides)
     resume_from = _load_checkpoint(ctx)
     curve: list[dict[str, Any]] = [_curve_point(r) for r in resume_from.history] if resume_from else []
     if resume_from is not None:
@@ -163,10 +173,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobCancelled(ctx.job_id) from None
 
     with ctx.stage("size model", 0.87):
-        size_model = _fit_size_model(result, by_split["train"])
+        size_model = _fit_size_model(result, by_split["train"], prenormalised)
     with ctx.stage("evaluating on the test split", 0.9):
         test_images, test_masks = by_split["test"]
-        metrics = _score_single(result.net, test_images, test_masks, result.diameter) if test_images else {}
+        metrics = (_score_single(result.net, test_images, test_masks, result.diameter, prenormalised)
+                   if test_images else {})
 
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
@@ -175,7 +186,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             reporter=p.reporter, cell_line=ds.cell_line.name, object=obj,
             training={**config.to_dict(), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
                       "n_train": result.n_train, "n_val": result.n_val},
-            data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": PREPROCESSING},
+            data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": preprocessing_record},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
             metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
             size_model=size_model)
@@ -247,7 +258,15 @@ def _load_checkpoint(ctx: JobContext):
         return None
 
 
-def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any] | None:
+def _input_normalization(prenormalised: bool):
+    """Images already scaled by dataset percentiles pass through unchanged; others per image."""
+    from app.science.backbone import Normalization
+
+    return Normalization(low=0.0, high=1.0) if prenormalised else Normalization()
+
+
+def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
+                    prenormalised: bool = False) -> dict[str, Any] | None:
     from app.science.backbone import predict_maps
     from app.science.size_model import SizeModelError, fit_size_model
     from app.science.training import image_diameters
@@ -257,7 +276,9 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
         return None
     # Styles at the image's own scale (no rescaling), as at inference when the diameter is unknown.
     raw_scale = float(result.net.diam_mean.item())
-    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, tile=False).style for im in images])
+    norm = _input_normalization(prenormalised)
+    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, normalization=norm, tile=False).style
+                       for im in images])
     diameters = image_diameters(masks)
     try:
         return fit_size_model(styles, diameters, diam_mean=float(result.net.diam_mean.item())).to_dict()
@@ -266,13 +287,15 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
         return None
 
 
-def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float) -> dict[str, Any]:
+def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float,
+                  prenormalised: bool = False) -> dict[str, Any]:
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import score_set
 
     preds = []
     diam_mean = float(net.diam_mean.item())
     for image in images:
-        maps = predict_maps(net, image, diameter=diameter, tile=False)
+        maps = predict_maps(net, image, diameter=diameter, normalization=_input_normalization(prenormalised),
+                            tile=False)
         preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean))
     return score_set(masks, preds).as_dict()

@@ -19,7 +19,6 @@ import numpy as np
 from app.job_params import SegmentJob
 from app.models import DatasetImage
 from workers.pipelines.common import (
-    PREPROCESSING,
     LoadedModel,
     library_versions,
     mask_sha,
@@ -33,7 +32,7 @@ from workers.runner import JobContext, JobFailed
 log = logging.getLogger(__name__)
 
 
-def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
+def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -> dict[str, Any]:
     models = {}
     for obj, plan in p.plan.items():
         versions = {name: model_version(ctx, vid) for name, vid in plan.models.items()}
@@ -42,8 +41,9 @@ def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
     return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
-            "models": models, "preprocessing": PREPROCESSING, "parameters": p.params.model_dump(mode="json"),
-            "library_versions": library_versions()}
+            "models": models, "preprocessing": preprocessing,
+            "preprocessing_override": p.params.preprocessing is not None,
+            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions()}
 
 
 def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, Any]]:
@@ -91,7 +91,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
     # a record of each) and redoes the rest.
     finished = _finished_fields(ctx, {f.name for f in p.fields})
     ctx.drop_results_except(lambda result: result.split("/", 1)[0] in finished and "/" in result)
-    provenance = _provenance(ctx, p)
+    from workers.pipelines.preprocess import plan_plate_preprocessing
+
+    versions = {obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
+                for obj, plan in p.plan.items() if obj in p.objects}
+    with ctx.stage("preprocessing", 0.0):
+        prep = plan_plate_preprocessing(
+            ctx, versions, seg.preprocessing, len(p.fields),
+            lambda: (read_field(ctx, f.image_sha256) for f in p.fields), p.channels,
+            on_progress=lambda stage: ctx.progress(stage, 0.0, force=True))
+    provenance = _provenance(ctx, p, prep.record())
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
     n_fields = len(p.fields)
@@ -113,7 +122,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
-                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
+                                             obj=obj, prep=prep)
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
