@@ -48,8 +48,9 @@ def test_start_from_offers_every_zoo_version(page, live_server, tiny_zoo):
     enter_key(page, live_server.key)
     page.click("nav [data-tab='train']")
     options = page.locator("#ft-base option")
-    page.wait_for_function("n => document.querySelectorAll('#ft-base option').length >= n",
-                           arg=1 + len(tiny_zoo.version_ids))
+    page.wait_for_function(
+        "n => document.querySelectorAll('#ft-base option').length >= n", arg=1 + len(tiny_zoo.version_ids)
+    )
     texts = options.all_inner_texts()
     values = [options.nth(i).get_attribute("value") for i in range(options.count())]
     assert not any("[object" in t for t in texts), texts
@@ -61,8 +62,9 @@ def test_start_from_offers_every_zoo_version(page, live_server, tiny_zoo):
 def test_an_invalid_value_in_the_folded_panel_is_shown(page, live_server, tiny_zoo):
     enter_key(page, live_server.key)
     field = small_plate(1, size=64, n_channels=2, seed=5)[0]
-    page.set_input_files("#seg-files", files=[{"name": "A01-field1.ome.tif", "mimeType": "image/tiff",
-                                               "buffer": field_tiff(field)}])
+    page.set_input_files(
+        "#seg-files", files=[{"name": "A01-field1.ome.tif", "mimeType": "image/tiff", "buffer": field_tiff(field)}]
+    )
     page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
     page.select_option("#seg-cell-line", CELL_LINE)
     # The alias is a list (a misspelt one would silently mean "the newest models").
@@ -120,8 +122,11 @@ def test_polls_leave_the_focus_where_it_is(page, live_server, tiny_zoo):
         page.evaluate("() => { document.activeElement.dataset.marked = 'yes'; }")
         bar = page.locator(f"#jobs-body tr[data-job='{job['id']}'] .progress")
         start = bar.get_attribute("aria-valuenow")
-        page.wait_for_function("([sel, v]) => document.querySelector(sel).getAttribute('aria-valuenow') !== v",
-                               arg=[f"#jobs-body tr[data-job='{job['id']}'] .progress", start], timeout=20_000)
+        page.wait_for_function(
+            "([sel, v]) => document.querySelector(sel).getAttribute('aria-valuenow') !== v",
+            arg=[f"#jobs-body tr[data-job='{job['id']}'] .progress", start],
+            timeout=20_000,
+        )
         page.wait_for_timeout(3200)  # two more polls
         assert page.evaluate("() => document.activeElement.dataset.marked") == "yes"
     finally:
@@ -168,8 +173,9 @@ def test_a_plain_multi_page_tiff_counts_its_pages_as_channels(page, live_server,
         for value in range(3):
             tif.write(np.full((64, 64), value, np.uint16), metadata=None, photometric="minisblack")
     enter_key(page, live_server.key)
-    page.set_input_files("#seg-files", files=[{"name": "plain.tif", "mimeType": "image/tiff",
-                                               "buffer": buffer.getvalue()}])
+    page.set_input_files(
+        "#seg-files", files=[{"name": "plain.tif", "mimeType": "image/tiff", "buffer": buffer.getvalue()}]
+    )
     page.wait_for_selector("#seg-file-info:has-text('3 channel(s)')")
     assert page.input_value("#seg-n-channels") == "3"
     assert page.locator("#seg-channels tr").count() == 3
@@ -181,8 +187,9 @@ def test_an_unticked_channel_without_a_reporter_does_not_block(page, live_server
     data = io.BytesIO()
     tifffile.imwrite(data, image, metadata=None)
     enter_key(page, live_server.key)
-    page.set_input_files("#seg-files", files=[{"name": "C03-field1.tif", "mimeType": "image/tiff",
-                                               "buffer": data.getvalue()}])
+    page.set_input_files(
+        "#seg-files", files=[{"name": "C03-field1.tif", "mimeType": "image/tiff", "buffer": data.getvalue()}]
+    )
     page.wait_for_selector("#seg-file-info:has-text('3 channel(s)')")
     page.select_option("#seg-cell-line", CELL_LINE)
     for i, name in enumerate(tiny_zoo.channels):
@@ -236,7 +243,7 @@ def test_favicon_and_chart_legend(page, live_server, tiny_zoo):
 
     for i, a in enumerate(boxes["legend"]):
         assert not any(overlap(a, b) for b in boxes["plot"]), "a legend label lies on the curves"
-        assert not any(overlap(a, b) for b in boxes["legend"][i + 1:]), "legend labels overlap"
+        assert not any(overlap(a, b) for b in boxes["legend"][i + 1 :]), "legend labels overlap"
 
 
 CONTRAST_JS = """() => {

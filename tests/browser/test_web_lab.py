@@ -37,8 +37,9 @@ def empty_server(tmp_path_factory):
 
 def _wait_job_page(page, before: str, timeout_s: float = 240) -> str:
     """Wait on the job page that the page opened after a submit until the job ends; -> its status."""
-    page.wait_for_function("old => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash) && location.hash !== old",
-                           arg=before)
+    page.wait_for_function(
+        "old => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash) && location.hash !== old", arg=before
+    )
     job_id = page.evaluate("() => location.hash.split('/').pop()")
     page.locator("#job-detail h3 code", has_text=job_id[:8]).wait_for()
     badge = page.locator("#job-detail h3 .badge")
@@ -99,14 +100,17 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         page.locator("#datasets-list", has_text="lab-set").wait_for()
         for i, split in enumerate(SPLITS):
             field = fields[i]
-            page.set_input_files("#up-image", files=[{"name": f"img{i}.tif", "mimeType": "image/tiff",
-                                                      "buffer": field_tiff(field)}])
-            page.set_input_files("#up-nuclei", files=[{"name": f"nuc{i}.tif", "mimeType": "image/tiff",
-                                                       "buffer": labels_to_tiff_bytes(field.nuclei)}])
+            page.set_input_files(
+                "#up-image", files=[{"name": f"img{i}.tif", "mimeType": "image/tiff", "buffer": field_tiff(field)}]
+            )
+            page.set_input_files(
+                "#up-nuclei",
+                files=[{"name": f"nuc{i}.tif", "mimeType": "image/tiff", "buffer": labels_to_tiff_bytes(field.nuclei)}],
+            )
             page.select_option("#up-split", split)
             page.click("#up-submit")
             page.locator("#notice-title", has_text="Image added").wait_for()
-            page.locator("#datasets-list", has_text=f"{SPLITS[:i + 1].count(split)} {split}").wait_for()
+            page.locator("#datasets-list", has_text=f"{SPLITS[: i + 1].count(split)} {split}").wait_for()
         assert "1 val" in page.inner_text("#datasets-list") and "1 test" in page.inner_text("#datasets-list")
 
         # 3. Two versions of the nuclear reporter's nuclei model.
@@ -148,8 +152,12 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         deadline = time.monotonic() + 15
         while "production" not in row.inner_text() and time.monotonic() < deadline:
             page.wait_for_timeout(200)
-        assert "production" in row.inner_text(), (page.inner_text("#promote-result"), page.inner_text("#versions-body"),
-                                                  page.console_errors, scores)
+        assert "production" in row.inner_text(), (
+            page.inner_text("#promote-result"),
+            page.inner_text("#versions-body"),
+            page.console_errors,
+            scores,
+        )
         # The gate refuses a worse model, and the page says why (both F1s on the same test set).
         page.select_option("#promote-version", str(worse))
         page.click("#promote-submit")
@@ -163,10 +171,15 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
 
         # 5. Segment a 3-well plate with it; the cytoplasmic channel has no model and is left out.
         page.click("nav [data-tab='segment']")
-        plate = fields[len(SPLITS):]
+        plate = fields[len(SPLITS) :]
         names = [f"{w}-field1.ome.tif" for w in ("C04", "C05", "D04")]
-        page.set_input_files("#seg-files", files=[{"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)}
-                                                  for n, f in zip(names, plate, strict=True)])
+        page.set_input_files(
+            "#seg-files",
+            files=[
+                {"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)}
+                for n, f in zip(names, plate, strict=True)
+            ],
+        )
         page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
         page.select_option("#seg-cell-line", LINE)
         page.uncheck("#segment-form input[value='cells']")  # only nuclei were annotated and trained

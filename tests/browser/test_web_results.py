@@ -32,8 +32,13 @@ def plate_job(browser, live_server, tiny_zoo) -> str:
     try:
         enter_key(page, live_server.key)
         fields = small_plate(len(WELLS), size=128, n_channels=2, seed=17)
-        page.set_input_files("#seg-files", files=[{"name": name, "mimeType": "image/tiff", "buffer": field_tiff(f)}
-                                                  for name, f in zip(WELLS, fields, strict=True)])
+        page.set_input_files(
+            "#seg-files",
+            files=[
+                {"name": name, "mimeType": "image/tiff", "buffer": field_tiff(f)}
+                for name, f in zip(WELLS, fields, strict=True)
+            ],
+        )
         page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
         assert page.locator("#seg-file-list tbody tr").count() == len(WELLS)
         assert page.locator("#seg-file-list td.job-error").count() == 0
@@ -79,7 +84,9 @@ def test_the_job_page_is_a_link_with_a_plate_map(browser, live_server, plate_job
         # Colour by any measurement: the medians per well.
         options = page.locator("#plate-box select.plate-measure option").all_inner_texts()
         assert "nuclei count" in options and any(o.startswith("median cell area") for o in options), options
-        page.select_option("#plate-box select.plate-measure", label=next(o for o in options if o.startswith("median cell area")))
+        page.select_option(
+            "#plate-box select.plate-measure", label=next(o for o in options if o.startswith("median cell area"))
+        )
         assert "median cell area" in page.locator("#plate-box svg.plate").get_attribute("aria-label")
         ARTIFACTS.mkdir(exist_ok=True)
         page.locator("#plate-box").screenshot(path=str(ARTIFACTS / "web-plate-map.png"))
@@ -126,8 +133,10 @@ def test_the_viewer_zooms_toggles_and_tells_about_a_cell(browser, live_server, p
         page.uncheck("#viewer-box input[data-channel='1']")
         page.fill("#viewer-box input[data-opacity='cells']", "0.3")
         page.dispatch_event("#viewer-box input[data-opacity='cells']", "input")
-        opacities = page.evaluate("() => { const w = document.getElementById('viewer').osd.world;"
-                                  " return [...Array(w.getItemCount()).keys()].map(i => w.getItemAt(i).getOpacity()); }")
+        opacities = page.evaluate(
+            "() => { const w = document.getElementById('viewer').osd.world;"
+            " return [...Array(w.getItemCount()).keys()].map(i => w.getItemAt(i).getOpacity()); }"
+        )
         assert opacities[1] == 0 and abs(opacities[2] - 0.3) < 1e-6, opacities
         with page.expect_response(lambda r: "/channel/0.png?low=" in r.url) as answer:
             page.fill("#viewer-box input.contrast-high >> nth=0", "40000")
@@ -138,9 +147,12 @@ def test_the_viewer_zooms_toggles_and_tells_about_a_cell(browser, live_server, p
         nucleus = _first_nucleus(live_server, plate_job, field)
         x, y = float(nucleus["centroid_x"]) + 0.5, float(nucleus["centroid_y"]) + 0.5
         page.locator("#viewer").scroll_into_view_if_needed()
-        where = page.evaluate("""([x, y]) => { const v = document.getElementById('viewer').osd;
+        where = page.evaluate(
+            """([x, y]) => { const v = document.getElementById('viewer').osd;
           const p = v.world.getItemAt(0).imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
-          const r = v.element.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }""", [x, y])
+          const r = v.element.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }""",
+            [x, y],
+        )
         page.mouse.click(*where)
         picked = page.locator("#viewer-box .picked table.picked-table")
         picked.wait_for()

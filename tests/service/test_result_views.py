@@ -31,25 +31,51 @@ def _finished_plate(settings) -> str:
     cells[5:30, 5:30] = 7
     sha = BlobStore(settings.blob_dir).put_bytes(image_to_tiff_bytes(image, ["GFP", "RFP"])).sha256
     rows = exports.measure_cells(nuclei, cells, image, ["GFP", "RFP"])
-    files = {"A01-1/nuclei.tif": ("nuclei_mask", labels_to_tiff_bytes(nuclei)),
-             "A01-1/cells.tif": ("cells_mask", labels_to_tiff_bytes(cells)),
-             "A01-1/measurements.csv": ("measurements", exports.measurements_csv(
-                 rows, columns=exports.measurement_columns(["GFP", "RFP"]))),
-             "provenance.json": ("provenance", b"{}")}
+    files = {
+        "A01-1/nuclei.tif": ("nuclei_mask", labels_to_tiff_bytes(nuclei)),
+        "A01-1/cells.tif": ("cells_mask", labels_to_tiff_bytes(cells)),
+        "A01-1/measurements.csv": (
+            "measurements",
+            exports.measurements_csv(rows, columns=exports.measurement_columns(["GFP", "RFP"])),
+        ),
+        "provenance.json": ("provenance", b"{}"),
+    }
     with session_factory(settings.resolved_database_url)() as session:
-        job = Job(kind="segment", status="succeeded", stage="done", progress=1.0,
-                  params={"cell_line": "L", "channels": ["GFP", "RFP"], "plate": "P1",
-                          "fields": [{"name": "A01-1", "well": "A01", "field": 1, "image_sha256": sha},
-                                     {"name": "B02-1", "well": "B02", "field": 1, "image_sha256": sha}]},
-                  summary={"fields": [{"field": "A01-1", "well": "A01", "objects": {"nuclei": 1, "cells": 1}}],
-                           "failed_fields": [{"field": "B02-1", "error": "damaged TIFF"}]})
+        job = Job(
+            kind="segment",
+            status="succeeded",
+            stage="done",
+            progress=1.0,
+            params={
+                "cell_line": "L",
+                "channels": ["GFP", "RFP"],
+                "plate": "P1",
+                "fields": [
+                    {"name": "A01-1", "well": "A01", "field": 1, "image_sha256": sha},
+                    {"name": "B02-1", "well": "B02", "field": 1, "image_sha256": sha},
+                ],
+            },
+            summary={
+                "fields": [{"field": "A01-1", "well": "A01", "objects": {"nuclei": 1, "cells": 1}}],
+                "failed_fields": [{"field": "B02-1", "error": "damaged TIFF"}],
+            },
+        )
         session.add(job)
         session.flush()
         folder = JobFolder(settings.jobs_dir, job.id)
         for name, (kind, data) in files.items():
             _path, digest = folder.write_bytes(name, data)
-            session.add(JobResult(job_id=job.id, name=name, kind=kind, media_type="application/octet-stream",
-                                  sha256=digest, size_bytes=len(data), meta={"field": "A01-1"}))
+            session.add(
+                JobResult(
+                    job_id=job.id,
+                    name=name,
+                    kind=kind,
+                    media_type="application/octet-stream",
+                    sha256=digest,
+                    size_bytes=len(data),
+                    meta={"field": "A01-1"},
+                )
+            )
         session.commit()
         return job.id
 
@@ -114,8 +140,9 @@ def test_download_all_is_one_zip_of_every_result(plate):
     assert "attachment" in response.headers["content-disposition"]
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
         assert archive.testzip() is None
-        assert sorted(archive.namelist()) == sorted(["A01-1/nuclei.tif", "A01-1/cells.tif",
-                                                     "A01-1/measurements.csv", "provenance.json"])
+        assert sorted(archive.namelist()) == sorted(
+            ["A01-1/nuclei.tif", "A01-1/cells.tif", "A01-1/measurements.csv", "provenance.json"]
+        )
         folder = JobFolder(settings.jobs_dir, job_id)
         assert archive.read("A01-1/measurements.csv") == folder.file("A01-1/measurements.csv").read_bytes()
 

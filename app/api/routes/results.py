@@ -99,16 +99,23 @@ def _zip_chunks(folder: JobFolder, names: list[str]) -> Iterator[bytes]:
     yield sink.take()
 
 
-@router.get("/{job_id}/results.zip", summary="Every result of a job as one zip archive",
-            response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
+@router.get(
+    "/{job_id}/results.zip",
+    summary="Every result of a job as one zip archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/zip": {}}}},
+)
 def download_all(job_id: str, session: SessionDep, settings: SettingsDep, principal: InstrumentDep) -> Response:
     job = get_visible_job(session, job_id, principal)
     if not job.results:
         raise Problem(404, f"job {job_id} has no results yet", slug="result-not-found")
     names = sorted(r.name for r in job.results)
     filename = f"cellfuse-{job.kind}-{job.id[:8]}.zip"
-    return StreamingResponse(_zip_chunks(JobFolder(settings.jobs_dir, job.id), names), media_type="application/zip",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return StreamingResponse(
+        _zip_chunks(JobFolder(settings.jobs_dir, job.id), names),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,8 +179,9 @@ def _png(data: bytes) -> Response:
 
 
 @router.get("/{job_id}/view/{field}", summary="What the viewer needs to open one field")
-def field_view(job_id: str, field: str, session: SessionDep, settings: SettingsDep,
-               principal: InstrumentDep) -> dict[str, Any]:
+def field_view(
+    job_id: str, field: str, session: SessionDep, settings: SettingsDep, principal: InstrumentDep
+) -> dict[str, Any]:
     job = get_visible_job(session, job_id, principal)
     meta = _field(job, field)
     image = _field_image(job, meta, settings)
@@ -181,59 +189,100 @@ def field_view(job_id: str, field: str, session: SessionDep, settings: SettingsD
     for index, name in enumerate(_channel_names(job, image.shape[0])):
         low, high = exports.display_range(image[index])
         plane = image[index]
-        channels.append({"index": index, "name": name, "tint": CHANNEL_TINTS[index % len(CHANNEL_TINTS)],
-                         "low": low, "high": high, "min": float(plane.min()), "max": float(plane.max())})
+        channels.append(
+            {
+                "index": index,
+                "name": name,
+                "tint": CHANNEL_TINTS[index % len(CHANNEL_TINTS)],
+                "low": low,
+                "high": high,
+                "min": float(plane.min()),
+                "max": float(plane.max()),
+            }
+        )
     objects = {}
     for obj in ("nuclei", "cells"):
         labels = _field_labels(job, field, obj, settings)
         if labels is not None:
             ids = np.unique(labels)
             objects[obj] = {"count": int(np.count_nonzero(ids)), "colour": bytes(OUTLINE_COLOURS[obj]).hex()}
-    return {"field": field, "well": meta.get("well"), "width": int(image.shape[2]), "height": int(image.shape[1]),
-            "dtype": str(image.dtype), "channels": channels, "objects": objects}
+    return {
+        "field": field,
+        "well": meta.get("well"),
+        "width": int(image.shape[2]),
+        "height": int(image.shape[1]),
+        "dtype": str(image.dtype),
+        "channels": channels,
+        "objects": objects,
+    }
 
 
-@router.get("/{job_id}/view/{field}/channel/{index}.png", summary="One channel of a field, tinted, full size",
-            response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def field_channel(job_id: str, field: str, index: int, session: SessionDep, settings: SettingsDep,
-                  principal: InstrumentDep,
-                  low: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-                  high: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-                  tint: Annotated[str | None, Query(pattern=r"^[0-9a-fA-F]{6}$")] = None) -> Response:
+@router.get(
+    "/{job_id}/view/{field}/channel/{index}.png",
+    summary="One channel of a field, tinted, full size",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def field_channel(
+    job_id: str,
+    field: str,
+    index: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: InstrumentDep,
+    low: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    high: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    tint: Annotated[str | None, Query(pattern=r"^[0-9a-fA-F]{6}$")] = None,
+) -> Response:
     job = get_visible_job(session, job_id, principal)
     image = _field_image(job, _field(job, field), settings)
     if not 0 <= index < image.shape[0]:
-        raise Problem(404, f"field {field!r} has {image.shape[0]} channel(s); there is no channel {index}",
-                      slug="channel-not-found")
+        raise Problem(
+            404,
+            f"field {field!r} has {image.shape[0]} channel(s); there is no channel {index}",
+            slug="channel-not-found",
+        )
     auto_low, auto_high = exports.display_range(image[index])
     low = auto_low if low is None else low
     high = auto_high if high is None else high
     if high <= low:
         raise Problem(422, f"the display range needs high > low; got low={low}, high={high}", slug="bad-range")
     tint = tint or CHANNEL_TINTS[index % len(CHANNEL_TINTS)]
-    rgb = [int(tint[i:i + 2], 16) / 255.0 for i in (0, 2, 4)]
+    rgb = [int(tint[i : i + 2], 16) / 255.0 for i in (0, 2, 4)]
     return _png(exports.channel_layer_png(image[index], low, high, rgb))
 
 
-@router.get("/{job_id}/view/{field}/outlines/{obj}.png", summary="Object outlines of a field, transparent",
-            response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def field_outlines(job_id: str, field: str, obj: str, session: SessionDep, settings: SettingsDep,
-                   principal: InstrumentDep) -> Response:
+@router.get(
+    "/{job_id}/view/{field}/outlines/{obj}.png",
+    summary="Object outlines of a field, transparent",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def field_outlines(
+    job_id: str, field: str, obj: str, session: SessionDep, settings: SettingsDep, principal: InstrumentDep
+) -> Response:
     job = get_visible_job(session, job_id, principal)
     _field(job, field)
     if obj not in OUTLINE_COLOURS:
         raise Problem(404, f"no outlines named {obj!r}; choose nuclei or cells", slug="result-not-found")
     labels = _field_labels(job, field, obj, settings)
     if labels is None:
-        raise Problem(404, f"field {field!r} has no {obj} (they were not asked for, or the field failed)",
-                      slug="result-not-found")
+        raise Problem(
+            404, f"field {field!r} has no {obj} (they were not asked for, or the field failed)", slug="result-not-found"
+        )
     return _png(exports.outline_layer_png(labels, OUTLINE_COLOURS[obj]))
 
 
 @router.get("/{job_id}/view/{field}/pick", summary="The nucleus and cell under one pixel, with their measurements")
-def field_pick(job_id: str, field: str, session: SessionDep, settings: SettingsDep, principal: InstrumentDep,
-               x: Annotated[int, Query(ge=0, le=1_000_000)], y: Annotated[int, Query(ge=0, le=1_000_000)]
-               ) -> dict[str, Any]:
+def field_pick(
+    job_id: str,
+    field: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: InstrumentDep,
+    x: Annotated[int, Query(ge=0, le=1_000_000)],
+    y: Annotated[int, Query(ge=0, le=1_000_000)],
+) -> dict[str, Any]:
     job = get_visible_job(session, job_id, principal)
     _field(job, field)
     found: dict[str, int] = {}
@@ -246,8 +295,7 @@ def field_pick(job_id: str, field: str, session: SessionDep, settings: SettingsD
         own = {"nucleus": found.get("nuclei"), "cell": found.get("cells")}.get(row.get("object", ""))
         if own and str(own) == row.get("label"):
             rows.append(row)
-    return {"x": x, "y": y, "nucleus_label": found.get("nuclei", 0), "cell_label": found.get("cells", 0),
-            "rows": rows}
+    return {"x": x, "y": y, "nucleus_label": found.get("nuclei", 0), "cell_label": found.get("cells", 0), "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,5 +342,8 @@ def plate_summary(job_id: str, session: SessionDep, settings: SettingsDep, princ
                     entry["values"].setdefault(column, []).append(number)
     for entry in wells.values():
         entry["medians"] = {k: statistics.median(v) for k, v in entry.pop("values").items() if v}
-    return {"plate": (job.params or {}).get("plate"), "wells": sorted(wells.values(), key=lambda w: w["well"]),
-            "measures": sorted(columns)}
+    return {
+        "plate": (job.params or {}).get("plate"),
+        "wells": sorted(wells.values(), key=lambda w: w["well"]),
+        "measures": sorted(columns),
+    }

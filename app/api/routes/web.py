@@ -40,8 +40,13 @@ _CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 def _static(name: str) -> FileResponse:
     # Only files under the web folder, by plain names: no "..", no dot-files, no path tricks.
     path = WEB_DIR / name
-    if (not _SAFE_PATH.match(name) or ".." in name or path.suffix not in _MEDIA_TYPES
-            or not path.resolve().is_relative_to(WEB_DIR) or not path.is_file()):
+    if (
+        not _SAFE_PATH.match(name)
+        or ".." in name
+        or path.suffix not in _MEDIA_TYPES
+        or not path.resolve().is_relative_to(WEB_DIR)
+        or not path.is_file()
+    ):
         raise Problem(404, f"no page file named {name!r}", slug="not-found")
     return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=_CACHE)
 
