@@ -45,13 +45,22 @@ class QualitySize:
 
 
 #: 8 fine-tunes (5 distinct reporters, 3 joint models), short: sized for 2 busy CPU cores.
-FULL = QualitySize(n_train=8, n_val=6, n_test=10, field_size=128,
-                   training={"max_epochs": 16, "min_epochs": 6, "patience": 5, "batch_size": 8, "bsize": 96,
-                             "val_crops_per_image": 1})
+FULL = QualitySize(
+    n_train=8,
+    n_val=6,
+    n_test=10,
+    field_size=128,
+    training={"max_epochs": 16, "min_epochs": 6, "patience": 5, "batch_size": 8, "bsize": 96, "val_crops_per_image": 1},
+)
 #: A smoke test: everything runs, the numbers mean little.
-SMALL = QualitySize(n_train=3, n_val=2, n_test=2, field_size=96,
-                    training={"max_epochs": 1, "min_epochs": 0, "patience": 1, "batch_size": 4, "bsize": 64},
-                    n_boot=200)
+SMALL = QualitySize(
+    n_train=3,
+    n_val=2,
+    n_test=2,
+    field_size=96,
+    training={"max_epochs": 1, "min_epochs": 0, "patience": 1, "batch_size": 4, "bsize": 64},
+    n_boot=200,
+)
 
 LABEL_METHODS = ("staple", "simple", "voting", "majority_voting")
 
@@ -90,7 +99,7 @@ def _train_regime(regime, size: QualitySize, obj: str, seed: int, echo, reporter
     entry = shipped_base_models()[0]
     base, _card = load_model(entry.weights_path, expected_sha256=entry.weights_sha256)
     plate = make_plate(size.n_train + size.n_val, size=size.field_size, seed=seed, reporters=regime.reporters)
-    train, val = plate[: size.n_train], plate[size.n_train:]
+    train, val = plate[: size.n_train], plate[size.n_train :]
     names = list(plate[0].channel_names)
     config = TrainingConfig(**size.training, seed=seed)
     seconds: dict[str, float] = {}
@@ -98,41 +107,74 @@ def _train_regime(regime, size: QualitySize, obj: str, seed: int, echo, reporter
     tic = time.perf_counter()
     for k, (name, spec) in enumerate(zip(names, regime.reporters)):
         if spec not in reporter_models:
-            result = finetune(base, [f.image[k] for f in train], [_truth(f, obj) for f in train],
-                              [f.image[k] for f in val], [_truth(f, obj) for f in val], config)
+            result = finetune(
+                base,
+                [f.image[k] for f in train],
+                [_truth(f, obj) for f in train],
+                [f.image[k] for f in val],
+                [_truth(f, obj) for f in val],
+                config,
+            )
             reporter_models[spec] = (result.net, float(result.diameter))
-            echo(f"  fine-tuned {name}: best epoch {result.best_epoch}, {result.stop_reason}, "
-                 f"{time.perf_counter() - tic:.0f} s")
+            echo(
+                f"  fine-tuned {name}: best epoch {result.best_epoch}, {result.stop_reason}, "
+                f"{time.perf_counter() - tic:.0f} s"
+            )
         else:
             echo(f"  {name}: the model fine-tuned for an earlier regime (same reporter, same training masks)")
         nets.append(reporter_models[spec][0])
         diameters.append(reporter_models[spec][1])
     seconds["per-channel fine-tunes"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    joint_result = finetune(joint_network(base, len(names)), [f.image for f in train], [_truth(f, obj) for f in train],
-                            [f.image for f in val], [_truth(f, obj) for f in val], config, joint=True)
+    joint_result = finetune(
+        joint_network(base, len(names)),
+        [f.image for f in train],
+        [_truth(f, obj) for f in train],
+        [f.image for f in val],
+        [_truth(f, obj) for f in val],
+        config,
+        joint=True,
+    )
     seconds["joint fine-tune"] = time.perf_counter() - tic
-    echo(f"  fine-tuned the joint {len(names)}-channel model: best epoch {joint_result.best_epoch}, "
-         f"{seconds['joint fine-tune']:.0f} s")
+    echo(
+        f"  fine-tuned the joint {len(names)}-channel model: best epoch {joint_result.best_epoch}, "
+        f"{seconds['joint fine-tune']:.0f} s"
+    )
 
     tic = time.perf_counter()
     diam_mean = float(base.diam_mean.item())
     diameter = float(np.mean(diameters))
     truths = [_truth(f, obj) for f in val]
     val_maps = [predict_maps_multi(nets, f.image, diameter=diameters) for f in val]
-    fusion = fit_fusion_parameters(val_maps, truths, names, diameter=diameter, diam_mean=diam_mean,
-                                   n_boot=size.n_boot, seed=seed)
-    singles = [fit_thresholds([m[k] for m in val_maps], truths, diameter=diameters[k], diam_mean=diam_mean)
-               for k in range(len(names))]
+    fusion = fit_fusion_parameters(
+        val_maps, truths, names, diameter=diameter, diam_mean=diam_mean, n_boot=size.n_boot, seed=seed
+    )
+    singles = [
+        fit_thresholds([m[k] for m in val_maps], truths, diameter=diameters[k], diam_mean=diam_mean)
+        for k in range(len(names))
+    ]
     joint_val = [predict_maps_joint(joint_result.net, f.image, diameter=joint_result.diameter) for f in val]
     joint_thresholds = fit_thresholds(joint_val, truths, diameter=joint_result.diameter, diam_mean=diam_mean)
     seconds["fitting on validation"] = time.perf_counter() - tic
     weights = ", ".join(f"{n} {w:.2f}" for n, w in zip(names, fusion.weights_for(names)))
-    echo(f"  learned fusion: {fusion.method}, weights {weights}, confidence {fusion.confidence}, flow threshold "
-         f"{fusion.flow_threshold}, cellprob threshold {fusion.cellprob_threshold}; CV F1 "
-         f"{_f(fusion.cv_f1)} {_interval(fusion.cv_interval)} over {fusion.n_fields} validation fields")
-    return _Trained(names, nets, diameters, joint_result.net, float(joint_result.diameter), diam_mean, fusion,
-                    singles, joint_thresholds, val, seconds)
+    echo(
+        f"  learned fusion: {fusion.method}, weights {weights}, confidence {fusion.confidence}, flow threshold "
+        f"{fusion.flow_threshold}, cellprob threshold {fusion.cellprob_threshold}; CV F1 "
+        f"{_f(fusion.cv_f1)} {_interval(fusion.cv_interval)} over {fusion.n_fields} validation fields"
+    )
+    return _Trained(
+        names,
+        nets,
+        diameters,
+        joint_result.net,
+        float(joint_result.diameter),
+        diam_mean,
+        fusion,
+        singles,
+        joint_thresholds,
+        val,
+        seconds,
+    )
 
 
 def _f(x: float | None) -> str:
@@ -165,26 +207,51 @@ def _score_rows(trained: _Trained, fields: Sequence, obj: str) -> dict[str, np.n
         truth = _truth(field, obj)
         maps = [m.maps for m in predict_maps_multi(trained.nets, field.image, diameter=trained.diameters)]
         learned = fuse_maps(maps, fusion.weights_for(names), fusion.confidence)
-        add("Flow Fusion, learned", truth, masks_from_maps(learned, diameter=diameter, diam_mean=trained.diam_mean,
-                                                           flow_threshold=fusion.flow_threshold,
-                                                           cellprob_threshold=fusion.cellprob_threshold))
-        add("Flow Fusion, equal weights (0.7)", truth,
-            masks_from_maps(fuse_maps(maps), diameter=diameter, diam_mean=trained.diam_mean,
-                            flow_threshold=FUSED_FLOW_THRESHOLD))
+        add(
+            "Flow Fusion, learned",
+            truth,
+            masks_from_maps(
+                learned,
+                diameter=diameter,
+                diam_mean=trained.diam_mean,
+                flow_threshold=fusion.flow_threshold,
+                cellprob_threshold=fusion.cellprob_threshold,
+            ),
+        )
+        add(
+            "Flow Fusion, equal weights (0.7)",
+            truth,
+            masks_from_maps(
+                fuse_maps(maps), diameter=diameter, diam_mean=trained.diam_mean, flow_threshold=FUSED_FLOW_THRESHOLD
+            ),
+        )
         channel_labels = []
         for k, name in enumerate(names):
             fit = trained.single_thresholds[k]
-            labels = masks_from_maps(maps[k], diameter=trained.diameters[k], diam_mean=trained.diam_mean,
-                                     flow_threshold=fit.flow_threshold, cellprob_threshold=fit.cellprob_threshold)
+            labels = masks_from_maps(
+                maps[k],
+                diameter=trained.diameters[k],
+                diam_mean=trained.diam_mean,
+                flow_threshold=fit.flow_threshold,
+                cellprob_threshold=fit.cellprob_threshold,
+            )
             channel_labels.append(labels)
             add(f"{name} alone", truth, labels)
         for method in LABEL_METHODS:
             add(method, truth, fuse_labels(channel_labels, method, min_size=15))
         joint_maps = predict_maps_joint(trained.joint, field.image, diameter=trained.joint_diameter)
         jt = trained.joint_thresholds
-        add(f"joint {len(names)}-channel model", truth,
-            masks_from_maps(joint_maps, diameter=trained.joint_diameter, diam_mean=trained.diam_mean,
-                            flow_threshold=jt.flow_threshold, cellprob_threshold=jt.cellprob_threshold))
+        add(
+            f"joint {len(names)}-channel model",
+            truth,
+            masks_from_maps(
+                joint_maps,
+                diameter=trained.joint_diameter,
+                diam_mean=trained.diam_mean,
+                flow_threshold=jt.flow_threshold,
+                cellprob_threshold=jt.cellprob_threshold,
+            ),
+        )
     return {row: np.asarray(counts) for row, counts in rows.items()}
 
 
@@ -194,8 +261,13 @@ def _summarise(counts: dict[str, np.ndarray], names: list[str], n_boot: int, see
     table: dict[str, dict[str, Any]] = {}
     for row, c in counts.items():
         samples = bootstrap_f1(c, n_boot=n_boot, seed=seed)
-        table[row] = {"f1": float(pooled_f1(c.sum(axis=0))), "interval": interval(samples),
-                      "tp": int(c[:, 0].sum()), "fp": int(c[:, 1].sum()), "fn": int(c[:, 2].sum())}
+        table[row] = {
+            "f1": float(pooled_f1(c.sum(axis=0))),
+            "interval": interval(samples),
+            "tp": int(c[:, 0].sum()),
+            "fp": int(c[:, 1].sum()),
+            "fn": int(c[:, 2].sum()),
+        }
     learned = table["Flow Fusion, learned"]
     best_single = max((f"{n} alone" for n in names), key=lambda r: table[r]["f1"])
     best_label = max(LABEL_METHODS, key=lambda r: table[r]["f1"])
@@ -209,8 +281,14 @@ def _summarise(counts: dict[str, np.ndarray], names: list[str], n_boot: int, see
     return {"rows": table, "verdict": verdict}
 
 
-def run_quality_benchmark(*, small: bool = False, regimes: Sequence[str] | None = None, obj: str = "cells",
-                          seed: int = 7, echo: Callable[[str], None] = print) -> dict:
+def run_quality_benchmark(
+    *,
+    small: bool = False,
+    regimes: Sequence[str] | None = None,
+    obj: str = "cells",
+    seed: int = 7,
+    echo: Callable[[str], None] = print,
+) -> dict:
     import torch
 
     from app.science.synthetic import REGIMES, make_plate
@@ -223,9 +301,11 @@ def run_quality_benchmark(*, small: bool = False, regimes: Sequence[str] | None 
     if obj not in ("nuclei", "cells"):
         raise ValueError(f"object must be nuclei or cells, got {obj!r}")
     started = time.perf_counter()
-    echo(f"quality bench: {obj}, fields {size.field_size} px, {size.n_train} train / {size.n_val} val / "
-         f"{size.n_test} test per regime, torch threads {torch.get_num_threads()}, seed {seed}; "
-         f"training {size.training}")
+    echo(
+        f"quality bench: {obj}, fields {size.field_size} px, {size.n_train} train / {size.n_val} val / "
+        f"{size.n_test} test per regime, torch threads {torch.get_num_threads()}, seed {seed}; "
+        f"training {size.training}"
+    )
     trained_by_reporters: dict[tuple, _Trained] = {}
     reporter_models: dict = {}
     results = {}
@@ -239,8 +319,9 @@ def run_quality_benchmark(*, small: bool = False, regimes: Sequence[str] | None 
             echo("  (models and fitted fusion reused from the regime with the same reporters)")
         trained = trained_by_reporters[key]
         # Test fields: a different plate seed from training/validation, in the regime's own acquisition.
-        test = make_plate(size.n_test, size=size.field_size, seed=seed + 1000, reporters=regime.reporters,
-                          imaging=regime.test_imaging)
+        test = make_plate(
+            size.n_test, size=size.field_size, seed=seed + 1000, reporters=regime.reporters, imaging=regime.test_imaging
+        )
         tic = time.perf_counter()
         counts = _score_rows(trained, test, obj)
         summary = _summarise(counts, trained.names, size.n_boot, seed)
@@ -255,9 +336,11 @@ def run_quality_benchmark(*, small: bool = False, regimes: Sequence[str] | None 
     echo("|---|---|---|---|---|---|")
     for name, summary in results.items():
         v, rows = summary["verdict"], summary["rows"]
-        echo(f"| {name} | {rows['Flow Fusion, learned']['f1']:.3f} | {v['best_single']} "
-             f"{rows[v['best_single']]['f1']:.3f} | {v['learned_minus_best_single']:+.3f} | "
-             f"{'yes' if v['at_or_above_best_single'] else 'NO'} | {'yes' if v['above_every_label_fusion'] else 'NO'} |")
+        echo(
+            f"| {name} | {rows['Flow Fusion, learned']['f1']:.3f} | {v['best_single']} "
+            f"{rows[v['best_single']]['f1']:.3f} | {v['learned_minus_best_single']:+.3f} | "
+            f"{'yes' if v['at_or_above_best_single'] else 'NO'} | {'yes' if v['above_every_label_fusion'] else 'NO'} |"
+        )
     echo(f"quality bench finished in {time.perf_counter() - started:.0f} s")
     return {"object": obj, "size": size.__dict__, "seed": seed, "regimes": results}
 
@@ -271,5 +354,7 @@ def _print_regime(name: str, summary: dict, echo) -> None:
         echo(f"| {row} | {r['f1']:.3f} | {_interval(r['interval'])} | {r['tp']} | {r['fp']} | {r['fn']} |")
     fusion = summary["fusion"]
     weights = ", ".join(f"{c} {w:.2f}" for c, w in zip(fusion["channels"], fusion["weights"]))
-    echo(f"learned fusion (fitted on validation): {fusion['method']}; weights {weights}; confidence "
-         f"{fusion['confidence']}; flow {fusion['flow_threshold']}, cellprob {fusion['cellprob_threshold']}")
+    echo(
+        f"learned fusion (fitted on validation): {fusion['method']}; weights {weights}; confidence "
+        f"{fusion['confidence']}; flow {fusion['flow_threshold']}, cellprob {fusion['cellprob_threshold']}"
+    )

@@ -149,8 +149,12 @@ def threshold_table(
     for i, (maps, truth) in enumerate(zip(maps_per_field, truths)):
         for c, cellprob in enumerate(cellprob_thresholds):
             masks = masks_for_flow_thresholds(
-                maps, diameter=diameter, diam_mean=diam_mean, flow_thresholds=flow_thresholds,
-                cellprob_threshold=cellprob, min_size=min_size,
+                maps,
+                diameter=diameter,
+                diam_mean=diam_mean,
+                flow_thresholds=flow_thresholds,
+                cellprob_threshold=cellprob,
+                min_size=min_size,
             )
             for f, labels in enumerate(masks):
                 table[c, f, i] = field_counts(truth, labels)
@@ -179,8 +183,15 @@ def fit_thresholds(
     """Pooled-F1-best thresholds for one model's (or one fused) maps: a single channel alone, or a
     joint K-channel model, gets the same threshold search as the fusion it is compared with."""
     maps = [np.asarray(getattr(m, "maps", m), np.float32) for m in maps_per_field]
-    table = threshold_table(maps, truths, diameter=diameter, diam_mean=diam_mean, flow_thresholds=flow_thresholds,
-                            cellprob_thresholds=cellprob_thresholds, min_size=min_size)
+    table = threshold_table(
+        maps,
+        truths,
+        diameter=diameter,
+        diam_mean=diam_mean,
+        flow_thresholds=flow_thresholds,
+        cellprob_thresholds=cellprob_thresholds,
+        min_size=min_size,
+    )
     scores = pooled_f1(table.sum(axis=2))
     c, f = (int(i) for i in np.unravel_index(int(np.argmax(scores)), scores.shape))
     return ThresholdFit(float(flow_thresholds[f]), float(cellprob_thresholds[c]), float(scores[c, f]))
@@ -262,8 +273,12 @@ def fit_fusion_parameters(
                 fused = fuse_maps(maps, weights, confidence)
                 for c, cellprob in enumerate(cellprob_thresholds):
                     masks = masks_for_flow_thresholds(
-                        fused, diameter=diameter, diam_mean=diam_mean, flow_thresholds=flow_thresholds,
-                        cellprob_threshold=cellprob, min_size=min_size,
+                        fused,
+                        diameter=diameter,
+                        diam_mean=diam_mean,
+                        flow_thresholds=flow_thresholds,
+                        cellprob_threshold=cellprob,
+                        min_size=min_size,
                     )
                     for f, labels in enumerate(masks):
                         table[c, f, i] = field_counts(truth, labels)
@@ -275,14 +290,20 @@ def fit_fusion_parameters(
                 counts_rows.append(table[c, f])
     counts = np.stack(counts_rows)  # (n_candidates, n_fields, 3)
     n_fields = counts.shape[1]
-    by_method = {m: np.array([j for j, c in enumerate(candidates) if c.method == m or
-                              (m == "weights" and c.method == "equal")])
-                 for m in ("equal", "weights", "per_pixel") if any(c.method == m for c in candidates)}
+    by_method = {
+        m: np.array([j for j, c in enumerate(candidates) if c.method == m or (m == "weights" and c.method == "equal")])
+        for m in ("equal", "weights", "per_pixel")
+        if any(c.method == m for c in candidates)
+    }
     details: dict = {
-        "grid": {"flow_thresholds": list(flow_thresholds), "cellprob_thresholds": list(cellprob_thresholds),
-                 "weight_vectors": len({w for _, w, _ in weightings}), "confidence_modes": list(confidence_modes)},
+        "grid": {
+            "flow_thresholds": list(flow_thresholds),
+            "cellprob_thresholds": list(cellprob_thresholds),
+            "weight_vectors": len({w for _, w, _ in weightings}),
+            "confidence_modes": list(confidence_modes),
+        },
         "rule": f"leave-one-field-out CV; a more complex method must beat the simpler one in >= "
-                f"{gain_confidence:.0%} of {n_boot} paired bootstrap resamples of the fields",
+        f"{gain_confidence:.0%} of {n_boot} paired bootstrap resamples of the fields",
         "methods": {},
     }
 

@@ -55,8 +55,15 @@ def test_a_planted_best_channel_gets_one_hot_weights():
         decoy = disc_field(labels.shape, 7, seed=500 + i)[1]  # confident cells that are not there
         ids = np.arange(1, labels.max() + 1)
         per_field.append([ideal_maps(labels), ideal_maps(decoy), ideal_maps(labels, keep=ids[ids % 2 == 0])])
-    params = fit_fusion_parameters(per_field, truths, ["good", "decoy", "half"], diameter=22.0, diam_mean=30.0,
-                                   methods=("equal", "weights"), n_boot=300)
+    params = fit_fusion_parameters(
+        per_field,
+        truths,
+        ["good", "decoy", "half"],
+        diameter=22.0,
+        diam_mean=30.0,
+        methods=("equal", "weights"),
+        n_boot=300,
+    )
     assert params.method == "weights"
     assert params.weights_for(["good", "decoy", "half"])[0] >= 2 / 3
     assert params.weights[1] == 0.0
@@ -65,8 +72,14 @@ def test_a_planted_best_channel_gets_one_hot_weights():
     assert lo <= params.cv_f1 <= hi
     assert params.details["methods"]["equal"]["cv_f1"] < 0.9
     # what fitting promised is what applying the record gives
-    fused = flow_fusion(per_field[0], diameter=22.0, diam_mean=30.0, weights=params.weights,
-                        flow_threshold=params.flow_threshold, cellprob_threshold=params.cellprob_threshold)
+    fused = flow_fusion(
+        per_field[0],
+        diameter=22.0,
+        diam_mean=30.0,
+        weights=params.weights,
+        flow_threshold=params.flow_threshold,
+        cellprob_threshold=params.cellprob_threshold,
+    )
     from app.science.metrics import match
 
     assert match(truths[0], fused.labels).f1 == 1.0
@@ -100,8 +113,18 @@ def test_probability_confidence_ignores_a_channel_that_sees_nothing_there():
 
 
 def test_fusion_parameters_round_trip_and_reject_nonsense():
-    params = FusionParameters("per_pixel", ("x", "y"), (0.5, 0.5), 0.8, -1.0, confidence="probability",
-                              cv_f1=0.9, cv_interval=(0.85, 0.95), n_fields=6, details={"a": 1})
+    params = FusionParameters(
+        "per_pixel",
+        ("x", "y"),
+        (0.5, 0.5),
+        0.8,
+        -1.0,
+        confidence="probability",
+        cv_f1=0.9,
+        cv_interval=(0.85, 0.95),
+        n_fields=6,
+        details={"a": 1},
+    )
     back = FusionParameters.from_dict(params.to_dict())
     assert back == params and back.details == {"a": 1}
     np.testing.assert_allclose(params.weights_for(["y", "x"]), [0.5, 0.5])

@@ -27,8 +27,11 @@ def test_select_channels_stores_fusion_parameters_and_segmentation_applies_them(
     ds = upload_dataset(api, fields, splits=SPLITS)
     versions = {}
     for reporter in channels:
-        job = api.run("finetune", {"dataset_id": ds["id"], "reporter": reporter, "object": "nuclei", "base": base,
-                                   "params": TINY_TRAINING}, timeout=300)
+        job = api.run(
+            "finetune",
+            {"dataset_id": ds["id"], "reporter": reporter, "object": "nuclei", "base": base, "params": TINY_TRAINING},
+            timeout=300,
+        )
         versions[reporter] = job["summary"]["model_version_id"]
 
     selection = api.run("select-channels", {"dataset_id": ds["id"], "object": "nuclei", "split": "val"}, timeout=300)
@@ -62,14 +65,26 @@ def test_select_channels_stores_fusion_parameters_and_segmentation_applies_them(
         assert used["weights_source"].startswith("channel set")
 
     # Opting out gives equal weights and the fixed fused thresholds.
-    job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "objects": ["nuclei"],
-                                      "params": {"learned_fusion": False}}, timeout=300)
+    job = api.run(
+        "segment-dataset",
+        {"dataset_id": ds["id"], "split": "test", "objects": ["nuclei"], "params": {"learned_fusion": False}},
+        timeout=300,
+    )
     used = job["summary"]["fields"][0]["settings"]["nuclei"]
     assert used["weights_source"] == "equal weights" and used["flow_threshold"] == 0.7
     assert used["weights"] == pytest.approx([1 / len(chosen)] * len(chosen), abs=1e-5)
 
     # A newer model for a channel of the set makes the fitted weights stale: they are not applied.
-    api.run("finetune", {"dataset_id": ds["id"], "reporter": chosen[0], "object": "nuclei", "base": base,
-                         "params": {**TINY_TRAINING, "seed": 1}}, timeout=300)
+    api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": chosen[0],
+            "object": "nuclei",
+            "base": base,
+            "params": {**TINY_TRAINING, "seed": 1},
+        },
+        timeout=300,
+    )
     job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "objects": ["nuclei"]}, timeout=300)
     assert job["summary"]["fields"][0]["settings"]["nuclei"]["weights_source"] == "equal weights"
