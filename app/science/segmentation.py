@@ -77,57 +77,43 @@ def reconstruction_size(channel_models: Sequence[ChannelModel]) -> tuple[float, 
     )
 
 
-def segment_field(
-    image: np.ndarray,
-    channel_models: Sequence[ChannelModel],
-    *,
-    method: str = "flow_fusion",
-    normalizations: Normalization | Sequence[Normalization] | None = None,
-    flow_threshold: float | None = None,
-    cellprob_threshold: float = 0.0,
-    min_size: int = 15,
-    tile: bool = False,
-    weights: Sequence[float] | None = None,
-    fusion_params: dict | None = None,
-) -> SegmentationResult:
-    """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
-
-    ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
-    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
-    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
-    ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
-    Cellpose's tiling.
-    """
-    started = time.perf_counter()
+def _check_options(method: str, weights, fusion_params) -> None:
     if method not in FUSION_METHODS:
         raise SegmentationInputError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[np.newaxis]
-    if image.ndim != 3:
-        raise SegmentationInputError(f"a field must be (channels, Y, X), got shape {image.shape}")
-    models = list(channel_models)
-    if len(models) != image.shape[0]:
-        raise SegmentationInputError(
-            f"the field has {image.shape[0]} channels but {len(models)} channel models were given: "
-            "give one model per channel, in channel order"
-        )
     if method == "flow_fusion" and fusion_params:
         raise SegmentationInputError("fusion_params apply to label-fusion methods only; use weights for flow_fusion")
     if method != "flow_fusion" and weights is not None:
         raise SegmentationInputError("channel weights apply to flow_fusion only")
 
-    timings: dict[str, float] = {}
-    tic = time.perf_counter()
-    channel_maps = predict_maps_multi(
-        [m.net for m in models],
-        image,
-        diameter=[m.diameter for m in models],
-        normalizations=normalizations,
-        tile=tile,
-    )
-    timings["maps"] = time.perf_counter() - tic
 
+def _as_field(image: np.ndarray, n_models: int) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    if image.ndim != 3:
+        raise SegmentationInputError(f"a field must be (channels, Y, X), got shape {image.shape}")
+    if n_models != image.shape[0]:
+        raise SegmentationInputError(
+            f"the field has {image.shape[0]} channels but {n_models} channel models were given: "
+            "give one model per channel, in channel order"
+        )
+    return image
+
+
+def _masks_from_channel_maps(
+    channel_maps: list[ChannelMaps],
+    models: Sequence[ChannelModel],
+    *,
+    method: str,
+    flow_threshold: float | None,
+    cellprob_threshold: float,
+    min_size: int,
+    weights: Sequence[float] | None,
+    fusion_params: dict | None,
+    mask_device,
+    timings: dict[str, float],
+) -> SegmentationResult:
+    """Fused labels from every channel's maps (Flow Fusion or a label-fusion method)."""
     if method == "flow_fusion":
         tic = time.perf_counter()
         fused = fuse_maps(channel_maps, weights)
@@ -141,9 +127,9 @@ def segment_field(
             flow_threshold=FUSED_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
             cellprob_threshold=cellprob_threshold,
             min_size=min_size,
+            device=mask_device,
         )
         timings["masks"] = time.perf_counter() - tic
-        timings["total"] = time.perf_counter() - started
         return SegmentationResult(labels, channel_maps, fused, None, timings)
 
     tic = time.perf_counter()
@@ -155,6 +141,7 @@ def segment_field(
             flow_threshold=CHANNEL_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
             cellprob_threshold=cellprob_threshold,
             min_size=min_size,
+            device=mask_device,
         )
         for maps, m in zip(channel_maps, models)
     ]
@@ -163,5 +150,53 @@ def segment_field(
     params = {"min_size": min_size, **(fusion_params or {})}
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
-    timings["total"] = time.perf_counter() - started
     return SegmentationResult(labels, channel_maps, None, channel_labels, timings)
+
+
+def segment_field(
+    image: np.ndarray,
+    channel_models: Sequence[ChannelModel],
+    *,
+    method: str = "flow_fusion",
+    normalizations: Normalization | Sequence[Normalization] | None = None,
+    flow_threshold: float | None = None,
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    tile: bool = False,
+    weights: Sequence[float] | None = None,
+    fusion_params: dict | None = None,
+    precision: str = "fp32",
+    mask_device=None,
+) -> SegmentationResult:
+    """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
+
+    ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
+    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
+    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
+    ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
+    Cellpose's tiling. The nets run on their own device in ``precision`` (``app.science.device``);
+    masks are reconstructed on ``mask_device`` (default the CPU). For many fields,
+    ``segment_fields`` batches and overlaps the stages.
+    """
+    started = time.perf_counter()
+    _check_options(method, weights, fusion_params)
+    models = list(channel_models)
+    image = _as_field(image, len(models))
+
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    channel_maps = predict_maps_multi(
+        [m.net for m in models],
+        image,
+        diameter=[m.diameter for m in models],
+        normalizations=normalizations,
+        tile=tile,
+        precision=precision,
+    )
+    timings["maps"] = time.perf_counter() - tic
+    result = _masks_from_channel_maps(
+        channel_maps, models, method=method, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+        min_size=min_size, weights=weights, fusion_params=fusion_params, mask_device=mask_device, timings=timings,
+    )
+    timings["total"] = time.perf_counter() - started
+    return result
