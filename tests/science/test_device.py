@@ -78,7 +78,7 @@ def test_model_cache_is_lru_by_bytes_and_keyed_by_device():
     cache.get_or_load("a", "cuda:0", loader("a"), size_of=size)  # same weights, other device
     assert loads == ["a", "b", "c", "a"]
     assert cache.get_or_load("huge", "cpu", loader("huge"), size_of=size) == "huge"  # served, not kept
-    assert ("huge", "cpu") not in cache.keys() and cache.nbytes <= 250
+    assert cache.get("huge", "cpu") is None and cache.nbytes <= 250
     stats = cache.stats()
     assert stats["hits"] == 2 and stats["misses"] == 5 and stats["evictions"] == 2
     with pytest.raises(ValueError):

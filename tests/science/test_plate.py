@@ -19,7 +19,7 @@ BASE = REPO / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
 DSB = Path("/work/shared/data/dsb2018_fluo/images")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_model() -> ChannelModel:
     from app.science.weights import load_model
 
@@ -82,7 +82,7 @@ def test_several_tasks_per_field_pick_their_channels():
     assert match(alone.labels, outcome.results["nuclei"].labels).f1 >= 0.99
     assert outcome.results["cells"].channel_labels is not None
     with pytest.raises(KeyError, match="pick one"):
-        outcome.result
+        _ = outcome.result
 
 
 def test_closing_early_stops_every_thread_and_source_errors_reach_the_caller():
