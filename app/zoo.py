@@ -156,6 +156,25 @@ class Resolution:
     how: dict[str, str]              # reporter name -> "alias production" | "latest ready"
 
 
+class UnknownAlias(Unprocessable):
+    slug = "unknown-alias"
+
+
+def known_aliases(session: Session, cell_line_id: int) -> list[str]:
+    """Aliases that name at least one model of this cell line."""
+    return sorted(set(session.scalars(select(ModelAlias.alias).where(ModelAlias.cell_line_id == cell_line_id))))
+
+
+def check_alias(session: Session, cell_line: CellLine, alias: str) -> str:
+    """A request's alias must exist for the cell line; only the default may name no model yet (then
+    each reporter's newest ready version is used). A misspelt alias never silently becomes "latest"."""
+    existing = known_aliases(session, cell_line.id)
+    if alias != DEFAULT_ALIAS and alias not in existing:
+        listing = ", ".join(repr(a) for a in existing) if existing else f"none yet (the default {DEFAULT_ALIAS!r})"
+        raise UnknownAlias(f"cell line {cell_line.name!r} has no alias {alias!r}; its aliases: {listing}")
+    return alias
+
+
 def resolve_models(session: Session, cell_line: CellLine, reporters: list[str], obj: str,
                    alias: str = DEFAULT_ALIAS) -> Resolution:
     """The model version per reporter: the alias holder, else the newest ready version."""

@@ -7,14 +7,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.job_params import (  # noqa: F401  (re-exported: request bodies embed them)
+    FinetuneParams,
+    MethodLiteral,
+    MetricLiteral,
+    ObjectLiteral,
+    SegmentParams,
+    SplitLiteral,
+    StrictModel,
+)
+
 JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 #: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
 MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -83,9 +89,6 @@ class ReadyOut(BaseModel):
     versions: dict[str, str | None]
 
 
-ObjectLiteral = Literal["nuclei", "cells"]
-MethodLiteral = Literal["flow_fusion", "staple", "simple", "voting", "majority_voting"]
-SplitLiteral = Literal["train", "val", "test"]
 
 
 class CellLineIn(StrictModel):
@@ -233,22 +236,6 @@ class DatasetOut(BaseModel):
     split_counts: dict[str, int]
 
 
-class FinetuneParams(StrictModel):
-    max_epochs: int = Field(default=200, ge=1, le=5000)
-    min_epochs: int = Field(default=30, ge=0, le=5000)
-    patience: int = Field(default=20, ge=1, le=1000)
-    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
-    weight_decay: float | None = Field(default=None, ge=0, le=1.0)
-    batch_size: int = Field(default=8, ge=1, le=64)
-    bsize: int = Field(default=224, ge=64, le=512)
-    augment: bool = True
-    microscopy_augment: bool = True
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    n_train: int = Field(default=40, ge=1, le=100_000)
-    n_val: int = Field(default=5, ge=1, le=100_000)
-    n_test: int = Field(default=5, ge=1, le=100_000)
-
-
 class FinetuneIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
@@ -256,16 +243,6 @@ class FinetuneIn(StrictModel):
     base: str = Field(default="", max_length=200,
                       description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
     params: FinetuneParams = Field(default_factory=FinetuneParams)
-
-
-class SegmentParams(StrictModel):
-    flow_threshold: float | None = Field(default=None, ge=0, le=10)
-    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
-    min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="object diameter in pixels; default: the models' training diameter")
-    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
-    preview_channel: int = Field(default=0, ge=0, le=15)
 
 
 class FieldMeta(StrictModel):
@@ -313,7 +290,7 @@ class SelectChannelsIn(StrictModel):
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"
     alias: str = Field(default="production", max_length=60)
-    metric: Literal["f1", "jaccard", "map_50_95"] = "f1"
+    metric: MetricLiteral = "f1"
 
 
 RoleLiteral = Literal["instrument", "scientist", "admin"]

@@ -6,7 +6,7 @@ talks about networks through the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -403,12 +403,13 @@ def forward_fields(
     *,
     channels_last: bool | None = None,
     precision: str = "fp32",
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
     """One untiled network pass per (rescale group, net) over *all* ``fields`` at once.
 
     Channels that share a net, of every field given, form one batch: the weights are read once per
     batch and a GPU gets enough work to fill it. The fields must share ``batch_key``. Fills each
-    field's ``outputs``.
+    field's ``outputs``. ``checkpoint`` is called after each pass (a job's cancellation point).
     """
     if channels_last is None:
         channels_last = FAST_PATH_CHANNELS_LAST
@@ -430,13 +431,15 @@ def forward_fields(
                 for b, j in enumerate(members):
                     field_maps[i][j] = y[i * len(members) + b]
                     field_styles[i][j] = s[i * len(members) + b]
+            if checkpoint is not None:
+                checkpoint()
         for i, prepared in enumerate(fields):
             prepared.outputs.append((np.stack(field_maps[i]), np.stack(field_styles[i])))
 
 
 def _forward_tiled(
     prepared: PreparedField, plan: ChannelPlan, *, bsize: int, tile_overlap: float, batch_size: int,
-    channels_last: bool, precision: str,
+    channels_last: bool, precision: str, checkpoint: Callable[[], None] | None = None,
 ) -> None:
     prepared.outputs = []
     for g, idx in enumerate(plan.groups):
@@ -448,6 +451,8 @@ def _forward_tiled(
             )
             maps.append(m)
             styles.append(s)
+            if checkpoint is not None:
+                checkpoint()
         prepared.outputs.append((np.stack(maps), np.stack(styles)))
 
 
@@ -487,6 +492,7 @@ def predict_maps_multi(
     batch_size: int = 8,
     channels_last: bool | None = None,
     precision: str = "fp32",
+    checkpoint: Callable[[], None] | None = None,
 ) -> list[ChannelMaps]:
     """Raw maps of every channel of a (K, Y, X) field, channel k through ``nets[k]``.
 
@@ -496,7 +502,8 @@ def predict_maps_multi(
     one batch. Untiled by default: one pass over the padded image pushes ~1.7x fewer pixels
     through the net than Cellpose's 10 %-overlap tiles for a 512 x 512 field. ``diameter`` and
     ``normalizations`` are one value for all channels or one per channel. The nets run on their
-    own device in ``precision``.
+    own device in ``precision``. ``checkpoint`` is called after each network pass (a job's
+    cancellation point between channels).
 
     With ``tile=True``, ``channels_last=False`` and fp32 each channel matches ``predict_maps`` to
     float rounding (exactly when no rescale is needed: OpenCV rounds a K-channel resize differently).
@@ -508,9 +515,9 @@ def predict_maps_multi(
     prepared = prepare_field(image, plan)
     if tile:
         _forward_tiled(prepared, plan, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size,
-                       channels_last=channels_last, precision=precision)
+                       channels_last=channels_last, precision=precision, checkpoint=checkpoint)
     else:
-        forward_fields([prepared], plan, channels_last=channels_last, precision=precision)
+        forward_fields([prepared], plan, channels_last=channels_last, precision=precision, checkpoint=checkpoint)
     return finish_field(prepared, plan)
 
 

@@ -14,7 +14,7 @@ Typical use::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,6 +167,7 @@ def segment_field(
     fusion_params: dict | None = None,
     precision: str = "fp32",
     mask_device=None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SegmentationResult:
     """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
 
@@ -175,7 +176,8 @@ def segment_field(
     maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
     ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
     Cellpose's tiling. The nets run on their own device in ``precision`` (``app.science.device``);
-    masks are reconstructed on ``mask_device`` (default the CPU). For many fields,
+    masks are reconstructed on ``mask_device`` (default the CPU). ``checkpoint`` is called
+    between channels (a job's cancellation point: it raises to stop). For many fields,
     ``segment_fields`` batches and overlaps the stages.
     """
     started = time.perf_counter()
@@ -192,6 +194,7 @@ def segment_field(
         normalizations=normalizations,
         tile=tile,
         precision=precision,
+        checkpoint=checkpoint,
     )
     timings["maps"] = time.perf_counter() - tic
     result = _masks_from_channel_maps(
