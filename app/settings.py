@@ -42,6 +42,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=64_000_000, gt=0, description="per plane: Y*X*channels")
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
     worker_concurrency: int = Field(default=1, ge=1)
+    # Where a worker's networks run: auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.
+    # Resolved in each worker process after the fork (app.science.device), never in the parent.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Autocast precision of inference and of fine-tuning: auto picks the measured default per device
+    # (bf16 on a CPU with native bf16 and on recent GPUs); fp32 reproduces Cellpose's numbers.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    training_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Loaded networks kept per worker process (bytes of weights), least recently used out first.
+    model_cache_bytes: int = Field(default=1 << 30, ge=0)
+    # Fields per network batch when segmenting a plate (0: by device, 2 on a CPU, 8 on a GPU).
+    plate_batch_fields: int = Field(default=0, ge=0)
 
     # A running job's worker writes a heartbeat this often; a job whose heartbeat is older than
     # job_stale_after_s is taken to have lost its worker and is re-run, up to job_max_attempts.

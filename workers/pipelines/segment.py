@@ -1,8 +1,10 @@
 """Segment a plate (uploaded fields or a dataset's images): every field, every object, with the
 request's fusion method; masks, ROIs, measurements, an overlay and (for labelled images) metrics.
 
-One bad field does not fail the plate: it is listed with its reason. A cancellation takes effect
-between fields and between channels.
+Fields go through ``app.science.plate.segment_fields`` (batched networks, reading and mask
+reconstruction overlapped with them) on this worker's device and precision, recorded in the
+provenance. One bad field does not fail the plate: it is listed with its reason. A cancellation
+takes effect between fields.
 """
 
 from __future__ import annotations
@@ -10,15 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from app.job_params import SegmentJob
 from app.models import DatasetImage
+from workers.compute import worker_compute
 from workers.pipelines.common import (
     PREPROCESSING,
     LoadedModel,
+    channel_models,
+    compute_provenance,
     library_versions,
     mask_sha,
     model_version,
@@ -41,7 +50,68 @@ def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
             "models": models, "preprocessing": PREPROCESSING, "parameters": p.params.model_dump(mode="json"),
-            "library_versions": library_versions()}
+            "library_versions": library_versions(), "compute": compute_provenance(ctx)}
+
+
+def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel]):
+    """One SegmentTask per object, with the request's method and thresholds."""
+    from app.science.plate import SegmentTask
+
+    seg = p.params
+    tasks = {}
+    for obj in p.objects:
+        plan = p.plan[obj]
+        models = channel_models(ctx, plan, cache)
+        if seg.diameter:
+            models = [replace(m, diameter=float(seg.diameter)) for m in models]
+        tasks[obj] = SegmentTask(tuple(models), channels=tuple(p.channels.index(name) for name in plan.channels),
+                                 method=p.method, flow_threshold=seg.flow_threshold,
+                                 cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size)
+    return tasks
+
+
+def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel]) -> Iterator[tuple]:
+    """(field, image, labels per object or None, error or None, seconds) for each field, in order.
+
+    The plate route (``app.science.plate.segment_fields``): fields read on a thread, batched through
+    each channel model, masks reconstructed beside the network, while this thread writes the
+    previous field's results. A per-image diameter estimate changes the models per field, so that
+    request keeps the one-field-at-a-time route.
+    """
+    seg = p.params
+    n_fields = len(p.fields)
+    if seg.estimate_diameter and not seg.diameter:
+        for index, field in enumerate(p.fields):
+            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
+            started = time.perf_counter()
+            try:
+                image = read_field(ctx, field.image_sha256)
+                labels = {}
+                for k, obj in enumerate(p.objects):
+                    ctx.progress(f"field {index + 1} of {n_fields} ({field.name}): {obj}",
+                                 (index + k / len(p.objects)) / n_fields)
+                    labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+            except Exception as exc:  # noqa: BLE001 - listed with the field by the caller
+                yield field, None, None, exc, time.perf_counter() - started
+                continue
+            yield field, image, labels, None, time.perf_counter() - started
+        return
+
+    from app.science.plate import segment_fields
+
+    compute = worker_compute(ctx.settings)
+    tasks = _tasks(ctx, p, cache)
+    blobs_reader = partial(read_field, ctx)  # blob files only: safe on the reader thread
+    plate = segment_fields(((field, partial(blobs_reader, field.image_sha256)) for field in p.fields), tasks,
+                           precision=compute.precision, mask_device=compute.device,
+                           batch_fields=compute.plate_batch_fields or None)
+    with closing(plate):
+        for outcome in plate:
+            field = outcome.key
+            ctx.progress(f"field {outcome.index + 1} of {n_fields} ({field.name})", outcome.index / n_fields,
+                         force=True)
+            labels = {obj: result.labels for obj, result in outcome.results.items()}
+            yield field, outcome.image, labels, outcome.error, outcome.timings.get("total", 0.0)
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -60,18 +130,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     provenance = _provenance(ctx, p)
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
-    n_fields = len(p.fields)
-    for index, field in enumerate(p.fields):
+    for field, image, labels, error, seconds in _field_outcomes(ctx, p, cache):
         name = field.name
-        ctx.progress(f"field {index + 1} of {n_fields} ({name})", index / n_fields, force=True)
         started = time.perf_counter()
         try:
-            image = read_field(ctx, field.image_sha256)
-            labels = {}
-            for k, obj in enumerate(p.objects):
-                ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
-                             (index + k / len(p.objects)) / n_fields)
-                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+            if error is not None:
+                raise error
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -103,7 +167,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                media_type="application/json", meta={"field": name})
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics})
+                         "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": field_metrics})
         except JobCancelled:
             raise
         except JobFailed as exc:
@@ -115,7 +179,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"every field failed; first error: {failed[0]['error'] if failed else 'no fields'}")
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
-               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled}
+               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
+               "precision": provenance["compute"]["precision"]}
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary
