@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(default=1 << 30, ge=0)
     # Fields per network batch when segmenting a plate (0: by device, 2 on a CPU, 8 on a GPU).
     plate_batch_fields: int = Field(default=0, ge=0)
+    # "plate": fields batched and overlapped (app.science.plate); "per_field": one field after the
+    # other, as before that engine (kept for `cellfuse bench plate` and as a fallback).
+    segment_route: Literal["plate", "per_field"] = "plate"
 
     # A running job's worker writes a heartbeat this often; a job whose heartbeat is older than
     # job_stale_after_s is taken to have lost its worker and is re-run, up to job_max_attempts.

@@ -76,11 +76,11 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
     The plate route (``app.science.plate.segment_fields``): fields read on a thread, batched through
     each channel model, masks reconstructed beside the network, while this thread writes the
     previous field's results. A per-image diameter estimate changes the models per field, so that
-    request keeps the one-field-at-a-time route.
+    request keeps the one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
     """
     seg = p.params
     n_fields = len(p.fields)
-    if seg.estimate_diameter and not seg.diameter:
+    if (seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field":
         for index, field in enumerate(p.fields):
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             started = time.perf_counter()
