@@ -12,5 +12,7 @@ COPY models_zoo ./models_zoo
 COPY alembic ./alembic
 RUN pip3 install -e . && useradd --system --uid 10001 cellfuse && mkdir -p /data && chown cellfuse /data
 USER cellfuse
-ENV CELLFUSE_DATA_DIR=/data
+# A GPU worker must compute on its GPU: "cuda" fails clearly where none is visible instead of
+# silently running on the CPU. For several GPUs in one container: `cellfuse worker --gpus 0,1`.
+ENV CELLFUSE_DATA_DIR=/data CELLFUSE_DEVICE=cuda
 CMD ["cellfuse", "worker", "--queue", "gpu"]

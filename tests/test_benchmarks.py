@@ -14,3 +14,27 @@ def test_ablation_benchmark_trains_both_arms_and_scores_both_acquisitions():
     for arm in result["summary"].values():
         assert 0.0 <= arm["same"] <= 1.0 and 0.0 <= arm["shifted"] <= 1.0
     assert lines[-1].startswith("F1 gain on the shifted acquisition")
+
+
+@pytest.mark.slow
+def test_plate_benchmark_runs_every_route_through_the_real_api():
+    from app.benchmarks.plate import run_plate_benchmark
+
+    lines: list[str] = []
+    result = run_plate_benchmark(n_fields=2, size=128, n_channels=2, train_steps=5, echo=lines.append)
+    assert result["n_fields"] == 2 and result["precision"] in ("fp32", "bf16")
+    for key in ("api_today_s", "api_plate_s", "direct_s", "engine_s", "naive_s"):
+        assert result[key] > 0
+    assert result["api_over_direct"] == pytest.approx(result["api_plate_s"] / result["direct_s"], rel=0.01)
+    assert 0.0 <= result["mask_f1_vs_today_min"] <= result["mask_f1_vs_today_mean"] <= 1.0
+    assert any(line.startswith("API time / direct segment_field loop:") for line in lines)
+    assert lines[-1].startswith("naive route / API:")
+
+
+def test_plate_fields_are_distinct_and_shaped():
+    from app.benchmarks.plate import plate_fields
+
+    fields, diameter, nuclei = plate_fields(5, size=64, n_channels=3, unique=2)
+    assert len(fields) == 5 and all(f.shape == (3, 64, 64) and f.dtype.name == "uint16" for f in fields)
+    assert diameter > 0 and nuclei.shape == (64, 64)
+    assert len({f.tobytes() for f in fields}) == 5

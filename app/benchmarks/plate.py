@@ -177,8 +177,7 @@ def _api_route(env: dict[str, str], key: str, request: dict, tiffs: list[tuple[s
         server.stop()
 
 
-def _naive_route(fields, saved, diameter: float, echo) -> float:
-    import torch
+def _naive_route(fields, saved, diameter: float, echo, device) -> float:
     from cellpose import dynamics, models
 
     from app.science import backbone
@@ -191,7 +190,8 @@ def _naive_route(fields, saved, diameter: float, echo) -> float:
 
         net, _ = load_model(model.weights_path)
         path = export_cellpose(net, folder / f"cellpose-{k}.pth")
-        cellpose_models.append(models.CellposeModel(pretrained_model=str(path)))
+        cellpose_models.append(models.CellposeModel(pretrained_model=str(path), gpu=device.type == "cuda",
+                                                    device=device))
     niter = backbone.default_niter(diameter, backbone.DEFAULT_DIAM_MEAN)
     cellpose_models[0].eval(fields[0][0][:64, :64], channels=[0, 0], diameter=diameter)  # numba warm-up
     started = time.perf_counter()
@@ -203,29 +203,41 @@ def _naive_route(fields, saved, diameter: float, echo) -> float:
             probs.append(out[2])
         dynamics.resize_and_compute_masks(np.mean(flows, axis=0), np.mean(probs, axis=0), niter=niter,
                                           cellprob_threshold=0.0, flow_threshold=FUSED_FLOW_THRESHOLD,
-                                          min_size=15, resize=None, device=torch.device("cpu"))
+                                          min_size=15, resize=None, device=device)
     seconds = time.perf_counter() - started
     echo(f"naive route (Cellpose eval per channel per field): {len(fields)} fields in {seconds:.1f} s, "
          f"{len(fields) / seconds:.3f} fields/s")
     return seconds
 
 
-def _direct_loop(fields, saved, diameter: float, precision: str, echo) -> float:
+def _direct_loops(fields, saved, diameter: float, precision: str, echo, device) -> tuple[float, float]:
+    """Seconds of a ``segment_field`` loop and of ``segment_fields`` (the engine alone) over the plate."""
+    from app.science.device import cuda_synchronized
+    from app.science.plate import segment_fields
     from app.science.segmentation import ChannelModel, segment_field
     from app.science.weights import load_model
 
     models = []
     for model in saved:
-        net, card = load_model(model.weights_path)
+        net, card = load_model(model.weights_path, device=device)
         models.append(ChannelModel(net, diameter, card.diam_mean, card.name))
-    segment_field(fields[0][:, :64, :64], models, precision=precision)  # warm-up
+    segment_field(fields[0][:, :64, :64], models, precision=precision, mask_device=device)  # warm-up
     started = time.perf_counter()
-    for field in fields:
-        segment_field(field, models, precision=precision)
-    seconds = time.perf_counter() - started
-    echo(f"direct segment_field loop ({precision}): {len(fields)} fields in {seconds:.1f} s, "
-         f"{len(fields) / seconds:.3f} fields/s")
-    return seconds
+    with cuda_synchronized(device):
+        for field in fields:
+            segment_field(field, models, precision=precision, mask_device=device)
+    loop_s = time.perf_counter() - started
+    echo(f"direct segment_field loop ({precision}): {len(fields)} fields in {loop_s:.1f} s, "
+         f"{len(fields) / loop_s:.3f} fields/s")
+    started = time.perf_counter()
+    with cuda_synchronized(device):
+        for outcome in segment_fields(enumerate(fields), models, precision=precision, mask_device=device):
+            if outcome.error is not None:
+                raise outcome.error
+    engine_s = time.perf_counter() - started
+    echo(f"direct segment_fields (the plate engine, no API): {len(fields)} fields in {engine_s:.1f} s, "
+         f"{len(fields) / engine_s:.3f} fields/s")
+    return loop_s, engine_s
 
 
 def run_plate_benchmark(
@@ -237,21 +249,21 @@ def run_plate_benchmark(
     broker_url: str | None = None,
     naive: bool = True,
     train_steps: int = 25,
+    device: str = "cpu",
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the plate benchmark; print and return its numbers (see the module notes)."""
     if n_fields < 1 or n_channels < 1 or size < 64:
         raise ValueError("need at least one field, one channel and fields of at least 64 x 64 pixels")
-    import torch
-
     from app.benchmarks.fused import quick_trained_state
-    from app.science.device import resolve_precision
+    from app.science.device import device_name, resolve_device, resolve_precision
     from app.science.imageio import image_to_tiff_bytes, read_labels
     from app.science.metrics import match
     from app.settings import Settings
 
     reporters = [f"ch{k}" for k in range(n_channels)]
-    precision = resolve_precision(os.environ.get("CELLFUSE_PRECISION", "auto"), torch.device("cpu"))
+    torch_device = resolve_device(device)
+    precision = resolve_precision(os.environ.get("CELLFUSE_PRECISION", "auto"), torch_device)
     with tempfile.TemporaryDirectory(prefix="cellfuse-bench-plate-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.setdefault("CELLPOSE_LOCAL_MODELS_PATH", str(tmp / "cellpose-models"))
@@ -264,13 +276,14 @@ def run_plate_benchmark(
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         key = _seed_zoo(settings, saved, reporters, diameter)
         echo(f"plate: {n_fields} fields x {n_channels} channels x {size} x {size} (synthetic), full-width CPnets, "
-             f"diameter {diameter:.1f} px; database {settings.resolved_database_url.split('@')[-1].split('?')[0]}, "
+             f"diameter {diameter:.1f} px; device {device_name(torch_device)}; database {settings.resolved_database_url.split('@')[-1].split('?')[0]}, "
              f"broker {settings.resolved_broker_url.split('@')[-1]}; set-up {time.perf_counter() - tic:.0f} s "
              "(untimed)")
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFUSE_")}
         env.update({"CELLFUSE_DATA_DIR": str(settings.resolved_data_dir),
                     "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
-                    "CELLFUSE_BROKER_URL": settings.resolved_broker_url, "PYTHONUNBUFFERED": "1"})
+                    "CELLFUSE_BROKER_URL": settings.resolved_broker_url, "PYTHONUNBUFFERED": "1",
+                    "CELLFUSE_DEVICE": str(torch_device)})
         request = {"cell_line": CELL_LINE, "channels": reporters, "use_channels": reporters, "objects": [OBJECT],
                    "method": "flow_fusion"}
 
@@ -281,8 +294,8 @@ def run_plate_benchmark(
         _, upload_s, plate_s, plate_masks = _api_route(plate_env, key, request, tiffs,
                                                                tmp / "serve-plate.log", echo,
                                                                f"API, plate route ({precision})")
-        direct_s = _direct_loop(fields, saved, diameter, precision, echo)
-        naive_s = _naive_route(fields, saved, diameter, echo) if naive else None
+        direct_s, engine_s = _direct_loops(fields, saved, diameter, precision, echo, torch_device)
+        naive_s = _naive_route(fields, saved, diameter, echo, torch_device) if naive else None
 
         f1 = []
         for name, data in today_masks.items():
@@ -293,7 +306,8 @@ def run_plate_benchmark(
     result = {
         "n_fields": n_fields, "size": size, "n_channels": n_channels, "precision": precision,
         "api_today_s": round(today_s, 2), "api_plate_s": round(plate_s, 2), "upload_s": round(upload_s, 2),
-        "direct_s": round(direct_s, 2), "naive_s": None if naive_s is None else round(naive_s, 2),
+        "direct_s": round(direct_s, 2), "engine_s": round(engine_s, 2), "device": str(torch_device),
+        "engine_fields_per_s": round(n_fields / engine_s, 4), "naive_s": None if naive_s is None else round(naive_s, 2),
         "fields_per_s": round(n_fields / plate_s, 4),
         "api_over_direct": round(plate_s / direct_s, 3),
         "gain_over_today": round(today_s / plate_s, 3),
@@ -303,7 +317,8 @@ def run_plate_benchmark(
     }
     echo(f"masks, plate route vs today's route: F1@0.5 mean {result['mask_f1_vs_today_mean']:.4f}, "
          f"min {result['mask_f1_vs_today_min']:.4f} over {len(f1)} fields ({objects} objects)")
-    echo(f"fields/s through the API: {result['fields_per_s']:.3f}")
+    echo(f"fields/s through the API: {result['fields_per_s']:.3f} (the engine alone: "
+         f"{result['engine_fields_per_s']:.3f})")
     echo(f"gain over today's route (today / plate): {result['gain_over_today']:.2f}")
     echo(f"API time / direct segment_field loop: {result['api_over_direct']:.2f}")
     if naive_s is not None:
