@@ -303,6 +303,17 @@ def bench_plate(fields: Annotated[int, typer.Option(help="fields on the plate")]
                         broker_url=redis or None, naive=naive, device=device, echo=typer.echo)
 
 
+@bench_cli.command("precision")
+def bench_precision(images: int = 16, device: str = "cpu",
+                    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16")] = "auto",
+                    data: Annotated[Path, typer.Option(help="DSB2018-style folder with images/*.tif")] = Path(
+                        "/work/shared/data/dsb2018_fluo")) -> None:
+    """A reduced precision against fp32 on real fields: mask agreement (F1) and speed."""
+    from app.benchmarks.precision import run_precision_benchmark
+
+    run_precision_benchmark(images, device=device, precision=precision, data=data, echo=typer.echo)
+
+
 @bench_cli.command("ablation")
 def bench_ablation(max_epochs: int = 30) -> None:
     """Fine-tune with and without microscopy augmentations; score on a differently acquired plate."""

@@ -26,8 +26,13 @@ PY
 echo "== gpu tests"
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/science || status=1
 
+echo "== precision: auto (bf16/fp16) vs fp32 on real DSB2018 fields (masks F1, speed)"
+DATA="${DATA:-shared/data/dsb2018_fluo}"
+[ -d "$DATA" ] || DATA=/work/shared/data/dsb2018_fluo
+timeout 60 python3 -m app.cli bench precision --device cuda --data "$DATA" || status=1
+
 echo "== plate: ${FIELDS} fields x 4 channels x 512^2 through the API on cuda (embedded database and broker)"
-timeout 260 python3 -m app.cli bench plate --fields "$FIELDS" --device cuda || status=1
+timeout 230 python3 -m app.cli bench plate --fields "$FIELDS" --device cuda || status=1
 
 echo "== training: our loop (fp32 and auto precision) vs Cellpose's train_seg on cuda"
 timeout 60 python3 -m app.cli bench training --device cuda --epochs 3 --no-memory || status=1

@@ -1,5 +1,6 @@
 """Benchmarks run end to end on tiny settings and report what they promise (numbers, not timings)."""
 
+import numpy as np
 import pytest
 
 from app.benchmarks.ablation import run_ablation_benchmark
@@ -38,3 +39,21 @@ def test_plate_fields_are_distinct_and_shaped():
     assert len(fields) == 5 and all(f.shape == (3, 64, 64) and f.dtype.name == "uint16" for f in fields)
     assert diameter > 0 and nuclei.shape == (64, 64)
     assert len({f.tobytes() for f in fields}) == 5
+
+
+@pytest.mark.slow
+def test_precision_benchmark_compares_masks_and_time(tmp_path):
+    import tifffile
+
+    from app.benchmarks.precision import run_precision_benchmark
+    from app.science.synthetic import make_plate
+
+    (tmp_path / "images").mkdir()
+    for i, field in enumerate(make_plate(2, size=96, seed=5)):
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", field.image[0].astype(np.uint16))
+    lines: list[str] = []
+    result = run_precision_benchmark(2, precision="bf16", data=tmp_path, echo=lines.append)
+    assert result["precision"] == "bf16" and result["n_fields"] == 2
+    assert result["fp32_s"] > 0 and result["bf16_s"] > 0
+    assert result["f1_mean"] is None or 0.0 <= result["f1_min"] <= result["f1_mean"] <= 1.0
+    assert lines[-1].startswith("speed-up ratio (bf16 over fp32):")
