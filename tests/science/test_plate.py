@@ -46,6 +46,7 @@ def real_fields(n: int, size: int = 128) -> list[np.ndarray]:
     return fields
 
 
+@pytest.mark.slow
 def test_segment_fields_equals_segment_field_in_order_and_isolates_bad_fields():
     model = base_model()
     fields = real_fields(5)
@@ -70,6 +71,7 @@ def test_segment_fields_equals_segment_field_in_order_and_isolates_bad_fields():
     assert objects > 10  # real nuclei were compared, not empty masks
 
 
+@pytest.mark.slow
 def test_several_tasks_per_field_pick_their_channels():
     model = base_model()
     field = real_fields(1)[0]
@@ -109,6 +111,7 @@ def test_closing_early_stops_every_thread_and_source_errors_reach_the_caller():
     assert seen == ["ok"]
 
 
+@pytest.mark.slow
 def test_bf16_masks_agree_with_fp32():
     model = base_model()
     fields = real_fields(3)
