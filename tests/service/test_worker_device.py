@@ -141,3 +141,30 @@ def test_gpu_names_come_from_the_driver_files_not_from_cuda(tmp_path, monkeypatc
     assert _gpu_info("cpu") == {"gpu": False, "gpu_name": None, "device": "cpu"}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert _gpu_info("cuda:0")["gpu_name"] == "NVIDIA A100"
+
+
+def test_stored_weights_load_once_per_process_and_device(tmp_path):
+    from types import SimpleNamespace
+
+    from app.science.weights import ModelCard, find_card
+    from app.settings import Settings
+    from app.storage import BlobStore
+    from workers import compute
+    from workers.pipelines.common import load_weights
+
+    weights_path = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+    card = ModelCard.from_json(find_card(weights_path).read_text()).to_dict()
+    settings = Settings(data_dir=tmp_path / "data", device="cpu", precision="fp32", model_cache_bytes=64 << 20)
+    blobs = BlobStore(settings.blob_dir)
+    sha = blobs.put_bytes(weights_path.read_bytes()).sha256
+    ctx = SimpleNamespace(blobs=blobs, settings=settings)
+    compute._by_pid.clear()  # this test's settings, not another test's
+    try:
+        first = load_weights(ctx, sha, card, "zoo")
+        assert load_weights(ctx, sha, card, "zoo") is first  # the second field's request: no reload
+        mine = compute.worker_compute()
+        assert str(mine.device) == "cpu" and mine.precision == "fp32"
+        assert mine.cache.stats()["hits"] == 1 and mine.cache.keys() == [(sha, "cpu")]
+        assert next(first.parameters()).device.type == "cpu"
+    finally:
+        compute._by_pid.clear()
