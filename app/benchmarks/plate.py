@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def _save_channel_models(state: dict, diameter: float, reporters: list[str], fol
     return saved
 
 
-def _seed_zoo(settings, saved: list, reporters: list[str], diameter: float) -> str:
+def _seed_zoo(settings, saved: list, reporters: list[str], diameter: float, cell_line: str) -> str:
     """Register the cell line, reporters and one ready model version each; returns an admin key."""
     from app.db import session_factory
     from app.migrations import upgrade
@@ -98,7 +99,7 @@ def _seed_zoo(settings, saved: list, reporters: list[str], diameter: float) -> s
     upgrade(settings.resolved_database_url)
     blobs = BlobStore(settings.blob_dir)
     with session_factory(settings.resolved_database_url)() as session:
-        line = CellLine(name=CELL_LINE)
+        line = CellLine(name=cell_line)
         session.add(line)
         rows = [Reporter(name=name) for name in reporters]
         session.add_all(rows)
@@ -261,7 +262,10 @@ def run_plate_benchmark(
     from app.science.metrics import match
     from app.settings import Settings
 
-    reporters = [f"ch{k}" for k in range(n_channels)]
+    # Names of this run's own: a PostgreSQL database given with --postgres may hold earlier runs.
+    run = uuid.uuid4().hex[:6]
+    cell_line = f"{CELL_LINE}-{run}"
+    reporters = [f"ch{k}-{run}" for k in range(n_channels)]
     torch_device = resolve_device(device)
     precision = resolve_precision(os.environ.get("CELLFUSE_PRECISION", "auto"), torch_device)
     with tempfile.TemporaryDirectory(prefix="cellfuse-bench-plate-") as tmp_name:
@@ -274,7 +278,7 @@ def run_plate_benchmark(
         tiffs = [(f"F{i + 1:03d}.tif", image_to_tiff_bytes(f, reporters)) for i, f in enumerate(fields)]
         settings = Settings(data_dir=tmp / "data", database_url=database_url, broker_url=broker_url)
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
-        key = _seed_zoo(settings, saved, reporters, diameter)
+        key = _seed_zoo(settings, saved, reporters, diameter, cell_line)
         echo(f"plate: {n_fields} fields x {n_channels} channels x {size} x {size} (synthetic), full-width CPnets, "
              f"diameter {diameter:.1f} px; device {device_name(torch_device)}; database {settings.resolved_database_url.split('@')[-1].split('?')[0]}, "
              f"broker {settings.resolved_broker_url.split('@')[-1]}; set-up {time.perf_counter() - tic:.0f} s "
@@ -284,7 +288,7 @@ def run_plate_benchmark(
                     "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
                     "CELLFUSE_BROKER_URL": settings.resolved_broker_url, "PYTHONUNBUFFERED": "1",
                     "CELLFUSE_DEVICE": str(torch_device)})
-        request = {"cell_line": CELL_LINE, "channels": reporters, "use_channels": reporters, "objects": [OBJECT],
+        request = {"cell_line": cell_line, "channels": reporters, "use_channels": reporters, "objects": [OBJECT],
                    "method": "flow_fusion"}
 
         today_env = {**env, "CELLFUSE_SEGMENT_ROUTE": "per_field", "CELLFUSE_PRECISION": "fp32"}
