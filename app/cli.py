@@ -295,12 +295,15 @@ def bench_plate(fields: Annotated[int, typer.Option(help="fields on the plate")]
                 redis: Annotated[str, typer.Option(help="Redis URL instead of the embedded broker")] = "",
                 naive: Annotated[bool, typer.Option(help="also time Cellpose's eval per channel per field")] = True,
                 device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (the worker's and the loops')")] = "cpu",
+                naive_fields: Annotated[int, typer.Option(help="time the naive route on N fields, scaled (0: all)")] = 0,
+                unique: Annotated[int, typer.Option(help="fields drawn; the others are turned copies")] = 8,
                 ) -> None:
     """A plate through the real API: today's route, the plate route, a direct loop and the naive route."""
     from app.benchmarks.plate import run_plate_benchmark
 
     run_plate_benchmark(n_fields=fields, size=size, n_channels=channels, database_url=postgres or None,
-                        broker_url=redis or None, naive=naive, device=device, echo=typer.echo)
+                        broker_url=redis or None, naive=naive, device=device, naive_fields=naive_fields or None,
+                        unique=unique, echo=typer.echo)
 
 
 @bench_cli.command("precision")
