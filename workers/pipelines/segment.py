@@ -1,16 +1,18 @@
 """Segment a plate (uploaded fields or a dataset's images): every field, every object, with the
 request's fusion method; masks, ROIs, measurements, an overlay and (for labelled images) metrics.
 
-Fields go through ``app.science.plate.segment_fields`` (batched networks, reading and mask
-reconstruction overlapped with them) on this worker's device and precision, recorded in the
-provenance. One bad field does not fail the plate: it is listed with its reason. A cancellation
-takes effect between fields.
+Fields go through ``app.science.plate.segment_fields`` (batched networks, reading, correction and
+mask reconstruction overlapped with them) on this worker's device and precision, recorded in the
+provenance. One bad field does not fail the plate: it is listed with its reason. A cancellation takes effect
+between fields and between channels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,7 +26,6 @@ from app.job_params import SegmentJob
 from app.models import DatasetImage
 from workers.compute import worker_compute
 from workers.pipelines.common import (
-    PREPROCESSING,
     LoadedModel,
     channel_models,
     compute_provenance,
@@ -40,7 +41,7 @@ from workers.runner import JobContext, JobFailed
 log = logging.getLogger(__name__)
 
 
-def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
+def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -> dict[str, Any]:
     models = {}
     for obj, plan in p.plan.items():
         versions = {name: model_version(ctx, vid) for name, vid in plan.models.items()}
@@ -49,39 +50,85 @@ def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
     return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
-            "models": models, "preprocessing": PREPROCESSING, "parameters": p.params.model_dump(mode="json"),
-            "library_versions": library_versions(), "compute": compute_provenance(ctx)}
+            "models": models, "preprocessing": preprocessing,
+            "preprocessing_override": p.params.preprocessing is not None,
+            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions(),
+            "compute": compute_provenance(ctx)}
 
 
-def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel]):
-    """One SegmentTask per object, with the request's method and thresholds."""
+def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, Any]]:
+    """Fields an earlier attempt of this job finished: field name -> its record."""
+    folder = ctx.checkpoint_dir / "fields"
+    finished = {}
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged record: the field is simply redone
+        name = record.get("done", {}).get("field")
+        if name in names and ctx.folder.file(f"{name}/measurements.csv").is_file():
+            finished[name] = record
+    return finished
+
+
+def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: list[str]) -> None:
+    """Written after all of a field's results: a re-run skips the field."""
+    folder = ctx.checkpoint_dir / "fields"
+    target = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+    tmp = target.with_name(target.name + ".partial")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"done": done, "scored": scored}))
+        os.replace(tmp, target)
+    except OSError:  # without the record the field is redone on a re-run, nothing worse
+        log.warning("could not record field %s of job %s as finished", name, ctx.job_id, exc_info=True)
+
+
+def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, sample: np.ndarray):
+    """One SegmentTask per object over the stacked inputs ``_plate_inputs`` makes, with the
+    request's method and thresholds and the preprocessing's (plate-constant) normalisations."""
     from app.science.plate import SegmentTask
 
     seg = p.params
-    tasks = {}
+    tasks, offset = {}, len(p.channels)
     for obj in p.objects:
         plan = p.plan[obj]
         models = channel_models(ctx, plan, cache)
         if seg.diameter:
             models = [replace(m, diameter=float(seg.diameter)) for m in models]
-        tasks[obj] = SegmentTask(tuple(models), channels=tuple(p.channels.index(name) for name in plan.channels),
-                                 method=p.method, flow_threshold=seg.flow_threshold,
+        _inputs, norms = prep.inputs(obj, plan.channels, sample, p.channels)
+        tasks[obj] = SegmentTask(tuple(models), channels=tuple(range(offset, offset + len(plan.channels))),
+                                 method=p.method, normalizations=tuple(norms), flow_threshold=seg.flow_threshold,
                                  cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size)
+        offset += len(plan.channels)
     return tasks
 
 
-def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel]) -> Iterator[tuple]:
-    """(field, image, labels per object or None, error or None, seconds) for each field, in order.
+def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarray:
+    """The raw field and, after it, each object's preprocessed network inputs, as one stack (read
+    and corrected on the plate engine's reader thread: blob files and arrays only)."""
+    image = read_field(ctx, sha256)
+    stacks = [image.astype(np.float32)]
+    for obj in p.objects:
+        stacks.append(prep.inputs(obj, p.plan[obj].channels, image, p.channels)[0])
+    return np.concatenate(stacks)
 
-    The plate route (``app.science.plate.segment_fields``): fields read on a thread, batched through
-    each channel model, masks reconstructed beside the network, while this thread writes the
-    previous field's results. A per-image diameter estimate changes the models per field, so that
-    request keeps the one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
+
+def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep,
+                    fields: list) -> Iterator[tuple]:
+    """(field, image, labels per object, error or None, seconds) for each of ``fields``, in order.
+
+    The plate route (``app.science.plate.segment_fields``): fields read and corrected on a thread,
+    batched through each channel model, masks reconstructed beside the network, while this thread
+    writes the previous field's results. A per-image diameter estimate changes the models per field,
+    so that request keeps the one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
     """
     seg = p.params
     n_fields = len(p.fields)
-    if (seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field":
-        for index, field in enumerate(p.fields):
+    index_of = {f.name: i for i, f in enumerate(p.fields)}
+    if (seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field" or not fields:
+        for field in fields:
+            index = index_of[field.name]
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             started = time.perf_counter()
             try:
@@ -90,7 +137,8 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
                 for k, obj in enumerate(p.objects):
                     ctx.progress(f"field {index + 1} of {n_fields} ({field.name}): {obj}",
                                  (index + k / len(p.objects)) / n_fields)
-                    labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+                    labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
+                                                 obj=obj, prep=prep)
             except Exception as exc:  # noqa: BLE001 - listed with the field by the caller
                 yield field, None, None, exc, time.perf_counter() - started
                 continue
@@ -100,24 +148,27 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
     from app.science.plate import segment_fields
 
     compute = worker_compute(ctx.settings)
-    tasks = _tasks(ctx, p, cache)
-    blobs_reader = partial(read_field, ctx)  # blob files only: safe on the reader thread
-    plate = segment_fields(((field, partial(blobs_reader, field.image_sha256)) for field in p.fields), tasks,
+    first = read_field(ctx, fields[0].image_sha256)
+    tasks = _tasks(ctx, p, cache, prep, first)
+    n_raw, raw_dtype = len(p.channels), first.dtype
+    reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
+    plate = segment_fields(((field, partial(reader, field.image_sha256)) for field in fields), tasks,
                            precision=compute.precision, mask_device=compute.device,
                            batch_fields=compute.plate_batch_fields or None)
     with closing(plate):
         for outcome in plate:
             field = outcome.key
-            ctx.progress(f"field {outcome.index + 1} of {n_fields} ({field.name})", outcome.index / n_fields,
-                         force=True)
+            index = index_of[field.name]
+            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             labels = {obj: result.labels for obj, result in outcome.results.items()}
-            yield field, outcome.image, labels, outcome.error, outcome.timings.get("total", 0.0)
+            image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
+            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0)
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from app.jobs import JobCancelled
     from app.science import exports
-    from app.science.imageio import labels_to_tiff_bytes
+    from app.science.imageio import labels_to_tiff_bytes, read_labels
     from app.science.metrics import score, score_set
 
     p = ctx.params_as(SegmentJob)
@@ -127,11 +178,34 @@ def run(ctx: JobContext) -> dict[str, Any]:
     failed: list[dict[str, Any]] = []
     truths: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
     preds: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
-    provenance = _provenance(ctx, p)
+    # A re-run after a lost worker keeps the fields an earlier attempt finished (their results and
+    # a record of each) and redoes the rest.
+    finished = _finished_fields(ctx, {f.name for f in p.fields})
+    ctx.drop_results_except(lambda result: result.split("/", 1)[0] in finished and "/" in result)
+    from workers.pipelines.preprocess import plan_plate_preprocessing
+
+    versions = {obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
+                for obj, plan in p.plan.items() if obj in p.objects}
+    with ctx.stage("preprocessing", 0.0):
+        prep = plan_plate_preprocessing(
+            ctx, versions, seg.preprocessing, len(p.fields),
+            lambda: (read_field(ctx, f.image_sha256) for f in p.fields), p.channels,
+            on_progress=lambda stage: ctx.progress(stage, 0.0, force=True))
+    provenance = _provenance(ctx, p, prep.record())
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
-    for field, image, labels, error, seconds in _field_outcomes(ctx, p, cache):
+    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished])
+    for field in p.fields:
         name = field.name
+        if name in finished:
+            record = finished[name]
+            done.append(record["done"])
+            for obj in record["scored"]:  # pooled metrics need every field's masks
+                image_row = ctx.session.get(DatasetImage, field.dataset_image_id)
+                truths[obj].append(read_mask(ctx, mask_sha(image_row, obj)))
+                preds[obj].append(read_labels(ctx.folder.file(f"{name}/{obj}.tif"), max_pixels=10**12))
+            continue
+        _field, image, labels, error, seconds = next(outcomes)  # the same order as p.fields
         started = time.perf_counter()
         try:
             if error is not None:
@@ -168,6 +242,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
                          "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": field_metrics})
+            _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
             raise
         except JobFailed as exc:
@@ -180,7 +255,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
                "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
-               "precision": provenance["compute"]["precision"]}
+               "fields_resumed": len(finished), "precision": provenance["compute"]["precision"]}
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary
+
+
+#: run_job keeps an earlier attempt's results for this pipeline: it resumes field by field.
+run.resumable = True
