@@ -331,7 +331,7 @@ def bench_plate(fields: Annotated[int, typer.Option(help="fields on the plate")]
 
 @bench_cli.command("precision")
 def bench_precision(images: int = 16, device: str = "cpu",
-                    precision: Annotated[str, typer.Option(help="auto | bf16 | fp16")] = "auto",
+                    precision: Annotated[str, typer.Option(help="bf16 | fp16")] = "bf16",
                     data: Annotated[Path, typer.Option(help="DSB2018-style folder with images/*.tif")] = Path(
                         "/work/shared/data/dsb2018_fluo")) -> None:
     """A reduced precision against fp32 on real fields: mask agreement (F1) and speed."""

@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     # Where a worker's networks run: auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.
     # Resolved in each worker process after the fork (app.science.device), never in the parent.
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # Autocast precision of inference and of fine-tuning: auto picks the measured default per device
-    # (bf16 on a CPU with native bf16 and on recent GPUs); fp32 reproduces Cellpose's numbers.
+    # Autocast precision of inference and of fine-tuning (app.science.device): auto is fp32 for
+    # inference (bf16's mask agreement depends on the model) and bf16 for training where native.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     training_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Loaded networks kept per worker process (bytes of weights), least recently used out first.

@@ -20,13 +20,13 @@ device = torch.device("cuda", 0)
 props = torch.cuda.get_device_properties(device)
 print(f"{torch.cuda.get_device_name(device)}: {props.total_memory / 2**30:.0f} GiB, capability "
       f"{props.major}.{props.minor}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
-      f"auto precision {default_precision(device)}")
+      f"training auto precision {default_precision(device, 'training')}")
 PY
 
 echo "== gpu tests"
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/science || status=1
 
-echo "== precision: auto (bf16/fp16) vs fp32 on real DSB2018 fields (masks F1, speed)"
+echo "== precision: bf16 vs fp32 on real DSB2018 fields (masks F1, speed)"
 DATA="${DATA:-shared/data/dsb2018_fluo}"
 [ -d "$DATA" ] || DATA=/work/shared/data/dsb2018_fluo
 timeout 60 python3 -m app.cli bench precision --device cuda --data "$DATA" || status=1

@@ -48,7 +48,7 @@ def resolve_compute(settings: Settings) -> WorkerCompute:
         device=device,
         device_name=device_name(device),
         precision=resolve_precision(settings.precision, device),
-        training_precision=resolve_precision(settings.training_precision, device),
+        training_precision=resolve_precision(settings.training_precision, device, "training"),
         cache=ModelCache(settings.model_cache_bytes),
         plate_batch_fields=settings.plate_batch_fields,
     )

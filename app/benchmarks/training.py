@@ -130,7 +130,7 @@ def run_training_benchmark(
 
     widths = HALF_WIDTHS if widths is None else tuple(widths)
     torch_device = resolve_device(device)
-    low_precision = resolve_precision(precision, torch_device)
+    low_precision = resolve_precision(precision, torch_device, "training")
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()

@@ -7,14 +7,16 @@ context does not survive ``fork``: celery#3402).
 
 Precision is ``fp32``, ``bf16`` or ``fp16``: the networks' convolutions run under
 ``torch.autocast`` in the lower precision, weights stay float32 and the maps come back float32.
-``auto`` picks, per device, the precision measured to agree with fp32 and to be faster:
+``auto`` picks, per device and purpose, what was measured to agree with fp32 and to be faster:
 
-* CPU with native bf16 (oneDNN: AVX512-BF16 or AMX, as on this project's development machines):
-  ``bf16``. Measured on 16 DSB2018 fields x 4 channels with the shipped base: masks F1@0.5 against
-  fp32 mean 0.999 (min 0.983), network + normalisation 3.2x faster (``cellfuse bench plate``
-  measures it again). Without native bf16 the CPU emulates it and is slower: ``fp32``.
-* CUDA: ``bf16`` where the GPU supports it (Ampere and newer), else ``fp16``; tensor cores make
-  both faster than fp32. ``scripts/gpu_check.sh`` runs the same agreement check on the GPU.
+* inference: ``fp32`` everywhere. bf16 is a measured option (``CELLFUSE_PRECISION=bf16``): with the
+  shipped base on 8-16 DSB2018 fields x 4 channels it gave masks F1@0.5 0.999-1.000 against fp32
+  (min 0.983) at 2.8-3.2x the speed on this CPU, but on a briefly trained full-width net
+  (``cellfuse bench plate``) F1 0.77 (min 0.43): the agreement depends on the model, so it is not a
+  default. ``cellfuse bench precision`` and ``scripts/gpu_check.sh`` measure it for a device.
+* training: ``bf16`` on a CPU with native bf16 (oneDNN: AVX512-BF16 or AMX) and on CUDA GPUs that
+  support it (``fp16`` with a gradient scaler on older ones), ``fp32`` elsewhere. Measured here: the
+  best validation loss 2.3222 vs 2.3214 in fp32, a training step 1.8 -> 0.92 s of CPU.
 
 Functions that reproduce Cellpose bit for bit (the tiled ``predict_maps``) default to ``fp32``;
 the precision actually used is returned so that provenance can record it.
@@ -89,8 +91,11 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def default_precision(device: torch.device) -> str:
-    """The precision ``auto`` means on ``device`` (see the module notes for the measurements)."""
+def default_precision(device: torch.device, purpose: str = "inference") -> str:
+    """The precision ``auto`` means on ``device`` for ``purpose`` ("inference" or "training"; see
+    the module notes for the measurements)."""
+    if purpose == "inference":
+        return "fp32"
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -98,12 +103,12 @@ def default_precision(device: torch.device) -> str:
     return "fp32"
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
+def resolve_precision(spec: str, device: torch.device, purpose: str = "inference") -> str:
     """``fp32``/``bf16``/``fp16`` for a spec (``auto`` -> ``default_precision``)."""
     text = str(spec).strip().lower()
     if text not in PRECISION_SPECS:
         raise DeviceError(f"precision must be one of {', '.join(PRECISION_SPECS)}, got {spec!r}")
-    return default_precision(device) if text == "auto" else text
+    return default_precision(device, purpose) if text == "auto" else text
 
 
 def autocast(device: torch.device | str, precision: str):

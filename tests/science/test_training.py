@@ -371,7 +371,7 @@ def test_training_runs_on_the_device_and_records_it(device):
 def test_reduced_precision_training_learns_like_fp32(device):
     from app.science.device import default_precision
 
-    precision = default_precision(torch.device(device))
+    precision = default_precision(torch.device(device), "training")
     if precision == "fp32":
         pytest.skip("no reduced precision is native here")
     images, masks = disc_set(range(8))
