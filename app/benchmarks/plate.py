@@ -300,7 +300,7 @@ def run_plate_benchmark(
         today_env = {**env, "CELLFUSE_SEGMENT_ROUTE": "per_field", "CELLFUSE_PRECISION": "fp32"}
         _, _, today_s, today_masks = _api_route(today_env, key, request, tiffs, tmp / "serve-today.log", echo,
                                                 "API, today's route (per field, fp32)")
-        plate_env = {**env, "CELLFUSE_PRECISION": precision}
+        plate_env = {**env, "CELLFUSE_PRECISION": precision, "CELLFUSE_SEGMENT_ROUTE": "plate"}
         _, upload_s, plate_s, plate_masks = _api_route(plate_env, key, request, tiffs,
                                                                tmp / "serve-plate.log", echo,
                                                                f"API, plate route ({precision})")
