@@ -56,7 +56,7 @@ def test_zip_holds_safetensors_and_card_that_load(embedded_settings):
 
     with tempfile.TemporaryDirectory() as folder:
         archive.extractall(folder)
-        net, loaded_card = load_model(Path(folder) / f"{stem}.safetensors")
+        _net, loaded_card = load_model(Path(folder) / f"{stem}.safetensors")
     assert loaded_card.widths == TINY_WIDTHS
 
     raw = client.get(f"/api/v1/models/{version_id}/weights", params={"format": "safetensors"})
