@@ -38,13 +38,14 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(_bootstrap, settings)
-        task = None
+        tasks = []
         if run_reaper:
-            task = asyncio.create_task(_reaper(settings))
+            tasks.append(asyncio.create_task(_reaper(settings)))
+            tasks.append(asyncio.create_task(_webhook_dispatcher(settings)))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
 
     app = FastAPI(
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.include_router(system.router)
     app.include_router(jobs.router)
-    for name in ("zoo", "datasets", "work", "keys", "web"):
+    for name in ("zoo", "datasets", "work", "keys", "webhooks", "metrics", "web"):
         try:
             module = __import__(f"app.api.routes.{name}", fromlist=["router"])
         except ModuleNotFoundError as exc:
@@ -79,3 +80,21 @@ async def _reaper(settings: Settings) -> None:
             await asyncio.to_thread(reap_once, settings)
         except Exception:
             log.warning("job reaper sweep failed", exc_info=True)
+
+
+def _deliver_webhooks(settings: Settings) -> int:
+    from app.db import session_factory
+    from app.webhooks import deliver_due
+
+    with session_factory(settings.resolved_database_url)() as session:
+        return deliver_due(session, settings)
+
+
+async def _webhook_dispatcher(settings: Settings) -> None:
+    """Posts due webhook deliveries (workers only queue them: the API process does the sending)."""
+    while True:
+        try:
+            await asyncio.to_thread(_deliver_webhooks, settings)
+        except Exception:
+            log.warning("webhook dispatch failed", exc_info=True)
+        await asyncio.sleep(settings.webhook_poll_s)
