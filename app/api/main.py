@@ -58,6 +58,10 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    from app.metrics import HttpMetrics, build_registry
+
+    app.state.metrics_registry, http_requests, http_latency = build_registry(settings)
+    app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
     app.include_router(system.router)
     app.include_router(jobs.router)
     for name in ("zoo", "datasets", "work", "keys", "webhooks", "metrics", "web"):
