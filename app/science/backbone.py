@@ -332,7 +332,9 @@ def predict_maps_multi(
         channels_last = FAST_PATH_CHANNELS_LAST
 
     # One (Y, X, K) float32 copy of the field; normalised in place per group of equal settings.
-    stack = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
+    # Always a copy: for K = 1 the transpose is already "contiguous" to numpy, so ascontiguousarray
+    # would return a view and the in-place normalisation below would overwrite the caller's field.
+    stack = np.array(image.transpose(1, 2, 0), dtype=np.float32, order="C", copy=True)
     for norm in dict.fromkeys(norms):
         idx = [c for c in range(k) if norms[c] == norm]
         stack[..., idx] = _normalize_channels(np.ascontiguousarray(stack[..., idx]), norm)
