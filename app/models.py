@@ -26,8 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
-
-OBJECTS = ("nuclei", "cells")
+from app.vocabulary import OBJECTS  # noqa: F401  (re-exported: the database layer checks objects)
 
 
 def utcnow() -> datetime:
@@ -140,7 +139,7 @@ class ModelVersion(Base):
     base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), nullable=True)
     parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
-    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     training_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -270,7 +269,7 @@ class Evaluation(Base):
     __tablename__ = "evaluations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True,
                                                          index=True)
     # For fusion evaluations: {"cell_line": ..., "object": ..., "channels": [...], "method": ...}

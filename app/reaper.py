@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
-    from workers.celery_app import send_job
+    from app.queue import send_job
 
     factory = session_factory(settings.resolved_database_url)
     with factory() as session:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     job_heartbeat_s: float = Field(default=5.0, gt=0)
     job_stale_after_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
+    # A running job whose pipeline reaches no checkpoint (progress, epoch, field, channel) for this
+    # long is stalled: its heartbeat stops and the reaper re-queues or fails it.
+    job_stall_after_s: float = Field(default=1800.0, gt=0)
     # A job still queued this long after it was sent is sent again (a broker restart can lose it);
     # duplicates are harmless because a worker must claim the job in the database first.
     job_resend_after_s: float = Field(default=120.0, gt=0)

@@ -2,7 +2,7 @@
 
 An event becomes one ``WebhookDelivery`` row per matching subscription, in the same database as the
 jobs, so an event written by a worker is never lost when the API restarts. A dispatcher (a thread of
-every API process, see ``app.api.main``) posts due deliveries, records every attempt and retries
+every API process, ``webhook_loop``) posts due deliveries, records every attempt and retries
 with exponential back-off; deliveries are claimed with a conditional UPDATE, so several API
 processes never send the same attempt twice.
 
@@ -279,3 +279,18 @@ def deliver_due(session: Session, settings, *, limit: int = 50, now: datetime | 
         attempt_delivery(session, delivery, settings)
         made += 1
     return made
+
+
+def webhook_loop(stop, settings) -> None:
+    """Post due deliveries until ``stop`` is set (a thread of every API process)."""
+    from app.db import session_factory
+
+    factory = session_factory(settings.resolved_database_url)
+    while True:
+        try:
+            with factory() as session:
+                deliver_due(session, settings)
+        except Exception:
+            log.warning("webhook dispatch failed; retrying next interval", exc_info=True)
+        if stop.wait(settings.webhook_poll_s):
+            break

@@ -27,10 +27,10 @@ from app.models import (
     utcnow,
 )
 from app.storage import BlobStore
+from app.vocabulary import DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALIAS = "production"
 #: The metric an alias move is judged by.
 ALIAS_METRIC = "f1"
 
@@ -154,6 +154,25 @@ class Resolution:
     models: dict[str, ModelVersion]  # reporter name -> version
     missing: list[str]               # reporters with no usable model
     how: dict[str, str]              # reporter name -> "alias production" | "latest ready"
+
+
+class UnknownAlias(Unprocessable):
+    slug = "unknown-alias"
+
+
+def known_aliases(session: Session, cell_line_id: int) -> list[str]:
+    """Aliases that name at least one model of this cell line."""
+    return sorted(set(session.scalars(select(ModelAlias.alias).where(ModelAlias.cell_line_id == cell_line_id))))
+
+
+def check_alias(session: Session, cell_line: CellLine, alias: str) -> str:
+    """A request's alias must exist for the cell line; only the default may name no model yet (then
+    each reporter's newest ready version is used). A misspelt alias never silently becomes "latest"."""
+    existing = known_aliases(session, cell_line.id)
+    if alias != DEFAULT_ALIAS and alias not in existing:
+        listing = ", ".join(repr(a) for a in existing) if existing else f"none yet (the default {DEFAULT_ALIAS!r})"
+        raise UnknownAlias(f"cell line {cell_line.name!r} has no alias {alias!r}; its aliases: {listing}")
+    return alias
 
 
 def resolve_models(session: Session, cell_line: CellLine, reporters: list[str], obj: str,

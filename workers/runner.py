@@ -14,8 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from billiard.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -26,6 +28,8 @@ from app.settings import Settings, get_settings
 from app.storage import BlobStore, JobFolder, StorageError
 
 log = logging.getLogger(__name__)
+
+P = TypeVar("P", bound=BaseModel)
 
 def worker_name() -> str:
     # Evaluated per call: a prefork child has its own pid, not its parent's.
@@ -47,11 +51,22 @@ class JobContext:
         self.blobs = BlobStore(settings.blob_dir)
         self.folder = JobFolder(settings.jobs_dir, job.id)
         self._last_report = 0.0
+        #: When the pipeline last reached a checkpoint; the heartbeat stops once this is too old.
+        self.last_checkpoint = time.monotonic()
+
+    def params_as(self, model: type[P]) -> P:
+        """The job's stored parameters as their typed model (``app.job_params``)."""
+        try:
+            return model.model_validate(self.params)
+        except ValidationError as exc:
+            raise JobFailed(f"this job's stored parameters are not a valid {model.__name__}: "
+                            f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
     def progress(self, stage: str | None = None, fraction: float | None = None, *,
                  summary: dict[str, Any] | None = None, force: bool = False) -> None:
         """Record progress (at most a few times a second) and stop here if cancelled."""
         now = time.monotonic()
+        self.last_checkpoint = now
         if not force and stage is None and now - self._last_report < 0.5:
             return
         self._last_report = now
@@ -95,33 +110,55 @@ class JobContext:
 
     def add_result(self, name: str, data: bytes, *, kind: str, media_type: str,
                    meta: dict[str, Any] | None = None) -> None:
+        """Store one result file. A name is written once per attempt (a re-run starts with no
+        results), so a second write under the same name is a bug that would lose data: it raises."""
         from app.models import JobResult
 
-        _path, sha = self.folder.write_bytes(name, data)
         existing = self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
-        if existing is not None:  # a re-run overwrites its own earlier attempt
-            self.session.delete(existing)
-            self.session.flush()
+        if existing is not None:
+            raise RuntimeError(f"result {name!r} was already written by this job; refusing to replace it")
+        _path, sha = self.folder.write_bytes(name, data)
         self.session.add(JobResult(job_id=self.job_id, name=name, kind=kind, media_type=media_type,
                                    sha256=sha, size_bytes=len(data), meta=meta or {}))
         self.session.commit()
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, settings: Settings, job_id: str, worker: str):
+    """Beats while the job's pipeline keeps reaching checkpoints.
+
+    A job whose thread is alive but whose work has stopped (a hung library call, a deadlock) stops
+    reaching checkpoints; after ``job_stall_after_s`` the heartbeat stops too, so the reaper treats
+    the job as stalled: it is re-queued (or failed when no attempt is left), and this attempt's
+    next write raises JobLost.
+    """
+
+    def __init__(self, settings: Settings, job_id: str, worker: str, ctx: JobContext):
         super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
-        self.settings, self.job_id, self.worker = settings, job_id, worker
+        self.settings, self.job_id, self.worker, self.ctx = settings, job_id, worker, ctx
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         factory = session_factory(self.settings.resolved_database_url)
         while not self.stop_event.wait(self.settings.job_heartbeat_s):
+            stalled_s = time.monotonic() - self.ctx.last_checkpoint
+            if stalled_s > self.settings.job_stall_after_s:
+                log.error("job %s made no progress for %.0f s; no more heartbeats (the reaper takes over)",
+                          self.job_id, stalled_s)
+                return
             try:
                 with factory() as session:
                     if not jobs.heartbeat(session, self.job_id, self.worker):
                         return
             except Exception:  # a database blip must not kill the job; the next beat retries
                 log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+
+def _result_count(session: Session, job_id: str) -> int:
+    from sqlalchemy import func, select
+
+    from app.models import JobResult
+
+    return int(session.scalar(select(func.count()).select_from(JobResult).where(JobResult.job_id == job_id)) or 0)
 
 
 def _drop_results(session: Session, job_id: str) -> None:
@@ -146,7 +183,7 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
             log.info("job %s is not claimable (already taken, finished or cancelled)", job_id)
             return "skipped"
         ctx = JobContext(session, job, settings, worker)
-        beat = _Heartbeat(settings, job_id, worker)
+        beat = _Heartbeat(settings, job_id, worker, ctx)
         beat.start()
         try:
             # A re-run starts clean: no file and no result row of an earlier (killed) attempt.
@@ -159,8 +196,18 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
             return "lost"
         except jobs.JobCancelled:
             session.rollback()
-            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request", worker=worker)
+            kept = _result_count(session, job_id)
+            current = dict((session.get(Job, job_id).summary or {}))
+            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, worker=worker,
+                        error="cancelled by request" + (
+                            f"; the {kept} result file(s) written before it are kept and are partial" if kept else ""),
+                        summary={**current, "partial_results": bool(kept), "files_kept": kept})
             return jobs.JobStatus.CANCELLED.value
+        except SoftTimeLimitExceeded:
+            session.rollback()
+            jobs.finish(session, job_id, jobs.JobStatus.FAILED, worker=worker,
+                        error="the job ran past its time limit for this kind of job and was stopped")
+            return jobs.JobStatus.FAILED.value
         except (JobFailed, StorageError) as exc:
             session.rollback()
             message = exc.strerror if isinstance(exc, StorageError) and exc.strerror else str(exc)
@@ -175,6 +222,14 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
             return jobs.JobStatus.FAILED.value
         finally:
             beat.stop_event.set()
+        if ctx._with_db_retry(ctx.cancel_requested):
+            # Cancelled after the last checkpoint: honour it, and say what was kept.
+            kept = _result_count(session, job_id)
+            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, worker=worker,
+                        error="cancelled by request; results written before the cancellation are kept "
+                              "and are partial", summary={**summary, "partial_results": True,
+                                                          "files_kept": kept})
+            return jobs.JobStatus.CANCELLED.value
         if ctx._with_db_retry(lambda: jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary,
                                                    worker=worker)):
             return jobs.JobStatus.SUCCEEDED.value

@@ -1,7 +1,8 @@
-"""Thin named Celery tasks: each takes a job id and hands it to a pipeline.
+"""Thin named Celery tasks: each takes a job id and hands it to its job kind's pipeline.
 
-Pipelines import torch and cellpose; they are imported inside the task so that sending a task (the
-API) never loads them.
+Task names, queues and time limits come from ``app.queue`` (shared with the producer side).
+Pipelines import torch and cellpose; they are imported inside the task so that loading this module
+stays cheap.
 """
 
 from __future__ import annotations
@@ -11,47 +12,48 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown
 
+from app.queue import TASK_ROUTES, TASK_TIME_LIMITS
 from workers.celery_app import celery_app
 from workers.runner import run_job
 
 log = logging.getLogger(__name__)
 
-_TASK_OPTIONS = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
+
+def _task_options(kind: str) -> dict:
+    soft, hard = TASK_TIME_LIMITS[kind]
+    return {"name": TASK_ROUTES[kind][0], "acks_late": True, "reject_on_worker_lost": True,
+            "ignore_result": True, "soft_time_limit": soft, "time_limit": hard}
 
 
-@celery_app.task(name="cellfuse.jobs.noop", **_TASK_OPTIONS)
+def _run(kind: str, job_id: str) -> str:
+    from workers.pipelines import pipeline_for
+
+    return run_job(job_id, pipeline_for(kind))
+
+
+@celery_app.task(**_task_options("noop"))
 def noop_task(job_id: str) -> str:
-    from workers import pipelines
-
-    return run_job(job_id, pipelines.run_noop)
+    return _run("noop", job_id)
 
 
-@celery_app.task(name="cellfuse.jobs.finetune", **_TASK_OPTIONS)
+@celery_app.task(**_task_options("finetune"))
 def finetune_task(job_id: str) -> str:
-    from workers import pipelines
-
-    return run_job(job_id, pipelines.run_finetune)
+    return _run("finetune", job_id)
 
 
-@celery_app.task(name="cellfuse.jobs.segment", **_TASK_OPTIONS)
+@celery_app.task(**_task_options("segment"))
 def segment_task(job_id: str) -> str:
-    from workers import pipelines
-
-    return run_job(job_id, pipelines.run_segment)
+    return _run("segment", job_id)
 
 
-@celery_app.task(name="cellfuse.jobs.evaluate", **_TASK_OPTIONS)
+@celery_app.task(**_task_options("evaluate"))
 def evaluate_task(job_id: str) -> str:
-    from workers import pipelines
-
-    return run_job(job_id, pipelines.run_evaluate)
+    return _run("evaluate", job_id)
 
 
-@celery_app.task(name="cellfuse.jobs.select_channels", **_TASK_OPTIONS)
+@celery_app.task(**_task_options("select_channels"))
 def select_channels_task(job_id: str) -> str:
-    from workers import pipelines
-
-    return run_job(job_id, pipelines.run_select_channels)
+    return _run("select_channels", job_id)
 
 
 # Workers also run the reaper, so that a deployment without the API process (or with the API down)

@@ -27,7 +27,7 @@ def submit_job(session: Session, settings: Settings, kind: str, params: dict[str
     If the broker is unreachable the job stays queued in the database and the reaper sends it
     when the broker is back: an accepted job is never lost.
     """
-    from workers.celery_app import send_job
+    from app.queue import send_job
 
     if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
         raise Problem(400, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters",

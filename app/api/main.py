@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,7 +12,11 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.api.routes import jobs, system
+from app.api.routes import datasets, jobs, keys, system, web, work, zoo
+from app.api.routes import metrics, webhooks
+from app.metrics import HttpMetrics, build_registry
+from app.reaper import reaper_loop
+from app.webhooks import webhook_loop
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -38,15 +43,14 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(_bootstrap, settings)
-        tasks = []
-        if run_reaper:
-            tasks.append(asyncio.create_task(_reaper(settings)))
-            tasks.append(asyncio.create_task(_webhook_dispatcher(settings)))
+        stop = threading.Event()
+        if run_reaper:  # the same sweep the workers run, in a thread of the API process
+            threading.Thread(target=reaper_loop, args=(stop, settings), daemon=True, name="job-reaper").start()
+            threading.Thread(target=webhook_loop, args=(stop, settings), daemon=True, name="webhooks").start()
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
+            stop.set()
 
     app = FastAPI(
         title="CellFuse",
@@ -58,47 +62,8 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    from app.metrics import HttpMetrics, build_registry
-
     app.state.metrics_registry, http_requests, http_latency = build_registry(settings)
     app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
-    app.include_router(system.router)
-    app.include_router(jobs.router)
-    for name in ("zoo", "datasets", "work", "keys", "webhooks", "metrics", "web"):
-        try:
-            module = __import__(f"app.api.routes.{name}", fromlist=["router"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"app.api.routes.{name}":
-                raise
-            continue
+    for module in (system, jobs, zoo, datasets, work, keys, webhooks, metrics, web):
         app.include_router(module.router)
     return app
-
-
-async def _reaper(settings: Settings) -> None:
-    from app.reaper import reap_once
-
-    while True:
-        await asyncio.sleep(settings.reaper_interval_s)
-        try:
-            await asyncio.to_thread(reap_once, settings)
-        except Exception:
-            log.warning("job reaper sweep failed", exc_info=True)
-
-
-def _deliver_webhooks(settings: Settings) -> int:
-    from app.db import session_factory
-    from app.webhooks import deliver_due
-
-    with session_factory(settings.resolved_database_url)() as session:
-        return deliver_due(session, settings)
-
-
-async def _webhook_dispatcher(settings: Settings) -> None:
-    """Posts due webhook deliveries (workers only queue them: the API process does the sending)."""
-    while True:
-        try:
-            await asyncio.to_thread(_deliver_webhooks, settings)
-        except Exception:
-            log.warning("webhook dispatch failed", exc_info=True)
-        await asyncio.sleep(settings.webhook_poll_s)

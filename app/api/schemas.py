@@ -7,14 +7,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.job_params import FinetuneParams, NoopJob, SegmentParams, StrictModel
+from app.vocabulary import (
+    DEFAULT_ALIAS,
+    JobStatusLiteral,
+    MethodLiteral,
+    MetricLiteral,
+    ObjectLiteral,
+    RoleLiteral,
+    SplitLiteral,
+)
+
 #: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
 MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -67,10 +73,8 @@ class JobPage(BaseModel):
     offset: int
 
 
-class NoopJobIn(StrictModel):
-    steps: int = Field(default=3, ge=1, le=1000)
-    step_seconds: float = Field(default=0.2, ge=0, le=60)
-    fail: bool = False
+#: A noop job's request is its stored parameters.
+NoopJobIn = NoopJob
 
 
 class HealthOut(BaseModel):
@@ -83,9 +87,6 @@ class ReadyOut(BaseModel):
     versions: dict[str, str | None]
 
 
-ObjectLiteral = Literal["nuclei", "cells"]
-MethodLiteral = Literal["flow_fusion", "staple", "simple", "voting", "majority_voting"]
-SplitLiteral = Literal["train", "val", "test"]
 
 
 class CellLineIn(StrictModel):
@@ -233,22 +234,6 @@ class DatasetOut(BaseModel):
     split_counts: dict[str, int]
 
 
-class FinetuneParams(StrictModel):
-    max_epochs: int = Field(default=200, ge=1, le=5000)
-    min_epochs: int = Field(default=30, ge=0, le=5000)
-    patience: int = Field(default=20, ge=1, le=1000)
-    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
-    weight_decay: float | None = Field(default=None, ge=0, le=1.0)
-    batch_size: int = Field(default=8, ge=1, le=64)
-    bsize: int = Field(default=224, ge=64, le=512)
-    augment: bool = True
-    microscopy_augment: bool = True
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    n_train: int = Field(default=40, ge=1, le=100_000)
-    n_val: int = Field(default=5, ge=1, le=100_000)
-    n_test: int = Field(default=5, ge=1, le=100_000)
-
-
 class FinetuneIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
@@ -256,16 +241,6 @@ class FinetuneIn(StrictModel):
     base: str = Field(default="", max_length=200,
                       description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
     params: FinetuneParams = Field(default_factory=FinetuneParams)
-
-
-class SegmentParams(StrictModel):
-    flow_threshold: float | None = Field(default=None, ge=0, le=10)
-    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
-    min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="object diameter in pixels; default: the models' training diameter")
-    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
-    preview_channel: int = Field(default=0, ge=0, le=15)
 
 
 class FieldMeta(StrictModel):
@@ -280,7 +255,7 @@ class SegmentRequest(StrictModel):
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     plate: str | None = Field(default=None, max_length=120)
     fields: list[FieldMeta] = Field(default_factory=list, max_length=1536,
                                          description="per uploaded file: {well, field}")
@@ -293,7 +268,7 @@ class SegmentDatasetIn(StrictModel):
     objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
@@ -304,7 +279,7 @@ class EvaluateIn(StrictModel):
     object: ObjectLiteral | None = None
     use_channels: list[str] | None = Field(default=None, max_length=8)
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
 
 
 class SelectChannelsIn(StrictModel):
@@ -312,11 +287,10 @@ class SelectChannelsIn(StrictModel):
     object: ObjectLiteral
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
-    metric: Literal["f1", "jaccard", "map_50_95"] = "f1"
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    metric: MetricLiteral = "f1"
 
 
-RoleLiteral = Literal["instrument", "scientist", "admin"]
 
 
 class ApiKeyIn(StrictModel):

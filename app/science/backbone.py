@@ -6,7 +6,7 @@ talks about networks through the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -304,8 +304,11 @@ def predict_maps_multi(
     tile_overlap: float = 0.1,
     batch_size: int = 8,
     channels_last: bool | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> list[ChannelMaps]:
     """Raw maps of every channel of a (K, Y, X) field, channel k through ``nets[k]``.
+
+    ``checkpoint`` is called after each network pass (a job's cancellation point between channels).
 
     The fast path for a field: channels that share a normalisation are normalised in one Cellpose
     call, channels that share a rescale factor are resized (and their maps resized back) in one
@@ -370,6 +373,8 @@ def predict_maps_multi(
                 y, styles = _forward(net, batch, channels_last=channels_last)
                 for b, j in enumerate(members):
                     group_maps[j], styles_out[idx[j]] = y[b], styles[b]
+            if checkpoint is not None:
+                checkpoint()
         cropped = np.stack([_unpad(group_maps[j], pads) for j in range(len(idx))])  # (n, 3, Yr, Xr)
         if rescale != 1.0:
             n = len(idx)

@@ -14,7 +14,7 @@ Typical use::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +89,7 @@ def segment_field(
     tile: bool = False,
     weights: Sequence[float] | None = None,
     fusion_params: dict | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SegmentationResult:
     """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
 
@@ -96,7 +97,8 @@ def segment_field(
     the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
     maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
     ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
-    Cellpose's tiling.
+    Cellpose's tiling. ``checkpoint`` is called between channels (a job's cancellation point: it
+    raises to stop).
     """
     started = time.perf_counter()
     if method not in FUSION_METHODS:
@@ -125,6 +127,7 @@ def segment_field(
         diameter=[m.diameter for m in models],
         normalizations=normalizations,
         tile=tile,
+        checkpoint=checkpoint,
     )
     timings["maps"] = time.perf_counter() - tic
 

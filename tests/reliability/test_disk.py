@@ -95,7 +95,7 @@ def test_full_or_read_only_blob_store_is_a_507_and_leaves_no_partial_blob(embedd
 
 
 def test_worker_with_a_full_jobs_folder_fails_the_job_with_the_reason(embedded_settings, monkeypatch):
-    from workers.pipelines import run_noop
+    from workers.pipelines import pipeline_for
     from workers.runner import run_job
 
     factory = session_factory(embedded_settings.resolved_database_url)
@@ -112,7 +112,7 @@ def test_worker_with_a_full_jobs_folder_fails_the_job_with_the_reason(embedded_s
                         filler.write(b"\0" * 4096)
                 except OSError:
                     pass
-        status = run_job(job_id, run_noop, embedded_settings, worker="test-worker")
+        status = run_job(job_id, pipeline_for("noop"), embedded_settings, worker="test-worker")
         assert status == "failed"
         leftovers = [p for p in (jobs_dir / job_id).rglob("*") if p.is_file()] if (jobs_dir / job_id).exists() else []
         assert leftovers == []  # no half-written result file

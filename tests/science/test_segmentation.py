@@ -69,3 +69,24 @@ def test_untrained_models_run_every_method_and_return_valid_labels():
         result = segment_field(field, models, method=method, min_size=5)
         assert result.labels.shape == (48, 64) and result.labels.dtype == np.int32
         assert result.labels.min() >= 0
+
+
+def test_a_checkpoint_between_channels_can_stop_a_field():
+    """A job's cancellation takes effect between channels, not only between fields."""
+    from app.science.backbone import build_network
+    from app.science.segmentation import ChannelModel, segment_field
+
+    nets = [build_network((8, 16, 32, 64)) for _ in range(2)]
+    models = [ChannelModel(net, diameter=30.0, diam_mean=30.0, name=f"c{i}") for i, net in enumerate(nets)]
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint():
+        calls.append(1)
+        raise Stop
+
+    with pytest.raises(Stop):
+        segment_field(np.zeros((2, 64, 64), np.float32), models, checkpoint=checkpoint)
+    assert calls == [1]

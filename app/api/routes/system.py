@@ -13,10 +13,13 @@ from app import __version__
 from app.api.deps import SessionDep, SettingsDep
 from app.api.schemas import HealthOut, ReadyOut, as_utc
 from app.models import WorkerHeartbeat
+from app.worker_presence import PRESENCE_INTERVAL_S
 
 router = APIRouter(tags=["system"])
 
-WORKER_FRESH_S = 30.0
+#: A worker counts as present only if its presence row was refreshed within two presence intervals
+#: (plus a second of slack): a killed worker's row must not keep the service "ready".
+WORKER_FRESH_S = 2 * PRESENCE_INTERVAL_S + 1.0
 
 
 def _version(dist: str) -> str | None:

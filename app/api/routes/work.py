@@ -6,7 +6,7 @@ missing models. A refused request leaves no job and no stored file behind.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 from pydantic import ValidationError
@@ -26,6 +26,15 @@ from app.api.schemas import (
     SegmentRequest,
     SelectChannelsIn,
 )
+from app.job_params import (
+    EvaluateJob,
+    FieldSpec,
+    FinetuneJob,
+    JobParams,
+    ObjectPlan,
+    SegmentJob,
+    SelectChannelsJob,
+)
 from app.models import CellLine, Dataset
 from app.security import Principal
 from app.settings import Settings
@@ -35,9 +44,9 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
-def _accepted(session: Session, settings: Settings, kind: str, params: dict[str, Any], principal: Principal,
+def _accepted(session: Session, settings: Settings, kind: str, params: JobParams, principal: Principal,
               idempotency_key: str | None, response: Response) -> JobOut:
-    job, created = submit_job(session, settings, kind, params, principal, idempotency_key)
+    job, created = submit_job(session, settings, kind, params.model_dump(mode="json"), principal, idempotency_key)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
@@ -56,10 +65,12 @@ def _check_subset(use: list[str] | None, channels: list[str]) -> None:
 
 
 def plan_models(session: Session, line: CellLine, channels: list[str], objects: list[str],
-                use_channels: list[str] | None, alias: str) -> dict[str, dict[str, Any]]:
-    """Per object: the channels to fuse and the model version per channel. Missing models are a 422."""
+                use_channels: list[str] | None, alias: str) -> dict[str, ObjectPlan]:
+    """Per object: the channels to fuse and the model version per channel. Missing models and
+    unknown aliases are a 422."""
     _check_subset(use_channels, channels)
-    plan: dict[str, dict[str, Any]] = {}
+    zoo.check_alias(session, line, alias)
+    plan: dict[str, ObjectPlan] = {}
     for obj in objects:
         if use_channels is not None:
             use, how = list(use_channels), "request"
@@ -74,8 +85,7 @@ def plan_models(session: Session, line: CellLine, channels: list[str], objects: 
             raise Problem(422, f"no {obj} model for reporter(s) {', '.join(res.missing)} on cell line "
                           f"{line.name!r}; fine-tune one or leave the channel out (use_channels)",
                           slug="missing-model", missing=res.missing, object=obj)
-        plan[obj] = {"channels": use, "channel_source": how,
-                     "models": {name: res.models[name].id for name in use}}
+        plan[obj] = ObjectPlan(channels=use, channel_source=how, models={name: res.models[name].id for name in use})
     return plan
 
 
@@ -109,9 +119,8 @@ def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep
         if shipped is None:
             raise Problem(422, "no base model is registered; upload one or name one in 'base'", slug="no-base-model")
         base = shipped.name
-    params = body.model_dump()
-    params["base"] = base
-    params["cell_line"] = ds.cell_line.name
+    params = FinetuneJob(dataset_id=ds.id, reporter=body.reporter, object=body.object, base=base,
+                         cell_line=ds.cell_line.name, params=body.params)
     return _accepted(session, settings, "finetune", params, principal, idempotency_key, response)
 
 
@@ -132,6 +141,7 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
     if req.fields and len(req.fields) != len(files):
         raise Problem(422, f"'fields' describes {len(req.fields)} field(s) but {len(files)} file(s) were sent",
                       slug="fields-mismatch")
+    names = _uploaded_field_names(req, len(files))
     line = zoo.cell_line_by_name(session, req.cell_line)
     for name in req.channels:
         zoo.reporter_by_name(session, name)
@@ -142,24 +152,62 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
         if data.shape[0] != len(req.channels):
             raise Problem(422, f"{filename} has {data.shape[0]} channel(s) but the request maps "
                           f"{len(req.channels)} ({', '.join(req.channels)})", slug="channel-count-mismatch")
-        meta = req.fields[index].model_dump() if req.fields else {}
-        well, field = str(meta.get("well") or f"F{index + 1:03d}")[:8], int(meta.get("field") or 1)
-        loaded.append((raw, {"name": _field_name(well, field, index), "well": well, "field": field,
-                             "filename": filename}))
+        meta = req.fields[index] if req.fields else None
+        loaded.append((raw, {"name": names[index], "well": meta.well if meta else None,
+                             "field": meta.field if meta else None, "filename": filename}))
     # All files are valid: only now store them.
-    fields = []
-    for raw, meta in loaded:
-        meta["image_sha256"] = blobs.put_bytes(raw).sha256
-        fields.append(meta)
-    params = {"cell_line": line.name, "channels": req.channels, "objects": list(req.objects),
-              "method": req.method, "alias": req.alias, "plate": req.plate, "plan": plan, "fields": fields,
-              "params": req.params.model_dump()}
+    fields = [FieldSpec(image_sha256=blobs.put_bytes(raw).sha256, **meta) for raw, meta in loaded]
+    params = SegmentJob(cell_line=line.name, channels=req.channels, objects=list(req.objects), method=req.method,
+                        alias=req.alias, plate=req.plate, plan=plan, fields=fields, params=req.params)
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
 
 
-def _field_name(well: str, field: int, index: int) -> str:
-    safe_well = "".join(ch for ch in well if ch.isalnum()) or f"F{index + 1:03d}"
-    return f"{safe_well}-{field}"
+def _safe_part(text: str) -> str:
+    """A file-name-safe form of a well, field or plate name (kept whole: no truncation)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text.strip()).strip(".") or "_"
+
+
+def field_name(well: str, field: int | None, plate: str | None = None) -> str:
+    """The name a field's results go under: ``[plate_]well-field``.
+
+    >>> field_name("A01", 0), field_name("B 12", 3, plate="P1"), field_name("A01", None)
+    ('A01-0', 'P1_B_12-3', 'A01')
+    """
+    name = _safe_part(well) if field is None else f"{_safe_part(well)}-{field}"
+    return f"{_safe_part(plate)}_{name}" if plate else name
+
+
+def _uploaded_field_names(req: SegmentRequest, n_files: int) -> list[str]:
+    """One distinct result name per uploaded file; a plate that names one field twice is refused.
+
+    Fields without metadata are numbered by upload order (F001, F002, ...).
+    """
+    if not req.fields:
+        return [f"F{i + 1:03d}" for i in range(n_files)]
+    keys = [(meta.well or f"F{i + 1:03d}", meta.field) for i, meta in enumerate(req.fields)]
+    seen: dict[tuple[str, int | None], int] = {}
+    duplicates = []
+    for i, key in enumerate(keys):
+        if key in seen:
+            duplicates.append(f"well {key[0]!r} field {key[1]} (files {seen[key] + 1} and {i + 1})")
+        seen.setdefault(key, i)
+    if duplicates:
+        raise Problem(422, "the plate names the same field more than once: " + "; ".join(duplicates) +
+                      "; give every file its own {well, field}", slug="duplicate-fields", duplicates=duplicates)
+    names = [field_name(well, field) for well, field in keys]
+    _refuse_name_collisions(names, [f"well {w!r} field {f}" for w, f in keys])
+    return names
+
+
+def _refuse_name_collisions(names: list[str], described: list[str]) -> None:
+    by_name: dict[str, list[str]] = {}
+    for name, what in zip(names, described, strict=True):
+        by_name.setdefault(name, []).append(what)
+    clashes = {name: whats for name, whats in by_name.items() if len(whats) > 1}
+    if clashes:
+        detail = "; ".join(f"{' and '.join(whats)} would both be stored as {name!r}" for name, whats in clashes.items())
+        raise Problem(422, f"field names clash after making them safe for file names: {detail}; rename the wells",
+                      slug="duplicate-fields", duplicates=list(clashes))
 
 
 @router.post("/segment-dataset", response_model=JobOut, status_code=202,
@@ -172,13 +220,26 @@ def submit_segment_dataset(body: SegmentDatasetIn, session: SessionDep, settings
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
-    fields = [{"name": _field_name(im.well or f"I{im.id}", im.field or 1, i), "well": im.well, "field": im.field,
-               "filename": im.filename, "image_sha256": im.image_sha256, "dataset_image_id": im.id}
-              for i, im in enumerate(images)]
-    params = {"cell_line": ds.cell_line.name, "channels": ds.channels, "objects": list(body.objects),
-              "method": body.method, "alias": body.alias, "plan": plan, "fields": fields,
-              "dataset_id": ds.id, "params": body.params.model_dump()}
+    fields = [FieldSpec(name=name, well=im.well, field=im.field, filename=im.filename,
+                        image_sha256=im.image_sha256, dataset_image_id=im.id)
+              for name, im in zip(_dataset_field_names(images), images, strict=True)]
+    params = SegmentJob(cell_line=ds.cell_line.name, channels=ds.channels, objects=list(body.objects),
+                        method=body.method, alias=body.alias, plan=plan, fields=fields, dataset_id=ds.id,
+                        params=body.params)
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
+
+
+def _dataset_field_names(images: list) -> list[str]:
+    """Distinct names for a dataset's images: ``[plate_]well-field``, or ``image-<id>`` without a well;
+    an image whose name another image already took gets its id appended (datasets may hold repeats)."""
+    names, taken = [], set()
+    for im in images:
+        name = field_name(im.well, im.field, im.plate) if im.well else f"image-{im.id}"
+        if name in taken:
+            name = f"{name}-image-{im.id}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 @router.post("/evaluate", response_model=JobOut, status_code=202,
@@ -186,7 +247,7 @@ def submit_segment_dataset(body: SegmentDatasetIn, session: SessionDep, settings
 def submit_evaluate(body: EvaluateIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
                     response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
     ds: Dataset = zoo.dataset_by_id(session, body.dataset_id)
-    params: dict[str, Any] = {"dataset_id": ds.id, "split": body.split}
+    params: EvaluateJob
     if body.model_version_id is not None:
         version = zoo.model_version_by_id(session, body.model_version_id)
         if version.status not in ("ready", "archived"):
@@ -194,14 +255,15 @@ def submit_evaluate(body: EvaluateIn, session: SessionDep, settings: SettingsDep
         if version.reporter.name not in ds.channels:
             raise Problem(422, f"dataset {ds.id} has no channel for reporter {version.reporter.name!r}",
                           slug="unknown-channel")
-        params.update(model_version_id=version.id, object=version.object, reporter=version.reporter.name)
+        params = EvaluateJob(dataset_id=ds.id, split=body.split, model_version_id=version.id, object=version.object,
+                             reporter=version.reporter.name)
     else:
         if body.object is None:
             raise Problem(422, "give either model_version_id, or object (with optional use_channels and method)",
                           slug="evaluate-target-missing")
         plan = plan_models(session, ds.cell_line, ds.channels, [body.object], body.use_channels, body.alias)
-        params.update(object=body.object, method=body.method, plan=plan)
-    _check_split_labelled(ds, body.split, params["object"])
+        params = EvaluateJob(dataset_id=ds.id, split=body.split, object=body.object, method=body.method, plan=plan)
+    _check_split_labelled(ds, body.split, params.object)
     return _accepted(session, settings, "evaluate", params, principal, idempotency_key, response)
 
 
@@ -220,5 +282,5 @@ def submit_select_channels(body: SelectChannelsIn, session: SessionDep, settings
     ds = zoo.dataset_by_id(session, body.dataset_id)
     plan = plan_models(session, ds.cell_line, ds.channels, [body.object], list(ds.channels), body.alias)
     _check_split_labelled(ds, body.split, body.object)
-    params = {**body.model_dump(), "plan": plan, "cell_line": ds.cell_line.name}
+    params = SelectChannelsJob(**body.model_dump(), plan=plan, cell_line=ds.cell_line.name)
     return _accepted(session, settings, "select_channels", params, principal, idempotency_key, response)

@@ -1,0 +1,147 @@
+"""The typed job contract: what each job kind's parameters are, shared by the API and the workers.
+
+The API validates a request, resolves names to ids and stores one of these models (as JSON) on the
+job row; the worker reads the row back as the same model. Celery carries only the job id.
+
+>>> job = NoopJob(steps=2)
+>>> NoopJob.model_validate(job.model_dump(mode="json")) == job
+True
+>>> sorted(JOB_PARAMS)
+['evaluate', 'finetune', 'noop', 'segment', 'select_channels']
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.vocabulary import (
+    DEFAULT_ALIAS,
+    MethodLiteral,
+    MetricLiteral,
+    ObjectLiteral,
+    SplitLiteral,
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# --- parameters a client sets (also part of the API's request bodies) -------------------------
+
+
+class FinetuneParams(StrictModel):
+    max_epochs: int = Field(default=200, ge=1, le=5000)
+    min_epochs: int = Field(default=30, ge=0, le=5000)
+    patience: int = Field(default=20, ge=1, le=1000)
+    learning_rate: float | None = Field(default=None, gt=0, le=1.0)
+    weight_decay: float | None = Field(default=None, ge=0, le=1.0)
+    batch_size: int = Field(default=8, ge=1, le=64)
+    bsize: int = Field(default=224, ge=64, le=512)
+    augment: bool = True
+    microscopy_augment: bool = True
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    n_train: int = Field(default=40, ge=1, le=100_000)
+    n_val: int = Field(default=5, ge=1, le=100_000)
+    n_test: int = Field(default=5, ge=1, le=100_000)
+
+
+class SegmentParams(StrictModel):
+    flow_threshold: float | None = Field(default=None, ge=0, le=10)
+    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
+    min_size: int = Field(default=15, ge=0, le=100_000)
+    diameter: float | None = Field(default=None, gt=0, le=1000,
+                                   description="object diameter in pixels; default: the models' training diameter")
+    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
+    preview_channel: int = Field(default=0, ge=0, le=15)
+
+
+# --- what the API resolved and the worker runs -------------------------------------------------
+
+
+class JobParams(StrictModel):
+    """Base of every job's stored parameters."""
+
+
+class ObjectPlan(StrictModel):
+    """For one object: the channels to fuse, why those, and the model version per channel."""
+
+    channels: list[str]
+    channel_source: str
+    models: dict[str, int]
+
+
+class FieldSpec(StrictModel):
+    """One field of a plate (an uploaded file or a dataset image). ``name`` is unique in its job."""
+
+    name: str
+    well: str | None = None
+    field: int | None = None
+    filename: str | None = None
+    image_sha256: str
+    dataset_image_id: int | None = None
+
+
+class NoopJob(JobParams):
+    steps: int = Field(default=3, ge=1, le=1000)
+    step_seconds: float = Field(default=0.2, ge=0, le=60)
+    fail: bool = False
+
+
+class FinetuneJob(JobParams):
+    dataset_id: int
+    reporter: str
+    object: ObjectLiteral
+    base: str = Field(description="a base model name, or 'version:<id>' for a zoo version")
+    cell_line: str
+    params: FinetuneParams = Field(default_factory=FinetuneParams)
+
+    @property
+    def parent_version_id(self) -> int | None:
+        return int(self.base.split(":", 1)[1]) if self.base.startswith("version:") else None
+
+
+class SegmentJob(JobParams):
+    cell_line: str
+    channels: list[str]
+    objects: list[ObjectLiteral]
+    method: MethodLiteral = "flow_fusion"
+    alias: str = DEFAULT_ALIAS
+    plate: str | None = None
+    plan: dict[str, ObjectPlan]
+    fields: list[FieldSpec]
+    dataset_id: int | None = None
+    params: SegmentParams = Field(default_factory=SegmentParams)
+
+
+class EvaluateJob(JobParams):
+    dataset_id: int
+    split: SplitLiteral = "test"
+    object: ObjectLiteral
+    # Either one model version on its reporter's channel...
+    model_version_id: int | None = None
+    reporter: str | None = None
+    # ...or a fusion of the plan's channels.
+    method: MethodLiteral | None = None
+    plan: dict[str, ObjectPlan] | None = None
+
+
+class SelectChannelsJob(JobParams):
+    dataset_id: int
+    object: ObjectLiteral
+    split: SplitLiteral = "val"
+    method: MethodLiteral = "flow_fusion"
+    alias: str = DEFAULT_ALIAS
+    metric: MetricLiteral = "f1"
+    plan: dict[str, ObjectPlan]
+    cell_line: str
+
+
+#: Job kind -> its parameter model (the worker reads a job row's params as this).
+JOB_PARAMS: dict[str, type[JobParams]] = {
+    "noop": NoopJob,
+    "finetune": FinetuneJob,
+    "segment": SegmentJob,
+    "evaluate": EvaluateJob,
+    "select_channels": SelectChannelsJob,
+}

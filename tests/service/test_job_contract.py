@@ -1,0 +1,229 @@
+"""Defects of the job contract, each once silent: duplicate plate fields, a misspelt alias, a test
+set re-encoded, a dead worker counted as ready, racing version numbers, a stalled job, a cancel
+after the last checkpoint, a deleted reporter."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+from sqlalchemy import select
+
+from app import jobs
+from app.api.routes.work import _uploaded_field_names, field_name
+from app.api.schemas import SegmentRequest
+from app.db import session_factory
+from app.job_params import JOB_PARAMS, FinetuneJob, SegmentJob
+from app.models import CellLine, Job, ModelVersion, Reporter, WorkerHeartbeat, utcnow
+from app.science.imageio import content_digest, read_image, read_labels
+from tests.service.conftest import make_client, make_embedded_settings
+from workers.pipelines import pipeline_for
+from workers.pipelines.common import evaluation_set_identity
+from workers.runner import run_job
+
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+# --- duplicate and distinct field names -----------------------------------------------------------
+
+
+def test_fields_zero_and_one_of_a_well_get_distinct_names():
+    req = SegmentRequest(cell_line="x", channels=["a"], fields=[{"well": "A06", "field": 0}, {"well": "A06", "field": 1}])
+    assert _uploaded_field_names(req, 2) == ["A06-0", "A06-1"]
+
+
+def test_long_well_names_are_kept_whole():
+    long_well = "PLATE7_ROW_A_COL_12"
+    assert field_name(long_well, 2) == f"{long_well}-2"
+
+
+def test_a_plate_naming_one_field_twice_is_refused_before_anything_is_stored(embedded_settings):
+    client, _ = make_client(embedded_settings)
+    client.post("/api/v1/cell-lines", json={"name": "HeLa"})
+    client.post("/api/v1/reporters", json={"name": "GFP"})
+    request = {"cell_line": "HeLa", "channels": ["GFP"], "fields": [{"well": "B2", "field": 1}, {"well": "B2", "field": 1}]}
+    tiff = _tiff(np.zeros((32, 32), np.uint16))
+    response = client.post("/api/v1/jobs/segment", data={"request": SegmentRequest(**request).model_dump_json()},
+                           files=[("files", ("a.tif", tiff, "image/tiff")), ("files", ("b.tif", tiff, "image/tiff"))])
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["type"].endswith("duplicate-fields") and "B2" in body["detail"], body
+    assert list((embedded_settings.blob_dir).rglob("*.tif")) == []
+
+
+def test_sanitised_names_that_clash_are_refused():
+    req = SegmentRequest(cell_line="x", channels=["a"], fields=[{"well": "A 1", "field": 1}, {"well": "A_1", "field": 1}])
+    from app.api.errors import Problem
+
+    with pytest.raises(Problem) as caught:
+        _uploaded_field_names(req, 2)
+    assert caught.value.status == 422
+
+
+# --- aliases ------------------------------------------------------------------------------------
+
+
+def test_a_misspelt_alias_is_a_422_not_the_latest_models(embedded_settings):
+    client, _ = make_client(embedded_settings)
+    client.post("/api/v1/cell-lines", json={"name": "HeLa"})
+    client.post("/api/v1/reporters", json={"name": "GFP"})
+    request = SegmentRequest(cell_line="HeLa", channels=["GFP"], alias="prodution")
+    response = client.post("/api/v1/jobs/segment", data={"request": request.model_dump_json()},
+                           files=[("files", ("a.tif", _tiff(np.zeros((32, 32), np.uint16)), "image/tiff"))])
+    assert response.status_code == 422, response.text
+    assert response.json()["type"].endswith("unknown-alias")
+    assert "prodution" in response.json()["detail"]
+
+
+# --- test-set identity --------------------------------------------------------------------------
+
+
+def test_a_re_encoded_test_set_keeps_its_identity():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4000, (2, 48, 48)).astype(np.uint16)
+    mask = np.zeros((48, 48), np.int32)
+    mask[5:15, 5:15], mask[20:30, 20:40] = 3, 9
+    plain = _tiff(image, metadata={"axes": "CYX"})
+    ome = _tiff(image, ome=True, compression="zlib", metadata={"axes": "CYX", "Channel": {"Name": ["a", "b"]}})
+    relabelled = _tiff(np.where(mask == 3, 1, np.where(mask == 9, 2, 0)).astype(np.uint16))
+    assert plain != ome  # different bytes...
+    first = content_digest(read_image(plain).data, read_labels(_tiff(mask.astype(np.uint16))))
+    second = content_digest(read_image(ome).data, read_labels(relabelled))
+    assert first == second  # ...same pixels and masks
+    assert evaluation_set_identity([first, "x"]) == evaluation_set_identity(["x", second])
+    other = content_digest(read_image(plain).data[::-1], read_labels(relabelled))
+    assert other != first
+
+
+# --- readiness ----------------------------------------------------------------------------------
+
+
+def test_ready_ignores_a_worker_not_seen_within_the_heartbeat_window(embedded_settings):
+    client, _ = make_client(embedded_settings, run_reaper=False)
+    with session_factory(embedded_settings.resolved_database_url)() as session:
+        session.add(WorkerHeartbeat(name="dead:1", queues=["gpu"], info={}, last_seen=utcnow() - timedelta(seconds=20)))
+        session.commit()
+    body = client.get("/ready").json()
+    assert body["checks"]["workers"]["count"] == 0
+
+
+# --- typed parameters -----------------------------------------------------------------------------
+
+
+def test_every_job_kind_has_a_typed_parameter_model():
+    assert set(JOB_PARAMS) >= {"noop", "finetune", "segment", "evaluate", "select_channels"}
+    with pytest.raises(ValueError):
+        SegmentJob.model_validate({"cell_line": "x"})
+
+
+# --- version numbers under concurrency --------------------------------------------------------------
+
+
+def test_a_fine_tune_that_loses_the_version_number_race_takes_the_next(embedded_settings, monkeypatch):
+    from app import zoo
+    from workers.pipelines import finetune
+
+    factory = session_factory(embedded_settings.resolved_database_url)
+    with factory() as session:
+        line, reporter = CellLine(name="L"), Reporter(name="R")
+        session.add_all([line, reporter])
+        session.commit()
+        session.add(ModelVersion(cell_line_id=line.id, reporter_id=reporter.id, object="nuclei", version=1,
+                                 status="training"))
+        session.commit()
+        stale = iter([1])  # the first read happened before the other fine-tune committed version 1
+        real = zoo.next_version_number
+        monkeypatch.setattr(zoo, "next_version_number", lambda *a: next(stale, None) or real(*a))
+        version = finetune._create_version(SimpleNamespace(session=session), cell_line_id=line.id,
+                                           reporter_id=reporter.id, object="nuclei", status="training")
+        assert version.version == 2
+
+
+# --- stalled and cancelled jobs ---------------------------------------------------------------------
+
+
+def _queued_job(settings, kind: str = "noop", params: dict | None = None) -> str:
+    with session_factory(settings.resolved_database_url)() as session:
+        job, _ = jobs.create_job(session, kind, params or {}, max_attempts=3)
+        session.commit()
+        return job.id
+
+
+def test_a_job_that_stops_reaching_checkpoints_is_treated_as_stalled(tmp_path):
+    settings = make_embedded_settings(tmp_path, job_heartbeat_s=0.1, job_stall_after_s=0.5, job_stale_after_s=1.0)
+    job_id = _queued_job(settings)
+    release = threading.Event()
+
+    def hung_pipeline(ctx):
+        release.wait(10)  # no checkpoint: a hung library call
+        return {}
+
+    runner = threading.Thread(target=run_job, args=(job_id, hung_pipeline, settings, "w1"))
+    runner.start()
+    try:
+        time.sleep(2.0)
+        with session_factory(settings.resolved_database_url)() as session:
+            actions = jobs.reap_stale_jobs(session, stale_after_s=1.0, resend_after_s=60)
+            assert [a.job_id for a in actions if a.action == "requeued"] == [job_id]
+    finally:
+        release.set()
+        runner.join(10)
+    with session_factory(settings.resolved_database_url)() as session:
+        assert session.get(Job, job_id).status == "queued"  # the hung attempt did not finish it
+
+
+def test_a_cancel_after_the_last_checkpoint_ends_cancelled_not_succeeded(embedded_settings):
+    job_id = _queued_job(embedded_settings)
+
+    def pipeline(ctx):
+        ctx.add_result("part.json", b"{}", kind="metrics", media_type="application/json")
+        with session_factory(embedded_settings.resolved_database_url)() as other:
+            jobs.request_cancel(other, job_id)  # the user clicks Cancel during the last field
+        return {"fields_done": 1}
+
+    assert run_job(job_id, pipeline, embedded_settings, worker="w1") == "cancelled"
+    with session_factory(embedded_settings.resolved_database_url)() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "cancelled" and "partial" in job.error
+        assert job.summary["partial_results"] is True and job.summary["fields_done"] == 1
+
+
+def test_a_result_name_is_never_replaced_by_another_write(embedded_settings):
+    job_id = _queued_job(embedded_settings)
+
+    def pipeline(ctx):
+        ctx.add_result("A1-1/nuclei.tif", b"first", kind="nuclei_mask", media_type="image/tiff")
+        ctx.add_result("A1-1/nuclei.tif", b"second", kind="nuclei_mask", media_type="image/tiff")
+
+    assert run_job(job_id, pipeline, embedded_settings, worker="w1") == "failed"
+
+
+def test_a_deleted_reporter_fails_the_fine_tune_with_a_clear_reason(embedded_settings):
+    from tests.service.workflow import small_plate, upload_dataset
+    from app.client import CellFuseClient
+
+    client, _ = make_client(embedded_settings, run_reaper=False)
+    api = CellFuseClient(client)
+    ds = upload_dataset(api, small_plate(n_fields=3, size=64))
+    reporter = ds["channels"][0]
+    with session_factory(embedded_settings.resolved_database_url)() as session:
+        session.delete(session.scalar(select(Reporter).where(Reporter.name == reporter)))
+        session.commit()
+    params = FinetuneJob(dataset_id=ds["id"], reporter=reporter, object="nuclei", base="cellfuse-base",
+                         cell_line=ds["cell_line"]).model_dump(mode="json")
+    job_id = _queued_job(embedded_settings, "finetune", params)
+    assert run_job(job_id, pipeline_for("finetune"), embedded_settings, worker="w1") == "failed"
+    with session_factory(embedded_settings.resolved_database_url)() as session:
+        error = session.get(Job, job_id).error
+    assert "internal error" not in error and "deleted" in error, error

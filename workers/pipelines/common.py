@@ -1,0 +1,227 @@
+"""What the science jobs share: reading stored images and masks, loading model versions, recording
+evaluations, and segmenting one object of a field with its channel plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.job_params import ObjectPlan, SegmentParams
+from app.models import Dataset, DatasetImage, Evaluation, ModelVersion
+from workers.runner import JobContext, JobFailed
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING = {"normalization": "per-image percentiles 1–99 per channel (Cellpose's normalize99)"}
+
+
+# --- stored inputs ------------------------------------------------------------------------------
+
+
+def read_blob(ctx: JobContext, sha256: str) -> bytes:
+    try:
+        return ctx.blobs.read_bytes(sha256)
+    except KeyError as exc:
+        raise JobFailed(f"a stored file ({sha256[:12]}…) is missing from the data directory") from exc
+
+
+def read_field(ctx: JobContext, sha256: str) -> np.ndarray:
+    """A stored multi-channel image as (C, Y, X)."""
+    from app.science.imageio import read_image
+
+    return read_image(read_blob(ctx, sha256), max_pixels=ctx.settings.max_image_pixels).data
+
+
+def read_mask(ctx: JobContext, sha256: str | None) -> np.ndarray | None:
+    from app.science.imageio import read_labels
+
+    return None if sha256 is None else read_labels(read_blob(ctx, sha256))
+
+
+def mask_sha(image: DatasetImage, obj: str) -> str | None:
+    return image.nuclei_sha256 if obj == "nuclei" else image.cells_sha256
+
+
+def evaluation_set_identity(digests: Iterable[str]) -> str:
+    """'The same test set' means the same pixels and masks (``imageio.content_digest`` per image),
+    whatever the files' bytes, names or order."""
+    digest = hashlib.sha256(b"cellfuse-test-set-v2")
+    for item in sorted(digests):
+        digest.update(item.encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class LabelledImage:
+    """One labelled dataset image, decoded: its full (C, Y, X) pixels, the mask and their digest."""
+
+    row: DatasetImage
+    image: np.ndarray
+    mask: np.ndarray
+    digest: str
+
+
+def load_labelled(ctx: JobContext, rows: list[DatasetImage], obj: str,
+                  on_image: Callable[[int], None] | None = None) -> list[LabelledImage]:
+    from app.science.imageio import content_digest
+
+    out = []
+    for i, row in enumerate(rows):
+        if on_image is not None:
+            on_image(i)
+        image, mask = read_field(ctx, row.image_sha256), read_mask(ctx, mask_sha(row, obj))
+        if mask is None:
+            raise JobFailed(f"dataset image {row.id} has no {obj} mask")
+        out.append(LabelledImage(row, image, mask, content_digest(image, mask)))
+    return out
+
+
+def labelled_split(ctx: JobContext, dataset_id: int, split: str, obj: str) -> tuple[Dataset, list[DatasetImage]]:
+    ds = ctx.session.get(Dataset, dataset_id)
+    if ds is None:
+        raise JobFailed(f"dataset {dataset_id} no longer exists")
+    images = [im for im in ds.images if im.split == split and mask_sha(im, obj)]
+    if not images:
+        raise JobFailed(f"dataset {dataset_id} has no {obj}-labelled images in split {split!r}")
+    return ds, images
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    net: Any
+    diameter: float
+    diam_mean: float
+    name: str
+    weights_sha256: str
+
+
+def load_weights(ctx: JobContext, sha256: str, card: dict[str, Any], source: str) -> Any:
+    from app.science import weights
+
+    path = ctx.blobs.path_for(sha256)
+    if not path.is_file():
+        raise JobFailed(f"the weights of {card.get('name', 'the model')} ({sha256[:12]}…) are not in the "
+                        "data directory")
+    if source == "cellpose" or card.get("format") == "cellpose-state-dict":
+        if weights.file_sha256(path) != sha256:
+            raise JobFailed(f"the weights of {card.get('name')} do not match their sha256")
+        net = weights.import_cellpose_file(path)
+        net.diam_mean.data[:] = float(card.get("diam_mean", 30.0))
+        return net
+    net, _card = weights.load_model(path, card=weights.ModelCard.from_dict(_card_for_loading(card)),
+                                    expected_sha256=sha256)
+    return net
+
+
+def _card_for_loading(card: dict[str, Any]) -> dict[str, Any]:
+    if "architecture" in card:
+        return card
+    return {**card, "name": card.get("name", "upload"), "version": card.get("version", "upload"),
+            "architecture": {"type": "cellpose-cpnet", "widths": card.get("widths", [32, 64, 128, 256]),
+                             "nchan": 2, "nout": 3}}
+
+
+def model_version(ctx: JobContext, version_id: int) -> ModelVersion:
+    """A zoo version that still exists and has weights (a deleted one is a clear failure)."""
+    version = ctx.session.get(ModelVersion, version_id)
+    if version is None:
+        raise JobFailed(f"model version {version_id} no longer exists")
+    if version.weights_sha256 is None:
+        raise JobFailed(f"model version {version_id} has no weights (status {version.status})")
+    return version
+
+
+def load_version(ctx: JobContext, version_id: int, cache: dict[int, LoadedModel]) -> LoadedModel:
+    if version_id not in cache:
+        version = model_version(ctx, version_id)
+        net = load_weights(ctx, version.weights_sha256, version.card or {}, "zoo")
+        reporter = version.reporter.name if version.reporter is not None else "deleted reporter"
+        cache[version_id] = LoadedModel(net=net, diameter=float(version.diameter or 30.0),
+                                        diam_mean=float(net.diam_mean.item()),
+                                        name=f"{reporter}/{version.object}/v{version.version}",
+                                        weights_sha256=version.weights_sha256)
+    return cache[version_id]
+
+
+def library_versions() -> dict[str, str]:
+    from app.science.weights import library_versions as versions
+
+    return versions()
+
+
+# --- evaluations --------------------------------------------------------------------------------
+
+
+def record_evaluation(ctx: JobContext, dataset_id: int, split: str, metrics: dict[str, Any],
+                      test_set: str, *, model_version_id: int | None = None,
+                      fusion: dict[str, Any] | None = None) -> None:
+    row = ctx.session.scalar(select(Evaluation).where(Evaluation.job_id == ctx.job_id,
+                                                      Evaluation.model_version_id == model_version_id))
+    if row is None:
+        row = Evaluation(job_id=ctx.job_id, model_version_id=model_version_id, dataset_id=dataset_id, split=split,
+                         test_set_sha256=test_set, metrics=metrics, fusion=fusion)
+        ctx.session.add(row)
+    else:
+        row.metrics, row.fusion, row.test_set_sha256 = metrics, fusion, test_set
+    ctx.session.commit()
+
+
+# --- segmentation of one object -------------------------------------------------------------------
+
+
+def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedModel]):
+    from app.science.segmentation import ChannelModel
+
+    models = []
+    for name in plan.channels:
+        loaded = load_version(ctx, plan.models[name], cache)
+        models.append(ChannelModel(net=loaded.net, diameter=loaded.diameter, diam_mean=loaded.diam_mean,
+                                   name=name))
+    return models
+
+
+def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
+                   seg: SegmentParams, cache: dict[int, LoadedModel]) -> np.ndarray:
+    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels."""
+    from app.science.segmentation import segment_field
+
+    models = channel_models(ctx, plan, cache)
+    indices = [channels.index(name) for name in plan.channels]
+    if seg.diameter:
+        models = [replace(m, diameter=float(seg.diameter)) for m in models]
+    elif seg.estimate_diameter:
+        estimated = estimate_diameter(ctx, image[indices], plan, cache)
+        if estimated is not None:
+            models = [replace(m, diameter=estimated) for m in models]
+    result = segment_field(image[indices], models, method=method, flow_threshold=seg.flow_threshold,
+                           cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
+                           checkpoint=lambda: ctx.progress())
+    return result.labels
+
+
+def estimate_diameter(ctx: JobContext, image: np.ndarray, plan: ObjectPlan,
+                      cache: dict[int, LoadedModel]) -> float | None:
+    """Per-image diameter from the channels' size models (Cellpose 3's SizeModel), averaged."""
+    from app.science.backbone import predict_maps
+    from app.science.size_model import SizeModel
+
+    estimates = []
+    for k, name in enumerate(plan.channels):
+        version = model_version(ctx, plan.models[name])
+        size_params = (version.card or {}).get("size_model")
+        if not size_params:
+            continue
+        loaded = load_version(ctx, version.id, cache)
+        style = predict_maps(loaded.net, image[k].astype(np.float32), diameter=loaded.diam_mean, tile=False).style
+        estimates.append(float(SizeModel.from_dict(size_params).predict(style)))
+    return float(np.mean(estimates)) if estimates else None

@@ -1,0 +1,62 @@
+"""Evaluate one model version on its reporter's channel, or a fusion of channels, on a labelled split.
+
+The evaluation is recorded with the test set's identity (pixels and masks), which is what the alias
+gate compares.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.job_params import EvaluateJob
+from workers.pipelines.common import (
+    LoadedModel,
+    labelled_split,
+    load_labelled,
+    load_version,
+    record_evaluation,
+    segment_object,
+    evaluation_set_identity,
+)
+from workers.runner import JobContext, JobFailed
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    from app.job_params import SegmentParams
+    from app.science.backbone import masks_from_maps, predict_maps
+    from app.science.metrics import score_set
+
+    p = ctx.params_as(EvaluateJob)
+    obj = p.object
+    ds, rows = labelled_split(ctx, p.dataset_id, p.split, obj)
+    items = load_labelled(ctx, rows, obj, on_image=lambda i: ctx.progress(
+        f"loading image {i + 1} of {len(rows)}", 0.1 * i / len(rows)))
+    cache: dict[int, LoadedModel] = {}
+    preds = []
+    fusion = None
+    if p.model_version_id is not None:
+        loaded = load_version(ctx, p.model_version_id, cache)
+        if p.reporter not in ds.channels:
+            raise JobFailed(f"dataset {ds.id} no longer has a channel {p.reporter!r}")
+        channel = ds.channels.index(p.reporter)
+        for i, it in enumerate(items):
+            ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
+            maps = predict_maps(loaded.net, it.image[channel].astype("float32"), diameter=loaded.diameter, tile=False)
+            preds.append(masks_from_maps(maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean))
+    else:
+        if p.plan is None or p.method is None:
+            raise JobFailed("this evaluation names neither a model version nor a fusion plan")
+        plan = p.plan[obj]
+        for i, it in enumerate(items):
+            ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
+            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, SegmentParams(), cache))
+        fusion = {"cell_line": ds.cell_line.name, "object": obj, "channels": plan.channels,
+                  "method": p.method, "models": plan.models}
+    metrics = score_set([it.mask for it in items], preds).as_dict()
+    record_evaluation(ctx, ds.id, p.split, metrics, evaluation_set_identity(it.digest for it in items),
+                      model_version_id=p.model_version_id, fusion=fusion)
+    body = {"dataset_id": ds.id, "split": p.split, "object": obj, "n_images": len(items),
+            "model_version_id": p.model_version_id, "fusion": fusion, "metrics": metrics}
+    ctx.add_result("metrics.json", json.dumps(body, indent=2).encode(), kind="metrics", media_type="application/json")
+    return body

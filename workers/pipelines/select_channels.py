@@ -1,0 +1,71 @@
+"""Rank every non-empty subset of a cell line's channels for one object on a labelled split, and
+store the best as the zoo's channel set for that (cell line, object).
+
+Each channel is run at its own model's diameter, as in segmentation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.job_params import SelectChannelsJob
+from app.models import ChannelSet
+from workers.pipelines.common import LoadedModel, labelled_split, load_labelled, load_version
+from workers.runner import JobContext
+
+
+def run(ctx: JobContext) -> dict[str, Any]:
+    from app.science.backbone import predict_maps_multi
+    from app.science.channel_sets import rank_channel_subsets
+    from app.science.segmentation import reconstruction_size
+
+    p = ctx.params_as(SelectChannelsJob)
+    obj = p.object
+    ds, rows = labelled_split(ctx, p.dataset_id, p.split, obj)
+    plan = p.plan[obj]
+    cache: dict[int, LoadedModel] = {}
+    from app.science.segmentation import ChannelModel
+
+    loaded = [load_version(ctx, plan.models[name], cache) for name in plan.channels]
+    models = [ChannelModel(net=m.net, diameter=m.diameter, diam_mean=m.diam_mean, name=name)
+              for m, name in zip(loaded, plan.channels, strict=True)]
+    diameter, diam_mean = reconstruction_size(models)
+    indices = [ds.channels.index(name) for name in plan.channels]
+    maps_per_image, truths = [], []
+    items = load_labelled(ctx, rows, obj)
+    for i, it in enumerate(items):
+        ctx.progress(f"network maps for image {i + 1} of {len(items)}", 0.6 * i / len(items))
+        image = it.image[indices].astype(np.float32)
+        maps_per_image.append(predict_maps_multi([m.net for m in models], image,
+                                                 diameter=[m.diameter for m in models],
+                                                 checkpoint=lambda: ctx.progress()))
+        truths.append(it.mask)
+    ctx.progress(f"scoring {2 ** len(indices) - 1} channel subsets", 0.6)
+    ranking = rank_channel_subsets(maps_per_image, truths, plan.channels, diameter=diameter, diam_mean=diam_mean,
+                                   method=p.method, metric=p.metric)
+    ranking_rows = [_subset_row(r) for r in ranking]
+    chosen = list(ranking[0].channels)
+    row = ctx.session.scalar(select(ChannelSet).where(ChannelSet.job_id == ctx.job_id))
+    if row is None:
+        row = ChannelSet(cell_line_id=ds.cell_line_id, object=obj, method=p.method, ranking=ranking_rows,
+                         chosen=chosen, dataset_id=ds.id, job_id=ctx.job_id)
+        ctx.session.add(row)
+    else:
+        row.ranking, row.chosen = ranking_rows, chosen
+    ctx.session.commit()
+    body = {"cell_line": ds.cell_line.name, "object": obj, "method": p.method, "metric": p.metric,
+            "chosen": chosen, "ranking": ranking_rows}
+    ctx.add_result("channel_ranking.json", json.dumps(body, indent=2).encode(), kind="metrics",
+                   media_type="application/json")
+    return body
+
+
+def _subset_row(score) -> dict[str, Any]:
+    out: dict[str, Any] = {"channels": list(score.channels)}
+    for key in ("f1", "precision", "recall", "jaccard", "map_50_95"):
+        out[key] = round(float(getattr(score, key)), 4)
+    return out
