@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     ome_zarr_roots: list[Path] = Field(default_factory=list)
     # A field with more pixels than this is segmented in overlapping blocks (memory budget per pass).
     segment_block_pixels: int = Field(default=4096 * 4096, gt=0)
+    # What one blocked segmentation may hold: decides one reconstruction over stitched maps vs per block.
+    segment_memory_budget_mb: int = Field(default=8192, gt=0)
 
     @field_validator("bootstrap_admin_key")
     @classmethod

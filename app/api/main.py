@@ -13,7 +13,7 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.routes import datasets, jobs, keys, system, web, work, zoo
-from app.api.routes import metrics, webhooks
+from app.api.routes import metrics, ome_zarr, webhooks
 from app.metrics import HttpMetrics, build_registry
 from app.reaper import reaper_loop
 from app.webhooks import webhook_loop
@@ -64,6 +64,6 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.state.metrics_registry, http_requests, http_latency = build_registry(settings)
     app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
-    for module in (system, jobs, zoo, datasets, work, keys, webhooks, metrics, web):
+    for module in (system, jobs, zoo, datasets, work, ome_zarr, keys, webhooks, metrics, web):
         app.include_router(module.router)
     return app

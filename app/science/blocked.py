@@ -79,6 +79,7 @@ class BlockedResult:
     plan: BlockPlan | None
     normalizations: list[Normalization]
     stats: dict = field(default_factory=dict)
+    styles: list[np.ndarray] = field(default_factory=list)
 
 
 def plan_blocks(shape: tuple[int, int], block_size: int, overlap: int) -> BlockPlan:
@@ -308,7 +309,7 @@ def segment_blocked(
         if out is not None:
             out[...] = labels
             labels = out
-        return BlockedResult(labels, "maps", plan, norms, stats)
+        return BlockedResult(labels, "maps", plan, norms, stats, styles)
 
     labels = out if out is not None else np.zeros((ly, lx), np.int32)
     next_label = 1
@@ -346,5 +347,5 @@ def segment_blocked(
             next_label += 1
         labels[read[0], read[1]] = updated
     stats["dropped_duplicates"] = dropped_duplicates
-    return BlockedResult(labels, "labels", plan, norms, stats)
+    return BlockedResult(labels, "labels", plan, norms, stats, styles)
 

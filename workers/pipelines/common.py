@@ -190,23 +190,62 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
     return models
 
 
-def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel]) -> np.ndarray:
-    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels."""
+def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan, method: str,
+                   seg: SegmentParams, cache: dict[int, LoadedModel], *,
+                   styles_out: dict[str, list[float]] | None = None) -> np.ndarray:
+    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
+
+    A field of more than ``settings.segment_block_pixels`` pixels (Y*X; ``image`` may then be a lazy
+    array such as an OME-Zarr field) is segmented in overlapping blocks (``app.science.blocked``).
+    ``styles_out`` receives each fused channel's style vector (for QC of reporter drift).
+    """
     from app.science.segmentation import segment_field
 
     models = channel_models(ctx, plan, cache)
     indices = [channels.index(name) for name in plan.channels]
+    large = image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels
     if seg.diameter:
         models = [replace(m, diameter=float(seg.diameter)) for m in models]
-    elif seg.estimate_diameter:
-        estimated = estimate_diameter(ctx, image[indices], plan, cache)
+    elif seg.estimate_diameter and not large:
+        estimated = estimate_diameter(ctx, np.asarray(image)[indices], plan, cache)
         if estimated is not None:
             models = [replace(m, diameter=estimated) for m in models]
-    result = segment_field(image[indices], models, method=method, flow_threshold=seg.flow_threshold,
-                           cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           checkpoint=lambda: ctx.progress())
-    return result.labels
+    if large and method == "flow_fusion":
+        from app.science.blocked import segment_blocked
+
+        view = _ChannelSubset(image, indices)
+        block = int(ctx.settings.segment_block_pixels ** 0.5)
+        result = segment_blocked(view, models, block_size=max(64, block // 2),
+                                 memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
+                                 flow_threshold=seg.flow_threshold, cellprob_threshold=seg.cellprob_threshold,
+                                 min_size=seg.min_size)
+        styles = result.styles
+        labels = np.asarray(result.labels)
+    else:
+        result = segment_field(np.asarray(image)[indices], models, method=method, flow_threshold=seg.flow_threshold,
+                               cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
+                               checkpoint=lambda: ctx.progress())
+        styles = [m.style for m in result.channel_maps]
+        labels = result.labels
+    if styles_out is not None:
+        for name, style in zip(plan.channels, styles, strict=True):
+            styles_out[name] = [round(float(v), 6) for v in style]
+    return labels
+
+
+class _ChannelSubset:
+    """A lazy (K, Y, X) view of some channels of a lazy (C, Y, X) field."""
+
+    def __init__(self, image, indices: list[int]):
+        self.image, self.indices = image, indices
+        self.shape = (len(indices), *image.shape[-2:])
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rest = key[1:] if len(key) > 1 else ()
+        block = np.stack([np.asarray(self.image[(c, *rest)]) for c in self.indices])
+        return block[key[0]] if key and key[0] != slice(None) else block
 
 
 def estimate_diameter(ctx: JobContext, image: np.ndarray, plan: ObjectPlan,

@@ -153,6 +153,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
         test_images, test_masks = by_split["test"]
         metrics = _score_single(result.net, test_images, test_masks, result.diameter) if test_images else {}
 
+    with ctx.stage("style reference", 0.95):
+        extra = {"style_reference": _style_reference(result, by_split["train"][0] + by_split["val"][0])}
+        if weights.network_widths(result.net) == weights.FULL_WIDTHS:
+            # Cellpose's own file for scientists who run Cellpose directly (full-width nets only).
+            exported = weights.export_cellpose(result.net, ctx.folder.path / "model" / "cellpose_model")
+            extra["cellpose_weights_sha256"] = ctx.blobs.put_bytes(exported.read_bytes()).sha256
+
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
             name=f"{ds.cell_line.name}-{p.reporter}-{obj}", version=str(version.version),
@@ -163,7 +170,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": PREPROCESSING},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
             metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
-            size_model=size_model)
+            size_model=size_model, extra=extra)
         saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
         weights_blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
         ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card",
@@ -202,6 +209,19 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
     except SizeModelError as exc:
         log.info("no size model: %s", exc)
         return None
+
+
+def _style_reference(result, images: list[np.ndarray]) -> dict[str, Any] | None:
+    """Centroid and spread of the training images' styles, computed as segmentation computes them
+    (per-image normalisation, the training diameter): plate QC measures reporter drift against it."""
+    from app.science.backbone import predict_maps_multi
+    from app.science.plate_qc import style_reference
+
+    if not images:
+        return None
+    styles = [predict_maps_multi([result.net], im[np.newaxis], diameter=[float(result.diameter)])[0].style
+              for im in images]
+    return style_reference(styles)
 
 
 def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float) -> dict[str, Any]:

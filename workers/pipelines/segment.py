@@ -58,20 +58,39 @@ def run(ctx: JobContext) -> dict[str, Any]:
     truths: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
     preds: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
     provenance = _provenance(ctx, p)
-    ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
-                   media_type="application/json")
+    plate = _open_plate(ctx, p)
+    zarr_fields = {f.path: f for f in plate.fields} if plate is not None else {}
+    well_rows: dict[str, list[dict[str, Any]]] = {}
+    qc_fields: list[dict[str, Any]] = []
+    owner = ctx.job.owner_key_id
     n_fields = len(p.fields)
     for index, field in enumerate(p.fields):
         name = field.name
         ctx.progress(f"field {index + 1} of {n_fields} ({name})", index / n_fields, force=True)
         started = time.perf_counter()
         try:
-            image = read_field(ctx, field.image_sha256)
-            labels = {}
+            zf = zarr_fields.get(field.zarr_path) if field.zarr_path else None
+            if field.zarr_path and zf is None:
+                raise JobFailed(f"the plate no longer has the field {field.zarr_path}")
+            image = _zarr_image(ctx, plate, zf) if zf is not None else read_field(ctx, field.image_sha256)
+            labels, styles = {}, {}
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
-                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+                object_styles: dict[str, list[float]] = {}
+                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
+                                             styles_out=object_styles)
+                styles.update({f"{obj}:{channel}": style for channel, style in object_styles.items()})
+            if zf is not None:
+                for obj, lab in labels.items():
+                    _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance)
+                if not isinstance(image, np.ndarray):  # a blocked field: measured from its labels only
+                    qc_fields.append(_qc_row(name, field.well, labels, styles))
+                    done.append({"field": name, "well": field.well, "field_number": field.field,
+                                 "objects": {o: int(lab.max()) for o, lab in labels.items()},
+                                 "seconds": round(time.perf_counter() - started, 2), "metrics": {}})
+                    continue
+            qc_fields.append(_qc_row(name, field.well, labels, styles))
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -83,6 +102,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             table = exports.measurements_csv(rows, columns=exports.measurement_columns(p.channels))
             ctx.add_result(f"{name}/measurements.csv", table, kind="measurements",
                            media_type="text/csv", meta={"field": name, "rows": len(rows)})
+            if zf is not None:
+                well_rows.setdefault(zf.well_path, []).extend({"field": zf.index, **row} for row in rows)
             preview_channel = min(seg.preview_channel, image.shape[0] - 1)
             ctx.add_result(f"{name}/overlay.png",
                            exports.overlay_png(image, nuclei if nuclei is not None else np.zeros_like(cells),
@@ -108,14 +129,162 @@ def run(ctx: JobContext) -> dict[str, Any]:
             raise
         except JobFailed as exc:
             failed.append({"field": name, "error": str(exc)})
+            _field_failed_event(ctx, p, owner, field, str(exc))
         except Exception as exc:  # one bad field does not fail the plate; it is listed with its reason
             log.exception("field %s failed", name)
             failed.append({"field": name, "error": f"{type(exc).__name__}: {exc}"})
+            _field_failed_event(ctx, p, owner, field, f"{type(exc).__name__}: {exc}")
     if not done:
         raise JobFailed(f"every field failed; first error: {failed[0]['error'] if failed else 'no fields'}")
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
+    qc = _plate_qc(ctx, p, qc_fields)
+    provenance["qc"] = qc
+    ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
+                   media_type="application/json")
+    ctx.add_result("qc.json", json.dumps(qc, indent=2).encode(), kind="qc", media_type="application/json")
+    zarr_outputs = _finish_plate(ctx, p, plate, well_rows) if plate is not None else None
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
-               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled}
+               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
+               "qc": {k: qc[k] for k in ("flagged_fields", "drifted_channels", "summary")},
+               "qc_field_stats": [{"field": f["field"], "stats": f["stats"]} for f in qc_fields]}
+    if zarr_outputs is not None:
+        summary["ome_zarr"] = zarr_outputs
+    if qc["flags"]:
+        from app.webhooks import emit_safely
+
+        emit_safely(ctx.session, "plate.qc_flagged",
+                    {"job_id": ctx.job_id, "plate": p.plate, "cell_line": p.cell_line, "flags": qc["flags"][:100],
+                     "flagged_fields": qc["flagged_fields"], "drifted_channels": qc["drifted_channels"],
+                     "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
+                    owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary
+
+
+# --- OME-Zarr plates, QC and events -----------------------------------------------------------------
+
+
+def _open_plate(ctx: JobContext, p: SegmentJob):
+    """The plate to read and write: the server folder, or the uploaded zip unpacked in the job folder."""
+    if p.ome_zarr is None:
+        return None
+    from pathlib import Path
+
+    from app.science.ome_zarr_io import OmeZarrError, read_plate
+    from app.zipped_plates import ZipPlateError, remove, unpack
+
+    src = p.ome_zarr
+    if src.zip_sha256:
+        target = ctx.folder.path / "ome-zarr"
+        remove(target)  # a re-run starts from the upload again
+        try:
+            unpack(ctx.blobs.path_for(src.zip_sha256), target, max_bytes=ctx.settings.max_request_bytes)
+        except (ZipPlateError, KeyError) as exc:
+            raise JobFailed(f"the uploaded plate cannot be unpacked: {exc}") from exc
+        root = target / src.root_in_zip if src.root_in_zip not in ("", ".") else target
+    else:
+        root = Path(src.path or "")
+    try:
+        plate = read_plate(root, wells=src.wells)
+    except OmeZarrError as exc:
+        raise JobFailed(f"the OME-Zarr plate cannot be read: {exc}") from exc
+    if plate.channel_names != src.channel_names:
+        raise JobFailed(f"the plate's channels changed since submission: {plate.channel_names} != "
+                        f"{src.channel_names}")
+    return plate
+
+
+def _zarr_image(ctx: JobContext, plate, zf):
+    """A field's pixels: in memory when small, else a lazy view that blocked segmentation slices."""
+    from app.science.ome_zarr_io import open_field
+
+    view = open_field(plate.root, zf)
+    if zf.shape[1] * zf.shape[2] > ctx.settings.segment_block_pixels:
+        return view
+    return np.asarray(view[:, :, :], dtype=np.float32)
+
+
+def _write_zarr_labels(ctx: JobContext, p: SegmentJob, plate, zf, obj: str, labels: np.ndarray,
+                       provenance: dict[str, Any]) -> None:
+    from app.science.ome_zarr_io import write_labels
+
+    seg = p.params
+    source = {"cellfuse": {
+        "job_id": ctx.job_id, "object": obj, "method": p.method, "cell_line": p.cell_line,
+        "channels": p.plan[obj].channels, "models": provenance["models"][obj],
+        "thresholds": {"flow_threshold": seg.flow_threshold, "cellprob_threshold": seg.cellprob_threshold,
+                       "min_size": seg.min_size},
+        "diameter": seg.diameter or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
+        "library_versions": provenance["library_versions"]}}
+    write_labels(plate, zf, obj, labels, source)
+
+
+def _finish_plate(ctx: JobContext, p: SegmentJob, plate, well_rows: dict[str, list[dict[str, Any]]]) -> dict:
+    from app.science import exports
+    from app.science.ome_zarr_io import well_name, write_well_table
+
+    columns = ["field", *exports.measurement_columns(p.channels)]
+    tables = []
+    for well_path, rows in sorted(well_rows.items()):
+        data = exports.measurements_csv(rows, columns=columns)
+        tables.append(write_well_table(plate, well_path, "measurements", data))
+        row, column = well_path.split("/")
+        ctx.add_result(f"{well_name(row, column)}/well_measurements.csv", data, kind="measurements",
+                       media_type="text/csv", meta={"well": well_name(row, column), "rows": len(rows)})
+    out = {"version": plate.version, "labels": list(p.objects), "tables": tables}
+    if p.ome_zarr.zip_sha256:
+        from app.zipped_plates import zip_folder
+
+        archive = ctx.folder.path / "plate.ome.zarr.zip.tmp"
+        zip_folder(plate.root, archive)
+        ctx.add_result("plate.ome.zarr.zip", archive.read_bytes(), kind="ome_zarr", media_type="application/zip")
+        archive.unlink(missing_ok=True)
+        out["download"] = "plate.ome.zarr.zip"
+    else:
+        out["path"] = str(plate.root)
+    return out
+
+
+def _qc_row(name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]]) -> dict:
+    from app.science.plate_qc import field_stats
+
+    return {"field": name, "well": well, "stats": {obj: field_stats(lab) for obj, lab in labels.items()},
+            "styles": styles}
+
+
+def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """Robust z-scores against this plate and past plates of the cell line; style drift per channel."""
+    from sqlalchemy import select
+
+    from app.models import Job
+    from app.science.plate_qc import plate_qc
+
+    history: dict[str, dict[str, list[float]]] = {}
+    past = ctx.session.scalars(select(Job).where(Job.kind == "segment", Job.status == "succeeded",
+                                                 Job.id != ctx.job_id).order_by(Job.finished_at.desc())
+                               .limit(200)).all()
+    for job in past:
+        if (job.params or {}).get("cell_line") != p.cell_line:
+            continue
+        for row in (job.summary or {}).get("qc_field_stats", []):
+            for obj, stats in (row.get("stats") or {}).items():
+                for metric, value in stats.items():
+                    history.setdefault(obj, {}).setdefault(metric, []).append(float(value))
+    references = {}
+    for obj, plan in p.plan.items():
+        for name, version_id in plan.models.items():
+            card = model_version(ctx, version_id).card or {}
+            ref = card.get("style_reference") or (card.get("extra") or {}).get("style_reference")
+            if ref:
+                references[f"{obj}:{name}"] = ref
+    return plate_qc(qc_fields, history=history, style_references=references)
+
+
+def _field_failed_event(ctx: JobContext, p: SegmentJob, owner: int | None, field, error: str) -> None:
+    from app.webhooks import emit_safely
+
+    emit_safely(ctx.session, "plate.field_failed",
+                {"job_id": ctx.job_id, "plate": p.plate, "field": field.name, "well": field.well,
+                 "field_number": field.field, "error": error, "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
+                owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
