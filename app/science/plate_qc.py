@@ -21,18 +21,29 @@ import numpy as np
 
 Z_THRESHOLD = 3.5  # Iglewicz & Hoaglin's cut-off for modified z-scores
 STYLE_DRIFT_THRESHOLD = 3.0
-METRICS = ("count", "mean_area", "foreground_fraction")
+METRICS = ("count", "mean_area", "foreground_fraction", "contrast")
 #: A MAD of 0 (identical fields) would make any difference infinite; below this relative scale
 #: differences are not called implausible.
 MIN_RELATIVE_SCALE = 0.05
 
 
-def field_stats(labels: np.ndarray) -> dict[str, float]:
+def field_stats(labels: np.ndarray, image: np.ndarray | None = None) -> dict[str, float]:
+    """Count, mean area and foreground fraction of a field's objects; with the field's (K, Y, X)
+    ``image``, also ``contrast``: the median over channels of mean intensity inside objects over mean
+    intensity outside (about 1 when the "objects" are noise, as on an empty or out-of-focus field)."""
     labels = np.asarray(labels)
     count = int(len(np.unique(labels[labels > 0])))
     foreground = int(np.count_nonzero(labels))
-    return {"count": count, "mean_area": float(foreground / count) if count else 0.0,
-            "foreground_fraction": float(foreground / labels.size) if labels.size else 0.0}
+    out = {"count": count, "mean_area": float(foreground / count) if count else 0.0,
+           "foreground_fraction": float(foreground / labels.size) if labels.size else 0.0}
+    if image is not None:
+        inside = labels > 0
+        ratios = []
+        for channel in np.asarray(image, dtype=np.float64).reshape(-1, *labels.shape):
+            outside = channel[~inside].mean() if (~inside).any() else np.nan
+            ratios.append(channel[inside].mean() / outside if inside.any() and outside > 0 else 1.0)
+        out["contrast"] = round(float(np.nanmedian(ratios)), 4)
+    return out
 
 
 def _scale(values: np.ndarray) -> tuple[float, float]:
@@ -81,8 +92,8 @@ def plate_qc(fields: Sequence[dict[str, Any]], *, history: dict[str, dict[str, l
     flags: list[dict[str, Any]] = []
     objects = sorted({obj for f in fields for obj in f.get("stats", {})})
     for obj in objects:
-        rows = [f for f in fields if obj in f.get("stats", {})]
         for metric in METRICS:
+            rows = [f for f in fields if metric in f.get("stats", {}).get(obj, {})]
             values = [float(f["stats"][obj][metric]) for f in rows]
             if len(rows) >= min_fields:
                 for i, z in enumerate(robust_z(values)):

@@ -85,12 +85,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 for obj, lab in labels.items():
                     _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance)
                 if not isinstance(image, np.ndarray):  # a blocked field: measured from its labels only
-                    qc_fields.append(_qc_row(name, field.well, labels, styles))
+                    qc_fields.append(_qc_row(name, field.well, labels, styles, None))
                     done.append({"field": name, "well": field.well, "field_number": field.field,
                                  "objects": {o: int(lab.max()) for o, lab in labels.items()},
                                  "seconds": round(time.perf_counter() - started, 2), "metrics": {}})
                     continue
-            qc_fields.append(_qc_row(name, field.well, labels, styles))
+            qc_fields.append(_qc_row(name, field.well, labels, styles, image))
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -246,10 +246,11 @@ def _finish_plate(ctx: JobContext, p: SegmentJob, plate, well_rows: dict[str, li
     return out
 
 
-def _qc_row(name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]]) -> dict:
+def _qc_row(name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]],
+            image: np.ndarray | None) -> dict:
     from app.science.plate_qc import field_stats
 
-    return {"field": name, "well": well, "stats": {obj: field_stats(lab) for obj, lab in labels.items()},
+    return {"field": name, "well": well, "stats": {obj: field_stats(lab, image) for obj, lab in labels.items()},
             "styles": styles}
 
 
