@@ -32,7 +32,7 @@ def field_stats(labels: np.ndarray, image: np.ndarray | None = None) -> dict[str
     ``image``, also ``contrast``: the median over channels of mean intensity inside objects over mean
     intensity outside (about 1 when the "objects" are noise, as on an empty or out-of-focus field)."""
     labels = np.asarray(labels)
-    count = int(len(np.unique(labels[labels > 0])))
+    count = len(np.unique(labels[labels > 0]))
     foreground = int(np.count_nonzero(labels))
     out = {"count": count, "mean_area": float(foreground / count) if count else 0.0,
            "foreground_fraction": float(foreground / labels.size) if labels.size else 0.0}

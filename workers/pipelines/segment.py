@@ -84,12 +84,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
             if zf is not None:
                 for obj, lab in labels.items():
                     _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance)
-                if not isinstance(image, np.ndarray):  # a blocked field: measured from its labels only
-                    qc_fields.append(_qc_row(name, field.well, labels, styles, None))
-                    done.append({"field": name, "well": field.well, "field_number": field.field,
-                                 "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                                 "seconds": round(time.perf_counter() - started, 2), "metrics": {}})
-                    continue
+                if not isinstance(image, np.ndarray):
+                    if int(np.prod(image.shape)) <= ctx.settings.max_image_pixels:
+                        image = np.asarray(image[:, :, :], dtype=np.float32)  # small enough to measure
+                    else:  # a stitched well beyond the pixel limit: labels and QC counts only
+                        qc_fields.append(_qc_row(name, field.well, labels, styles, None))
+                        done.append({"field": name, "well": field.well, "field_number": field.field,
+                                     "objects": {o: int(lab.max()) for o, lab in labels.items()},
+                                     "seconds": round(time.perf_counter() - started, 2), "metrics": {},
+                                     "blocked": True})
+                        continue
             qc_fields.append(_qc_row(name, field.well, labels, styles, image))
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():

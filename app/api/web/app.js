@@ -574,6 +574,24 @@ function renderJobDetail(job) {
     }
     parts.push(detailSection("Fields", el("table", {class: "list fields-table"}, el("thead", {}, head), el("tbody", {}, rows))));
   }
+  // Plate QC: implausible fields and drifted reporters (details in qc.json).
+  if (s.qc) {
+    const flagged = s.qc.flagged_fields || [];
+    const drifted = s.qc.drifted_channels || [];
+    const lines = [];
+    lines.push(el("p", {class: flagged.length ? "job-error" : ""},
+      flagged.length ? `Implausible field(s) for this plate or cell line: ${flagged.join(", ")}`
+        : "No field is implausible against the plate or past plates of this cell line."));
+    lines.push(el("p", {class: drifted.length ? "job-error" : ""},
+      drifted.length ? `Reporter drift (style far from the model's training images): ${drifted.join(", ")}`
+        : "No reporter drift against the models' training images."));
+    parts.push(detailSection("Plate QC", ...lines));
+  }
+  if (s.ome_zarr) {
+    parts.push(detailSection("OME-Zarr", el("p", {}, `NGFF ${s.ome_zarr.version}: labels ${(s.ome_zarr.labels || []).join(", ")}` +
+      ` next to each image; tables: ${(s.ome_zarr.tables || []).join(", ")}` +
+      (s.ome_zarr.path ? ` in ${s.ome_zarr.path}` : "; download plate.ome.zarr.zip below"))));
+  }
   // Metrics: pooled per object (segmentation of a dataset) or one set (evaluation, fine-tuning).
   const metrics = s.metrics || s.test_metrics;
   if (metrics && Object.keys(metrics).length) {
