@@ -18,6 +18,7 @@ import zarr
 from app.client import CellFuseClient
 from app.science import ome_zarr_io
 from tests.service.conftest import make_client, make_embedded_settings
+from tests.service.test_webhooks import Receiver
 from tests.service.workflow import CELL_LINE, small_plate, upload_dataset
 
 TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
@@ -115,11 +116,15 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
     roots.mkdir()
     # Fields of 128² are over this limit: every field goes through blocked segmentation (64-pixel
     # cores with their halos), which the pipeline uses for stitched wells.
-    settings = make_embedded_settings(tmp_path, ome_zarr_roots=[roots], segment_block_pixels=100 * 100)
+    settings = make_embedded_settings(tmp_path, ome_zarr_roots=[roots], segment_block_pixels=100 * 100,
+                                      webhook_allow_private=True, webhook_poll_s=0.2)
     worker_factory(settings)
     client, _ = make_client(settings)
     api = CellFuseClient(client)
-    with client:  # the lifespan registers the shipped base model
+    receiver = Receiver()
+    receiver.secret = client.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["plate.qc_flagged"],
+                                                             "plate": "P-7"}).json()["secret"]
+    with client:  # the lifespan registers the shipped base model (and sends webhooks)
         fields = small_plate()
         names = fields[0].channel_names
         ds = upload_dataset(api, fields, splits=SPLITS)
@@ -178,6 +183,12 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
         # any training image too).
         assert "A02-1" in {f["field"] for f in drift if f["channel"] == f"nuclei:{names[1]}"}
         assert not {f["field"] for f in drift} & {"A01-0", "A01-1", "A02-0", "A02-2"}, drift
+
+        # The LIMS heard of it, signed.
+        [event] = receiver.wait_for(1)
+        assert event["type"] == "plate.qc_flagged" and event["data"]["job_id"] == job["id"]
+        assert event["data"]["flagged_fields"] == qc["flagged_fields"] and receiver.bad_signatures == 0
+        receiver.close()
 
         # The same plate uploaded as a zip: the labelled plate comes back as a zip.
         copy = tmp_path / "upload" / "p7.ome.zarr"
