@@ -1,14 +1,14 @@
 """Webhook subscriptions, deliveries and delivery attempts (issue 14).
 
 Revision ID: 0012
-Revises: 0003
+Revises: 0017 (chained after main's 0017; the brief said 0003)
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = '0012'
-down_revision = '0003'
+down_revision = '0017'
 branch_labels = None
 depends_on = None
 

@@ -69,6 +69,7 @@ def job_out(job: Job, base_url: str = "/api/v1") -> JobOut:
         max_attempts=job.max_attempts, worker=job.worker, cancel_requested=job.cancel_requested,
         stage_timings=job.stage_timings or {}, created_at=job.created_at, started_at=job.started_at,
         heartbeat_at=job.heartbeat_at, finished_at=job.finished_at, results=results,
+        partial_results=bool(results) and job.status in ("cancelled", "failed"),
     )
 
 

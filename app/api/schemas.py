@@ -59,6 +59,8 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     finished_at: datetime | None
     results: list[ResultOut] = []
+    partial_results: bool = Field(default=False, description="the job was cancelled or failed after producing "
+                                  "these results: they cover only part of the work")
 
     @field_validator("created_at", "started_at", "heartbeat_at", "finished_at", mode="after")
     @classmethod
@@ -83,8 +85,8 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: Literal["ready", "not ready"]
-    checks: dict[str, Any]
-    versions: dict[str, str | None]
+    checks: dict[str, Any] | None = Field(default=None, description="for admin keys only")
+    versions: dict[str, str | None] | None = Field(default=None, description="for admin keys only")
 
 
 

@@ -8,7 +8,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -17,10 +17,10 @@ from app.job_params import ObjectPlan, SegmentParams
 from app.models import Dataset, DatasetImage, Evaluation, ModelVersion
 from workers.runner import JobContext, JobFailed
 
+if TYPE_CHECKING:
+    from workers.pipelines.preprocess import PlatePreprocessing
+
 log = logging.getLogger(__name__)
-
-PREPROCESSING = {"normalization": "per-image percentiles 1–99 per channel (Cellpose's normalize99)"}
-
 
 # --- stored inputs ------------------------------------------------------------------------------
 
@@ -191,12 +191,16 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
 
 
 def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel], *,
+                   seg: SegmentParams, cache: dict[int, LoadedModel], *, obj: str | None = None,
+                   prep: PlatePreprocessing | None = None,
                    styles_out: dict[str, list[float]] | None = None) -> np.ndarray:
     """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
 
+    With ``prep`` (and ``obj``), each channel first goes through its model's preprocessing recipe
+    (illumination correction, plate-level percentiles); without, Cellpose's per-image scaling.
     A field of more than ``settings.segment_block_pixels`` pixels (Y*X; ``image`` may then be a lazy
-    array such as an OME-Zarr field) is segmented in overlapping blocks (``app.science.blocked``).
+    array such as an OME-Zarr field) is segmented in overlapping blocks (``app.science.blocked``),
+    with one field-wide normalisation instead (the recipe needs the whole field in memory).
     ``styles_out`` receives each fused channel's style vector (for QC of reporter drift).
     """
     from app.science.segmentation import segment_field
@@ -206,27 +210,30 @@ def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan
     large = image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels
     if seg.diameter:
         models = [replace(m, diameter=float(seg.diameter)) for m in models]
-    elif seg.estimate_diameter and not large:
-        estimated = estimate_diameter(ctx, np.asarray(image)[indices], plan, cache)
-        if estimated is not None:
-            models = [replace(m, diameter=estimated) for m in models]
     if large and method == "flow_fusion":
         from app.science.blocked import segment_blocked
 
         view = _ChannelSubset(image, indices)
         block = int(ctx.settings.segment_block_pixels ** 0.5)
-        result = segment_blocked(view, models, block_size=max(64, block // 2),
-                                 memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
-                                 flow_threshold=seg.flow_threshold, cellprob_threshold=seg.cellprob_threshold,
-                                 min_size=seg.min_size)
-        styles = result.styles
-        labels = np.asarray(result.labels)
+        blocked = segment_blocked(view, models, block_size=max(64, block // 2),
+                                  memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
+                                  flow_threshold=seg.flow_threshold, cellprob_threshold=seg.cellprob_threshold,
+                                  min_size=seg.min_size)
+        styles, labels = blocked.styles, np.asarray(blocked.labels)
     else:
-        result = segment_field(np.asarray(image)[indices], models, method=method, flow_threshold=seg.flow_threshold,
+        image = np.asarray(image)
+        if prep is not None and obj is not None:
+            inputs, normalizations = prep.inputs(obj, plan.channels, image, channels)
+        else:
+            inputs, normalizations = image[indices], None
+        if not seg.diameter and seg.estimate_diameter:
+            estimated = estimate_diameter(ctx, inputs, plan, cache)
+            if estimated is not None:
+                models = [replace(m, diameter=estimated) for m in models]
+        result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
                                cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                               checkpoint=lambda: ctx.progress())
-        styles = [m.style for m in result.channel_maps]
-        labels = result.labels
+                               normalizations=normalizations, checkpoint=lambda: ctx.progress())
+        styles, labels = [m.style for m in result.channel_maps], result.labels
     if styles_out is not None:
         for name, style in zip(plan.channels, styles, strict=True):
             styles_out[name] = [round(float(v), 6) for v in style]
