@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -97,13 +97,28 @@ def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") 
 
 
 @cli.command()
-def worker(queue: Annotated[list[str], typer.Option("--queue", "-q", help="queues to consume")] = None,
+def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
            concurrency: Annotated[int, typer.Option(help="parallel jobs")] = 0) -> None:
     """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu`)."""
     settings = _settings()
     queues = queue or settings.worker_queues
     cmd = worker_command(queues, concurrency or settings.worker_concurrency)
     os.execv(cmd[0], cmd)
+
+
+@cli.command("worker-health")
+def worker_health(max_age: Annotated[float, typer.Option(help="seconds since a worker here last reported")] = 60.0,
+                  ) -> None:
+    """Exit 0 if a worker on this host reported within --max-age seconds (the worker container's healthcheck)."""
+    import socket
+
+    from app.worker_presence import live_workers_on_host
+
+    names = live_workers_on_host(_settings(), max_age)
+    if not names:
+        typer.echo(f"no worker on {socket.gethostname()} reported in the last {max_age:g} s", err=True)
+        raise typer.Exit(1)
+    typer.echo(" ".join(names))
 
 
 @cli.command()
@@ -271,7 +286,7 @@ def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights 
     """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
     from app.science.pretrain import pretrain_base
 
-    kwargs = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
+    kwargs: dict[str, Any] = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
               "version": version, "bsize": bsize, "synthetic_size": 192}
     if data_dir is not None:
         kwargs["dsb_dir"] = data_dir

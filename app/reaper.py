@@ -34,7 +34,7 @@ def queued_job_ids(settings: Settings) -> set[str] | None:
             engine = engine_for(url.removeprefix("sqla+"))
             with engine.connect() as conn:
                 rows = conn.execute(text("SELECT payload FROM kombu_message WHERE visible")).scalars()
-                found = set()
+                found: set[str] = set()
                 for payload in rows:
                     raw = payload.encode() if isinstance(payload, str) else bytes(payload or b"")
                     found.update(m.decode() for m in _JOB_ID.findall(raw))
@@ -47,7 +47,8 @@ def queued_job_ids(settings: Settings) -> set[str] | None:
                 found = set()
                 for queue in JOB_QUEUES:
                     for message in client.lrange(queue, 0, -1):
-                        found.update(m.decode() for m in _JOB_ID.findall(message))
+                        raw = message if isinstance(message, bytes) else str(message).encode()
+                        found.update(m.decode() for m in _JOB_ID.findall(raw))
                 return found
             finally:
                 client.close()
@@ -75,6 +76,8 @@ def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
                 continue
             if action.action in ("requeued", "resend"):
                 job = session.get(jobs.Job, action.job_id)
+                if job is None:  # deleted since the sweep
+                    continue
                 try:
                     send_job(job.id, job.kind, settings)
                     jobs.mark_enqueued(session, job.id)

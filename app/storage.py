@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-log = logging.getLogger(__name__)
 from app.science.hashing import file_sha256
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -112,13 +112,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:
         if (full := disk_full_error(exc)) is not None:  # SQLite on a full disk: storage, not an outage
             log.error("database write failed: the disk is full (%s)", exc.orig)
-            return problem_response(request, 507, full.strerror, slug="storage-unavailable")
+            return problem_response(request, 507, full.strerror or "the disk is full", slug="storage-unavailable")
         log.warning("database unavailable: %s", exc)
         return problem_response(request, 503, "the database is not reachable right now; retry shortly",
                                 slug="database-unavailable", headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # exc_info from the argument: an exception handler need not run inside the except block.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(request, 500, "an unexpected error occurred; it has been logged",
                                 slug="internal-error")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,12 @@ MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every timestamp CellFuse stores is UTC.
     if value is not None and value.tzinfo is None:
@@ -253,7 +259,7 @@ class FieldMeta(StrictModel):
 class SegmentRequest(StrictModel):
     cell_line: str = Field(min_length=1, max_length=120)
     channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
@@ -267,7 +273,7 @@ class SegmentRequest(StrictModel):
 class SegmentDatasetIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     split: SplitLiteral | None = None
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)

@@ -13,8 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from app.science.preprocessing import IlluminationModel
 
 #: (illumination, darkfield, normalization) recipes compared; the first is Cellpose's default.
 RECIPES: tuple[tuple[str, bool, str], ...] = (
@@ -46,7 +50,7 @@ def acquire(fields, profile: np.ndarray, gain: float, offset: float = 100.0):
 class FittedRecipe:
     """A recipe fitted on one plate: an illumination model (or None), per channel (low, high) (or None)."""
 
-    illumination: object | None
+    illumination: IlluminationModel | None
     percentiles: list[tuple[float, float] | None]
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
@@ -102,7 +106,7 @@ def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: in
     echo(f"preprocessing bench: {obj} from {', '.join(r.name for r in chosen)}; {n_train}+{n_val} training fields "
          f"({size}²), {n_test} test fields at plate gains {', '.join(map(str, test_gains))}; vignetting to "
          f"{profile.min():.0%} at the corners; base {entry.name}, up to {max_epochs} epochs per model")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for illumination, darkfield, normalization in RECIPES:
         label = f"illumination {illumination}{' + darkfield' if darkfield else ''}, normalisation {normalization}"
         train_images = [f.image for f in train_plate]
@@ -112,8 +116,8 @@ def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: in
             prepared = []
             for image in train_images:
                 plane = recipe.prepare(image)[c]
-                if recipe.percentiles[c] is not None:
-                    low, high = recipe.percentiles[c]
+                if (bounds := recipe.percentiles[c]) is not None:
+                    low, high = bounds
                     plane = (plane - low) / (high - low)
                 prepared.append(plane.astype(np.float32))
             masks = [f.nuclei if obj == "nuclei" else f.cells for f in train_plate]

@@ -290,7 +290,7 @@ def fit_basic(
     )
 
 
-def reference_flatfield(reference: np.ndarray, darkfield: np.ndarray | None = None) -> IlluminationModel:
+def reference_flatfield(reference: np.ndarray, darkfield: np.ndarray | float | None = None) -> IlluminationModel:
     """A measured flatfield (C, Y, X) or (Y, X) (e.g. a uniform dye slide), scaled to mean 1."""
     reference = np.asarray(reference, dtype=np.float64)
     if reference.ndim == 2:

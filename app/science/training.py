@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from skimage.segmentation import relabel_sequential
 
 from app.science.augmentations import AugmentationConfig, augment
 from app.science.backbone import INPUT_CHANNELS, build_network, network_widths
+
+if TYPE_CHECKING:
+    from app.science.metrics import SegmentationScores
 
 #: Cellpose clamps training diameters below this (pixels) to avoid huge rescale factors.
 MIN_DIAMETER = 5.0
@@ -474,7 +478,7 @@ def finetune(
                 epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
                 optimizer=copy.deepcopy(optimizer.state_dict()), best_state=best_state, best_loss=best_loss,
                 best_epoch=best_epoch, epochs_without_improvement=epochs_without_improvement, history=list(history),
-                numpy_rng=copy.deepcopy(rng.bit_generator.state), torch_rng=torch.get_rng_state(),
+                numpy_rng=copy.deepcopy(dict(rng.bit_generator.state)), torch_rng=torch.get_rng_state(),
                 elapsed_s=time.perf_counter() - started))
         if on_epoch is not None:
             on_epoch(report)
@@ -511,7 +515,7 @@ def finetune(
 class Evaluation:
     """Pooled scores of a model on a set of annotated images, with its predicted masks."""
 
-    scores: object  # metrics.SegmentationScores
+    scores: SegmentationScores
     masks: list[np.ndarray]
     diameters: tuple[float, ...]
 
@@ -543,7 +547,7 @@ def evaluate_model(
     if diameter is None or np.isscalar(diameter):
         per_image = [diameter if diameter is not None else float(net.diam_labels.item())] * len(images)
     else:
-        per_image = [float(d) for d in diameter]
+        per_image = [float(d) for d in np.atleast_1d(diameter)]
         if len(per_image) != len(images):
             raise TrainingDataError(f"got {len(per_image)} diameters for {len(images)} images")
     diam_mean = float(net.diam_mean.item())

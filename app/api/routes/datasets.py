@@ -122,7 +122,7 @@ def load_image(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> Lo
     return LoadedImage(data=stacked, filename=names[:255], stacked=image_to_tiff_bytes(stacked))
 
 
-def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max_bytes: int,
+def _load_mask(upload: UploadFile | None, shape: tuple[int, ...], what: str, max_bytes: int,
                max_pixels: int) -> UploadFile | None:
     if upload is None:
         return None
@@ -155,6 +155,7 @@ def add_image(dataset_id: IdPath, session: SessionDep, settings: SettingsDep, bl
     ds = zoo.dataset_by_id(session, dataset_id)
     loaded = load_image(image, settings.max_upload_bytes, settings.max_image_pixels)
     data = loaded.data
+    assert data is not None  # freed only after it is stored, below
     if data.shape[0] != len(ds.channels):
         raise Problem(422, f"the image has {data.shape[0]} channel(s) but dataset {ds.id} maps "
                       f"{len(ds.channels)} ({', '.join(ds.channels)})", slug="channel-count-mismatch")

@@ -49,6 +49,7 @@ def get_job(job_id: str, session: SessionDep, principal: InstrumentDep) -> JobOu
 def cancel_job(job_id: str, session: SessionDep, principal: InstrumentDep) -> JobOut:
     get_visible_job(session, job_id, principal)
     job = jobs.request_cancel(session, job_id)
+    assert job is not None  # get_visible_job answered 404 for a missing job
     session.refresh(job)
     return job_out(job)
 

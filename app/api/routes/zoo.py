@@ -121,7 +121,7 @@ def upload_base_model(session: SessionDep, settings: SettingsDep, blobs: BlobsDe
 
 def _header_widths(header: dict) -> list[int]:
     """CPnet widths from the safetensors header (the 1x1 projection of each encoder level)."""
-    widths = []
+    widths: list[int] = []
     while isinstance(info := header.get(f"downsample.down.res_down_{len(widths)}.proj.1.weight"), dict):
         shape = info.get("shape") or [0]
         if not isinstance(shape[0], int) or shape[0] <= 0:
