@@ -14,11 +14,24 @@ from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
 from app.api.gate import RequestGate
 from app.api.headers import SecurityHeaders
-from app.api.routes import datasets, illumination, jobs, keys, metrics, ome_zarr, system, web, webhooks, work, zoo
+from app.api.routes import (
+    datasets,
+    illumination,
+    jobs,
+    keys,
+    metrics,
+    ome_zarr,
+    results,
+    system,
+    web,
+    webhooks,
+    work,
+    zoo,
+)
 from app.metrics import HttpMetrics, build_registry
 from app.reaper import reaper_loop
-from app.webhooks import webhook_loop
 from app.settings import Settings, get_settings
+from app.webhooks import webhook_loop
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
                     "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
         dependencies=[Depends(check_text_params)],
+        docs_url=None,  # served by routes/web.py from the package, not from a CDN
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -69,6 +83,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
-    for module in (system, jobs, zoo, datasets, illumination, work, ome_zarr, keys, webhooks, metrics, web):
+    for module in (system, jobs, zoo, datasets, illumination, work, results, ome_zarr, keys, webhooks, metrics,
+                   web):
         app.include_router(module.router)
     return app

@@ -323,3 +323,10 @@ class ApiKeyOut(BaseModel):
 
 class ApiKeyCreatedOut(ApiKeyOut):
     key: str = Field(description="the key itself: shown this once, stored only as a hash")
+
+
+class KeyIdentityOut(BaseModel):
+    """Who the calling key is: the web page shows the role so that a user knows what they may do."""
+    id: int
+    name: str
+    role: str

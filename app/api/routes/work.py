@@ -204,8 +204,11 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
     names = _uploaded_field_names(req, len(files))
     shapes: list = []
     line = zoo.cell_line_by_name(session, req.cell_line)
-    for name in req.channels:
+    # A channel that is not fused (e.g. brightfield) is only carried along: it need not be a reporter.
+    for name in req.channels if req.use_channels is None else req.use_channels:
         zoo.reporter_by_name(session, name)
+    if len(set(req.channels)) != len(req.channels):
+        raise Problem(422, "each channel needs its own name; the request lists one twice", slug="duplicate-channels")
     plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias)
     loaded = []
     for index, upload in enumerate(files):
