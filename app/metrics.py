@@ -56,9 +56,12 @@ def queue_depths(settings: Settings) -> dict[str, int]:
         engine = engine_for(url.removeprefix("sqla+"))
         with engine.connect() as conn:
             try:
-                rows = conn.execute(text(
-                    "SELECT q.name, COUNT(m.id) FROM kombu_queue q LEFT JOIN kombu_message m "
-                    "ON m.queue_id = q.id AND m.visible GROUP BY q.name")).all()
+                rows = conn.execute(
+                    text(
+                        "SELECT q.name, COUNT(m.id) FROM kombu_queue q LEFT JOIN kombu_message m "
+                        "ON m.queue_id = q.id AND m.visible GROUP BY q.name"
+                    )
+                ).all()
             except Exception:  # no message sent yet: kombu creates its tables lazily
                 rows = []
         depths.update({str(name): int(count) for name, count in rows})
@@ -85,8 +88,7 @@ class ServiceCollector:
         except Exception as exc:
             log.warning("queue depth unavailable: %s", exc)
             depths = {}
-        depth = GaugeMetricFamily("cellfuse_queue_depth", "Messages waiting in each Celery queue",
-                                  labels=["queue"])
+        depth = GaugeMetricFamily("cellfuse_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         for queue, n in sorted(depths.items()):
             depth.add_metric([queue], n)
         yield depth
@@ -94,7 +96,8 @@ class ServiceCollector:
     def _jobs(self, session):
         by_state = GaugeMetricFamily("cellfuse_jobs", "Jobs by state and kind", labels=["state", "kind"])
         for state, kind, n in session.execute(
-                select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)).all():
+            select(Job.status, Job.kind, func.count()).group_by(Job.status, Job.kind)
+        ).all():
             by_state.add_metric([state, kind], n)
         yield by_state
 
@@ -104,8 +107,11 @@ class ServiceCollector:
         recent_fields = 0.0
         now = datetime.now(timezone.utc)
         window_start = now - timedelta(seconds=THROUGHPUT_WINDOW_S)
-        rows = session.execute(select(Job.kind, Job.status, Job.started_at, Job.finished_at, Job.stage_timings,
-                                      Job.summary).where(Job.finished_at.is_not(None))).all()
+        rows = session.execute(
+            select(Job.kind, Job.status, Job.started_at, Job.finished_at, Job.stage_timings, Job.summary).where(
+                Job.finished_at.is_not(None)
+            )
+        ).all()
         for kind, status, started, finished, timings, summary in rows:
             started, finished = _as_utc(started), _as_utc(finished)
             if started is not None and finished is not None:
@@ -118,34 +124,36 @@ class ServiceCollector:
                 if finished is not None and finished >= window_start:
                     recent_fields += done
 
-        hist = HistogramMetricFamily("cellfuse_job_duration_seconds", "Run time of finished jobs (start to end)",
-                                     labels=["kind", "status"])
+        hist = HistogramMetricFamily(
+            "cellfuse_job_duration_seconds", "Run time of finished jobs (start to end)", labels=["kind", "status"]
+        )
         for (kind, status), values in sorted(durations.items()):
             buckets = [(str(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS]
             buckets.append(("+Inf", len(values)))
             hist.add_metric([kind, status], buckets, sum(values))
         yield hist
 
-        stages = CounterMetricFamily("cellfuse_job_stage_seconds", "Seconds spent per job stage (summed)",
-                                     labels=["kind", "stage"])
+        stages = CounterMetricFamily(
+            "cellfuse_job_stage_seconds", "Seconds spent per job stage (summed)", labels=["kind", "stage"]
+        )
         for (kind, stage), seconds in sorted(stage_totals.items()):
             stages.add_metric([kind, stage[:80]], seconds)
         yield stages
 
-        fields = CounterMetricFamily("cellfuse_fields_segmented", "Fields segmented by finished jobs",
-                                     labels=["kind"])
+        fields = CounterMetricFamily("cellfuse_fields_segmented", "Fields segmented by finished jobs", labels=["kind"])
         for kind, n in sorted(fields_total.items()):
             fields.add_metric([kind], n)
         yield fields
-        yield GaugeMetricFamily("cellfuse_fields_per_second",
-                                f"Fields segmented per second over the last {int(THROUGHPUT_WINDOW_S)} s "
-                                "(jobs finished in the window)", value=recent_fields / THROUGHPUT_WINDOW_S)
+        yield GaugeMetricFamily(
+            "cellfuse_fields_per_second",
+            f"Fields segmented per second over the last {int(THROUGHPUT_WINDOW_S)} s (jobs finished in the window)",
+            value=recent_fields / THROUGHPUT_WINDOW_S,
+        )
 
     def _workers(self, session):
         fresh_after = datetime.now(timezone.utc) - timedelta(seconds=WORKER_FRESH_S)
         live = [w for w in session.scalars(select(WorkerHeartbeat)).all() if _as_utc(w.last_seen) >= fresh_after]
-        count = GaugeMetricFamily("cellfuse_workers", "Live workers (fresh presence rows) per queue",
-                                  labels=["queue"])
+        count = GaugeMetricFamily("cellfuse_workers", "Live workers (fresh presence rows) per queue", labels=["queue"])
         per_queue: dict[str, int] = {}
         for w in live:
             for q in w.queues or []:
@@ -154,8 +162,9 @@ class ServiceCollector:
             count.add_metric([q], n)
         yield count
         yield GaugeMetricFamily("cellfuse_workers_total", "Live workers", value=len(live))
-        gpu = GaugeMetricFamily("cellfuse_gpu_memory_bytes", "GPU memory as the worker reports it",
-                                labels=["worker", "gpu", "kind"])
+        gpu = GaugeMetricFamily(
+            "cellfuse_gpu_memory_bytes", "GPU memory as the worker reports it", labels=["worker", "gpu", "kind"]
+        )
         for w in live:
             info = w.info or {}
             for kind in ("allocated", "reserved", "total"):
@@ -169,11 +178,19 @@ def build_registry(settings: Settings) -> tuple[CollectorRegistry, Counter, Hist
     """A registry per app (not the process-global one), so several apps in one process never clash."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(settings))
-    requests = Counter("cellfuse_http_requests", "HTTP requests by route template, method and status",
-                       ["method", "route", "status"], registry=registry)
-    latency = Histogram("cellfuse_http_request_duration_seconds", "HTTP request latency by route template",
-                        ["method", "route"], registry=registry,
-                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    requests = Counter(
+        "cellfuse_http_requests",
+        "HTTP requests by route template, method and status",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "cellfuse_http_request_duration_seconds",
+        "HTTP request latency by route template",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
     return registry, requests, latency
 
 

@@ -40,8 +40,7 @@ from app.models import ApiKey, WebhookAttempt, WebhookDelivery, WebhookSubscript
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "plate.field_failed", "plate.qc_flagged",
-               "webhook.ping")
+EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "plate.field_failed", "plate.qc_flagged", "webhook.ping")
 SIGNATURE_HEADER = "CellFuse-Signature"
 TIMESTAMP_HEADER = "CellFuse-Timestamp"
 EVENT_ID_HEADER = "CellFuse-Event-Id"
@@ -66,8 +65,15 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
     return "v1=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def verify_signature(secret: str, timestamp: str, signature_header: str, body: bytes, *,
-                     tolerance_s: float = 300.0, now: float | None = None) -> bool:
+def verify_signature(
+    secret: str,
+    timestamp: str,
+    signature_header: str,
+    body: bytes,
+    *,
+    tolerance_s: float = 300.0,
+    now: float | None = None,
+) -> bool:
     """What a receiver does: constant-time compare of any ``v1=`` signature, and a fresh timestamp."""
     try:
         sent_at = int(timestamp)
@@ -87,8 +93,9 @@ def _address_is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
-                                 or ip.is_reserved or ip.is_unspecified)
+    return ip.is_global and not (
+        ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
 
 
 def check_url_shape(url: str) -> tuple[str, str, int]:
@@ -106,8 +113,9 @@ def check_url_shape(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
-def resolve_target(url: str, *, allow_private: bool,
-                   resolver: Callable[[str, int], list[str]] | None = None) -> list[str]:
+def resolve_target(
+    url: str, *, allow_private: bool, resolver: Callable[[str, int], list[str]] | None = None
+) -> list[str]:
     """The addresses to connect to; refuses if any address is not public (unless allowed)."""
     _scheme, host, port = check_url_shape(url)
     try:
@@ -125,7 +133,8 @@ def resolve_target(url: str, *, allow_private: bool,
         if blocked:
             raise WebhookTargetError(
                 f"the webhook host {host!r} resolves to a loopback, private or link-local address "
-                f"({', '.join(blocked)}); an admin can allow such targets with CELLFUSE_WEBHOOK_ALLOW_PRIVATE=true")
+                f"({', '.join(blocked)}); an admin can allow such targets with CELLFUSE_WEBHOOK_ALLOW_PRIVATE=true"
+            )
     return addresses
 
 
@@ -133,32 +142,58 @@ def resolve_target(url: str, *, allow_private: bool,
 # Events
 
 
-def _subscriptions_for(session: Session, event_type: str, owner_key_id: int | None, job_id: str | None,
-                       plate: str | None) -> list[WebhookSubscription]:
-    stmt = (select(WebhookSubscription)
-            .outerjoin(ApiKey, ApiKey.id == WebhookSubscription.owner_key_id)
-            .where(WebhookSubscription.active.is_(True), ApiKey.revoked_at.is_(None),
-                   or_(WebhookSubscription.owner_key_id == owner_key_id, ApiKey.role.in_(SEE_ALL_ROLES)),
-                   or_(WebhookSubscription.job_id.is_(None), WebhookSubscription.job_id == job_id),
-                   or_(WebhookSubscription.plate.is_(None), WebhookSubscription.plate == plate)))
+def _subscriptions_for(
+    session: Session, event_type: str, owner_key_id: int | None, job_id: str | None, plate: str | None
+) -> list[WebhookSubscription]:
+    stmt = (
+        select(WebhookSubscription)
+        .outerjoin(ApiKey, ApiKey.id == WebhookSubscription.owner_key_id)
+        .where(
+            WebhookSubscription.active.is_(True),
+            ApiKey.revoked_at.is_(None),
+            or_(WebhookSubscription.owner_key_id == owner_key_id, ApiKey.role.in_(SEE_ALL_ROLES)),
+            or_(WebhookSubscription.job_id.is_(None), WebhookSubscription.job_id == job_id),
+            or_(WebhookSubscription.plate.is_(None), WebhookSubscription.plate == plate),
+        )
+    )
     return [s for s in session.scalars(stmt).all() if not s.events or event_type in s.events]
 
 
-def emit(session: Session, event_type: str, data: dict[str, Any], *, owner_key_id: int | None = None,
-         job_id: str | None = None, plate: str | None = None,
-         subscription: WebhookSubscription | None = None) -> int:
+def emit(
+    session: Session,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    owner_key_id: int | None = None,
+    job_id: str | None = None,
+    plate: str | None = None,
+    subscription: WebhookSubscription | None = None,
+) -> int:
     """Queue ``event_type`` for every matching subscription (or just ``subscription``); commits."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event {event_type!r}")
-    targets = [subscription] if subscription is not None else _subscriptions_for(
-        session, event_type, owner_key_id, job_id, plate)
+    targets = (
+        [subscription]
+        if subscription is not None
+        else _subscriptions_for(session, event_type, owner_key_id, job_id, plate)
+    )
     for sub in targets:
-        delivery = WebhookDelivery(subscription_id=sub.id, event_type=event_type, payload={}, status="pending",
-                                   attempts=0, next_attempt_at=utcnow())
+        delivery = WebhookDelivery(
+            subscription_id=sub.id,
+            event_type=event_type,
+            payload={},
+            status="pending",
+            attempts=0,
+            next_attempt_at=utcnow(),
+        )
         session.add(delivery)
         session.flush()  # the event id is the row's, so a retry carries the same id (receivers dedupe on it)
-        delivery.payload = {"id": delivery.event_id, "type": event_type,
-                            "created_at": utcnow().isoformat(timespec="seconds"), "data": data}
+        delivery.payload = {
+            "id": delivery.event_id,
+            "type": event_type,
+            "created_at": utcnow().isoformat(timespec="seconds"),
+            "data": data,
+        }
     session.commit()
     return len(targets)
 
@@ -175,12 +210,22 @@ def emit_safely(session: Session, event_type: str, data: dict[str, Any], **scope
 def job_event_data(job) -> dict[str, Any]:
     """The job's facts a LIMS acts on; bulky per-field lists stay behind the job URL."""
     summary = job.summary or {}
-    compact = {k: v for k, v in summary.items()
-               if isinstance(v, (int, float, str, bool)) or k in ("failed_fields", "qc", "metrics")}
+    compact = {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, (int, float, str, bool)) or k in ("failed_fields", "qc", "metrics")
+    }
     params = job.params or {}
-    return {"job_id": job.id, "kind": job.kind, "status": job.status, "error": job.error,
-            "plate": params.get("plate"), "cell_line": params.get("cell_line"), "summary": compact,
-            "links": {"job": f"/api/v1/jobs/{job.id}"}}
+    return {
+        "job_id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "error": job.error,
+        "plate": params.get("plate"),
+        "cell_line": params.get("cell_line"),
+        "summary": compact,
+        "links": {"job": f"/api/v1/jobs/{job.id}"},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +251,11 @@ def _pinned_request(url: str, address: str) -> tuple[str, dict[str, str], dict[s
 def _claim(session: Session, delivery: WebhookDelivery, now: datetime) -> bool:
     result = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery.id, WebhookDelivery.status == "pending",
-               WebhookDelivery.next_attempt_at == delivery.next_attempt_at)
+        .where(
+            WebhookDelivery.id == delivery.id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at == delivery.next_attempt_at,
+        )
         .values(next_attempt_at=now + timedelta(seconds=CLAIM_LEASE_S))
         .execution_options(synchronize_session=False)
     )
@@ -221,9 +269,14 @@ def attempt_delivery(session: Session, delivery: WebhookDelivery, settings, *, c
     sub = session.get(WebhookSubscription, delivery.subscription_id)
     body = json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
     timestamp = int(time.time())
-    headers = {"Content-Type": "application/json", "User-Agent": "CellFuse-Webhooks/1",
-               EVENT_ID_HEADER: delivery.event_id, EVENT_TYPE_HEADER: delivery.event_type,
-               TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: sign(sub.secret, timestamp, body)}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "CellFuse-Webhooks/1",
+        EVENT_ID_HEADER: delivery.event_id,
+        EVENT_TYPE_HEADER: delivery.event_type,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(sub.secret, timestamp, body),
+    }
     started = time.perf_counter()
     status_code, error = None, None
     try:
@@ -245,8 +298,9 @@ def attempt_delivery(session: Session, delivery: WebhookDelivery, settings, *, c
         error = f"{type(exc).__name__}: {exc}"[:500]
     duration_ms = round((time.perf_counter() - started) * 1000.0, 2)
     number = delivery.attempts + 1
-    attempt = WebhookAttempt(delivery_id=delivery.id, number=number, status_code=status_code, error=error,
-                             duration_ms=duration_ms)
+    attempt = WebhookAttempt(
+        delivery_id=delivery.id, number=number, status_code=status_code, error=error, duration_ms=duration_ms
+    )
     session.add(attempt)
     now = utcnow()
     delivery.attempts = number
@@ -258,7 +312,8 @@ def attempt_delivery(session: Session, delivery: WebhookDelivery, settings, *, c
         delivery.status, delivery.finished_at = "failed", now
     else:
         delivery.next_attempt_at = now + timedelta(
-            seconds=backoff_s(number, settings.webhook_backoff_s, settings.webhook_backoff_max_s))
+            seconds=backoff_s(number, settings.webhook_backoff_s, settings.webhook_backoff_max_s)
+        )
     session.commit()
     return attempt
 
@@ -269,7 +324,8 @@ def deliver_due(session: Session, settings, *, limit: int = 50, now: datetime | 
     due = session.scalars(
         select(WebhookDelivery)
         .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(limit)
+        .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+        .limit(limit)
     ).all()
     made = 0
     for delivery in due:

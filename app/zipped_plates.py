@@ -52,8 +52,10 @@ def find_plate_root(folder: Path) -> Path:
     """The shallowest folder whose group metadata holds 'plate' (zarr v2 .zattrs or v3 zarr.json)."""
     import json
 
-    candidates = sorted([p.parent for p in folder.rglob(".zattrs")] + [p.parent for p in folder.rglob("zarr.json")],
-                        key=lambda p: len(p.parts))
+    candidates = sorted(
+        [p.parent for p in folder.rglob(".zattrs")] + [p.parent for p in folder.rglob("zarr.json")],
+        key=lambda p: len(p.parts),
+    )
     for candidate in candidates:
         for meta in (candidate / ".zattrs", candidate / "zarr.json"):
             if not meta.is_file():

@@ -93,8 +93,9 @@ def plan_blocks(shape: tuple[int, int], block_size: int, overlap: int) -> BlockP
         for x0 in range(0, lx, block_size):
             y1, x1 = min(ly, y0 + block_size), min(lx, x0 + block_size)
             cores.append((slice(y0, y1), slice(x0, x1)))
-            reads.append((slice(max(0, y0 - overlap), min(ly, y1 + overlap)),
-                          slice(max(0, x0 - overlap), min(lx, x1 + overlap))))
+            reads.append(
+                (slice(max(0, y0 - overlap), min(ly, y1 + overlap)), slice(max(0, x0 - overlap), min(lx, x1 + overlap)))
+            )
     return BlockPlan((ly, lx), block_size, overlap, cores, reads)
 
 
@@ -103,8 +104,9 @@ def default_overlap(channel_models: Sequence[ChannelModel]) -> int:
     return int(math.ceil(2 * max(m.diameter for m in channel_models)))
 
 
-def field_normalizations(image, lower: float = 1.0, upper: float = 99.0,
-                         sample: int = NORMALIZATION_SAMPLE) -> list[Normalization]:
+def field_normalizations(
+    image, lower: float = 1.0, upper: float = 99.0, sample: int = NORMALIZATION_SAMPLE
+) -> list[Normalization]:
     """Fixed per-channel percentiles for the whole field, from a strided sample when it is large."""
     k, ly, lx = image.shape
     step = max(1, int(math.ceil(math.sqrt(ly * lx / sample))))
@@ -124,8 +126,9 @@ def choose_mode(shape: tuple[int, int], memory_budget_bytes: int) -> str:
     return "maps" if pixels * (12 + RECONSTRUCTION_BYTES_PER_PIXEL) <= memory_budget_bytes else "labels"
 
 
-def block_size_for_budget(n_channels: int, overlap: int, memory_budget_bytes: int, *, minimum: int = 64,
-                          maximum: int = 4096) -> int:
+def block_size_for_budget(
+    n_channels: int, overlap: int, memory_budget_bytes: int, *, minimum: int = 64, maximum: int = 4096
+) -> int:
     """The largest core whose block (core + 2 halos) pass fits the budget."""
     side = math.sqrt(memory_budget_bytes / (BLOCK_BYTES_PER_PIXEL_PER_CHANNEL * max(1, n_channels)))
     return int(max(minimum, min(maximum, (int(side) - 2 * overlap) // 16 * 16)))
@@ -178,8 +181,14 @@ def _style_module(net: torch.nn.Module, module: torch.nn.Module):
         net.make_style = original
 
 
-def field_styles(image, channel_models: Sequence[ChannelModel], normalizations: Sequence[Normalization],
-                 plan: BlockPlan, *, max_blocks: int = 64) -> list[np.ndarray]:
+def field_styles(
+    image,
+    channel_models: Sequence[ChannelModel],
+    normalizations: Sequence[Normalization],
+    plan: BlockPlan,
+    *,
+    max_blocks: int = 64,
+) -> list[np.ndarray]:
     """The style vector each channel's net would compute over the whole field.
 
     CPnet's style is the normalised global mean of its deepest features, broadcast into the decoder:
@@ -199,8 +208,9 @@ def field_styles(image, channel_models: Sequence[ChannelModel], normalizations: 
             crop = _core_fractions(core, read, rescale)
             try:
                 with _style_module(model.net, _PoolFeatures(crop)):
-                    predict_maps_multi([model.net], block, diameter=[model.diameter],
-                                       normalizations=[normalizations[k]], tile=False)
+                    predict_maps_multi(
+                        [model.net], block, diameter=[model.diameter], normalizations=[normalizations[k]], tile=False
+                    )
             except _StyleProbe as probe:
                 block_total, block_count = probe.total[0].double(), probe.count
             else:  # pragma: no cover - the probe always fires
@@ -212,33 +222,53 @@ def field_styles(image, channel_models: Sequence[ChannelModel], normalizations: 
     return styles
 
 
-def _core_fractions(core: tuple[slice, slice], read: tuple[slice, slice],
-                    rescale: float) -> tuple[float, float, float, float]:
+def _core_fractions(
+    core: tuple[slice, slice], read: tuple[slice, slice], rescale: float
+) -> tuple[float, float, float, float]:
     """Where a block's core lies in the padded, rescaled network input, as fractions of its size."""
     hb, wb = read[0].stop - read[0].start, read[1].stop - read[1].start
     hr, wr = int(hb * rescale), int(wb * rescale)  # Cellpose's rounding in resize_image
     padded, (ypad1, _ypad2, xpad1, _xpad2) = _pad_for_net(np.zeros((hr, wr), np.float32))
     hp, wp = padded.shape[-2:]
     inner = _core_in_block(core, read)
-    return ((ypad1 + inner[0].start * hr / hb) / hp, (ypad1 + inner[0].stop * hr / hb) / hp,
-            (xpad1 + inner[1].start * wr / wb) / wp, (xpad1 + inner[1].stop * wr / wb) / wp)
+    return (
+        (ypad1 + inner[0].start * hr / hb) / hp,
+        (ypad1 + inner[0].stop * hr / hb) / hp,
+        (xpad1 + inner[1].start * wr / wb) / wp,
+        (xpad1 + inner[1].stop * wr / wb) / wp,
+    )
 
 
-def _block_maps(image, read: tuple[slice, slice], channel_models: Sequence[ChannelModel],
-                normalizations: Sequence[Normalization], styles: Sequence[np.ndarray], weights,
-                tile: bool) -> np.ndarray:
+def _block_maps(
+    image,
+    read: tuple[slice, slice],
+    channel_models: Sequence[ChannelModel],
+    normalizations: Sequence[Normalization],
+    styles: Sequence[np.ndarray],
+    weights,
+    tile: bool,
+) -> np.ndarray:
     block = np.asarray(image[:, read[0], read[1]], dtype=np.float32)
     maps = []
     for k, model in enumerate(channel_models):
         with _style_module(model.net, _FixedStyle(torch.from_numpy(styles[k])[None])):
-            maps.extend(predict_maps_multi([model.net], block[k : k + 1], diameter=[model.diameter],
-                                           normalizations=[normalizations[k]], tile=tile))
+            maps.extend(
+                predict_maps_multi(
+                    [model.net],
+                    block[k : k + 1],
+                    diameter=[model.diameter],
+                    normalizations=[normalizations[k]],
+                    tile=tile,
+                )
+            )
     return fuse_maps(maps, weights)
 
 
 def _core_in_block(core: tuple[slice, slice], read: tuple[slice, slice]) -> tuple[slice, slice]:
-    return (slice(core[0].start - read[0].start, core[0].stop - read[0].start),
-            slice(core[1].start - read[1].start, core[1].stop - read[1].start))
+    return (
+        slice(core[0].start - read[0].start, core[0].stop - read[0].start),
+        slice(core[1].start - read[1].start, core[1].stop - read[1].start),
+    )
 
 
 def _outer_edge_mask(read: tuple[slice, slice], shape: tuple[int, int]) -> np.ndarray:
@@ -293,8 +323,13 @@ def segment_blocked(
     plan = plan_blocks((ly, lx), block_size, overlap)
     diameter, diam_mean = reconstruction_size(models)
     threshold = FUSED_FLOW_THRESHOLD if flow_threshold is None else flow_threshold
-    mask_args = dict(diameter=diameter, diam_mean=diam_mean, flow_threshold=threshold,
-                     cellprob_threshold=cellprob_threshold, min_size=min_size)
+    mask_args = dict(
+        diameter=diameter,
+        diam_mean=diam_mean,
+        flow_threshold=threshold,
+        cellprob_threshold=cellprob_threshold,
+        min_size=min_size,
+    )
     stats = {"blocks": len(plan.cores), "block_size": block_size, "overlap": overlap}
     styles = field_styles(image, models, norms, plan)
 
@@ -348,4 +383,3 @@ def segment_blocked(
         labels[read[0], read[1]] = updated
     stats["dropped_duplicates"] = dropped_duplicates
     return BlockedResult(labels, "labels", plan, norms, stats, styles)
-

@@ -99,8 +99,9 @@ def _field_meta(plate_root: Path, path: str, well: str, index: int) -> tuple[Zar
     try:
         group = _open_group(plate_root / path)
     except Exception as exc:
-        raise OmeZarrError(f"the image group {path!r} cannot be opened ({type(exc).__name__})",
-                           well=well, field=label) from exc
+        raise OmeZarrError(
+            f"the image group {path!r} cannot be opened ({type(exc).__name__})", well=well, field=label
+        ) from exc
     attrs, _version = _ome(dict(group.attrs))
     multiscales = attrs.get("multiscales")
     if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
@@ -108,24 +109,31 @@ def _field_meta(plate_root: Path, path: str, well: str, index: int) -> tuple[Zar
     ms = multiscales[0]
     axes = tuple(str(a.get("name") if isinstance(a, dict) else a).lower() for a in ms.get("axes", []))
     if not axes or axes[-2:] != ("y", "x") or len(set(axes)) != len(axes) or not set(axes) <= set("tczyx"):
-        raise OmeZarrError(f"the image axes {list(axes)} are not (t, c, z, y, x) ending in y, x", well=well,
-                           field=label)
+        raise OmeZarrError(
+            f"the image axes {list(axes)} are not (t, c, z, y, x) ending in y, x", well=well, field=label
+        )
     datasets = ms.get("datasets") or []
     if not datasets or not isinstance(datasets[0], dict) or "path" not in datasets[0]:
         raise OmeZarrError("the image's multiscales lists no datasets", well=well, field=label)
     try:
         array = group[str(datasets[0]["path"])]
     except Exception as exc:
-        raise OmeZarrError(f"the full-resolution array {datasets[0]['path']!r} is missing", well=well,
-                           field=label) from exc
+        raise OmeZarrError(
+            f"the full-resolution array {datasets[0]['path']!r} is missing", well=well, field=label
+        ) from exc
     shape = dict(zip(axes, array.shape, strict=False))
     if len(array.shape) != len(axes):
-        raise OmeZarrError(f"the array has {len(array.shape)} dimensions but the axes name {len(axes)}",
-                           well=well, field=label)
+        raise OmeZarrError(
+            f"the array has {len(array.shape)} dimensions but the axes name {len(axes)}", well=well, field=label
+        )
     for axis in ("t", "z"):
         if shape.get(axis, 1) != 1:
-            raise OmeZarrError(f"the image has {axis}={shape[axis]}; CellFuse segments 2D fields (one time "
-                               "point, one plane): project or split the stack first", well=well, field=label)
+            raise OmeZarrError(
+                f"the image has {axis}={shape[axis]}; CellFuse segments 2D fields (one time "
+                "point, one plane): project or split the stack first",
+                well=well,
+                field=label,
+            )
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise OmeZarrError(f"pixel type {array.dtype} is not a real number type", well=well, field=label)
     scales = []
@@ -136,14 +144,25 @@ def _field_meta(plate_root: Path, path: str, well: str, index: int) -> tuple[Zar
                 scale = [float(v) for v in transform.get("scale", scale)]
         scales.append(tuple(scale))
     omero = attrs.get("omero") if isinstance(attrs.get("omero"), dict) else {}
-    names = [str(ch.get("label") or f"channel-{i}")[:MAX_CHANNEL_NAME]
-             for i, ch in enumerate(omero.get("channels") or []) if isinstance(ch, dict)]
+    names = [
+        str(ch.get("label") or f"channel-{i}")[:MAX_CHANNEL_NAME]
+        for i, ch in enumerate(omero.get("channels") or [])
+        if isinstance(ch, dict)
+    ]
     n_channels = shape.get("c", 1)
     if names and len(names) != n_channels:
-        raise OmeZarrError(f"omero lists {len(names)} channel(s) but the image has c={n_channels}", well=well,
-                           field=label)
-    zf = ZarrField(well=well, well_path=str(Path(path).parent), path=path, index=index,
-                   shape=(n_channels, shape["y"], shape["x"]), axes=axes, scales=tuple(scales))
+        raise OmeZarrError(
+            f"omero lists {len(names)} channel(s) but the image has c={n_channels}", well=well, field=label
+        )
+    zf = ZarrField(
+        well=well,
+        well_path=str(Path(path).parent),
+        path=path,
+        index=index,
+        shape=(n_channels, shape["y"], shape["x"]),
+        axes=axes,
+        scales=tuple(scales),
+    )
     return zf, names
 
 
@@ -161,8 +180,9 @@ def read_plate(path: str | Path, *, wells: Sequence[str] | None = None, max_pixe
     attrs, version = _ome(dict(group.attrs))
     plate = attrs.get("plate")
     if not isinstance(plate, dict):
-        raise OmeZarrError(f"{root.name} has no HCS 'plate' metadata: give the plate's root folder, not a well or "
-                           "an image")
+        raise OmeZarrError(
+            f"{root.name} has no HCS 'plate' metadata: give the plate's root folder, not a well or an image"
+        )
     version = version or str(plate.get("version", "0.4"))
     rows = [_safe(r.get("name"), "row name") for r in plate.get("rows", []) if isinstance(r, dict)]
     columns = [_safe(c.get("name"), "column name") for c in plate.get("columns", []) if isinstance(c, dict)]
@@ -194,15 +214,21 @@ def read_plate(path: str | Path, *, wells: Sequence[str] | None = None, max_pixe
             image_path = _safe(image["path"], "field path", well=well)
             zf, names = _field_meta(root, f"{row}/{column}/{image_path}", well, index)
             if max_pixels is not None and math.prod(zf.shape) > max_pixels:
-                raise OmeZarrError(f"the field has {math.prod(zf.shape):,} pixels (C*Y*X), more than the limit of "
-                                   f"{max_pixels:,}", well=well, field=str(index))
+                raise OmeZarrError(
+                    f"the field has {math.prod(zf.shape):,} pixels (C*Y*X), more than the limit of {max_pixels:,}",
+                    well=well,
+                    field=str(index),
+                )
             names = names or [f"channel-{i}" for i in range(zf.shape[0])]
             if channel_names is None:
                 channel_names, first_where = names, f"well {well} field {index}"
             elif names != channel_names:
-                raise OmeZarrError(f"its channels {names} differ from {channel_names} of {first_where}; every field "
-                                   "of a plate must have the same channels in the same order", well=well,
-                                   field=str(index))
+                raise OmeZarrError(
+                    f"its channels {names} differ from {channel_names} of {first_where}; every field "
+                    "of a plate must have the same channels in the same order",
+                    well=well,
+                    field=str(index),
+                )
             fields.append(zf)
     if wanted is not None:
         found = {f.well for f in fields} | {f.well_path for f in fields}
@@ -213,8 +239,16 @@ def read_plate(path: str | Path, *, wells: Sequence[str] | None = None, max_pixe
         raise OmeZarrError("the plate lists no wells with fields")
     default_format = 3 if version.startswith("0.5") else 2
     zarr_format = int(getattr(getattr(group, "metadata", None), "zarr_format", default_format))
-    return ZarrPlate(root=root, name=plate.get("name"), version=version, zarr_format=zarr_format, rows=rows,
-                     columns=columns, channel_names=channel_names or [], fields=fields)
+    return ZarrPlate(
+        root=root,
+        name=plate.get("name"),
+        version=version,
+        zarr_format=zarr_format,
+        rows=rows,
+        columns=columns,
+        channel_names=channel_names or [],
+        fields=fields,
+    )
 
 
 class FieldArray:
@@ -257,8 +291,15 @@ def _format_for(version: str):
     return FormatV05() if version.startswith("0.5") else FormatV04()
 
 
-def write_labels(plate: ZarrPlate, zf: ZarrField, name: str, labels: np.ndarray, source: dict[str, Any],
-                 *, properties: list[dict[str, Any]] | None = None) -> str:
+def write_labels(
+    plate: ZarrPlate,
+    zf: ZarrField,
+    name: str,
+    labels: np.ndarray,
+    source: dict[str, Any],
+    *,
+    properties: list[dict[str, Any]] | None = None,
+) -> str:
     """Write ``labels`` (Y, X) as NGFF label image ``name`` of the field; returns its path in the plate.
 
     The label image has the field's axes without ``c`` and the same resolution levels and scales as
@@ -270,8 +311,9 @@ def write_labels(plate: ZarrPlate, zf: ZarrField, name: str, labels: np.ndarray,
     name = _safe(name, "label name")
     labels = np.asarray(labels)
     if labels.shape != zf.shape[1:]:
-        raise OmeZarrError(f"labels of shape {labels.shape} do not fit the image's {zf.shape[1:]}", well=zf.well,
-                           field=str(zf.index))
+        raise OmeZarrError(
+            f"labels of shape {labels.shape} do not fit the image's {zf.shape[1:]}", well=zf.well, field=str(zf.index)
+        )
     label_axes = [a for a in zf.axes if a != "c"]
     data = labels.reshape([1] * (len(label_axes) - 2) + list(labels.shape))
     dtype = np.uint32 if labels.max(initial=0) > np.iinfo(np.uint16).max else np.uint16
@@ -279,10 +321,16 @@ def write_labels(plate: ZarrPlate, zf: ZarrField, name: str, labels: np.ndarray,
     transforms = [[{"type": "scale", "scale": [s[i] for i in keep]}] for s in zf.scales]
     factors = _scale_factors(zf)
     group = _open_group(plate.root / zf.path, mode="r+")
-    ngff_write_labels(data.astype(dtype), group, name=name, scale_factors=factors, fmt=_format_for(plate.version),
-                      axes=label_axes, coordinate_transformations=transforms[: len(factors) + 1],
-                      label_metadata={"source": {"image": "../../", **source},
-                                      **({"properties": properties} if properties else {})})
+    ngff_write_labels(
+        data.astype(dtype),
+        group,
+        name=name,
+        scale_factors=factors,
+        fmt=_format_for(plate.version),
+        axes=label_axes,
+        coordinate_transformations=transforms[: len(factors) + 1],
+        label_metadata={"source": {"image": "../../", **source}, **({"properties": properties} if properties else {})},
+    )
     return f"{zf.path}/labels/{name}"
 
 

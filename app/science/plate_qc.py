@@ -34,8 +34,11 @@ def field_stats(labels: np.ndarray, image: np.ndarray | None = None) -> dict[str
     labels = np.asarray(labels)
     count = len(np.unique(labels[labels > 0]))
     foreground = int(np.count_nonzero(labels))
-    out = {"count": count, "mean_area": float(foreground / count) if count else 0.0,
-           "foreground_fraction": float(foreground / labels.size) if labels.size else 0.0}
+    out = {
+        "count": count,
+        "mean_area": float(foreground / count) if count else 0.0,
+        "foreground_fraction": float(foreground / labels.size) if labels.size else 0.0,
+    }
     if image is not None:
         inside = labels > 0
         ratios = []
@@ -79,9 +82,15 @@ def style_distance(style: Sequence[float], reference: dict[str, Any]) -> float:
     return float(np.linalg.norm(style - centroid) / max(float(reference["spread"]), 1e-3))
 
 
-def plate_qc(fields: Sequence[dict[str, Any]], *, history: dict[str, dict[str, list[float]]] | None = None,
-             style_references: dict[str, dict[str, Any]] | None = None, z_threshold: float = Z_THRESHOLD,
-             style_threshold: float = STYLE_DRIFT_THRESHOLD, min_fields: int = 3) -> dict[str, Any]:
+def plate_qc(
+    fields: Sequence[dict[str, Any]],
+    *,
+    history: dict[str, dict[str, list[float]]] | None = None,
+    style_references: dict[str, dict[str, Any]] | None = None,
+    z_threshold: float = Z_THRESHOLD,
+    style_threshold: float = STYLE_DRIFT_THRESHOLD,
+    min_fields: int = 3,
+) -> dict[str, Any]:
     """Flags for a plate.
 
     ``fields``: one dict per field: ``{"field", "well", "stats": {object: field_stats}, "styles":
@@ -98,16 +107,34 @@ def plate_qc(fields: Sequence[dict[str, Any]], *, history: dict[str, dict[str, l
             if len(rows) >= min_fields:
                 for i, z in enumerate(robust_z(values)):
                     if abs(z) > z_threshold:
-                        flags.append({"type": "field_outlier", "against": "plate", "field": rows[i]["field"],
-                                      "well": rows[i].get("well"), "object": obj, "metric": metric,
-                                      "value": round(values[i], 4), "z": round(float(z), 2)})
+                        flags.append(
+                            {
+                                "type": "field_outlier",
+                                "against": "plate",
+                                "field": rows[i]["field"],
+                                "well": rows[i].get("well"),
+                                "object": obj,
+                                "metric": metric,
+                                "value": round(values[i], 4),
+                                "z": round(float(z), 2),
+                            }
+                        )
             past = (history or {}).get(obj, {}).get(metric) or []
             if len(past) >= min_fields:
                 for i, z in enumerate(robust_z(values, past)):
                     if abs(z) > z_threshold:
-                        flags.append({"type": "field_outlier", "against": "past plates", "field": rows[i]["field"],
-                                      "well": rows[i].get("well"), "object": obj, "metric": metric,
-                                      "value": round(values[i], 4), "z": round(float(z), 2)})
+                        flags.append(
+                            {
+                                "type": "field_outlier",
+                                "against": "past plates",
+                                "field": rows[i]["field"],
+                                "well": rows[i].get("well"),
+                                "object": obj,
+                                "metric": metric,
+                                "value": round(values[i], 4),
+                                "z": round(float(z), 2),
+                            }
+                        )
     drift: dict[str, list[float]] = {}
     for f in fields:
         for channel, style in (f.get("styles") or {}).items():
@@ -120,11 +147,28 @@ def plate_qc(fields: Sequence[dict[str, Any]], *, history: dict[str, dict[str, l
                 continue
             drift.setdefault(channel, []).append(distance)
             if distance > style_threshold:
-                flags.append({"type": "style_drift", "field": f["field"], "well": f.get("well"), "channel": channel,
-                              "distance": round(distance, 2), "threshold": style_threshold})
+                flags.append(
+                    {
+                        "type": "style_drift",
+                        "field": f["field"],
+                        "well": f.get("well"),
+                        "channel": channel,
+                        "distance": round(distance, 2),
+                        "threshold": style_threshold,
+                    }
+                )
     drifted = sorted({fl["channel"] for fl in flags if fl["type"] == "style_drift"})
     flagged = sorted({fl["field"] for fl in flags if fl["type"] == "field_outlier"})
-    return {"flags": flags, "flagged_fields": flagged, "drifted_channels": drifted,
-            "summary": {"fields": len(fields), "flagged_fields": len(flagged), "drifted_channels": len(drifted),
-                        "style_distance": {c: round(float(np.median(v)), 2) for c, v in drift.items()},
-                        "z_threshold": z_threshold, "style_threshold": style_threshold}}
+    return {
+        "flags": flags,
+        "flagged_fields": flagged,
+        "drifted_channels": drifted,
+        "summary": {
+            "fields": len(fields),
+            "flagged_fields": len(flagged),
+            "drifted_channels": len(drifted),
+            "style_distance": {c: round(float(np.median(v)), 2) for c, v in drift.items()},
+            "z_threshold": z_threshold,
+            "style_threshold": style_threshold,
+        },
+    }

@@ -88,8 +88,9 @@ def test_blocked_matches_whole_field(crowded_field, mode):
     field, models, norms, whole = crowded_field
     assert whole.max() >= 30 and field.image.shape[-1] > 2 * BLOCK
     tracemalloc.start()
-    result = segment_blocked(field.image, models, block_size=BLOCK, mode=mode, normalizations=norms,
-                             memory_budget_bytes=64 << 20)
+    result = segment_blocked(
+        field.image, models, block_size=BLOCK, mode=mode, normalizations=norms, memory_budget_bytes=64 << 20
+    )
     _current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     blocked = result.labels

@@ -26,8 +26,10 @@ def test_field_stats_and_contrast():
 
 def test_planted_empty_field_is_flagged_against_the_plate_and_past_plates():
     rng = np.random.default_rng(0)
-    fields = [{"field": f"A01-{i}", "well": "A01", "stats": {"nuclei": field_stats(_labels(int(rng.integers(28, 33))))}}
-              for i in range(7)]
+    fields = [
+        {"field": f"A01-{i}", "well": "A01", "stats": {"nuclei": field_stats(_labels(int(rng.integers(28, 33))))}}
+        for i in range(7)
+    ]
     fields.append({"field": "A01-7", "well": "A01", "stats": {"nuclei": field_stats(_labels(0))}})
     qc = plate_qc(fields)
     assert qc["flagged_fields"] == ["A01-7"]
@@ -52,8 +54,10 @@ def test_drifted_channel_is_flagged():
     other /= np.linalg.norm(other)
     assert style_distance(same, reference) < 2
     assert style_distance(other, reference) > 3
-    fields = [{"field": "A01-0", "styles": {"nuclei:GFP": same.tolist(), "nuclei:RFP": same.tolist()}},
-              {"field": "A01-1", "styles": {"nuclei:GFP": same.tolist(), "nuclei:RFP": other.tolist()}}]
+    fields = [
+        {"field": "A01-0", "styles": {"nuclei:GFP": same.tolist(), "nuclei:RFP": same.tolist()}},
+        {"field": "A01-1", "styles": {"nuclei:GFP": same.tolist(), "nuclei:RFP": other.tolist()}},
+    ]
     qc = plate_qc(fields, style_references={"nuclei:GFP": reference, "nuclei:RFP": reference})
     assert qc["drifted_channels"] == ["nuclei:RFP"]
     assert [f["field"] for f in qc["flags"]] == ["A01-1"]

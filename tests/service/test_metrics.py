@@ -65,8 +65,9 @@ def test_queue_depth_and_workers_change_as_jobs_run(tmp_path, worker_factory):
     client, _ = make_client(settings)
     job = client.post("/api/v1/jobs/noop", json={"steps": 1, "step_seconds": 0.05}).json()
     waiting = _scrape(client)
-    assert _value(waiting, "cellfuse_queue_depth", queue="cpu") + _value(waiting, "cellfuse_queue_depth",
-                                                                         queue="gpu") == 1
+    assert (
+        _value(waiting, "cellfuse_queue_depth", queue="cpu") + _value(waiting, "cellfuse_queue_depth", queue="gpu") == 1
+    )
     assert _value(waiting, "cellfuse_workers_total") == 0
     worker_factory(settings)
     assert wait_for_job(client, job["id"], timeout=90)["status"] == "succeeded"

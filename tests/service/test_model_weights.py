@@ -21,14 +21,27 @@ def _seed_version(settings, *, widths=TINY_WIDTHS, cellpose_bytes: bytes | None 
     extra = {}
     if cellpose_bytes is not None:
         extra["cellpose_weights_sha256"] = blobs.put_bytes(cellpose_bytes).sha256
-    card = {"name": "U2OS-GFP-nuclei", "version": "1", "weights_sha256": sha, "extra": extra,
-            "architecture": {"type": "cellpose-cpnet", "widths": list(widths), "nchan": 2, "nout": 3}}
+    card = {
+        "name": "U2OS-GFP-nuclei",
+        "version": "1",
+        "weights_sha256": sha,
+        "extra": extra,
+        "architecture": {"type": "cellpose-cpnet", "widths": list(widths), "nchan": 2, "nout": 3},
+    }
     with session_factory(settings.resolved_database_url)() as session:
         line, reporter = CellLine(name="U2OS"), Reporter(name="GFP")
         session.add_all([line, reporter])
         session.flush()
-        row = ModelVersion(cell_line_id=line.id, reporter_id=reporter.id, object="nuclei", version=1,
-                           status="ready", weights_sha256=sha, card=card, diameter=17.0)
+        row = ModelVersion(
+            cell_line_id=line.id,
+            reporter_id=reporter.id,
+            object="nuclei",
+            version=1,
+            status="ready",
+            weights_sha256=sha,
+            card=card,
+            diameter=17.0,
+        )
         session.add(row)
         session.commit()
         return row.id, data

@@ -26,12 +26,17 @@ SPLITS = ["train", "train", "train", "train", "val", "test", "test", "val"]
 
 
 def _omero(names):
-    return {"channels": [{"label": n, "color": "FFFFFF", "active": True,
-                          "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}} for n in names]}
+    return {
+        "channels": [
+            {"label": n, "color": "FFFFFF", "active": True, "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}}
+            for n in names
+        ]
+    }
 
 
-def write_plate(root: Path, images: dict[str, list[np.ndarray]], channel_names: list[str], *, v04: bool = True,
-                z: int = 1) -> Path:
+def write_plate(
+    root: Path, images: dict[str, list[np.ndarray]], channel_names: list[str], *, v04: bool = True, z: int = 1
+) -> Path:
     """An HCS plate with ome-zarr: wells 'A/1', 'A/2', ... each with its fields (C, Y, X)."""
     from ome_zarr.format import FormatV04
     from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
@@ -49,8 +54,9 @@ def write_plate(root: Path, images: dict[str, list[np.ndarray]], channel_names: 
             data, axes = image.astype(np.uint16), "cyx"
             if z > 1:
                 data, axes = np.stack([data] * z, axis=1), "czyx"
-            write_image(data, well_group.require_group(str(i)), axes=axes, scale_factors=(2,),
-                        omero=_omero(channel_names), **kw)
+            write_image(
+                data, well_group.require_group(str(i)), axes=axes, scale_factors=(2,), omero=_omero(channel_names), **kw
+            )
     return root
 
 
@@ -103,11 +109,15 @@ def test_bad_plates_are_refused_with_well_field_and_reason(tmp_path):
     evil = io.BytesIO()
     with zipfile.ZipFile(evil, "w") as archive:
         archive.writestr("../../escape.txt", "x")
-    r = client.post("/api/v1/jobs/segment-ome-zarr", data=_request(),
-                    files={"plate": ("plate.zip", evil.getvalue(), "application/zip")})
+    r = client.post(
+        "/api/v1/jobs/segment-ome-zarr",
+        data=_request(),
+        files={"plate": ("plate.zip", evil.getvalue(), "application/zip")},
+    )
     assert r.status_code == 422 and "outside" in r.json()["detail"]
     assert not (settings.resolved_data_dir / "blobs").exists() or not any(
-        p.is_file() for p in (settings.resolved_data_dir / "blobs").rglob("*") if "tmp" not in p.parts)
+        p.is_file() for p in (settings.resolved_data_dir / "blobs").rglob("*") if "tmp" not in p.parts
+    )
 
 
 @pytest.mark.slow
@@ -116,21 +126,32 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
     roots.mkdir()
     # Fields of 128² are over this limit: every field goes through blocked segmentation (64-pixel
     # cores with their halos), which the pipeline uses for stitched wells.
-    settings = make_embedded_settings(tmp_path, ome_zarr_roots=[roots], segment_block_pixels=100 * 100,
-                                      webhook_allow_private=True, webhook_poll_s=0.2)
+    settings = make_embedded_settings(
+        tmp_path, ome_zarr_roots=[roots], segment_block_pixels=100 * 100, webhook_allow_private=True, webhook_poll_s=0.2
+    )
     worker_factory(settings)
     client, _ = make_client(settings)
     api = CellFuseClient(client)
     receiver = Receiver()
-    receiver.secret = client.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["plate.qc_flagged"],
-                                                             "plate": "P-7"}).json()["secret"]
+    receiver.secret = client.post(
+        "/api/v1/webhooks", json={"url": receiver.url, "events": ["plate.qc_flagged"], "plate": "P-7"}
+    ).json()["secret"]
     with client:  # the lifespan registers the shipped base model (and sends webhooks)
         fields = small_plate()
         names = fields[0].channel_names
         ds = upload_dataset(api, fields, splits=SPLITS)
         for reporter in names:
-            job = api.run("finetune", {"dataset_id": ds["id"], "reporter": reporter, "object": "nuclei",
-                                       "base": "cellfuse-base-w16:v2", "params": TRAINING}, timeout=600)
+            job = api.run(
+                "finetune",
+                {
+                    "dataset_id": ds["id"],
+                    "reporter": reporter,
+                    "object": "nuclei",
+                    "base": "cellfuse-base-w16:v2",
+                    "params": TRAINING,
+                },
+                timeout=600,
+            )
             version = api.get(f"/api/v1/models/{job['summary']['model_version_id']}")
             assert version["card"]["extra"]["style_reference"]["n"] >= 4
             api.put(f"/api/v1/aliases/{CELL_LINE}/{reporter}/nuclei/production", {"version_id": version["id"]})
@@ -139,8 +160,10 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
         empty = np.stack([rng.normal(200, 5, fields[0].image.shape[1:]) for _ in names]).clip(0)
         drifted = fields[3].image.copy()
         drifted[1] = drifted[1].max() - drifted[1] + rng.normal(0, 400, drifted[1].shape)  # inverted, noisy
-        plate_images = {"A/1": [fields[0].image, fields[1].image, empty],
-                        "A/2": [fields[2].image, drifted, fields[5].image]}
+        plate_images = {
+            "A/1": [fields[0].image, fields[1].image, empty],
+            "A/2": [fields[2].image, drifted, fields[5].image],
+        }
         plate = write_plate(roots / "p7.ome.zarr", plate_images, names)
 
         job = _segment(client, api, _request(path=str(plate)))
@@ -198,11 +221,13 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
             for path in copy.rglob("*"):
                 if path.is_file():
                     archive.write(path, str(path.relative_to(copy.parent)))
-        job = _segment(client, api, _request(wells=["A02"]),
-                       files={"plate": ("p7.zip", buffer.getvalue(), "application/zip")})
+        job = _segment(
+            client, api, _request(wells=["A02"]), files={"plate": ("p7.zip", buffer.getvalue(), "application/zip")}
+        )
         assert job["status"] == "succeeded" and job["summary"]["fields_done"] == 3
         out = tmp_path / "out"
-        zipfile.ZipFile(io.BytesIO(client.get(f"/api/v1/jobs/{job['id']}/results/plate.ome.zarr.zip").content)
-                        ).extractall(out)
+        zipfile.ZipFile(
+            io.BytesIO(client.get(f"/api/v1/jobs/{job['id']}/results/plate.ome.zarr.zip").content)
+        ).extractall(out)
         back, meta = ome_zarr_io.read_labels(out / "p7.ome.zarr", "A/2/0", "nuclei")
         assert back.max() > 0 and meta["source"]["cellfuse"]["job_id"] == job["id"]

@@ -15,8 +15,13 @@ from app.db import session_factory
 from app.models import WebhookDelivery
 from tests.service.conftest import make_client, make_embedded_settings, wait_for_job
 
-FAST_WEBHOOKS = dict(webhook_allow_private=True, webhook_backoff_s=0.2, webhook_backoff_max_s=1.0,
-                     webhook_poll_s=0.1, webhook_max_attempts=4)
+FAST_WEBHOOKS = dict(
+    webhook_allow_private=True,
+    webhook_backoff_s=0.2,
+    webhook_backoff_max_s=1.0,
+    webhook_poll_s=0.1,
+    webhook_max_attempts=4,
+)
 
 
 class Receiver:
@@ -35,8 +40,11 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests += 1
                 ok = receiver.secret is not None and webhooks.verify_signature(
-                    receiver.secret, self.headers[webhooks.TIMESTAMP_HEADER],
-                    self.headers[webhooks.SIGNATURE_HEADER], body)
+                    receiver.secret,
+                    self.headers[webhooks.TIMESTAMP_HEADER],
+                    self.headers[webhooks.SIGNATURE_HEADER],
+                    body,
+                )
                 if not ok:
                     receiver.bad_signatures += 1
                     self.send_response(400)
@@ -90,14 +98,29 @@ def test_signature_round_trip_and_tampering():
     assert not webhooks.verify_signature(secret, str(now - 3600), webhooks.sign(secret, now - 3600, body), body)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.0.10", "172.16.5.5", "169.254.169.254",
-                                     "::1", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.10",
+        "172.16.5.5",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "100.64.0.1",
+    ],
+)
 def test_private_addresses_are_refused(address):
     with pytest.raises(webhooks.WebhookTargetError, match="CELLFUSE_WEBHOOK_ALLOW_PRIVATE"):
-        webhooks.resolve_target("https://lims.example.org/hook", allow_private=False,
-                                resolver=lambda host, port: ["93.184.216.34", address])
-    assert webhooks.resolve_target("https://lims.example.org/hook", allow_private=False,
-                                   resolver=lambda host, port: ["93.184.216.34"]) == ["93.184.216.34"]
+        webhooks.resolve_target(
+            "https://lims.example.org/hook", allow_private=False, resolver=lambda host, port: ["93.184.216.34", address]
+        )
+    assert webhooks.resolve_target(
+        "https://lims.example.org/hook", allow_private=False, resolver=lambda host, port: ["93.184.216.34"]
+    ) == ["93.184.216.34"]
 
 
 def test_subscribing_a_loopback_url_is_a_422_unless_allowed(tmp_path, receiver):

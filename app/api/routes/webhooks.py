@@ -24,8 +24,9 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=8, max_length=2000, description="http(s) URL of the receiver")
-    events: list[EventLiteral] = Field(default_factory=list, max_length=10,
-                                       description="event types to send; empty = all")
+    events: list[EventLiteral] = Field(
+        default_factory=list, max_length=10, description="event types to send; empty = all"
+    )
     job_id: str | None = Field(default=None, max_length=36, description="only events of this job")
     plate: str | None = Field(default=None, max_length=120, description="only events of this plate")
     description: str | None = Field(default=None, max_length=500)
@@ -70,8 +71,16 @@ class DeliveryOut(BaseModel):
 
 
 def _out(row: WebhookSubscription) -> WebhookOut:
-    return WebhookOut(id=row.id, url=row.url, events=row.events or [], job_id=row.job_id, plate=row.plate,
-                      description=row.description, active=row.active, created_at=row.created_at)
+    return WebhookOut(
+        id=row.id,
+        url=row.url,
+        events=row.events or [],
+        job_id=row.job_id,
+        plate=row.plate,
+        description=row.description,
+        active=row.active,
+        created_at=row.created_at,
+    )
 
 
 def _visible(session, subscription_id: int, principal: Principal) -> WebhookSubscription:
@@ -81,17 +90,29 @@ def _visible(session, subscription_id: int, principal: Principal) -> WebhookSubs
     return row
 
 
-@router.post("", response_model=WebhookCreated, status_code=201,
-             summary="Subscribe a URL to job and plate events; the answer holds its signing secret once")
-def create_webhook(body: WebhookIn, session: SessionDep, settings: SettingsDep,
-                   principal: InstrumentDep, response: Response) -> WebhookCreated:
+@router.post(
+    "",
+    response_model=WebhookCreated,
+    status_code=201,
+    summary="Subscribe a URL to job and plate events; the answer holds its signing secret once",
+)
+def create_webhook(
+    body: WebhookIn, session: SessionDep, settings: SettingsDep, principal: InstrumentDep, response: Response
+) -> WebhookCreated:
     try:
         webhooks.resolve_target(body.url, allow_private=settings.webhook_allow_private)
     except webhooks.WebhookTargetError as exc:
         raise Problem(422, str(exc), slug="webhook-target-refused")
-    row = WebhookSubscription(owner_key_id=principal.key_id, url=body.url, secret=webhooks.new_secret(),
-                              events=list(dict.fromkeys(body.events)), job_id=body.job_id, plate=body.plate,
-                              description=body.description, active=True)
+    row = WebhookSubscription(
+        owner_key_id=principal.key_id,
+        url=body.url,
+        secret=webhooks.new_secret(),
+        events=list(dict.fromkeys(body.events)),
+        job_id=body.job_id,
+        plate=body.plate,
+        description=body.description,
+        active=True,
+    )
     session.add(row)
     session.commit()
     response.headers["Location"] = f"/api/v1/webhooks/{row.id}"
@@ -115,15 +136,19 @@ def get_webhook(subscription_id: IdPath, session: SessionDep, principal: Instrum
 def delete_webhook(subscription_id: IdPath, session: SessionDep, principal: InstrumentDep) -> Response:
     row = _visible(session, subscription_id, principal)
     row.active = False
-    for delivery in session.scalars(select(WebhookDelivery).where(WebhookDelivery.subscription_id == row.id,
-                                                                   WebhookDelivery.status == "pending")):
+    for delivery in session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.subscription_id == row.id, WebhookDelivery.status == "pending")
+    ):
         delivery.status, delivery.last_error = "failed", "the subscription was deleted"
     session.commit()
     return Response(status_code=204)
 
 
-@router.post("/{subscription_id}/rotate-secret", response_model=WebhookCreated,
-             summary="A new signing secret (the old one stops signing at once)")
+@router.post(
+    "/{subscription_id}/rotate-secret",
+    response_model=WebhookCreated,
+    summary="A new signing secret (the old one stops signing at once)",
+)
 def rotate_secret(subscription_id: IdPath, session: SessionDep, principal: InstrumentDep) -> WebhookCreated:
     row = _visible(session, subscription_id, principal)
     row.secret = webhooks.new_secret()
@@ -138,17 +163,43 @@ def ping(subscription_id: IdPath, session: SessionDep, principal: InstrumentDep)
     return {"queued": 1}
 
 
-@router.get("/{subscription_id}/deliveries", response_model=list[DeliveryOut],
-            summary="Deliveries, newest first, with every attempt (status code, error, duration)")
-def list_deliveries(subscription_id: IdPath, session: SessionDep, principal: InstrumentDep,
-                    limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[DeliveryOut]:
+@router.get(
+    "/{subscription_id}/deliveries",
+    response_model=list[DeliveryOut],
+    summary="Deliveries, newest first, with every attempt (status code, error, duration)",
+)
+def list_deliveries(
+    subscription_id: IdPath,
+    session: SessionDep,
+    principal: InstrumentDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[DeliveryOut]:
     row = _visible(session, subscription_id, principal)
-    rows = session.scalars(select(WebhookDelivery).where(WebhookDelivery.subscription_id == row.id)
-                           .order_by(WebhookDelivery.id.desc()).limit(limit)).all()
-    return [DeliveryOut(id=d.id, event_id=d.event_id, event_type=d.event_type, status=d.status,
-                        attempts=d.attempts, next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
-                        last_status_code=d.last_status_code, last_error=d.last_error, created_at=d.created_at,
-                        finished_at=d.finished_at, payload=d.payload,
-                        attempt_log=[AttemptOut(number=a.number, status_code=a.status_code, error=a.error,
-                                                duration_ms=a.duration_ms, at=a.at) for a in d.attempt_log])
-            for d in rows]
+    rows = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.subscription_id == row.id)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    ).all()
+    return [
+        DeliveryOut(
+            id=d.id,
+            event_id=d.event_id,
+            event_type=d.event_type,
+            status=d.status,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+            last_status_code=d.last_status_code,
+            last_error=d.last_error,
+            created_at=d.created_at,
+            finished_at=d.finished_at,
+            payload=d.payload,
+            attempt_log=[
+                AttemptOut(
+                    number=a.number, status_code=a.status_code, error=a.error, duration_ms=a.duration_ms, at=a.at
+                )
+                for a in d.attempt_log
+            ],
+        )
+        for d in rows
+    ]
