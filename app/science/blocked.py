@@ -217,8 +217,8 @@ def field_styles(
                 raise RuntimeError("the style probe did not run")
             total = block_total if total is None else total + block_total
             count += block_count
-        mean = total / count
-        styles.append((mean / mean.norm()).float().numpy())
+        mean = total / count  # type: ignore[operator]
+        styles.append((mean / mean.norm()).float().numpy())  # type: ignore[union-attr]
     return styles
 
 
@@ -339,7 +339,7 @@ def segment_blocked(
             maps = _block_maps(image, read, models, norms, styles, weights, tile)
             inner = _core_in_block(core, read)
             fused[:, core[0], core[1]] = maps[:, inner[0], inner[1]]
-        labels = masks_from_maps(fused, **mask_args)
+        labels = masks_from_maps(fused, **mask_args)  # type: ignore[arg-type]
         del fused
         if out is not None:
             out[...] = labels
@@ -351,7 +351,7 @@ def segment_blocked(
     dropped_duplicates = 0
     for core, read in zip(plan.cores, plan.reads):
         maps = _block_maps(image, read, models, norms, styles, weights, tile)
-        block_labels = masks_from_maps(maps, **mask_args)
+        block_labels = masks_from_maps(maps, **mask_args)  # type: ignore[arg-type]
         del maps
         inner = _core_in_block(core, read)
         in_core = np.zeros(block_labels.shape, bool)

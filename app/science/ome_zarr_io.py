@@ -79,7 +79,7 @@ def _ome(attrs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
 def _open_group(path: Path, mode: str = "r"):
     import zarr
 
-    return zarr.open_group(str(path), mode=mode)
+    return zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
 
 
 def _safe(part: Any, what: str, *, well: str | None = None) -> str:
@@ -146,7 +146,7 @@ def _field_meta(plate_root: Path, path: str, well: str, index: int) -> tuple[Zar
     omero = attrs.get("omero") if isinstance(attrs.get("omero"), dict) else {}
     names = [
         str(ch.get("label") or f"channel-{i}")[:MAX_CHANNEL_NAME]
-        for i, ch in enumerate(omero.get("channels") or [])
+        for i, ch in enumerate(omero.get("channels") or [])  # type: ignore[union-attr]
         if isinstance(ch, dict)
     ]
     n_channels = shape.get("c", 1)
@@ -286,7 +286,7 @@ def open_field(plate_root: str | Path, zf: ZarrField) -> FieldArray:
 
 
 def _format_for(version: str):
-    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.format import FormatV04, FormatV05  # type: ignore[import-untyped]
 
     return FormatV05() if version.startswith("0.5") else FormatV04()
 
@@ -306,7 +306,7 @@ def write_labels(
     the image (nearest-neighbour downsampling), so viewers overlay it pixel for pixel. ``source`` is
     recorded in ``image-label.source`` beside the required ``image`` link (NGFF allows extra keys).
     """
-    from ome_zarr.writer import write_labels as ngff_write_labels
+    from ome_zarr.writer import write_labels as ngff_write_labels  # type: ignore[import-untyped]
 
     name = _safe(name, "label name")
     labels = np.asarray(labels)
@@ -329,7 +329,7 @@ def write_labels(
         fmt=_format_for(plate.version),
         axes=label_axes,
         coordinate_transformations=transforms[: len(factors) + 1],
-        label_metadata={"source": {"image": "../../", **source}, **({"properties": properties} if properties else {})},
+        label_metadata={"source": {"image": "../../", **source}, **({"properties": properties} if properties else {})},  # type: ignore[dict-item]
     )
     return f"{zf.path}/labels/{name}"
 
@@ -362,8 +362,8 @@ def write_well_table(plate: ZarrPlate, well_path: str, name: str, csv_bytes: byt
 
 def read_labels(plate_root: str | Path, field_path: str, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     """A label image (full resolution, as (Y, X)) and its ``image-label`` metadata, read with ome-zarr."""
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Label, Reader
+    from ome_zarr.io import parse_url  # type: ignore[import-untyped]
+    from ome_zarr.reader import Label, Reader  # type: ignore[import-untyped]
 
     location = parse_url(str(Path(plate_root) / field_path / "labels" / name))
     if location is None:

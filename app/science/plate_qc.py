@@ -57,12 +57,12 @@ def _scale(values: np.ndarray) -> tuple[float, float]:
 
 def robust_z(values: Sequence[float], reference: Sequence[float] | None = None) -> np.ndarray:
     """Modified z-scores of ``values`` against ``reference`` (default: the values themselves)."""
-    values = np.asarray(values, dtype=np.float64)
-    ref = values if reference is None else np.asarray(reference, dtype=np.float64)
+    arr = np.asarray(values, dtype=np.float64)
+    ref = arr if reference is None else np.asarray(reference, dtype=np.float64)
     if ref.size == 0:
-        return np.zeros_like(values)
+        return np.zeros_like(arr)
     median, scale = _scale(ref)
-    return (values - median) / scale
+    return np.asarray((arr - median) / scale)
 
 
 def style_reference(styles: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -76,10 +76,10 @@ def style_reference(styles: Sequence[Sequence[float]]) -> dict[str, Any]:
 def style_distance(style: Sequence[float], reference: dict[str, Any]) -> float:
     """Distance of a style from the training centroid, in training spreads."""
     centroid = np.asarray(reference["mean"], dtype=np.float64)
-    style = np.asarray(style, dtype=np.float64)
-    if centroid.shape != style.shape:
-        raise ValueError(f"style of length {style.size} does not fit a reference of length {centroid.size}")
-    return float(np.linalg.norm(style - centroid) / max(float(reference["spread"]), 1e-3))
+    vector = np.asarray(style, dtype=np.float64)
+    if centroid.shape != vector.shape:
+        raise ValueError(f"style of length {vector.size} does not fit a reference of length {centroid.size}")
+    return float(np.linalg.norm(vector - centroid) / max(float(reference["spread"]), 1e-3))
 
 
 def plate_qc(

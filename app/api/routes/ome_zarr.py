@@ -38,7 +38,7 @@ class OmeZarrSegmentRequest(StrictModel):
     channel_map: dict[str, str] = Field(
         default_factory=dict, description="plate channel name (omero label) -> reporter; default: same name"
     )
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)  # type: ignore[arg-type]
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
@@ -129,7 +129,7 @@ def submit_segment_ome_zarr(
     else:
         from app.zipped_plates import ZipPlateError, find_plate_root, remove, unpack
 
-        data = read_upload(plate, settings.max_upload_bytes)
+        data = read_upload(plate, settings.max_upload_bytes)  # type: ignore[arg-type]
         tmp_root = settings.resolved_data_dir / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=tmp_root, prefix="plate-"))
