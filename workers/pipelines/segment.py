@@ -40,6 +40,10 @@ def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -
                        for name, v in versions.items()}
     return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
+            "fusion": {obj: {"parameters": plan.fusion if p.method == "flow_fusion" else None,
+                             "source": (plan.fusion_source if plan.fusion and p.method == "flow_fusion"
+                                        else "defaults (equal weights)" if p.method == "flow_fusion" else None)}
+                       for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
             "models": models, "preprocessing": preprocessing,
             "preprocessing_override": p.params.preprocessing is not None,
@@ -132,13 +136,16 @@ def run(ctx: JobContext) -> dict[str, Any]:
             if field.zarr_path and zf is None:
                 raise JobFailed(f"the plate no longer has the field {field.zarr_path}")
             image = _zarr_image(ctx, plate, zf) if zf is not None else read_field(ctx, field.image_sha256)
-            labels, styles = {}, {}
+            labels: dict[str, np.ndarray] = {}
+            styles: dict[str, list[float]] = {}
+            settings: dict[str, dict[str, Any]] = {}
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
+                settings[obj] = {}
                 object_styles: dict[str, list[float]] = {}
                 labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
-                                             obj=obj, prep=prep, styles_out=object_styles)
+                                             settings[obj], obj=obj, prep=prep, styles_out=object_styles)
                 styles.update({f"{obj}:{channel}": style for channel, style in object_styles.items()})
             if zf is not None:
                 for obj, lab in labels.items():
@@ -187,7 +194,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                media_type="application/json", meta={"field": name})
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics})
+                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics,
+                         "settings": settings})
             _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
             raise
