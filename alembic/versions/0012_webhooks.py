@@ -1,7 +1,7 @@
 """Webhook subscriptions, deliveries and delivery attempts (issue 14).
 
 Revision ID: 0012
-Revises: 0017 (chained after main's 0017; the brief said 0003)
+Revises: 0011 (chained after main's head; the brief said 0003)
 """
 
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = "0012"
-down_revision = "0017"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
