@@ -219,8 +219,9 @@ def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan
         block = int(ctx.settings.segment_block_pixels**0.5)
         blocked = segment_blocked(view, models, block_size=max(64, block // 2),
                                   memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
-                                  flow_threshold=seg.flow_threshold, cellprob_threshold=seg.cellprob_threshold,
-                                  min_size=seg.min_size)
+                                  flow_threshold=seg.flow_threshold,
+                                  cellprob_threshold=seg.cellprob_threshold if seg.cellprob_threshold is not None
+                                  else 0.0, min_size=seg.min_size)
         styles, labels = blocked.styles, np.asarray(blocked.labels)
         if used is not None:
             used.update({"blocked": True, **blocked.stats})
