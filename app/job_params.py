@@ -193,8 +193,22 @@ class FieldSpec(StrictModel):
     well: str | None = None
     field: int | None = None
     filename: str | None = None
-    image_sha256: str
+    image_sha256: str | None = None
     dataset_image_id: int | None = None
+    # A field of an OME-Zarr plate: its image group, relative to the plate root.
+    zarr_path: str | None = None
+
+
+class OmeZarrSource(StrictModel):
+    """Where a segmentation's OME-Zarr plate is: a folder the workers read (labels are written into
+    it, next to each image), or an uploaded zipped plate (unpacked into the job's folder)."""
+
+    path: str | None = None
+    zip_sha256: str | None = None
+    root_in_zip: str = ""
+    version: str
+    wells: list[str] | None = None
+    channel_names: list[str]
 
 
 class NoopJob(JobParams):
@@ -227,6 +241,7 @@ class SegmentJob(JobParams):
     fields: list[FieldSpec]
     dataset_id: int | None = None
     params: SegmentParams = Field(default_factory=SegmentParams)
+    ome_zarr: OmeZarrSource | None = None
 
 
 class EvaluateJob(JobParams):

@@ -166,7 +166,22 @@ def finish(session: Session, job_id: str, status: JobStatus, *, error: str | Non
         stmt = stmt.where(Job.worker == worker)
     result = session.execute(stmt.values(**values).execution_options(synchronize_session=False))
     session.commit()
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    # The one place every final state passes through, once: the LIMS hears of it here.
+    _emit_job_event(session, job_id)
+    return True
+
+
+def _emit_job_event(session: Session, job_id: str) -> None:
+    from app.webhooks import emit_safely, job_event_data
+
+    job = session.get(Job, job_id)
+    if job is None:
+        return
+    session.refresh(job)
+    emit_safely(session, f"job.{job.status}", job_event_data(job), owner_key_id=job.owner_key_id, job_id=job.id,
+                plate=(job.params or {}).get("plate"))
 
 
 def request_cancel(session: Session, job_id: str) -> Job | None:

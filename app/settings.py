@@ -90,6 +90,25 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=10.0, gt=0)
     ready_worker_timeout_s: float = Field(default=2.0, gt=0)
 
+    # Webhooks to a LIMS. Private, loopback and link-local targets are refused (SSRF) unless an admin
+    # allows them here (a LIMS on the lab network, or tests).
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(default=8, ge=1, le=30)
+    webhook_backoff_s: float = Field(default=10.0, gt=0, description="first retry delay; doubles each retry")
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_poll_s: float = Field(default=2.0, gt=0)
+
+    # /metrics answers to an admin key, or to this bearer token (for a Prometheus scraper).
+    metrics_token: SecretStr | None = None
+
+    # Server-side OME-Zarr plates are read only below these folders (none = only uploaded plates).
+    ome_zarr_roots: list[Path] = Field(default_factory=list)
+    # A field with more pixels than this is segmented in overlapping blocks (memory budget per pass).
+    segment_block_pixels: int = Field(default=4096 * 4096, gt=0)
+    # What one blocked segmentation may hold: decides one reconstruction over stitched maps vs per block.
+    segment_memory_budget_mb: int = Field(default=8192, gt=0)
+
     @field_validator("bootstrap_admin_key")
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:

@@ -66,6 +66,20 @@ def _gpu_info(device_spec: str = "auto") -> dict:
     return {"gpu": index < len(names), "gpu_name": names[index] if index < len(names) else None, "device": spec}
 
 
+def _gpu_memory() -> dict:
+    """Bytes allocated / reserved by this process and the device total, for /metrics."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {"gpu_memory_allocated": int(torch.cuda.memory_allocated(0)),
+                    "gpu_memory_reserved": int(torch.cuda.memory_reserved(0)),
+                    "gpu_memory_total": int(torch.cuda.get_device_properties(0).total_memory)}
+    except Exception:
+        log.debug("GPU memory probe failed", exc_info=True)
+    return {}
+
+
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for dist in ("cellfuse", "cellpose", "torch"):
@@ -84,10 +98,13 @@ def presence_loop(stop: threading.Event, settings: Settings, queues: list[str]) 
         try:
             with factory() as session:
                 row = session.get(WorkerHeartbeat, name)
+                current = {**info, **_gpu_memory()} if info.get("gpu") else info
                 if row is None:
-                    session.add(WorkerHeartbeat(name=name, queues=queues, info=info))
+                    session.add(WorkerHeartbeat(name=name, queues=queues, info=current))
                 else:
                     row.last_seen = utcnow()
+                    if current is not info:
+                        row.info = current
                 session.commit()
         except Exception:
             log.warning("could not record worker presence", exc_info=True)

@@ -14,9 +14,24 @@ from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
 from app.api.gate import RequestGate
 from app.api.headers import SecurityHeaders
-from app.api.routes import datasets, illumination, jobs, keys, results, system, web, work, zoo
+from app.api.routes import (
+    datasets,
+    illumination,
+    jobs,
+    keys,
+    metrics,
+    ome_zarr,
+    results,
+    system,
+    web,
+    webhooks,
+    work,
+    zoo,
+)
+from app.metrics import HttpMetrics, build_registry
 from app.reaper import reaper_loop
 from app.settings import Settings, get_settings
+from app.webhooks import webhook_loop
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         stop = threading.Event()
         if run_reaper:  # the same sweep the workers run, in a thread of the API process
             threading.Thread(target=reaper_loop, args=(stop, settings), daemon=True, name="job-reaper").start()
+            threading.Thread(target=webhook_loop, args=(stop, settings), daemon=True, name="webhooks").start()
         try:
             yield
         finally:
@@ -63,8 +79,11 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     install_error_handlers(app)
     # Outermost: keys, upload admission and body size are checked before any body byte is read.
+    app.state.metrics_registry, http_requests, http_latency = build_registry(settings)
+    app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
-    for module in (system, jobs, zoo, datasets, illumination, work, results, keys, web):
+    for module in (system, jobs, zoo, datasets, illumination, work, results, ome_zarr, keys, webhooks, metrics,
+                   web):
         app.include_router(module.router)
     return app

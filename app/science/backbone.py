@@ -443,7 +443,9 @@ def prepare_field(image: np.ndarray, plan: ChannelPlan) -> PreparedField:
     if k != plan.n_channels:
         raise BackboneInputError(f"got {plan.n_channels} networks for a field with {k} channels: give one per channel")
     # One (Y, X, K) float32 copy of the field; normalised in place per group of equal settings.
-    stack = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
+    # Always a copy: for K = 1 the transpose is already "contiguous" to numpy, so ascontiguousarray
+    # would return a view and the in-place normalisation would overwrite the caller's field.
+    stack = np.array(image.transpose(1, 2, 0), dtype=np.float32, order="C", copy=True)
     for norm in dict.fromkeys(plan.norms):
         idx = [c for c in range(k) if plan.norms[c] == norm]
         stack[..., idx] = _normalize_channels(np.ascontiguousarray(stack[..., idx]), norm)

@@ -70,6 +70,24 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
     })
+    # Every other setting a test changed reaches the worker too (e.g. segment_block_pixels).
+    import json as _json
+
+    from pydantic import SecretStr
+
+    for name in settings.model_fields_set:
+        key = f"CELLFUSE_{name.upper()}"
+        if key in env:
+            continue
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, (list, tuple)):
+            env[key] = _json.dumps([str(v) for v in value])
+        elif isinstance(value, bool):
+            env[key] = "true" if value else "false"
+        elif value is not None:
+            env[key] = str(value)
     return env
 
 

@@ -221,39 +221,80 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
     return models
 
 
-def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
+def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan, method: str,
                    seg: SegmentParams, cache: dict[int, LoadedModel], used: dict | None = None, *,
-                   obj: str | None = None, prep: PlatePreprocessing | None = None) -> np.ndarray:
+                   obj: str | None = None, prep: PlatePreprocessing | None = None,
+                   styles_out: dict[str, list[float]] | None = None) -> np.ndarray:
     """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
 
     With ``prep`` (and ``obj``), each channel first goes through its model's preprocessing recipe
     (illumination correction, plate-level percentiles); without, Cellpose's per-image scaling.
     Flow Fusion applies the plan's fitted fusion parameters when it has them; ``used`` (a dict)
     receives the settings actually applied (weights, confidence, thresholds, their source).
+    A field of more than ``settings.segment_block_pixels`` pixels (Y*X; ``image`` may then be a lazy
+    array such as an OME-Zarr field) is segmented in overlapping blocks (``app.science.blocked``),
+    with one field-wide normalisation and equal fusion weights (the recipe and the fitted fusion
+    need the whole field in memory). ``styles_out`` receives each fused channel's style vector.
     """
     from app.science.segmentation import segment_field
 
     models = channel_models(ctx, plan, cache)
-    if prep is not None and obj is not None:
-        inputs, normalizations = prep.inputs(obj, plan.channels, image, channels)
-    else:
-        inputs, normalizations = image[[channels.index(name) for name in plan.channels]], None
+    indices = [channels.index(name) for name in plan.channels]
+    large = image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels
     if seg.diameter:
         models = [replace(m, diameter=float(seg.diameter)) for m in models]
-    elif seg.estimate_diameter:
-        estimated = estimate_diameter(ctx, inputs, plan, cache)
-        if estimated is not None:
-            models = [replace(m, diameter=estimated) for m in models]
-    fusion = plan.fusion if method == "flow_fusion" else None
-    result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
-                           cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion,
-                           **inference_options(ctx))
-    if used is not None:
-        used.update(result.settings)
-        if fusion is not None:
-            used["weights_source"] = plan.fusion_source or used.get("weights_source")
-    return result.labels
+    if large and method == "flow_fusion":
+        from app.science.blocked import segment_blocked
+
+        view = _ChannelSubset(image, indices)
+        block = int(ctx.settings.segment_block_pixels**0.5)
+        blocked = segment_blocked(view, models, block_size=max(64, block // 2),
+                                  memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
+                                  flow_threshold=seg.flow_threshold,
+                                  cellprob_threshold=seg.cellprob_threshold if seg.cellprob_threshold is not None
+                                  else 0.0, min_size=seg.min_size)
+        styles, labels = blocked.styles, np.asarray(blocked.labels)
+        if used is not None:
+            used.update({"blocked": True, **blocked.stats})
+    else:
+        image = np.asarray(image)
+        if prep is not None and obj is not None:
+            inputs, normalizations = prep.inputs(obj, plan.channels, image, channels)
+        else:
+            inputs, normalizations = image[indices], None
+        if not seg.diameter and seg.estimate_diameter:
+            estimated = estimate_diameter(ctx, inputs, plan, cache)
+            if estimated is not None:
+                models = [replace(m, diameter=estimated) for m in models]
+        fusion = plan.fusion if method == "flow_fusion" else None
+        result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
+                               cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
+                               normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion,
+                               **inference_options(ctx))
+        if used is not None:
+            used.update(result.settings)
+            if fusion is not None:
+                used["weights_source"] = plan.fusion_source or used.get("weights_source")
+        styles, labels = [m.style for m in result.channel_maps], result.labels
+    if styles_out is not None:
+        for name, style in zip(plan.channels, styles, strict=True):
+            styles_out[name] = [round(float(v), 6) for v in style]
+    return labels
+
+
+class _ChannelSubset:
+    """A lazy (K, Y, X) view of some channels of a lazy (C, Y, X) field."""
+
+    def __init__(self, image, indices: list[int]):
+        self.image, self.indices = image, indices
+        self.shape = (len(indices), *image.shape[-2:])
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        rest = key[1:] if len(key) > 1 else ()
+        block = np.stack([np.asarray(self.image[(c, *rest)]) for c in self.indices])
+        return block[key[0]] if key and key[0] != slice(None) else block
 
 
 def estimate_diameter(ctx: JobContext, image: np.ndarray, plan: ObjectPlan,

@@ -184,6 +184,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                  **inference_options(ctx))
                    if test_images else {})
 
+    with ctx.stage("style reference", 0.95):
+        extra = {"style_reference": _style_reference(result, by_split["train"][0] + by_split["val"][0],
+                                                     prenormalised)}
+        if weights.network_widths(result.net) == weights.FULL_WIDTHS:
+            # Cellpose's own file for scientists who run Cellpose directly (full-width nets only).
+            exported = weights.export_cellpose(result.net, ctx.folder.path / "model" / "cellpose_model")
+            extra["cellpose_weights_sha256"] = ctx.blobs.put_bytes(exported.read_bytes()).sha256  # type: ignore[assignment]
+
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
             name=f"{ds.cell_line.name}-{p.reporter}-{obj}", version=str(version.version),
@@ -195,7 +203,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": preprocessing_record},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
             metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
-            size_model=size_model)
+            size_model=size_model, extra=extra)
         saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
         weights_blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
         ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card",
@@ -291,6 +299,20 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
     except SizeModelError as exc:
         log.info("no size model: %s", exc)
         return None
+
+
+def _style_reference(result, images: list[np.ndarray], prenormalised: bool = False) -> dict[str, Any] | None:
+    """Centroid and spread of the training images' styles, computed as segmentation computes them
+    (the same normalisation, the training diameter): plate QC measures reporter drift against it."""
+    from app.science.backbone import predict_maps_multi
+    from app.science.plate_qc import style_reference
+
+    if not images:
+        return None
+    norm = _input_normalization(prenormalised)
+    styles = [predict_maps_multi([result.net], im[np.newaxis], diameter=[float(result.diameter)],
+                                 normalizations=norm)[0].style for im in images]
+    return style_reference(styles)
 
 
 def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from app.jobs import JobCancelled
 from app.job_params import SegmentJob
 from app.models import DatasetImage
 from workers.compute import worker_compute
@@ -119,38 +120,49 @@ def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarr
     return np.concatenate(stacks)
 
 
-def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep,
-                    fields: list) -> Iterator[tuple]:
-    """(field, image, labels per object, error or None, seconds, settings used per object) for each
-    of ``fields``, in order.
+def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list,
+                    plate, zarr_fields: dict) -> Iterator[tuple]:
+    """(field, image, labels per object, error or None, seconds, settings used per object, style
+    vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
 
     The plate route (``app.science.plate.segment_fields``): fields read and corrected on a thread,
     batched through each channel model, masks reconstructed beside the network, while this thread
     writes the previous field's results. A per-image diameter estimate changes the models per field,
-    so that request keeps the one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
+    and OME-Zarr fields may be lazy and larger than memory, so those keep the one-field-at-a-time
+    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``, the default).
     """
     seg = p.params
     n_fields = len(p.fields)
     index_of = {f.name: i for i, f in enumerate(p.fields)}
-    if (seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field" or not fields:
+    one_at_a_time = ((seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field"
+                     or plate is not None or not fields)
+    if one_at_a_time:
         for field in fields:
             index = index_of[field.name]
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             started = time.perf_counter()
             settings: dict[str, dict[str, Any]] = {}
+            styles: dict[str, list[float]] = {}
+            zf = zarr_fields.get(field.zarr_path) if field.zarr_path else None
             try:
-                image = read_field(ctx, field.image_sha256)
-                labels = {}
+                if field.zarr_path and zf is None:
+                    raise JobFailed(f"the plate no longer has the field {field.zarr_path}")
+                image = _zarr_image(ctx, plate, zf) if zf is not None else read_field(ctx, field.image_sha256)
+                labels: dict[str, np.ndarray] = {}
                 for k, obj in enumerate(p.objects):
                     ctx.progress(f"field {index + 1} of {n_fields} ({field.name}): {obj}",
                                  (index + k / len(p.objects)) / n_fields)
                     settings[obj] = {}
+                    object_styles: dict[str, list[float]] = {}
                     labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
-                                                 settings[obj], obj=obj, prep=prep)
+                                                 settings[obj], obj=obj, prep=prep, styles_out=object_styles)
+                    styles.update({f"{obj}:{channel}": style for channel, style in object_styles.items()})
+            except JobCancelled:
+                raise
             except Exception as exc:  # noqa: BLE001 - listed with the field by the caller
-                yield field, None, None, exc, time.perf_counter() - started, settings
+                yield field, None, None, exc, time.perf_counter() - started, settings, styles, zf
                 continue
-            yield field, image, labels, None, time.perf_counter() - started, settings
+            yield field, image, labels, None, time.perf_counter() - started, settings, styles, zf
         return
 
     from app.science.plate import segment_fields
@@ -160,18 +172,21 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
     tasks = _tasks(ctx, p, cache, prep, first)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
-    plate = segment_fields(((field, partial(reader, field.image_sha256)) for field in fields), tasks,
-                           precision=compute.precision, mask_device=compute.device,
-                           batch_fields=compute.plate_batch_fields or None)
-    with closing(plate):
-        for outcome in plate:
+    engine = segment_fields(((field, partial(reader, field.image_sha256)) for field in fields), tasks,
+                            precision=compute.precision, mask_device=compute.device,
+                            batch_fields=compute.plate_batch_fields or None)
+    with closing(engine):
+        for outcome in engine:
             field = outcome.key
             index = index_of[field.name]
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             labels = {obj: result.labels for obj, result in outcome.results.items()}
             settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
+            styles = {f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
+                      for obj, result in outcome.results.items()
+                      for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)}
             image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
-            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings
+            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -189,8 +204,21 @@ def run(ctx: JobContext) -> dict[str, Any]:
     preds: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
     # A re-run after a lost worker keeps the fields an earlier attempt finished (their results and
     # a record of each) and redoes the rest.
-    finished = _finished_fields(ctx, {f.name for f in p.fields})
+    # (An OME-Zarr job starts over: its labels live in the plate, and an uploaded plate is unpacked
+    # afresh.)
+    finished = {} if p.ome_zarr else _finished_fields(ctx, {f.name for f in p.fields})
     ctx.drop_results_except(lambda result: result.split("/", 1)[0] in finished and "/" in result)
+    plate = _open_plate(ctx, p)
+    zarr_fields = {f.path: f for f in plate.fields} if plate is not None else {}
+    well_rows: dict[str, list[dict[str, Any]]] = {}
+    qc_fields: list[dict[str, Any]] = []
+    owner = ctx.job.owner_key_id
+
+    def read_any(field) -> np.ndarray:
+        if field.zarr_path:
+            return np.asarray(_zarr_image(ctx, plate, zarr_fields[field.zarr_path], in_memory=True))
+        return read_field(ctx, field.image_sha256)
+
     from workers.pipelines.preprocess import plan_plate_preprocessing
 
     versions = {obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
@@ -198,12 +226,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
     with ctx.stage("preprocessing", 0.0):
         prep = plan_plate_preprocessing(
             ctx, versions, seg.preprocessing, len(p.fields),
-            lambda: (read_field(ctx, f.image_sha256) for f in p.fields), p.channels,
+            lambda: (read_any(f) for f in p.fields), p.channels,
             on_progress=lambda stage: ctx.progress(stage, 0.0, force=True))
-    provenance = _provenance(ctx, p, prep.record())
-    ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
-                   media_type="application/json")
-    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished])
+    provenance = _provenance(ctx, p, prep.record())  # written at the end, with the plate's QC
+    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate,
+                               zarr_fields)
     for field in p.fields:
         name = field.name
         if name in finished:
@@ -214,11 +241,25 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 truths[obj].append(read_mask(ctx, mask_sha(image_row, obj)))
                 preds[obj].append(read_labels(ctx.folder.file(f"{name}/{obj}.tif"), max_pixels=10**12))
             continue
-        _field, image, labels, error, seconds, settings = next(outcomes)  # the same order as p.fields
+        _field, image, labels, error, seconds, settings, styles, zf = next(outcomes)  # the order of p.fields
         started = time.perf_counter()
         try:
             if error is not None:
                 raise error
+            if zf is not None:
+                for obj, lab in labels.items():
+                    _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance)
+                if not isinstance(image, np.ndarray):
+                    if int(np.prod(image.shape)) <= ctx.settings.max_image_pixels:
+                        image = np.asarray(image[:, :, :], dtype=np.float32)  # small enough to measure
+                    else:  # a stitched well beyond the pixel limit: labels and QC counts only
+                        qc_fields.append(_qc_row(name, field.well, labels, styles, None))
+                        done.append({"field": name, "well": field.well, "field_number": field.field,
+                                     "objects": {o: int(lab.max()) for o, lab in labels.items()},
+                                     "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": {},
+                                     "blocked": True, "settings": settings})
+                        continue
+            qc_fields.append(_qc_row(name, field.well, labels, styles, image))
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -230,6 +271,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             table = exports.measurements_csv(rows, columns=exports.measurement_columns(p.channels))
             ctx.add_result(f"{name}/measurements.csv", table, kind="measurements",
                            media_type="text/csv", meta={"field": name, "rows": len(rows)})
+            if zf is not None:
+                well_rows.setdefault(zf.well_path, []).extend({"field": zf.index, **row} for row in rows)
             preview_channel = min(seg.preview_channel, image.shape[0] - 1)
             ctx.add_result(f"{name}/overlay.png",
                            exports.overlay_png(image, nuclei if nuclei is not None else np.zeros_like(cells),
@@ -257,15 +300,35 @@ def run(ctx: JobContext) -> dict[str, Any]:
             raise
         except JobFailed as exc:
             failed.append({"field": name, "error": str(exc)})
+            _field_failed_event(ctx, p, owner, field, str(exc))
         except Exception as exc:  # one bad field does not fail the plate; it is listed with its reason
             log.exception("field %s failed", name)
             failed.append({"field": name, "error": f"{type(exc).__name__}: {exc}"})
+            _field_failed_event(ctx, p, owner, field, f"{type(exc).__name__}: {exc}")
     if not done:
         raise JobFailed(f"every field failed; first error: {failed[0]['error'] if failed else 'no fields'}")
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
+    qc = _plate_qc(ctx, p, qc_fields)  # (fields resumed from an earlier attempt are not in it)
+    provenance["qc"] = qc
+    ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
+                   media_type="application/json")
+    ctx.add_result("qc.json", json.dumps(qc, indent=2).encode(), kind="qc", media_type="application/json")
+    zarr_outputs = _finish_plate(ctx, p, plate, well_rows) if plate is not None else None
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
                "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
-               "fields_resumed": len(finished), "precision": provenance["compute"]["precision"]}
+               "fields_resumed": len(finished), "precision": provenance["compute"]["precision"],
+               "qc": {k: qc[k] for k in ("flagged_fields", "drifted_channels", "summary")},
+               "qc_field_stats": [{"field": f["field"], "stats": f["stats"]} for f in qc_fields]}
+    if zarr_outputs is not None:
+        summary["ome_zarr"] = zarr_outputs
+    if qc["flags"]:
+        from app.webhooks import emit_safely
+
+        emit_safely(ctx.session, "plate.qc_flagged",
+                    {"job_id": ctx.job_id, "plate": p.plate, "cell_line": p.cell_line, "flags": qc["flags"][:100],
+                     "flagged_fields": qc["flagged_fields"], "drifted_channels": qc["drifted_channels"],
+                     "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
+                    owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary
@@ -273,3 +336,133 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
 #: run_job keeps an earlier attempt's results for this pipeline: it resumes field by field.
 run.resumable = True
+
+
+# --- OME-Zarr plates, QC and events -----------------------------------------------------------------
+
+
+def _open_plate(ctx: JobContext, p: SegmentJob):
+    """The plate to read and write: the server folder, or the uploaded zip unpacked in the job folder."""
+    if p.ome_zarr is None:
+        return None
+    from pathlib import Path
+
+    from app.science.ome_zarr_io import OmeZarrError, read_plate
+    from app.zipped_plates import ZipPlateError, remove, unpack
+
+    src = p.ome_zarr
+    if src.zip_sha256:
+        target = ctx.folder.path / "ome-zarr"
+        remove(target)  # a re-run starts from the upload again
+        try:
+            unpack(ctx.blobs.path_for(src.zip_sha256), target, max_bytes=ctx.settings.max_request_bytes)
+        except (ZipPlateError, KeyError) as exc:
+            raise JobFailed(f"the uploaded plate cannot be unpacked: {exc}") from exc
+        root = target / src.root_in_zip if src.root_in_zip not in ("", ".") else target
+    else:
+        root = Path(src.path or "")
+    try:
+        plate = read_plate(root, wells=src.wells)
+    except OmeZarrError as exc:
+        raise JobFailed(f"the OME-Zarr plate cannot be read: {exc}") from exc
+    if plate.channel_names != src.channel_names:
+        raise JobFailed(f"the plate's channels changed since submission: {plate.channel_names} != "
+                        f"{src.channel_names}")
+    return plate
+
+
+def _zarr_image(ctx: JobContext, plate, zf, *, in_memory: bool = False):
+    """A field's pixels: in memory when small, else a lazy view that blocked segmentation slices."""
+    from app.science.ome_zarr_io import open_field
+
+    view = open_field(plate.root, zf)
+    if zf.shape[1] * zf.shape[2] > ctx.settings.segment_block_pixels and not in_memory:
+        return view
+    return np.asarray(view[:, :, :], dtype=np.float32)
+
+
+def _write_zarr_labels(ctx: JobContext, p: SegmentJob, plate, zf, obj: str, labels: np.ndarray,
+                       provenance: dict[str, Any]) -> None:
+    from app.science.ome_zarr_io import write_labels
+
+    seg = p.params
+    source = {"cellfuse": {
+        "job_id": ctx.job_id, "object": obj, "method": p.method, "cell_line": p.cell_line,
+        "channels": p.plan[obj].channels, "models": provenance["models"][obj],
+        "thresholds": {"flow_threshold": seg.flow_threshold, "cellprob_threshold": seg.cellprob_threshold,
+                       "min_size": seg.min_size},
+        "diameter": seg.diameter or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
+        "library_versions": provenance["library_versions"]}}
+    write_labels(plate, zf, obj, labels, source)
+
+
+def _finish_plate(ctx: JobContext, p: SegmentJob, plate, well_rows: dict[str, list[dict[str, Any]]]) -> dict:
+    from app.science import exports
+    from app.science.ome_zarr_io import well_name, write_well_table
+
+    columns = ["field", *exports.measurement_columns(p.channels)]
+    tables = []
+    for well_path, rows in sorted(well_rows.items()):
+        data = exports.measurements_csv(rows, columns=columns)
+        tables.append(write_well_table(plate, well_path, "measurements", data))
+        row, column = well_path.split("/")
+        ctx.add_result(f"{well_name(row, column)}/well_measurements.csv", data, kind="measurements",
+                       media_type="text/csv", meta={"well": well_name(row, column), "rows": len(rows)})
+    out = {"version": plate.version, "labels": list(p.objects), "tables": tables}
+    if p.ome_zarr.zip_sha256:
+        from app.zipped_plates import zip_folder
+
+        archive = ctx.folder.path / "plate.ome.zarr.zip.tmp"
+        zip_folder(plate.root, archive)
+        ctx.add_result("plate.ome.zarr.zip", archive.read_bytes(), kind="ome_zarr", media_type="application/zip")
+        archive.unlink(missing_ok=True)
+        out["download"] = "plate.ome.zarr.zip"
+    else:
+        out["path"] = str(plate.root)
+    return out
+
+
+def _qc_row(name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]],
+            image: np.ndarray | None) -> dict:
+    from app.science.plate_qc import field_stats
+
+    return {"field": name, "well": well, "stats": {obj: field_stats(lab, image) for obj, lab in labels.items()},
+            "styles": styles}
+
+
+def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -> dict[str, Any]:
+    """Robust z-scores against this plate and past plates of the cell line; style drift per channel."""
+    from sqlalchemy import select
+
+    from app.models import Job
+    from app.science.plate_qc import plate_qc
+
+    history: dict[str, dict[str, list[float]]] = {}
+    past = ctx.session.scalars(select(Job).where(Job.kind == "segment", Job.status == "succeeded",
+                                                 Job.id != ctx.job_id).order_by(Job.finished_at.desc())
+                               .limit(200)).all()
+    for job in past:
+        if (job.params or {}).get("cell_line") != p.cell_line:
+            continue
+        for row in (job.summary or {}).get("qc_field_stats", []):
+            for obj, stats in (row.get("stats") or {}).items():
+                for metric, value in stats.items():
+                    history.setdefault(obj, {}).setdefault(metric, []).append(float(value))
+    references = {}
+    for obj, plan in p.plan.items():
+        for name, version_id in plan.models.items():
+            card = model_version(ctx, version_id).card or {}
+            ref = card.get("style_reference") or (card.get("extra") or {}).get("style_reference")
+            if ref:
+                references[f"{obj}:{name}"] = ref
+    return plate_qc(qc_fields, history=history, style_references=references)
+
+
+def _field_failed_event(ctx: JobContext, p: SegmentJob, owner: int | None, field, error: str) -> None:
+    from app.webhooks import emit_safely
+
+    emit_safely(ctx.session, "plate.field_failed",
+                {"job_id": ctx.job_id, "plate": p.plate, "field": field.name, "well": field.well,
+                 "field_number": field.field, "error": error, "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
+                owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
+

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import io
+import json
+import zipfile
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
@@ -160,6 +163,75 @@ def list_model_versions(session: SessionDep, _: InstrumentDep, page: PageDep, re
 @router.get("/models/{version_id}", response_model=ModelVersionOut, summary="One model version")
 def get_model_version(version_id: IdPath, session: SessionDep, _: InstrumentDep) -> ModelVersionOut:
     return version_out(session, zoo.model_version_by_id(session, version_id))
+
+
+#: Cellpose 3's classes hard-code these CPnet widths; only such nets get a Cellpose-format file.
+CELLPOSE_FULL_WIDTHS = [32, 64, 128, 256]
+
+
+def _weights_stem(version: ModelVersion) -> str:
+    return f"{version.cell_line.name}-{version.reporter.name}-{version.object}-v{version.version}"
+
+
+@router.get("/models/{version_id}/weights", summary="Download a model version's weights",
+            response_class=Response,
+            responses={200: {"content": {"application/zip": {}, "application/octet-stream": {},
+                                         "application/json": {}}}})
+def download_weights(version_id: IdPath, session: SessionDep, blobs: BlobsDep, _: ScientistDep,
+                     format: Annotated[Literal["zip", "safetensors", "card", "cellpose"], Query(
+                         description="zip: safetensors + card.json + README; cellpose: Cellpose 3's own "
+                                     "state-dict file (full-width models only)")] = "zip") -> Response:
+    """The weights as scientists use them elsewhere: the safetensors file with its card (sha256 inside),
+    or the Cellpose 3 file that ``CellposeModel(pretrained_model=...)`` loads."""
+    version = zoo.model_version_by_id(session, version_id)
+    if version.status not in ("ready", "archived") or not version.weights_sha256:
+        raise Problem(409, f"model version {version_id} has no weights yet (status {version.status!r})",
+                      slug="weights-not-ready")
+    stem = _weights_stem(version)
+    card = dict(version.card or {})
+    headers = {"X-Content-SHA256": version.weights_sha256}
+    if format == "card":
+        return Response(json.dumps(card, indent=2, sort_keys=True), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{stem}.json"'})
+    if format == "cellpose":
+        widths = list((card.get("architecture") or {}).get("widths") or card.get("widths") or [])
+        if widths != CELLPOSE_FULL_WIDTHS:
+            raise Problem(409, f"model version {version_id} is a CPnet of widths {widths}; Cellpose 3 loads only "
+                          f"full-width nets {CELLPOSE_FULL_WIDTHS}. Download format=zip (safetensors) instead.",
+                          slug="not-cellpose-compatible")
+        cellpose_sha = (card.get("extra") or {}).get("cellpose_weights_sha256")
+        if not cellpose_sha or not blobs.exists(cellpose_sha):
+            raise Problem(409, f"model version {version_id} has no Cellpose export stored (it was trained before "
+                          "exports were written); download format=zip (safetensors) instead",
+                          slug="no-cellpose-export")
+        return Response(blobs.read_bytes(cellpose_sha), media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{stem}"',
+                                 "X-Content-SHA256": cellpose_sha})
+    try:
+        weights = blobs.read_bytes(version.weights_sha256)
+    except KeyError:
+        raise Problem(410, f"the weights file of model version {version_id} is missing from the data directory",
+                      slug="weights-gone")
+    if format == "safetensors":
+        return Response(weights, media_type="application/octet-stream",
+                        headers={**headers, "Content-Disposition": f'attachment; filename="{stem}.safetensors"'})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{stem}.safetensors", weights)
+        archive.writestr(f"{stem}.json", json.dumps(card, indent=2, sort_keys=True))
+        archive.writestr("README.txt", _weights_readme(stem, version))
+    return Response(buffer.getvalue(), media_type="application/zip",
+                    headers={**headers, "Content-Disposition": f'attachment; filename="{stem}.zip"'})
+
+
+def _weights_readme(stem: str, version: ModelVersion) -> str:
+    return (f"CellFuse model version {version.id}: {version.cell_line.name} / {version.reporter.name} / "
+            f"{version.object}, version {version.version}\n"
+            f"weights sha256: {version.weights_sha256}\n"
+            f"diameter to use at inference: {version.diameter}\n\n"
+            "Load in Python (the card rebuilds the network and checks the sha256):\n"
+            "    from app.science.weights import load_model\n"
+            f"    net, card = load_model('{stem}.safetensors')  # reads {stem}.json beside it\n")
 
 
 @router.post("/models/{version_id}/archive", response_model=ModelVersionOut, summary="Archive a version")

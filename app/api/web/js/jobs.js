@@ -397,6 +397,24 @@ function renderResults(job) {
     parts.push(detailSection("Fields", el("ul", {}, s.failed_fields.map((f) => el("li", {class: "job-error"},
       `${f.field}: ${f.error}`)))));
   }
+  // Plate QC: implausible fields and drifted reporters (details in qc.json).
+  if (s.qc) {
+    const flagged = s.qc.flagged_fields || [];
+    const drifted = s.qc.drifted_channels || [];
+    parts.push(detailSection("Plate QC",
+      el("p", {class: flagged.length ? "job-error" : ""},
+        flagged.length ? `Implausible field(s) for this plate or cell line: ${flagged.join(", ")}`
+          : "No field is implausible against the plate or past plates of this cell line."),
+      el("p", {class: drifted.length ? "job-error" : ""},
+        drifted.length ? `Reporter drift (style far from the model's training images): ${drifted.join(", ")}`
+          : "No reporter drift against the models' training images.")));
+  }
+  if (s.ome_zarr) {
+    parts.push(detailSection("OME-Zarr", el("p", {},
+      `NGFF ${s.ome_zarr.version}: labels ${(s.ome_zarr.labels || []).join(", ")} next to each image; tables: ` +
+      `${(s.ome_zarr.tables || []).join(", ")}` +
+      (s.ome_zarr.path ? ` in ${s.ome_zarr.path}` : "; download plate.ome.zarr.zip below"))));
+  }
   const metrics = s.metrics || s.test_metrics;
   if (metrics && Object.keys(metrics).length) {
     const rowsByName = "f1" in metrics ? {[p.object || "all"]: metrics} : metrics;
