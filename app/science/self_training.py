@@ -47,7 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.science.classical import complete_markers, detect_markers, estimate_diameter, normalise01
+from app.science.classical import (
+    complete_markers,
+    detect_markers,
+    estimate_diameter,
+    normalise01,
+)
 from app.science.training import TrainingCancelled
 
 
@@ -156,7 +161,7 @@ def _position_channel(patch: int, diameter: float) -> np.ndarray:
 
 def patch_size(diameter: float, scale: float) -> int:
     """An odd patch side of about ``scale * diameter`` (odd: the marker is its centre pixel)."""
-    side = max(9, int(math.ceil(scale * diameter)))
+    side = max(9, math.ceil(scale * diameter))
     return side if side % 2 else side + 1
 
 
@@ -202,7 +207,7 @@ def instances_from_patches(probabilities: torch.Tensor | np.ndarray, prepared: _
         better = probabilities[i] > best[index]
         best[index[better]] = probabilities[i][better]
         owner[index[better]] = i + 1
-    patch = int(round(math.sqrt(prepared.index.shape[1])))
+    patch = round(math.sqrt(prepared.index.shape[1]))
     half = patch // 2
     ly, lx = prepared.shape
     labels = torch.where(best > threshold, owner, 0).reshape(ly + 2 * half, lx + 2 * half)

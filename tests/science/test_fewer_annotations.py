@@ -6,8 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from app.science.classical import classical_segment, complete_markers, detect_markers, estimate_diameter
-from app.science.isl import ISLConfig, ISLDataError, pearson, predict_stain, pretrain_isl, stain_target
+from app.science.classical import (
+    classical_segment,
+    complete_markers,
+    detect_markers,
+    estimate_diameter,
+)
+from app.science.isl import (
+    ISLConfig,
+    ISLDataError,
+    pearson,
+    predict_stain,
+    pretrain_isl,
+    stain_target,
+)
 from app.science.metrics import score_set
 from app.science.self_training import (
     SelfTrainConfig,
