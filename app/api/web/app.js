@@ -14,6 +14,7 @@ const METHOD_NAMES = {
 const KIND_NAMES = {
   segment: "segmentation", "segment-dataset": "segmentation of a dataset", finetune: "fine-tuning",
   evaluate: "evaluation", select_channels: "channel selection", noop: "test job",
+  pretrain_isl: "ISL pretraining", self_train: "self-training (no annotations)",
 };
 
 const state = {
@@ -635,7 +636,9 @@ async function loadZoo() {
     return el("tr", {class: `version-row${v.id === state.selectedVersionId ? " selected" : ""}`, "data-version": v.id,
       onclick: () => selectVersion(v.id)},
     el("td", {}, v.id), el("td", {}, v.cell_line), el("td", {}, v.reporter), el("td", {}, v.object),
-    el("td", {class: "num"}, v.version), el("td", {}, el("span", {class: `badge ${v.status}`}, v.status)),
+    el("td", {class: "num"}, v.version), el("td", {}, el("span", {class: `badge ${v.status}`}, v.status),
+      v.pseudo_labelled ? el("span", {class: "badge pseudo", title: "trained on self-training pseudo-labels: "
+        + "no human annotation"}, "pseudo-labelled") : null),
     el("td", {class: "num"}, fmtScore(m.f1)), el("td", {class: "num"}, fmtScore(m.precision)),
     el("td", {class: "num"}, fmtScore(m.recall)),
     el("td", {class: "num"}, fmt(v.diameter, 1)), el("td", {}, v.aliases.join(", ") || "–"),
