@@ -16,10 +16,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ObjectLiteral = Literal["nuclei", "cells"]
-MethodLiteral = Literal["flow_fusion", "staple", "simple", "voting", "majority_voting"]
-SplitLiteral = Literal["train", "val", "test"]
-MetricLiteral = Literal["f1", "jaccard", "map_50_95"]
+from app.vocabulary import (
+    DEFAULT_ALIAS,
+    MethodLiteral,
+    MetricLiteral,
+    ObjectLiteral,
+    SplitLiteral,
+)
 
 
 class StrictModel(BaseModel):
@@ -136,7 +139,7 @@ class SegmentJob(JobParams):
     channels: list[str]
     objects: list[ObjectLiteral]
     method: MethodLiteral = "flow_fusion"
-    alias: str = "production"
+    alias: str = DEFAULT_ALIAS
     plate: str | None = None
     plan: dict[str, ObjectPlan]
     fields: list[FieldSpec]
@@ -161,7 +164,7 @@ class SelectChannelsJob(JobParams):
     object: ObjectLiteral
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"
-    alias: str = "production"
+    alias: str = DEFAULT_ALIAS
     metric: MetricLiteral = "f1"
     plan: dict[str, ObjectPlan]
     cell_line: str

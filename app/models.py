@@ -27,8 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
-
-OBJECTS = ("nuclei", "cells")
+from app.vocabulary import OBJECTS  # noqa: F401  (re-exported: the database layer checks objects)
 
 
 def utcnow() -> datetime:

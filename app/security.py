@@ -13,8 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, utcnow
+from app.vocabulary import ROLES
 
-ROLES = ("instrument", "scientist", "admin")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 KEY_PREFIX = "cf_"
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from app.science.hashing import file_sha256
+
 CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Names of files inside a job folder: letters, digits, '.', '_', '-' and at most one level of '/'.
@@ -118,12 +120,7 @@ class BlobStore:
 
     def verify(self, sha256: str) -> bool:
         """True when the stored bytes still hash to their name."""
-        path = self.path_for(sha256)
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
-                digest.update(chunk)
-        return digest.hexdigest() == sha256
+        return file_sha256(self.path_for(sha256)) == sha256
 
 
 def _iter_bytes(data: bytes) -> Iterable[bytes]:

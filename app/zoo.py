@@ -27,10 +27,10 @@ from app.models import (
     utcnow,
 )
 from app.storage import BlobStore
+from app.vocabulary import DEFAULT_ALIAS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALIAS = "production"
 #: The metric an alias move is judged by.
 ALIAS_METRIC = "f1"
 

@@ -7,12 +7,13 @@ also turns off TLS verification for the whole process). This module does not imp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from app.science.hashing import file_sha256
 
 ZOO_DIR = Path(__file__).resolve().parent
 CARDS_DIR = ZOO_DIR / "cards"
@@ -44,12 +45,7 @@ class BaseModelEntry:
     card: dict[str, Any]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = file_sha256
 
 
 def shipped_base_models() -> list[BaseModelEntry]:

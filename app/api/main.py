@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -11,7 +12,8 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.api.routes import jobs, system
+from app.api.routes import datasets, jobs, keys, system, web, work, zoo
+from app.reaper import reaper_loop
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,13 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(_bootstrap, settings)
-        task = None
-        if run_reaper:
-            task = asyncio.create_task(_reaper(settings))
+        stop = threading.Event()
+        if run_reaper:  # the same sweep the workers run, in a thread of the API process
+            threading.Thread(target=reaper_loop, args=(stop, settings), daemon=True, name="job-reaper").start()
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
+            stop.set()
 
     app = FastAPI(
         title="CellFuse",
@@ -57,25 +58,6 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.include_router(system.router)
-    app.include_router(jobs.router)
-    for name in ("zoo", "datasets", "work", "keys", "web"):
-        try:
-            module = __import__(f"app.api.routes.{name}", fromlist=["router"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"app.api.routes.{name}":
-                raise
-            continue
+    for module in (system, jobs, zoo, datasets, work, keys, web):
         app.include_router(module.router)
     return app
-
-
-async def _reaper(settings: Settings) -> None:
-    from app.reaper import reap_once
-
-    while True:
-        await asyncio.sleep(settings.reaper_interval_s)
-        try:
-            await asyncio.to_thread(reap_once, settings)
-        except Exception:
-            log.warning("job reaper sweep failed", exc_info=True)

@@ -7,19 +7,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.job_params import (  # noqa: F401  (re-exported: request bodies embed them)
+from app.job_params import (
     FinetuneParams,
     ISLParams,
+    NoopJob,
+    SegmentParams,
+    SelfTrainParams,
+    StrictModel,
+)
+from app.vocabulary import (
+    DEFAULT_ALIAS,
+    JobStatusLiteral,
     MethodLiteral,
     MetricLiteral,
     ObjectLiteral,
-    SegmentParams,
-    SelfTrainParams,
+    RoleLiteral,
     SplitLiteral,
-    StrictModel,
 )
 
-JobStatusLiteral = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 #: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
 MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
@@ -75,10 +80,8 @@ class JobPage(BaseModel):
     offset: int
 
 
-class NoopJobIn(StrictModel):
-    steps: int = Field(default=3, ge=1, le=1000)
-    step_seconds: float = Field(default=0.2, ge=0, le=60)
-    fail: bool = False
+#: A noop job's request is its stored parameters.
+NoopJobIn = NoopJob
 
 
 class HealthOut(BaseModel):
@@ -288,7 +291,7 @@ class SegmentRequest(StrictModel):
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     plate: str | None = Field(default=None, max_length=120)
     fields: list[FieldMeta] = Field(default_factory=list, max_length=1536,
                                          description="per uploaded file: {well, field}")
@@ -301,7 +304,7 @@ class SegmentDatasetIn(StrictModel):
     objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
@@ -312,7 +315,7 @@ class EvaluateIn(StrictModel):
     object: ObjectLiteral | None = None
     use_channels: list[str] | None = Field(default=None, max_length=8)
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
 
 
 class SelectChannelsIn(StrictModel):
@@ -320,11 +323,10 @@ class SelectChannelsIn(StrictModel):
     object: ObjectLiteral
     split: SplitLiteral = "val"
     method: MethodLiteral = "flow_fusion"
-    alias: str = Field(default="production", max_length=60)
+    alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     metric: MetricLiteral = "f1"
 
 
-RoleLiteral = Literal["instrument", "scientist", "admin"]
 
 
 class ApiKeyIn(StrictModel):

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.science.backbone import DEFAULT_DIAM_MEAN, FULL_WIDTHS, INPUT_CHANNELS, build_network, network_widths
+from app.science.hashing import file_sha256
 
 CARD_FORMAT = 1
 ARCHITECTURE_TYPE = "cellpose-cpnet"
@@ -158,14 +158,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return versions
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

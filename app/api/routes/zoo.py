@@ -9,7 +9,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import zoo
-from app.api.deps import AdminDep, BlobsDep, IdPath, InstrumentDep, ScientistDep, SessionDep, SettingsDep
+from app.api.deps import (
+    AdminDep,
+    BlobsDep,
+    IdPath,
+    InstrumentDep,
+    ScientistDep,
+    SessionDep,
+    SettingsDep,
+)
 from app.api.errors import Problem
 from app.api.schemas import (
     NAME_PATTERN,
@@ -27,7 +35,16 @@ from app.api.schemas import (
     ResolutionOut,
 )
 from app.api.uploads import read_upload
-from app.models import AliasMove, BaseModel, CellLine, ChannelSet, ModelAlias, ModelVersion, Reporter
+from app.models import (
+    AliasMove,
+    BaseModel,
+    CellLine,
+    ChannelSet,
+    ModelAlias,
+    ModelVersion,
+    Reporter,
+)
+from app.vocabulary import DEFAULT_ALIAS
 
 router = APIRouter(prefix="/api/v1", tags=["zoo"])
 
@@ -223,7 +240,7 @@ def resolve(session: SessionDep, _: InstrumentDep,
             cell_line: Annotated[str, Query(max_length=120)],
             channels: Annotated[str, Query(max_length=1000, description="comma-separated reporter names")],
             object: Annotated[ObjectLiteral, Query()] = "nuclei",
-            alias: Annotated[str, Query(max_length=60)] = "production") -> ResolutionOut:
+            alias: Annotated[str, Query(max_length=60)] = DEFAULT_ALIAS) -> ResolutionOut:
     line = zoo.cell_line_by_name(session, cell_line)
     names = [c.strip() for c in channels.split(",") if c.strip()]
     if not names:
