@@ -135,3 +135,27 @@ def test_isl_pretraining_learns_the_stain_and_keeps_the_best_checkpoint():
     tuned = finetune(result.net, sources[:2], labels[:2], [], [],
                      TrainingConfig(max_epochs=1, min_epochs=0, batch_size=2, bsize=64, min_train_masks=1))
     assert set(tuned.net.state_dict()) == set(result.net.state_dict())
+
+
+BBBC022 = "/work/shared/data/bbbc022_cellpainting_crop/IXMtest_A02_s9.tif"
+
+
+@pytest.mark.slow
+def test_isl_smoke_on_a_real_cell_painting_field():
+    """Real CC0 Cell Painting (BBBC022): w2 and w3 stains -> the Hoechst DNA stain (w1), no masks."""
+    import os
+
+    import tifffile
+
+    if not os.path.exists(BBBC022):
+        pytest.skip("the BBBC022 crop is not in ../shared/data on this machine")
+    torch.set_num_threads(1)
+    field = tifffile.imread(BBBC022).astype(np.float32)  # (3, 395, 695)
+    tiles = [field[:, :192, x: x + 192] for x in (0, 192, 384)]
+    config = ISLConfig(bsize=96, batch_size=4, max_epochs=4, min_epochs=1, patience=3, learning_rate=0.005)
+    result = pretrain_isl([t[1:] for t in tiles[:2]], [t[0] for t in tiles[:2]], [tiles[2][1:]], [tiles[2][0]],
+                          config, widths=(8, 16, 32, 64))
+    assert len(result.history) >= 1 and np.isfinite(result.best_val_loss)
+    assert result.best_val_loss <= result.history[0].val_loss
+    assert -1.0 <= result.val_correlation <= 1.0
+    assert predict_stain(result.net, tiles[2][1]).shape == (192, 192)
