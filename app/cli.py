@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,7 +53,10 @@ def migrate(revision: Annotated[str, typer.Argument(help="target revision")] = "
 
 
 def ensure_admin_key(settings) -> str | None:
-    """On first start, create an admin key and keep it in a 0600 file in the data directory."""
+    """On first start, create an admin key and keep it in a 0600 file in the data directory.
+
+    -> the new key on the start that created it; None on later starts (the key is never shown twice).
+    """
     from sqlalchemy import func, select
 
     from app.db import session_factory
@@ -62,8 +65,7 @@ def ensure_admin_key(settings) -> str | None:
 
     with session_factory(settings.resolved_database_url)() as session:
         if session.scalar(select(func.count()).select_from(ApiKey)):
-            path = settings.resolved_data_dir / ADMIN_KEY_FILE
-            return path.read_text().strip() if path.is_file() else None
+            return None
         _row, key = create_key(session, "first-admin", "admin")
     path = settings.resolved_data_dir / ADMIN_KEY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,13 +97,28 @@ def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") 
 
 
 @cli.command()
-def worker(queue: Annotated[list[str], typer.Option("--queue", "-q", help="queues to consume")] = None,
+def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
            concurrency: Annotated[int, typer.Option(help="parallel jobs")] = 0) -> None:
     """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu`)."""
     settings = _settings()
     queues = queue or settings.worker_queues
     cmd = worker_command(queues, concurrency or settings.worker_concurrency)
     os.execv(cmd[0], cmd)
+
+
+@cli.command("worker-health")
+def worker_health(max_age: Annotated[float, typer.Option(help="seconds since a worker here last reported")] = 60.0,
+                  ) -> None:
+    """Exit 0 if a worker on this host reported within --max-age seconds (the worker container's healthcheck)."""
+    import socket
+
+    from app.worker_presence import live_workers_on_host
+
+    names = live_workers_on_host(_settings(), max_age)
+    if not names:
+        typer.echo(f"no worker on {socket.gethostname()} reported in the last {max_age:g} s", err=True)
+        raise typer.Exit(1)
+    typer.echo(" ".join(names))
 
 
 @cli.command()
@@ -127,7 +144,13 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
     typer.echo(f"CellFuse {__version__} on http://{host}:{port}/  (API docs: /docs)")
     typer.echo(f"data directory: {settings.resolved_data_dir}")
     if key:
-        typer.echo(f"admin API key (also in {settings.resolved_data_dir / ADMIN_KEY_FILE}): {key}")
+        key_file = settings.resolved_data_dir / ADMIN_KEY_FILE
+        # Shown once, and only to a person at a terminal: output redirected to a file (a log) gets
+        # the file's location instead of the key.
+        if sys.stdout.isatty():
+            typer.echo(f"admin API key, shown this once (also in {key_file}, mode 0600): {key}")
+        else:
+            typer.echo(f"an admin API key was created; it is in {key_file} (mode 0600)")
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
@@ -229,13 +252,36 @@ def bench_few_shot(small: Annotated[bool, typer.Option("--small", help="a smoke-
     run_few_shot_benchmark(small=small, datasets=tuple(dataset or ("synthetic", "dsb2018")), echo=typer.echo)
 
 
+@bench_cli.command("preprocessing")
+def bench_preprocessing(max_epochs: int = 40,
+                        small: Annotated[bool, typer.Option(help="a quick smoke run")] = False) -> None:
+    """Flow Fusion F1 with and without per-plate illumination correction and plate-level percentiles."""
+    from app.benchmarks.preprocessing import run_preprocessing_benchmark
+
+    if small:
+        run_preprocessing_benchmark(n_train=3, n_val=2, n_test=3, size=96, max_epochs=2, n_boot=50, echo=typer.echo)
+    else:
+        run_preprocessing_benchmark(max_epochs=max_epochs, echo=typer.echo)
+
+
 @bench_cli.command("load")
 def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
-               seconds: float = 20.0, rate: float = 20.0) -> None:
-    """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors."""
+               seconds: float = 20.0, rate: float = 20.0,
+               stack: Annotated[str, typer.Option(help="without --url: services | embedded | both")] = "both") -> None:
+    """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors.
+
+    Without --url it starts local stacks: PostgreSQL + Redis, and the embedded default (SQLite).
+    """
     from app.benchmarks.load import run_load_benchmark
 
-    run_load_benchmark(url=url or None, seconds=seconds, rate=rate, echo=typer.echo)
+    if url:
+        run_load_benchmark(url=url, seconds=seconds, rate=rate, echo=typer.echo)
+        return
+    if stack not in ("services", "embedded", "both"):
+        raise typer.BadParameter("--stack is services, embedded or both")
+    for embedded in {"services": (False,), "embedded": (True,), "both": (False, True)}[stack]:
+        typer.echo(f"== {'embedded default' if embedded else 'PostgreSQL + Redis'} ==")
+        run_load_benchmark(url=None, seconds=seconds, rate=rate, echo=typer.echo, embedded=embedded)
 
 
 @cli.command()
@@ -249,7 +295,7 @@ def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights 
     """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
     from app.science.pretrain import pretrain_base
 
-    kwargs = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
+    kwargs: dict[str, Any] = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
               "version": version, "bsize": bsize, "synthetic_size": 192}
     if data_dir is not None:
         kwargs["dsb_dir"] = data_dir

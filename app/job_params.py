@@ -12,9 +12,12 @@ True
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import math
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.vocabulary import (
     DEFAULT_ALIAS,
@@ -24,12 +27,110 @@ from app.vocabulary import (
     SplitLiteral,
 )
 
+#: Free-form JSON (a dataset's acquisition, ...): deep nesting and huge documents are refused, so
+#: that what is stored can always be read back and serialised.
+MAX_JSON_DEPTH = 8
+MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_INT = 2**63 - 1
+
+
+def storable_problem(value: Any, path: str, depth: int = 0) -> str | None:
+    """Why ``value`` cannot be stored in and read back from SQLite and PostgreSQL (None: it can).
+
+    PostgreSQL refuses NUL characters and NaN/Infinity in JSON; an unpaired surrogate cannot be
+    encoded as UTF-8; deep nesting breaks serialisation on the way out.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path}: the NUL character (\\u0000) is not allowed"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path}: an unpaired surrogate (\\ud800-\\udfff) is not valid text"
+        return None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path}: NaN and infinite numbers are not allowed"
+    if isinstance(value, int):
+        return None if abs(value) <= MAX_JSON_INT else f"{path}: integers must fit in 64 bits"
+    if isinstance(value, dict | list | tuple):
+        if depth >= MAX_JSON_DEPTH:
+            return f"{path}: nested deeper than {MAX_JSON_DEPTH} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            sub = f"{path}.{key}" if isinstance(value, dict) else f"{path}[{key}]"
+            if isinstance(key, str) and (problem := storable_problem(key, f"{path} (a key)", depth)):
+                return problem
+            if problem := storable_problem(item, sub, depth + 1):
+                return problem
+        return None
+    if isinstance(value, BaseModel):
+        return None  # checked by its own validator
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    @model_validator(mode="after")
+    def _storable(self):
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if problem := storable_problem(value, name):
+                raise PydanticCustomError("unstorable_value", problem)
+            if isinstance(value, dict) and len(json.dumps(value, default=_jsonable)) > MAX_JSON_BYTES:
+                raise PydanticCustomError("json_too_large", f"{name}: larger than {MAX_JSON_BYTES} bytes as JSON")
+        return self
+
 
 # --- parameters a client sets (also part of the API's request bodies) -------------------------
+
+
+class PreprocessingRecipe(StrictModel):
+    """How a channel's raw pixels become network input; fixed at fine-tuning, reused at inference.
+
+    ``illumination``: ``none``; ``per-plate`` (a BaSiC flatfield estimated per channel from all
+    fields of the plate or dataset, as CellProfiler's CorrectIlluminationCalculate per plate); or
+    ``profile`` (a stored profile, ``profile_id``: estimated earlier or uploaded). ``normalization``:
+    ``per-image`` (Cellpose's 1st-99th percentile of each field) or ``per-plate`` (the same
+    percentiles over all fields of the plate or dataset, so a dim field stays dim).
+    """
+
+    illumination: Literal["none", "per-plate", "profile"] = "none"
+    profile_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    darkfield: bool = Field(default=False, description="with per-plate: BaSiC also fits a darkfield")
+    normalization: Literal["per-image", "per-plate"] = "per-image"
+    lower_percentile: float = Field(default=1.0, ge=0, lt=100)
+    upper_percentile: float = Field(default=99.0, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessingRecipe:
+        if (self.illumination == "profile") != (self.profile_id is not None):
+            raise ValueError("give profile_id exactly when illumination is 'profile'")
+        if self.lower_percentile >= self.upper_percentile:
+            raise ValueError("lower_percentile must be below upper_percentile")
+        return self
+
+
+def recipe_from_card(card: dict | None) -> PreprocessingRecipe:
+    """The recipe a model was trained with, from its card (older models: per-image, no correction).
+
+    >>> recipe_from_card({}).normalization
+    'per-image'
+    """
+    record = ((card or {}).get("data") or {}).get("preprocessing") or {}
+    return PreprocessingRecipe.model_validate(record.get("recipe") or {})
+
+
+def training_profile_from_card(card: dict | None) -> dict | None:
+    """The illumination profile a model was trained with ({id, sha256, ...}), if any."""
+    record = ((card or {}).get("data") or {}).get("preprocessing") or {}
+    return record.get("illumination_profile")
 
 
 class FinetuneParams(StrictModel):
@@ -46,6 +147,8 @@ class FinetuneParams(StrictModel):
     n_train: int = Field(default=40, ge=1, le=100_000)
     n_val: int = Field(default=5, ge=1, le=100_000)
     n_test: int = Field(default=5, ge=1, le=100_000)
+    preprocessing: PreprocessingRecipe = Field(default_factory=PreprocessingRecipe,
+                                               description="recorded on the model card and reused at inference")
 
 
 class SegmentParams(StrictModel):
@@ -56,6 +159,9 @@ class SegmentParams(StrictModel):
                                    description="object diameter in pixels; default: the models' training diameter")
     estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
     preview_channel: int = Field(default=0, ge=0, le=15)
+    preprocessing: PreprocessingRecipe | None = Field(
+        default=None, description="default: each channel's model's own recipe (from its card); given here, it "
+                                  "overrides every channel's and the override is recorded")
 
 
 class ISLParams(StrictModel):

@@ -97,7 +97,7 @@ def claim(session: Session, job_id: str, worker: str) -> Job:
             finish(session, job_id, JobStatus.CANCELLED, error="cancelled before it started",
                    from_statuses=(JobStatus.QUEUED.value,))
         raise JobNotClaimable(job_id)
-    job = session.get(Job, job_id)
+    job = session.get_one(Job, job_id)
     session.refresh(job)
     return job
 

@@ -8,11 +8,19 @@ from alembic import command
 from alembic.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: A wheel ships the scripts inside the package (setup.py copies them there); a source checkout and an
+#: editable install use the repository's top-level alembic/. (In site-packages, ../alembic is the
+#: Alembic library itself, hence the env.py check.)
+PACKAGED_SCRIPTS = Path(__file__).resolve().parent / "_alembic"
+
+
+def script_location() -> Path:
+    return PACKAGED_SCRIPTS if (PACKAGED_SCRIPTS / "env.py").is_file() else REPO_ROOT / "alembic"
 
 
 def alembic_config(database_url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    config.set_main_option("script_location", str(script_location()))
     # Alembic's config is an INI parser: a literal % in a password must be doubled.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config

@@ -283,3 +283,27 @@ class Evaluation(Base):
     test_set_sha256: Mapped[str] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IlluminationProfile(Base):
+    """A per-channel flatfield (and darkfield) as a versioned artefact: estimated with BaSiC from a
+    plate or dataset (``source='estimated'``, with the job and the inputs it saw) or uploaded
+    (``source='uploaded'``). The arrays are a float32 TIFF blob ``(1 or 2, C, Y, X)``."""
+
+    __tablename__ = "illumination_profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(20))
+    method: Mapped[str] = mapped_column(String(20))
+    channels: Mapped[list[str]] = mapped_column(JSON)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    has_darkfield: Mapped[bool] = mapped_column(Boolean, default=False)
+    blob_sha256: Mapped[str] = mapped_column(String(64))
+    #: What it was estimated from: field count and the fields' image sha256s (or the upload's name).
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -39,9 +39,25 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     # The whole request body (a plate upload carries one file per field); refused before it is read.
     max_request_bytes: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
+    # Bodies received at once (upload slots) and their bytes; beyond: 503 (429 past one key's share).
+    max_concurrent_uploads: int = Field(default=4, ge=1)
+    max_uploads_per_key: int = Field(default=2, ge=1)
+    max_upload_bytes_in_flight: int = Field(default=8 * 1024 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=64_000_000, gt=0, description="per plane: Y*X*channels")
+    # /ready reports "not ready" when the data directory has less free space than this.
+    min_free_disk_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
     worker_concurrency: int = Field(default=1, ge=1)
+
+    # Bounds per role on what one job may occupy a worker for: a noop's steps x seconds, and a
+    # fine-tune's max_epochs (instrument keys cannot fine-tune at all).
+    max_noop_seconds: dict[str, float] = Field(
+        default_factory=lambda: {"instrument": 300.0, "scientist": 3600.0, "admin": 6 * 3600.0})
+    max_finetune_epochs: dict[str, int] = Field(default_factory=lambda: {"scientist": 1000, "admin": 5000})
+
+    # A fine-tune saves its training state at most this often, so that a later attempt (after a lost
+    # worker or a long database outage) resumes from the last saved epoch instead of epoch 0.
+    checkpoint_interval_s: float = Field(default=60.0, ge=0)
 
     # A running job's worker writes a heartbeat this often; a job whose heartbeat is older than
     # job_stale_after_s is taken to have lost its worker and is re-run, up to job_max_attempts.
@@ -54,6 +70,8 @@ class Settings(BaseSettings):
     # A job still queued this long after it was sent is sent again (a broker restart can lose it);
     # duplicates are harmless because a worker must claim the job in the database first.
     job_resend_after_s: float = Field(default=120.0, gt=0)
+    # Temporary files of uploads and blob writes older than this are leftovers of a killed process.
+    tmp_max_age_s: float = Field(default=30 * 60.0, gt=0)
     reaper_interval_s: float = Field(default=10.0, gt=0)
     ready_worker_timeout_s: float = Field(default=2.0, gt=0)
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from app.science.hashing import file_sha256
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -48,11 +52,21 @@ class StoredBlob:
 
 
 def _storage_error(exc: OSError, where: Path) -> StorageError:
+    # Messages reach API clients and job records: they name no server path (the log does).
+    log.error("data directory write failed under %s: %s", where, exc)
     if exc.errno == errno.ENOSPC:
-        return StorageError(errno.ENOSPC, f"the data directory is full ({where}); free space and retry")
+        return StorageError(errno.ENOSPC, "the data directory is full; free space and retry")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StorageError(exc.errno, f"the data directory is not writable ({where})")
-    return StorageError(exc.errno, f"could not write to the data directory ({where}): {exc.strerror}")
+        return StorageError(exc.errno, "the data directory is not writable; ask an administrator")
+    return StorageError(exc.errno, f"could not write to the data directory ({exc.strerror})")
+
+
+def disk_full_error(exc: BaseException) -> StorageError | None:
+    """The StorageError a database error stands for when the database's disk is full (SQLite)."""
+    text = str(getattr(exc, "orig", exc)).lower()
+    if "disk is full" in text or "no space left" in text or "could not extend file" in text:
+        return StorageError(errno.ENOSPC, "the data directory is full; free space and retry")
+    return None
 
 
 def is_sha256(value: str) -> bool:
@@ -111,6 +125,29 @@ class BlobStore:
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
+
+    def clean_tmp(self, older_than_s: float) -> int:
+        """Remove temporary files of writes that never finished (a killed process); -> files removed.
+
+        Only files older than ``older_than_s`` go: a younger one may be a write in progress.
+        """
+        tmp_dir = self.root / "tmp"
+        removed = 0
+        cutoff = time.time() - older_than_s
+        try:
+            entries = list(os.scandir(tmp_dir))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue  # gone already, or not ours to remove
+        if removed:
+            log.info("removed %d leftover temporary file(s) from %s", removed, tmp_dir)
+        return removed
 
     def read_bytes(self, sha256: str) -> bytes:
         path = self.path_for(sha256)

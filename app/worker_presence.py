@@ -7,9 +7,10 @@ import os
 import platform
 import socket
 import threading
+from datetime import timedelta, timezone
 from importlib import metadata
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from app.db import session_factory
 from app.models import WorkerHeartbeat, utcnow
@@ -31,8 +32,8 @@ def _gpu_info() -> dict:
     return {"gpu": False, "gpu_name": None}
 
 
-def _versions() -> dict:
-    out = {}
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for dist in ("cellfuse", "cellpose", "torch"):
         try:
             out[dist] = metadata.version(dist)
@@ -64,3 +65,20 @@ def presence_loop(stop: threading.Event, settings: Settings, queues: list[str]) 
             session.commit()
     except Exception:
         log.debug("could not remove worker presence", exc_info=True)
+
+
+def live_workers_on_host(settings: Settings, max_age_s: float, host: str | None = None) -> list[str]:
+    """This host's workers whose presence row is younger than ``max_age_s`` (a container healthcheck).
+
+    The presence thread runs beside the work, so a worker busy with a long job still counts as alive;
+    one whose process died or lost the database does not.
+    """
+    host = host or socket.gethostname()
+    cutoff = utcnow() - timedelta(seconds=max_age_s)
+    with session_factory(settings.resolved_database_url)() as session:
+        rows = session.scalars(
+            select(WorkerHeartbeat).where(WorkerHeartbeat.name.startswith(f"{host}:", autoescape=True))
+        ).all()
+    # SQLite hands back naive datetimes; every timestamp stored is UTC.
+    return [r.name for r in rows if (r.last_seen if r.last_seen.tzinfo else r.last_seen.replace(tzinfo=timezone.utc))
+            >= cutoff]

@@ -1,16 +1,22 @@
-# A GPU worker: CUDA runtime + CUDA torch. One container per GPU (`cellfuse worker --queue gpu`).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
-    && rm -rf /var/lib/apt/lists/*
+# A GPU worker: CUDA torch. One container per GPU (`cellfuse worker --queue gpu`).
+# The CUDA torch wheel brings its CUDA runtime as pip packages; the host's driver comes in through the
+# NVIDIA container toolkit. So the base is the same Python 3.11 as the API image and the lock.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /srv/cellfuse
-RUN pip3 install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
-COPY pyproject.toml README.md alembic.ini ./
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+# Then requirements.lock without its torch line (the CUDA build above stays), as a constraint on the
+# runtime dependencies.
+COPY requirements.lock ./
+RUN grep -v '^torch==' requirements.lock > /tmp/constraints.txt
+COPY pyproject.toml setup.py MANIFEST.in README.md alembic.ini ./
 COPY app ./app
 COPY workers ./workers
 COPY models_zoo ./models_zoo
 COPY alembic ./alembic
-RUN pip3 install -e . && useradd --system --uid 10001 cellfuse && mkdir -p /data && chown cellfuse /data
+RUN pip install -c /tmp/constraints.txt . && rm -rf build ./*.egg-info \
+    && useradd --system --uid 10001 cellfuse && mkdir -p /data && chown cellfuse /data
 USER cellfuse
 ENV CELLFUSE_DATA_DIR=/data
+HEALTHCHECK --start-period=120s CMD ["cellfuse", "worker-health", "--max-age", "60"]
 CMD ["cellfuse", "worker", "--queue", "gpu"]

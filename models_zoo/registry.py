@@ -50,7 +50,7 @@ sha256_of = file_sha256
 
 def shipped_base_models() -> list[BaseModelEntry]:
     """Base models shipped in this package (cards/*.json with weights/<stem>.safetensors)."""
-    entries = []
+    entries: list[BaseModelEntry] = []
     for card_path in sorted(CARDS_DIR.glob("*.json")):
         card = json.loads(card_path.read_text())
         weights = WEIGHTS_DIR / f"{card_path.stem}.safetensors"
@@ -71,7 +71,7 @@ def cellpose_models_dir() -> Path:
 def cellpose_local_models() -> list[BaseModelEntry]:
     """Cellpose CPnet weights already on this machine (e.g. cyto3 placed there by the user)."""
     folder = cellpose_models_dir()
-    entries = []
+    entries: list[BaseModelEntry] = []
     if not folder.is_dir():
         return entries
     for name, diam_mean in CELLPOSE_BUILTINS.items():

@@ -14,3 +14,25 @@ def test_ablation_benchmark_trains_both_arms_and_scores_both_acquisitions():
     for arm in result["summary"].values():
         assert 0.0 <= arm["same"] <= 1.0 and 0.0 <= arm["shifted"] <= 1.0
     assert lines[-1].startswith("F1 gain on the shifted acquisition")
+
+
+@pytest.mark.slow
+def test_preprocessing_benchmark_scores_every_recipe_at_every_gain():
+    from app.benchmarks.preprocessing import RECIPES, run_preprocessing_benchmark
+
+    lines: list[str] = []
+    result = run_preprocessing_benchmark(n_train=3, n_val=2, n_test=5, size=96, max_epochs=1, n_boot=20,
+                                         echo=lines.append)
+    assert len(result["rows"]) == len(RECIPES) * 2
+    for row in result["rows"]:
+        assert 0.0 <= row["interval"][0] <= row["f1"] <= row["interval"][1] <= 1.0
+    corrected = [row for row in result["rows"] if row["recipe"].startswith("illumination per-plate")]
+    assert all(row["timings_s"]["basic fit"] > 0 for row in corrected)
+    assert lines[-1].split(":")[0].strip().startswith("illumination")
+
+
+def test_shading_is_one_at_the_centre_and_falls_at_the_corners():
+    from app.benchmarks.preprocessing import shading
+
+    profile = shading((65, 65), strength=0.6)
+    assert profile[32, 32] == pytest.approx(1.0, abs=1e-3) and profile[0, 0] == pytest.approx(0.4, abs=1e-3)

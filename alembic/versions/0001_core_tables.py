@@ -2,7 +2,7 @@
 channel sets, jobs and their results, API keys, worker heartbeats.
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-21 03:07:22.404249
 """
 from alembic import op

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.storage import StorageError, UploadTooLarge
+from app.storage import StorageError, UploadTooLarge, disk_full_error
 from app.zoo import ZooError
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,28 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageError)
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage error: %s", exc)
-        return problem_response(request, 507, exc.strerror or str(exc), slug="storage-unavailable")
+        return problem_response(request, 507, exc.strerror or "the data directory cannot take the write",
+                                slug="storage-unavailable")
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (validation should have caught it): a 4xx, never a 500.
+        log.warning("database refused a value on %s: %s", request.url.path, exc.orig)
+        return problem_response(request, 422, "a value in the request cannot be stored (NUL characters, unpaired "
+                                "surrogates, NaN and out-of-range numbers are refused)", slug="unstorable-value")
 
     @app.exception_handler(OperationalError)
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:
+        if (full := disk_full_error(exc)) is not None:  # SQLite on a full disk: storage, not an outage
+            log.error("database write failed: the disk is full (%s)", exc.orig)
+            return problem_response(request, 507, full.strerror or "the disk is full", slug="storage-unavailable")
         log.warning("database unavailable: %s", exc)
         return problem_response(request, 503, "the database is not reachable right now; retry shortly",
                                 slug="database-unavailable", headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # exc_info from the argument: an exception handler need not run inside the except block.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(request, 500, "an unexpected error occurred; it has been logged",
                                 slug="internal-error")

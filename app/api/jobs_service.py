@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import jobs
 from app.api.errors import Problem
-from app.api.schemas import JobOut, ResultOut
+from app.api.schemas import JobOut, JobStatusLiteral, ResultOut
 from app.models import Job
 from app.security import Principal
 from app.settings import Settings
@@ -64,11 +64,12 @@ def job_out(job: Job, base_url: str = "/api/v1") -> JobOut:
         for r in job.results
     ]
     return JobOut(
-        id=job.id, kind=job.kind, status=job.status, stage=job.stage, progress=job.progress,
+        id=job.id, kind=job.kind, status=cast(JobStatusLiteral, job.status), stage=job.stage, progress=job.progress,
         error=job.error, params=job.params or {}, summary=job.summary or {}, attempts=job.attempts,
         max_attempts=job.max_attempts, worker=job.worker, cancel_requested=job.cancel_requested,
         stage_timings=job.stage_timings or {}, created_at=job.created_at, started_at=job.started_at,
         heartbeat_at=job.heartbeat_at, finished_at=job.finished_at, results=results,
+        partial_results=bool(results) and job.status in ("cancelled", "failed"),
     )
 
 

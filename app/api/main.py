@@ -7,12 +7,14 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __version__
+from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
-from app.api.limits import BodySizeLimit
-from app.api.routes import datasets, jobs, keys, system, web, work, zoo
+from app.api.gate import RequestGate
+from app.api.headers import SecurityHeaders
+from app.api.routes import datasets, illumination, jobs, keys, system, web, work, zoo
 from app.reaper import reaper_loop
 from app.settings import Settings, get_settings
 
@@ -28,6 +30,7 @@ def _bootstrap(settings: Settings) -> None:
 
     settings.blob_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+    BlobStore(settings.blob_dir).clean_tmp(settings.tmp_max_age_s)  # leftovers of a killed process
     with session_factory(settings.resolved_database_url)() as session:
         if settings.bootstrap_admin_key is not None:
             ensure_key(session, "bootstrap-admin", "admin", settings.bootstrap_admin_key.get_secret_value())
@@ -54,10 +57,13 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         description="Cell segmentation without structural reporters: a Cellpose model zoo per "
                     "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
+        dependencies=[Depends(check_text_params)],
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (system, jobs, zoo, datasets, work, keys, web):
+    # Outermost: keys, upload admission and body size are checked before any body byte is read.
+    app.add_middleware(RequestGate, settings=settings)
+    app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
+    for module in (system, jobs, zoo, datasets, illumination, work, keys, web):
         app.include_router(module.router)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,6 +30,12 @@ MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
 
 
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+@overload
+def as_utc(value: datetime | None) -> datetime | None: ...
 def as_utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; every timestamp CellFuse stores is UTC.
     if value is not None and value.tzinfo is None:
@@ -66,6 +72,8 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     finished_at: datetime | None
     results: list[ResultOut] = []
+    partial_results: bool = Field(default=False, description="the job was cancelled or failed after producing "
+                                  "these results: they cover only part of the work")
 
     @field_validator("created_at", "started_at", "heartbeat_at", "finished_at", mode="after")
     @classmethod
@@ -90,8 +98,8 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: Literal["ready", "not ready"]
-    checks: dict[str, Any]
-    versions: dict[str, str | None]
+    checks: dict[str, Any] | None = Field(default=None, description="for admin keys only")
+    versions: dict[str, str | None] | None = Field(default=None, description="for admin keys only")
 
 
 
@@ -287,7 +295,7 @@ class FieldMeta(StrictModel):
 class SegmentRequest(StrictModel):
     cell_line: str = Field(min_length=1, max_length=120)
     channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8,
                                            description="channels to fuse; default: the zoo's chosen set")
@@ -301,7 +309,7 @@ class SegmentRequest(StrictModel):
 class SegmentDatasetIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     split: SplitLiteral | None = None
-    objects: list[ObjectLiteral] = Field(default_factory=lambda: ["nuclei", "cells"], min_length=1, max_length=2)
+    objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 #: The acquisition the models never see in training: a quarter of the photons, more read noise,
 #: a softer focus and stronger vignetting.
-SHIFTED_IMAGING_CHANGES = dict(exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6),
-                               vignetting=(0.5, 0.7), haze=(0.3, 0.5))
+SHIFTED_IMAGING_CHANGES: dict[str, Any] = dict(exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6),
+                                               vignetting=(0.5, 0.7), haze=(0.3, 0.5))
 
 
 def run_ablation_benchmark(*, reporter_index: int = 2, obj: str = "nuclei", n_train: int = 12, n_val: int = 4,

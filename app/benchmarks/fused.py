@@ -183,7 +183,8 @@ def _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, 
     segment_field(small, channel_models, tile=tile)
     cellpose_models[0].eval(small[0], channels=[0, 0], diameter=diameter, compute_masks=True)
 
-    best_fused = best_naive = None
+    best_fused: tuple[np.ndarray, np.ndarray, dict[str, float]] | None = None
+    best_naive: tuple[np.ndarray, np.ndarray, dict[str, float]] | None = None
     for _ in range(repeats):
         run = naive_route()
         if best_naive is None or run[2]["total"] < best_naive[2]["total"]:
@@ -191,6 +192,7 @@ def _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, 
         run = fused_route()
         if best_fused is None or run[2]["total"] < best_fused[2]["total"]:
             best_fused = run
+    assert best_fused is not None and best_naive is not None  # repeats >= 1
     fused_labels, fused_maps, fused_t = best_fused
     naive_labels, naive_maps, naive_t = best_naive
 

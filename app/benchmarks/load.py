@@ -91,43 +91,33 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def local_stack(echo: Callable[[str], Any] = print):
-    """PostgreSQL database + Redis db + worker + uvicorn on loopback; yields (base URL, admin key)."""
-    import redis
-    from sqlalchemy import create_engine, text
+def local_stack(echo: Callable[[str], Any] = print, embedded: bool = False):
+    """A worker and uvicorn on loopback; yields (base URL, admin key).
 
+    ``embedded=False``: a throwaway PostgreSQL database and a Redis database of its own (production
+    shape). ``embedded=True``: the embedded default, SQLite and the SQLite broker in a temporary
+    data directory (what `cellfuse serve` runs with no configuration).
+    """
     from app.db import session_factory
     from app.migrations import upgrade
     from app.security import create_key
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellfuse-load-")))
-        db_name = f"cellfuse_load_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{db_name}"'))  # a generated name, never user input
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFUSE_")}
+        env.update(CELLFUSE_DATA_DIR=str(tmp / "data"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        if embedded:
+            from app.settings import Settings
 
-        def drop_database() -> None:
-            from app.db import engine_for
-
-            engine_for(database_url).dispose()
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-            admin.dispose()
-
-        database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
-        stack.callback(drop_database)
-        broker = redis.Redis.from_url(REDIS_URL)
-        broker.flushdb()
-        stack.callback(broker.close)
-        stack.callback(broker.flushdb)
-
+            database_url = Settings(data_dir=tmp / "data").resolved_database_url
+            (tmp / "data").mkdir()
+            where = "embedded default (SQLite database and broker)"
+        else:
+            database_url = stack.enter_context(_services(env))
+            where = f"PostgreSQL + Redis {REDIS_URL}"
         upgrade(database_url)
         with session_factory(database_url)() as session:
             _row, key = create_key(session, "load-benchmark", "admin")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFUSE_")}
-        env.update(CELLFUSE_DATA_DIR=str(tmp / "data"), CELLFUSE_DATABASE_URL=database_url,
-                   CELLFUSE_BROKER_URL=REDIS_URL, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         worker_log = (tmp / "worker.log").open("wb")
         stack.callback(worker_log.close)
         worker = subprocess.Popen(
@@ -146,8 +136,38 @@ def local_stack(echo: Callable[[str], Any] = print):
         stack.callback(_stop, api)
         base = f"http://127.0.0.1:{port}"
         _wait_http(base + "/health", api, timeout=60)
-        echo(f"local stack: API {base}, PostgreSQL database {db_name}, Redis {REDIS_URL}, 1 worker")
+        echo(f"local stack: API {base}, {where}, 1 worker")
         yield base, key
+
+
+@contextmanager
+def _services(env: dict[str, str]):
+    """A throwaway PostgreSQL database and a flushed Redis database; sets their URLs in ``env``."""
+    import redis
+    from sqlalchemy import create_engine, text
+
+    with ExitStack() as stack:
+        db_name = f"cellfuse_load_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{db_name}"'))  # a generated name, never user input
+        database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{db_name}"
+
+        def drop_database() -> None:
+            from app.db import engine_for
+
+            engine_for(database_url).dispose()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+            admin.dispose()
+
+        stack.callback(drop_database)
+        broker = redis.Redis.from_url(REDIS_URL)
+        broker.flushdb()
+        stack.callback(broker.close)
+        stack.callback(broker.flushdb)
+        env.update(CELLFUSE_DATABASE_URL=database_url, CELLFUSE_BROKER_URL=REDIS_URL)
+        yield database_url
 
 
 def _drive(base: str, key: str, seconds: float, rate: float, samples: _Samples, concurrency: int) -> float:
@@ -221,18 +241,18 @@ def _drain(base: str, key: str, job_ids: list[str], timeout: float) -> tuple[int
 
 
 def run_load_benchmark(url: str | None, seconds: float, rate: float,
-                       echo: Callable[[str], Any] = print) -> dict[str, Any]:
+                       echo: Callable[[str], Any] = print, embedded: bool = False) -> dict[str, Any]:
     """Drive ``rate`` requests/s for ``seconds`` and report throughput, p50/p99 latency and errors.
 
-    ``url`` is a running API (its key in ``CELLFUSE_API_KEY``); ``None`` starts the local
-    PostgreSQL + Redis + worker + uvicorn stack on loopback and removes it afterwards.
+    ``url`` is a running API (its key in ``CELLFUSE_API_KEY``); ``None`` starts a local stack on
+    loopback (PostgreSQL + Redis, or the embedded default with ``embedded``) and removes it after.
     """
     if seconds <= 0 or rate <= 0:
         raise ValueError("seconds and rate must be positive")
     concurrency = max(4, min(64, int(rate)))
     with ExitStack() as stack:
         if url is None:
-            base, key = stack.enter_context(local_stack(echo))
+            base, key = stack.enter_context(local_stack(echo, embedded=embedded))
         else:
             base, key = url.rstrip("/"), os.environ.get("CELLFUSE_API_KEY", "")
             if not key:
@@ -244,7 +264,8 @@ def run_load_benchmark(url: str | None, seconds: float, rate: float,
 
     total = sum(len(v) for v in samples.latencies_s.values())
     report: dict[str, Any] = {
-        "url": url or "local stack (PostgreSQL + Redis + 1 worker + uvicorn)",
+        "url": url or ("local stack (embedded default: SQLite + SQLite broker + 1 worker + uvicorn)" if embedded
+                       else "local stack (PostgreSQL + Redis + 1 worker + uvicorn)"),
         "seconds": round(elapsed, 2),
         "target_rate": rate,
         "requests": total,

@@ -31,7 +31,8 @@ def benchmark_data(n_images: int, *, size: int = 256, seed: int = 7) -> tuple[li
     """Single-channel synthetic reporter images with their nuclei masks (shipped generator)."""
     from app.science.synthetic import make_plate
 
-    images, masks = [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     n_fields = 0
     while len(images) < n_images:
         n_fields += 4

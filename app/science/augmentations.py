@@ -104,7 +104,7 @@ class GeometryParams:
 
 
 def sample_geometry(
-    shape: tuple[int, int], rng: np.random.Generator, config: AugmentationConfig, *, zoom: float = 1.0
+    shape: tuple[int, ...], rng: np.random.Generator, config: AugmentationConfig, *, zoom: float = 1.0
 ) -> GeometryParams:
     """Draw one sample's crop position, scale, rotation and flips.
 

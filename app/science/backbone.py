@@ -373,6 +373,7 @@ def predict_maps_multi(
                     group_maps[j], styles_out[idx[j]] = y[b], styles[b]
             if checkpoint is not None:
                 checkpoint()
+        assert pads is not None  # every rescale group has at least one channel
         cropped = np.stack([_unpad(group_maps[j], pads) for j in range(len(idx))])  # (n, 3, Yr, Xr)
         if rescale != 1.0:
             n = len(idx)

@@ -31,6 +31,7 @@ import io
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
+from typing import overload
 
 import numpy as np
 from PIL import Image
@@ -88,6 +89,12 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
+@overload
+def _check_labels(labels: np.ndarray, shape: tuple[int, int] | None, what: str) -> np.ndarray: ...
+@overload
+def _check_labels(labels: None, shape: tuple[int, int] | None, what: str) -> None: ...
+@overload
+def _check_labels(labels: np.ndarray | None, shape: tuple[int, int] | None, what: str) -> np.ndarray | None: ...
 def _check_labels(labels: np.ndarray | None, shape: tuple[int, int] | None, what: str) -> np.ndarray | None:
     if labels is None:
         return None

@@ -333,6 +333,8 @@ def _as_labels(data: np.ndarray, what: str) -> np.ndarray:
     if data.size and data.min() < 0:
         raise ImageReadError(f"{what} has negative ids; object ids must be >= 0 (0 = background)")
     top = int(data.max(initial=0))
+    if top > np.iinfo(np.int64).max:  # uint64 ids >= 2**63 would wrap to negative ids
+        raise ImageReadError(f"{what} has object ids up to {top}; ids must be below 2**63")
     return data.astype(np.int32 if top <= np.iinfo(np.int32).max else np.int64)
 
 

@@ -152,7 +152,7 @@ def simple_foreground(
     weights = np.ones(len(stack))
     consensus = stack.sum(axis=0) * 2 > len(stack)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is returned after the loop
         scores = np.array([_dice(stack[i], consensus) for i in kept])
         limit = float(min_dice) if min_dice is not None else scores.mean() - alpha * scores.std()
         limit = min(limit, scores.max() - tolerance)

@@ -290,7 +290,7 @@ def fit_basic(
     )
 
 
-def reference_flatfield(reference: np.ndarray, darkfield: np.ndarray | None = None) -> IlluminationModel:
+def reference_flatfield(reference: np.ndarray, darkfield: np.ndarray | float | None = None) -> IlluminationModel:
     """A measured flatfield (C, Y, X) or (Y, X) (e.g. a uniform dye slide), scaled to mean 1."""
     reference = np.asarray(reference, dtype=np.float64)
     if reference.ndim == 2:
@@ -446,3 +446,66 @@ class PreprocessingRecord:
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Stored illumination profiles and per-plate preprocessing (what the jobs use)
+# --------------------------------------------------------------------------------------------
+
+#: BaSiC needs fields with objects at different places to tell shading from cells: fewer fields
+#: than this give a flatfield that absorbs the cells, so a plate this small uses a stored profile.
+MIN_PROFILE_FIELDS = 5
+
+
+def illumination_to_tiff(model: IlluminationModel) -> bytes:
+    """A profile as one float32 TIFF: (1 or 2, C, Y, X) = flatfield[, darkfield]."""
+    import io
+
+    import tifffile
+
+    planes = [model.flatfield] + ([model.darkfield] if model.darkfield is not None else [])
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.stack(planes).astype(np.float32), metadata={"method": model.method})
+    return buffer.getvalue()
+
+
+def illumination_from_tiff(data: bytes, method: str = "stored") -> IlluminationModel:
+    """Read what ``illumination_to_tiff`` wrote (or a user's flatfield, (C, Y, X) or (Y, X))."""
+    import io
+
+    import tifffile
+
+    try:
+        array = np.asarray(tifffile.imread(io.BytesIO(data)), dtype=np.float64)
+    except Exception as error:  # a user's file: any reader failure is a bad file
+        raise PreprocessingError(f"the illumination profile is not a readable TIFF ({error})") from None
+    if array.ndim == 2:
+        array = array[np.newaxis, np.newaxis]
+    elif array.ndim == 3:
+        array = array[np.newaxis]
+    if array.ndim != 4 or array.shape[0] > 2:
+        raise PreprocessingError(
+            f"an illumination profile is (C, Y, X), or (2, C, Y, X) with a darkfield; got {array.shape}")
+    if not np.isfinite(array).all() or (array[0] <= 0).any():
+        raise PreprocessingError("a flatfield must be finite and > 0 everywhere")
+    return IlluminationModel(flatfield=_unit_mean(array[0]),
+                             darkfield=array[1].astype(np.float32) if array.shape[0] == 2 else None, method=method)
+
+
+def channel_of(model: IlluminationModel, channel: int) -> IlluminationModel:
+    """One channel of a multi-channel profile, as a (1, Y, X) profile."""
+    return IlluminationModel(
+        flatfield=model.flatfield[channel:channel + 1],
+        darkfield=None if model.darkfield is None else model.darkfield[channel:channel + 1],
+        method=model.method,
+    )
+
+
+def plate_percentiles(fields: Sequence[np.ndarray], lower: float = 1.0, upper: float = 99.0) -> list[tuple[float, float]]:
+    """(low, high) per channel over every field of a plate: a dim field stays dim.
+
+    >>> plate_percentiles([np.full((1, 4, 4), 2.0), np.full((1, 4, 4), 6.0)], 0.0, 100.0)
+    [(2.0, 6.0)]
+    """
+    fitted = PercentileNormalizer.fit(fields, lower, upper)
+    return [(float(lo), float(hi)) for lo, hi in zip(fitted.low, fitted.high, strict=True)]

@@ -157,7 +157,7 @@ def clean_nuclei(labels: np.ndarray, min_area: int = MIN_NUCLEUS_AREA) -> np.nda
     return relabel_sequential(cleaned.astype(np.int32))[0].astype(np.int32)
 
 
-def _smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
+def _smooth_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian-filtered white noise rescaled to unit standard deviation."""
     noise = ndi.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
     return noise / (noise.std() + 1e-12)
@@ -290,7 +290,7 @@ def _cytoplasm_profile(nuclei: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return np.where(cells > 0, 0.3 + 0.7 * np.exp(-2.0 * relative), 0.0)
 
 
-def _illumination(shape: tuple[int, int], strength: float, rng: np.random.Generator) -> np.ndarray:
+def _illumination(shape: tuple[int, ...], strength: float, rng: np.random.Generator) -> np.ndarray:
     """Smooth multiplicative field: off-centre radial fall-off plus a gentle low-frequency ripple."""
     y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     cy, cx = (rng.uniform(0.2, 0.8) * shape[0], rng.uniform(0.2, 0.8) * shape[1])

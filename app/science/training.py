@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from skimage.segmentation import relabel_sequential
 
 from app.science.augmentations import AugmentationConfig, augment
 from app.science.backbone import INPUT_CHANNELS, build_network, network_widths
+
+if TYPE_CHECKING:
+    from app.science.metrics import SegmentationScores
 
 #: Cellpose clamps training diameters below this (pixels) to avoid huge rescale factors.
 MIN_DIAMETER = 5.0
@@ -76,6 +80,9 @@ class TrainingConfig:
     time_limit_s: float | None = None
     #: NHWC convolutions: a training step took ~20-25 % less CPU time here (half and full width).
     channels_last: bool = True
+    #: Cellpose's per-image 1st-99th percentile scaling. False when the images come already scaled
+    #: by dataset-level percentiles (a preprocessing recipe), which must not be undone per image.
+    normalize_per_image: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
@@ -109,6 +116,45 @@ class EpochReport:
     elapsed_s: float
     learning_rate: float = 0.0
     is_best: bool = False
+
+
+@dataclass
+class TrainingCheckpoint:
+    """Everything needed to continue training after ``epoch`` exactly as if it had not stopped.
+
+    Plain tensors, numbers, strings, lists and dicts only (``as_state``), so that it is saved with
+    ``torch.save`` and read back with ``torch.load(weights_only=True)``: no pickled objects.
+    """
+
+    epoch: int  # the last finished epoch
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    best_state: dict[str, torch.Tensor] | None
+    best_loss: float
+    best_epoch: int
+    epochs_without_improvement: int
+    history: list[EpochReport]
+    numpy_rng: dict
+    torch_rng: torch.Tensor
+    elapsed_s: float
+
+    def as_state(self) -> dict:
+        return {"epoch": self.epoch, "model": self.model, "optimizer": self.optimizer, "best_state": self.best_state,
+                "best_loss": self.best_loss, "best_epoch": self.best_epoch,
+                "epochs_without_improvement": self.epochs_without_improvement,
+                "history": [[r.epoch, r.train_loss, r.val_loss, r.elapsed_s, r.learning_rate, r.is_best]
+                            for r in self.history],
+                "numpy_rng": self.numpy_rng, "torch_rng": self.torch_rng, "elapsed_s": self.elapsed_s}
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainingCheckpoint:
+        history = [EpochReport(int(e), float(t), float(v), float(s), float(lr), bool(b))
+                   for e, t, v, s, lr, b in state["history"]]
+        return cls(epoch=int(state["epoch"]), model=state["model"], optimizer=state["optimizer"],
+                   best_state=state["best_state"], best_loss=float(state["best_loss"]),
+                   best_epoch=int(state["best_epoch"]),
+                   epochs_without_improvement=int(state["epochs_without_improvement"]), history=history,
+                   numpy_rng=state["numpy_rng"], torch_rng=state["torch_rng"], elapsed_s=float(state["elapsed_s"]))
 
 
 @dataclass(frozen=True)
@@ -275,7 +321,8 @@ def _prepare(
     diameters = image_diameters(masks) if len(masks) else np.zeros(0)
     zooms = [diam_mean / d if config.rescale else 1.0 for d in diameters]
     return _PreparedSet(
-        images=[normalise_image(image)[None] for image in images],
+        images=[(normalise_image(image) if config.normalize_per_image else np.asarray(image, np.float32))[None]
+                for image in images],
         targets=[flow_targets(np.asarray(mask), cache_dir=config.flow_cache_dir) for mask in masks],
         zooms=zooms,
         diameters=diameters,
@@ -329,13 +376,17 @@ def finetune(
     *,
     on_epoch: Callable[[EpochReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
+    resume_from: TrainingCheckpoint | None = None,
 ) -> TrainingResult:
     """Fine-tune a copy of ``net`` on (Y, X) reporter images; return the best-validation checkpoint.
 
     ``net`` itself is not modified. Early stopping: once ``epoch >= min_epochs``, training stops after
     ``patience`` epochs without a new best validation loss (without validation images the training
     loss decides and training runs ``max_epochs``). ``should_stop`` is polled between steps and
-    raises ``TrainingCancelled``.
+    raises ``TrainingCancelled``. ``on_checkpoint`` receives the state after each epoch; given as
+    ``resume_from`` (same data and config), training continues after that epoch with the same
+    weights, optimizer and random streams, so the result equals an uninterrupted run.
     """
     _check_pairs(train_images, train_masks, "training")
     _check_pairs(val_images, val_masks, "validation")
@@ -374,9 +425,20 @@ def finetune(
     history: list[EpochReport] = []
     best_loss, best_epoch, best_state = math.inf, -1, None
     epochs_without_improvement = 0
+    first_epoch = 0
+    if resume_from is not None:
+        model.load_state_dict(resume_from.model, strict=True)
+        optimizer.load_state_dict(resume_from.optimizer)
+        best_loss, best_epoch, best_state = resume_from.best_loss, resume_from.best_epoch, resume_from.best_state
+        epochs_without_improvement = resume_from.epochs_without_improvement
+        history = list(resume_from.history)
+        rng.bit_generator.state = resume_from.numpy_rng
+        torch.set_rng_state(resume_from.torch_rng)
+        started -= resume_from.elapsed_s
+        first_epoch = resume_from.epoch + 1
     stop_reason = "max_epochs"
     n_train = len(train.images)
-    for epoch in range(config.max_epochs):
+    for epoch in range(first_epoch, config.max_epochs):
         for group in optimizer.param_groups:
             group["lr"] = float(rates[epoch])
         model.train()
@@ -411,6 +473,13 @@ def finetune(
             epochs_without_improvement += 1
         report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - started, float(rates[epoch]), is_best)
         history.append(report)
+        if on_checkpoint is not None:
+            on_checkpoint(TrainingCheckpoint(
+                epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                optimizer=copy.deepcopy(optimizer.state_dict()), best_state=best_state, best_loss=best_loss,
+                best_epoch=best_epoch, epochs_without_improvement=epochs_without_improvement, history=list(history),
+                numpy_rng=copy.deepcopy(dict(rng.bit_generator.state)), torch_rng=torch.get_rng_state(),
+                elapsed_s=time.perf_counter() - started))
         if on_epoch is not None:
             on_epoch(report)
         if val_batches and epochs_without_improvement >= config.patience:
@@ -446,7 +515,7 @@ def finetune(
 class Evaluation:
     """Pooled scores of a model on a set of annotated images, with its predicted masks."""
 
-    scores: object  # metrics.SegmentationScores
+    scores: SegmentationScores
     masks: list[np.ndarray]
     diameters: tuple[float, ...]
 
@@ -478,7 +547,7 @@ def evaluate_model(
     if diameter is None or np.isscalar(diameter):
         per_image = [diameter if diameter is not None else float(net.diam_labels.item())] * len(images)
     else:
-        per_image = [float(d) for d in diameter]
+        per_image = [float(d) for d in np.atleast_1d(diameter)]
         if len(per_image) != len(images):
             raise TrainingDataError(f"got {len(per_image)} diameters for {len(images)} images")
     diam_mean = float(net.diam_mean.item())

@@ -120,3 +120,86 @@ def test_worker_with_a_full_jobs_folder_fails_the_job_with_the_reason(embedded_s
         job = session.get(jobs.Job, job_id)
         assert job.status == "failed" and "data directory is full" in job.error and "free space" in job.error
         assert session.scalars(select(JobResult).where(JobResult.job_id == job_id)).all() == []
+
+
+def _fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture
+def data_on_tmpfs(tmp_path) -> Iterator[Path]:
+    """A data directory that is a 4 MB tmpfs of its own (the database, blobs and jobs on it)."""
+    if not _can_mount():
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "data"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("could not mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_full_disk_under_sqlite_is_a_507_without_paths_and_ready_says_so(data_on_tmpfs):
+    from tests.service.conftest import make_embedded_settings
+
+    settings = make_embedded_settings(data_on_tmpfs.parent, min_free_disk_bytes=512 * 1024)
+    client, _ = make_client(settings, run_reaper=False)
+    assert client.get("/ready").json()["checks"]["disk"]["ok"] is True
+    filler = _fill(data_on_tmpfs)
+    response = client.post("/api/v1/cell-lines", json={"name": "HeLa", "notes": "x" * 4000})
+    assert response.status_code == 507, response.text  # not 503 "database not reachable"
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert "full" in response.json()["detail"] and "free space" in response.json()["detail"]
+    assert str(data_on_tmpfs) not in response.text and "/tmp" not in response.text
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["checks"]["disk"]["ok"] is False
+    assert "full" in ready.json()["checks"]["disk"]["error"]
+    public = client.get("/ready", headers={"X-API-Key": ""})
+    assert public.status_code == 503 and public.json() == {"status": "not ready"}
+    filler.unlink()
+    assert client.post("/api/v1/cell-lines", json={"name": "HeLa"}).status_code == 201
+    assert client.get("/ready").json()["checks"]["disk"]["ok"] is True
+
+
+def test_disk_full_while_a_job_runs_fails_it_with_the_reason(data_on_tmpfs):
+    import threading
+    import time
+
+    from tests.service.conftest import make_embedded_settings
+    from workers.pipelines import pipeline_for
+    from workers.runner import run_job
+
+    settings = make_embedded_settings(data_on_tmpfs.parent, job_stale_after_s=30.0)
+    factory = session_factory(settings.resolved_database_url)
+    with factory() as session:
+        job, _ = jobs.create_job(session, "noop", {"steps": 400, "step_seconds": 0.05})
+        session.commit()
+        job_id = job.id
+    outcome: list[str] = []
+    noop = pipeline_for("noop")
+    runner = threading.Thread(target=lambda: outcome.append(run_job(job_id, noop, settings, worker="w")))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with factory() as session:
+            if session.get(jobs.Job, job_id).stage.startswith("step 3"):
+                break
+        time.sleep(0.05)
+    filler = _fill(data_on_tmpfs)
+    time.sleep(2.0)  # the job hits the full disk at its next checkpoint
+    filler.unlink()  # space comes back: the failure can be recorded
+    runner.join(timeout=60)
+    assert outcome == ["failed"], outcome
+    with factory() as session:
+        job = session.get(jobs.Job, job_id)
+        assert job.status == "failed" and "full" in job.error and "free space" in job.error, job.error
+        assert str(data_on_tmpfs) not in job.error

@@ -24,3 +24,12 @@ def test_load_benchmark_runs_without_errors():
     assert any(line.startswith("errors: 0") for line in lines)
     with pytest.raises(ValueError):
         run_load_benchmark(None, seconds=0, rate=1)
+
+
+@pytest.mark.slow
+def test_load_benchmark_on_the_embedded_default():
+    lines: list[str] = []
+    report = run_load_benchmark(None, seconds=2.0, rate=10.0, echo=lines.append, embedded=True)
+    assert report["errors"] == 0, report["first_errors"]
+    assert "embedded" in report["url"] and any("embedded default" in line for line in lines)
+    assert report["jobs_succeeded"] == report["jobs_submitted"] == 10 and report["jobs_unfinished"] == 0

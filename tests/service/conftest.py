@@ -66,6 +66,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "CELLFUSE_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
         "CELLFUSE_JOB_RESEND_AFTER_S": str(settings.job_resend_after_s),
         "CELLFUSE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
+        "CELLFUSE_CHECKPOINT_INTERVAL_S": str(settings.checkpoint_interval_s),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
     })

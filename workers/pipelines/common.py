@@ -8,7 +8,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -17,10 +17,10 @@ from app.job_params import ObjectPlan, SegmentParams
 from app.models import Dataset, DatasetImage, Evaluation, ModelVersion
 from workers.runner import JobContext, JobFailed
 
+if TYPE_CHECKING:
+    from workers.pipelines.preprocess import PlatePreprocessing
+
 log = logging.getLogger(__name__)
-
-PREPROCESSING = {"normalization": "per-image percentiles 1–99 per channel (Cellpose's normalize99)"}
-
 
 # --- stored inputs ------------------------------------------------------------------------------
 
@@ -191,21 +191,29 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
 
 
 def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel]) -> np.ndarray:
-    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels."""
+                   seg: SegmentParams, cache: dict[int, LoadedModel], *, obj: str | None = None,
+                   prep: PlatePreprocessing | None = None) -> np.ndarray:
+    """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
+
+    With ``prep`` (and ``obj``), each channel first goes through its model's preprocessing recipe
+    (illumination correction, plate-level percentiles); without, Cellpose's per-image scaling.
+    """
     from app.science.segmentation import segment_field
 
     models = channel_models(ctx, plan, cache)
-    indices = [channels.index(name) for name in plan.channels]
+    if prep is not None and obj is not None:
+        inputs, normalizations = prep.inputs(obj, plan.channels, image, channels)
+    else:
+        inputs, normalizations = image[[channels.index(name) for name in plan.channels]], None
     if seg.diameter:
         models = [replace(m, diameter=float(seg.diameter)) for m in models]
     elif seg.estimate_diameter:
-        estimated = estimate_diameter(ctx, image[indices], plan, cache)
+        estimated = estimate_diameter(ctx, inputs, plan, cache)
         if estimated is not None:
             models = [replace(m, diameter=estimated) for m in models]
-    result = segment_field(image[indices], models, method=method, flow_threshold=seg.flow_threshold,
+    result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
                            cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           checkpoint=lambda: ctx.progress())
+                           normalizations=normalizations, checkpoint=lambda: ctx.progress())
     return result.labels
 
 

@@ -7,8 +7,11 @@ numbers are allocated under the table's unique constraint, so two concurrent fin
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,6 @@ from sqlalchemy.exc import IntegrityError
 from app.job_params import FinetuneJob, FinetuneParams
 from app.models import BaseModel, Dataset, DatasetImage, ModelVersion, Reporter
 from workers.pipelines.common import (
-    PREPROCESSING,
     LabelledImage,
     library_versions,
     load_labelled,
@@ -93,8 +95,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if not splits["train"]:
             raise JobFailed("no training images: every labelled image is in the validation or test split")
 
+    with ctx.stage("preprocessing", 0.02):
+        from workers.pipelines.common import read_field
+        from workers.pipelines.preprocess import dataset_preprocessing
+
+        # The recipe is fitted on every image of the dataset (labelled or not), as on a plate.
+        loaded = {it.row.id: it.image for items in splits.values() for it in items}
+        planes = [(loaded[im.id] if im.id in loaded else read_field(ctx, im.image_sha256))[channel] for im in ds.images]
+        prepare, preprocessing_record, prenormalised = dataset_preprocessing(ctx, tp.preprocessing, p.reporter,
+                                                                             planes, ds.id)
+
     def channel_of(items: list[LabelledImage]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return [it.image[channel].astype(np.float32) for it in items], [it.mask for it in items]
+        return [prepare(it.image[channel]) for it in items], [it.mask for it in items]
 
     by_split = {name: channel_of(items) for name, items in splits.items()}
 
@@ -125,21 +137,34 @@ def run(ctx: JobContext) -> dict[str, Any]:
     config = TrainingConfig(max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs),
                             patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize,
                             augment=tp.augment, microscopy_augment=tp.microscopy_augment, seed=tp.seed,
-                            flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"), **overrides)
-    curve: list[dict[str, Any]] = []
+                            flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
+                            normalize_per_image=not prenormalised, **overrides)
+    resume_from = _load_checkpoint(ctx)
+    curve: list[dict[str, Any]] = [_curve_point(r) for r in resume_from.history] if resume_from else []
+    if resume_from is not None:
+        ctx.progress(f"training: resuming after epoch {resume_from.epoch} (its checkpoint)", force=True,
+                     summary={"training_curve": curve, "model_version_id": version.id,
+                              "resumed_after_epoch": resume_from.epoch})
+    resumed = {"resumed_after_epoch": resume_from.epoch} if resume_from is not None else {}
+    last_saved = [time.monotonic()]
+
+    def on_checkpoint(checkpoint) -> None:
+        # Written at most every checkpoint_interval_s: a full CPnet state is tens of MB.
+        if time.monotonic() - last_saved[0] >= ctx.settings.checkpoint_interval_s:
+            _save_checkpoint(ctx, checkpoint)
+            last_saved[0] = time.monotonic()
 
     def on_epoch(report) -> None:
-        curve.append({"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
-                      "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
-                      "elapsed_s": round(float(report.elapsed_s), 2)})
+        curve.append(_curve_point(report))
         ctx.progress(f"training: epoch {report.epoch} of at most {config.max_epochs}",
                      0.05 + 0.8 * min(1.0, report.epoch / config.max_epochs),
-                     summary={"training_curve": curve, "model_version_id": version.id}, force=True)
+                     summary={"training_curve": curve, "model_version_id": version.id, **resumed}, force=True)
 
     try:
         with ctx.stage("training", 0.05):
             result = finetune(base_net, *by_split["train"], *by_split["val"], config, on_epoch=on_epoch,
-                              should_stop=ctx.cancel_requested)
+                              should_stop=ctx.cancel_requested, on_checkpoint=on_checkpoint,
+                              resume_from=resume_from)
     except TrainingCancelled:
         from app.jobs import JobCancelled
 
@@ -148,10 +173,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobCancelled(ctx.job_id) from None
 
     with ctx.stage("size model", 0.87):
-        size_model = _fit_size_model(result, by_split["train"])
+        size_model = _fit_size_model(result, by_split["train"], prenormalised)
     with ctx.stage("evaluating on the test split", 0.9):
         test_images, test_masks = by_split["test"]
-        metrics = _score_single(result.net, test_images, test_masks, result.diameter) if test_images else {}
+        metrics = (_score_single(result.net, test_images, test_masks, result.diameter, prenormalised)
+                   if test_images else {})
 
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
@@ -160,7 +186,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             reporter=p.reporter, cell_line=ds.cell_line.name, object=obj,
             training={**config.to_dict(), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
                       "n_train": result.n_train, "n_val": result.n_val},
-            data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": PREPROCESSING},
+            data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": preprocessing_record},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
             metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
             size_model=size_model)
@@ -182,10 +208,65 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ctx.session.commit()
     return {"model_version_id": version.id, "version": version.version, "best_epoch": result.best_epoch,
             "stop_reason": result.stop_reason, "test_metrics": metrics, "diameter": result.diameter,
-            "training_curve": curve}
+            "training_curve": curve, **resumed}
 
 
-def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any] | None:
+CHECKPOINT_FILE = "finetune.pt"
+
+
+def _curve_point(report) -> dict[str, Any]:
+    return {"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
+            "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
+            "elapsed_s": round(float(report.elapsed_s), 2)}
+
+
+def _save_checkpoint(ctx: JobContext, checkpoint) -> None:
+    """The training state after an epoch, written atomically (a kill mid-write keeps the previous one)."""
+    import torch
+
+    from app.storage import StorageError
+
+    path = ctx.checkpoint_dir / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as out:
+            torch.save(checkpoint.as_state(), out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise StorageError(errno.ENOSPC, "the data directory is full; free space and retry") from exc
+        log.warning("could not write the training checkpoint of job %s", ctx.job_id, exc_info=True)
+
+
+def _load_checkpoint(ctx: JobContext):
+    """The last saved training state of an earlier attempt of this job, or None."""
+    import torch
+
+    from app.science.training import TrainingCheckpoint
+
+    path = ctx.checkpoint_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TrainingCheckpoint.from_state(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a damaged checkpoint costs the time it saved, nothing more
+        log.warning("ignoring the unreadable training checkpoint of job %s", ctx.job_id, exc_info=True)
+        return None
+
+
+def _input_normalization(prenormalised: bool):
+    """Images already scaled by dataset percentiles pass through unchanged; others per image."""
+    from app.science.backbone import Normalization
+
+    return Normalization(low=0.0, high=1.0) if prenormalised else Normalization()
+
+
+def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
+                    prenormalised: bool = False) -> dict[str, Any] | None:
     from app.science.backbone import predict_maps
     from app.science.size_model import SizeModelError, fit_size_model
     from app.science.training import image_diameters
@@ -195,7 +276,9 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
         return None
     # Styles at the image's own scale (no rescaling), as at inference when the diameter is unknown.
     raw_scale = float(result.net.diam_mean.item())
-    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, tile=False).style for im in images])
+    norm = _input_normalization(prenormalised)
+    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, normalization=norm, tile=False).style
+                       for im in images])
     diameters = image_diameters(masks)
     try:
         return fit_size_model(styles, diameters, diam_mean=float(result.net.diam_mean.item())).to_dict()
@@ -204,13 +287,15 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]]) ->
         return None
 
 
-def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float) -> dict[str, Any]:
+def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float,
+                  prenormalised: bool = False) -> dict[str, Any]:
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import score_set
 
     preds = []
     diam_mean = float(net.diam_mean.item())
     for image in images:
-        maps = predict_maps(net, image, diameter=diameter, tile=False)
+        maps = predict_maps(net, image, diameter=diameter, normalization=_input_normalization(prenormalised),
+                            tile=False)
         preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean))
     return score_set(masks, preds).as_dict()

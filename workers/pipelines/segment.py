@@ -7,8 +7,10 @@ between fields and between channels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -17,7 +19,6 @@ import numpy as np
 from app.job_params import SegmentJob
 from app.models import DatasetImage
 from workers.pipelines.common import (
-    PREPROCESSING,
     LoadedModel,
     library_versions,
     mask_sha,
@@ -31,7 +32,7 @@ from workers.runner import JobContext, JobFailed
 log = logging.getLogger(__name__)
 
 
-def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
+def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -> dict[str, Any]:
     models = {}
     for obj, plan in p.plan.items():
         versions = {name: model_version(ctx, vid) for name, vid in plan.models.items()}
@@ -40,14 +41,43 @@ def _provenance(ctx: JobContext, p: SegmentJob) -> dict[str, Any]:
     return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
-            "models": models, "preprocessing": PREPROCESSING, "parameters": p.params.model_dump(mode="json"),
-            "library_versions": library_versions()}
+            "models": models, "preprocessing": preprocessing,
+            "preprocessing_override": p.params.preprocessing is not None,
+            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions()}
+
+
+def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, Any]]:
+    """Fields an earlier attempt of this job finished: field name -> its record."""
+    folder = ctx.checkpoint_dir / "fields"
+    finished = {}
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged record: the field is simply redone
+        name = record.get("done", {}).get("field")
+        if name in names and ctx.folder.file(f"{name}/measurements.csv").is_file():
+            finished[name] = record
+    return finished
+
+
+def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: list[str]) -> None:
+    """Written after all of a field's results: a re-run skips the field."""
+    folder = ctx.checkpoint_dir / "fields"
+    target = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
+    tmp = target.with_name(target.name + ".partial")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"done": done, "scored": scored}))
+        os.replace(tmp, target)
+    except OSError:  # without the record the field is redone on a re-run, nothing worse
+        log.warning("could not record field %s of job %s as finished", name, ctx.job_id, exc_info=True)
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from app.jobs import JobCancelled
     from app.science import exports
-    from app.science.imageio import labels_to_tiff_bytes
+    from app.science.imageio import labels_to_tiff_bytes, read_labels
     from app.science.metrics import score, score_set
 
     p = ctx.params_as(SegmentJob)
@@ -57,12 +87,33 @@ def run(ctx: JobContext) -> dict[str, Any]:
     failed: list[dict[str, Any]] = []
     truths: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
     preds: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
-    provenance = _provenance(ctx, p)
+    # A re-run after a lost worker keeps the fields an earlier attempt finished (their results and
+    # a record of each) and redoes the rest.
+    finished = _finished_fields(ctx, {f.name for f in p.fields})
+    ctx.drop_results_except(lambda result: result.split("/", 1)[0] in finished and "/" in result)
+    from workers.pipelines.preprocess import plan_plate_preprocessing
+
+    versions = {obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
+                for obj, plan in p.plan.items() if obj in p.objects}
+    with ctx.stage("preprocessing", 0.0):
+        prep = plan_plate_preprocessing(
+            ctx, versions, seg.preprocessing, len(p.fields),
+            lambda: (read_field(ctx, f.image_sha256) for f in p.fields), p.channels,
+            on_progress=lambda stage: ctx.progress(stage, 0.0, force=True))
+    provenance = _provenance(ctx, p, prep.record())
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
     n_fields = len(p.fields)
     for index, field in enumerate(p.fields):
         name = field.name
+        if name in finished:
+            record = finished[name]
+            done.append(record["done"])
+            for obj in record["scored"]:  # pooled metrics need every field's masks
+                image_row = ctx.session.get(DatasetImage, field.dataset_image_id)
+                truths[obj].append(read_mask(ctx, mask_sha(image_row, obj)))
+                preds[obj].append(read_labels(ctx.folder.file(f"{name}/{obj}.tif"), max_pixels=10**12))
+            continue
         ctx.progress(f"field {index + 1} of {n_fields} ({name})", index / n_fields, force=True)
         started = time.perf_counter()
         try:
@@ -71,7 +122,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
-                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache)
+                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
+                                             obj=obj, prep=prep)
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -104,6 +156,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
                          "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics})
+            _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
             raise
         except JobFailed as exc:
@@ -115,7 +168,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"every field failed; first error: {failed[0]['error'] if failed else 'no fields'}")
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
-               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled}
+               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
+               "fields_resumed": len(finished)}
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary
+
+
+#: run_job keeps an earlier attempt's results for this pipeline: it resumes field by field.
+run.resumable = True

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from app import zoo
-from app.api.deps import BlobsDep, IdPath, ScientistDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, IdPath, PageDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
-from app.api.uploads import display_name, read_upload
+from app.api.uploads import display_name, upload_size, upload_source
 from app.models import Dataset, DatasetImage
-from app.science.imageio import ImageReadError, image_to_tiff_bytes, read_image, read_labels
+from app.science.imageio import (
+    ImageReadError,
+    image_to_tiff_bytes,
+    read_image,
+    read_labels,
+)
+from app.storage import BlobStore, StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +51,15 @@ def create_dataset(body: DatasetIn, session: SessionDep, principal: ScientistDep
     ds = Dataset(name=body.name, cell_line_id=line.id, channels=body.channels, acquisition=body.acquisition,
                  notes=body.notes, owner_key_id=principal.key_id)
     session.add(ds)
+    session.flush()
+    out = dataset_out(ds)  # a row that cannot be presented is never committed
     session.commit()
-    session.refresh(ds)
-    return dataset_out(ds)
+    return out
 
 
-@router.get("", response_model=list[DatasetOut], summary="List datasets")
-def list_datasets(session: SessionDep, _: ScientistDep) -> list[DatasetOut]:
-    return [dataset_out(d) for d in session.scalars(select(Dataset).order_by(Dataset.id))]
+@router.get("", response_model=list[DatasetOut], summary="List datasets (paged; total in X-Total-Count)")
+def list_datasets(session: SessionDep, _: ScientistDep, page: PageDep, response: Response) -> list[DatasetOut]:
+    return [dataset_out(d) for d in page.rows(session, select(Dataset).order_by(Dataset.id), response)]
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset with its images and splits")
@@ -59,37 +67,68 @@ def get_dataset(dataset_id: IdPath, session: SessionDep, _: ScientistDep) -> Dat
     return dataset_out(zoo.dataset_by_id(session, dataset_id))
 
 
-def load_channels(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> tuple[np.ndarray, bytes, str]:
+@dataclass
+class LoadedImage:
+    """A validated field: its pixels, and how to store it (the upload as sent, or one stacked TIFF)."""
+
+    data: np.ndarray | None
+    filename: str
+    upload: UploadFile | None = None
+    stacked: bytes | None = None
+
+    def store(self, blobs: BlobStore) -> StoredBlob:
+        if self.upload is not None:
+            self.upload.file.seek(0)
+            return blobs.put_file(self.upload.file)
+        return blobs.put_bytes(self.stacked or b"")
+
+
+def _read_channels(upload: UploadFile, max_bytes: int, max_pixels: int) -> np.ndarray:
+    upload_size(upload, max_bytes)
+    try:
+        return read_image(upload_source(upload), max_pixels=max_pixels).data
+    except ImageReadError as exc:
+        raise Problem(422, f"{display_name(upload.filename)}: {exc}", slug="invalid-image")
+    except Exception as exc:  # a reader bug on untrusted bytes is the file's problem, not a 500
+        log.warning("reading %s failed unexpectedly", display_name(upload.filename), exc_info=True)
+        raise Problem(422, f"{display_name(upload.filename)} could not be read as a TIFF image "
+                      f"({type(exc).__name__}); send a plain TIFF or OME-TIFF", slug="invalid-image")
+
+
+#: Smaller fields cannot be segmented or trained on (the network downsamples 8x); refused at upload.
+MIN_FIELD_SIDE = 16
+
+
+def _check_field_size(data: np.ndarray, filename: str) -> None:
+    if min(data.shape[1:]) < MIN_FIELD_SIDE:
+        raise Problem(422, f"{filename} is {data.shape[1]}×{data.shape[2]} pixels; a field must be at least "
+                      f"{MIN_FIELD_SIDE}×{MIN_FIELD_SIDE}", slug="image-too-small", min_side=MIN_FIELD_SIDE)
+
+
+def load_image(uploads: list[UploadFile], max_bytes: int, max_pixels: int) -> LoadedImage:
     """One multi-channel image from one file, or from one single-channel file per channel."""
-    images, raw = [], b""
-    for upload in uploads:
-        raw = read_upload(upload, max_bytes)
-        try:
-            images.append(read_image(raw, max_pixels=max_pixels))
-        except ImageReadError as exc:
-            raise Problem(422, f"{display_name(upload.filename)}: {exc}", slug="invalid-image")
-        except Exception as exc:  # a reader bug on untrusted bytes is the file's problem, not a 500
-            log.warning("reading %s failed unexpectedly", display_name(upload.filename), exc_info=True)
-            raise Problem(422, f"{display_name(upload.filename)} could not be read as a TIFF image "
-                          f"({type(exc).__name__}); send a plain TIFF or OME-TIFF", slug="invalid-image")
-    if len(images) == 1:
-        return images[0].data, raw, display_name(uploads[0].filename)
-    shapes = {img.data.shape[1:] for img in images}
-    if any(img.data.shape[0] != 1 for img in images) or len(shapes) != 1:
+    if len(uploads) == 1:
+        data = _read_channels(uploads[0], max_bytes, max_pixels)
+        _check_field_size(data, display_name(uploads[0].filename))
+        return LoadedImage(data=data, filename=display_name(uploads[0].filename), upload=uploads[0])
+    images = [_read_channels(upload, max_bytes, max_pixels) for upload in uploads]
+    shapes = {img.shape[1:] for img in images}
+    if any(img.shape[0] != 1 for img in images) or len(shapes) != 1:
         raise Problem(422, "with several files per image, each must be one channel of the same size",
                       slug="invalid-image")
-    stacked = np.concatenate([img.data for img in images], axis=0)
+    stacked = np.concatenate(images, axis=0)
     names = "+".join(display_name(u.filename) for u in uploads)
-    return stacked, image_to_tiff_bytes(stacked), names[:255]
+    _check_field_size(stacked, names[:200])
+    return LoadedImage(data=stacked, filename=names[:255], stacked=image_to_tiff_bytes(stacked))
 
 
-def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max_bytes: int,
-               max_pixels: int) -> bytes | None:
+def _load_mask(upload: UploadFile | None, shape: tuple[int, ...], what: str, max_bytes: int,
+               max_pixels: int) -> UploadFile | None:
     if upload is None:
         return None
-    raw = read_upload(upload, max_bytes)
+    upload_size(upload, max_bytes)
     try:
-        labels = read_labels(raw, max_pixels=max_pixels)
+        labels = read_labels(upload_source(upload), max_pixels=max_pixels)
     except ImageReadError as exc:
         raise Problem(422, f"{what} mask {display_name(upload.filename)}: {exc}", slug="invalid-mask")
     except Exception as exc:  # a reader bug on untrusted bytes is the file's problem, not a 500
@@ -99,7 +138,8 @@ def _load_mask(upload: UploadFile | None, shape: tuple[int, int], what: str, max
     if labels.shape != shape:
         raise Problem(422, f"the {what} mask is {labels.shape[0]}×{labels.shape[1]} but the image is "
                       f"{shape[0]}×{shape[1]}", slug="mask-shape-mismatch")
-    return raw
+    upload.file.seek(0)
+    return upload
 
 
 @router.post("/{dataset_id}/images", response_model=DatasetImageOut, status_code=201,
@@ -113,19 +153,23 @@ def add_image(dataset_id: IdPath, session: SessionDep, settings: SettingsDep, bl
               field: Annotated[int | None, Form(ge=0, le=100_000)] = None,
               split: Annotated[SplitLiteral | None, Form()] = None) -> DatasetImage:
     ds = zoo.dataset_by_id(session, dataset_id)
-    data, raw, filename = load_channels(image, settings.max_upload_bytes, settings.max_image_pixels)
+    loaded = load_image(image, settings.max_upload_bytes, settings.max_image_pixels)
+    data = loaded.data
+    assert data is not None  # freed only after it is stored, below
     if data.shape[0] != len(ds.channels):
         raise Problem(422, f"the image has {data.shape[0]} channel(s) but dataset {ds.id} maps "
                       f"{len(ds.channels)} ({', '.join(ds.channels)})", slug="channel-count-mismatch")
-    shape = data.shape[1:]
-    nuclei_raw = _load_mask(nuclei, shape, "nuclei", settings.max_upload_bytes, settings.max_image_pixels)
-    cells_raw = _load_mask(cells, shape, "cells", settings.max_upload_bytes, settings.max_image_pixels)
+    shape, n_channels = data.shape[1:], data.shape[0]
+    nuclei_file = _load_mask(nuclei, shape, "nuclei", settings.max_upload_bytes, settings.max_image_pixels)
+    cells_file = _load_mask(cells, shape, "cells", settings.max_upload_bytes, settings.max_image_pixels)
+    del data  # the pixels were only needed to validate
+    loaded.data = None
     # Everything is validated before anything is stored: a refused upload leaves nothing behind.
-    image_blob = blobs.put_bytes(raw)
-    nuclei_sha = blobs.put_bytes(nuclei_raw).sha256 if nuclei_raw else None
-    cells_sha = blobs.put_bytes(cells_raw).sha256 if cells_raw else None
-    row = DatasetImage(dataset_id=ds.id, image_sha256=image_blob.sha256, filename=filename,
-                       height=int(shape[0]), width=int(shape[1]), n_channels=int(data.shape[0]),
+    image_blob = loaded.store(blobs)
+    nuclei_sha = blobs.put_file(nuclei_file.file).sha256 if nuclei_file else None
+    cells_sha = blobs.put_file(cells_file.file).sha256 if cells_file else None
+    row = DatasetImage(dataset_id=ds.id, image_sha256=image_blob.sha256, filename=loaded.filename,
+                       height=int(shape[0]), width=int(shape[1]), n_channels=int(n_channels),
                        nuclei_sha256=nuclei_sha, cells_sha256=cells_sha, plate=plate, well=well, field=field,
                        split=split)
     session.add(row)

@@ -49,6 +49,7 @@ def get_job(job_id: str, session: SessionDep, principal: InstrumentDep) -> JobOu
 def cancel_job(job_id: str, session: SessionDep, principal: InstrumentDep) -> JobOut:
     get_visible_job(session, job_id, principal)
     job = jobs.request_cancel(session, job_id)
+    assert job is not None  # get_visible_job answered 404 for a missing job
     session.refresh(job)
     return job_out(job)
 
@@ -77,6 +78,11 @@ def download_result(job_id: str, name: str, session: SessionDep, settings: Setti
              summary="Submit the trivial built-in job (checks a deployment end to end)")
 def submit_noop(body: NoopJobIn, session: SessionDep, settings: SettingsDep, principal: InstrumentDep,
                 response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+    limit = settings.max_noop_seconds.get(principal.role, 0.0)
+    if body.steps * body.step_seconds > limit:
+        raise Problem(422, f"this noop job would run {body.steps * body.step_seconds:g} s; a {principal.role} key "
+                      f"may queue at most {limit:g} s (steps × step_seconds)", slug="job-too-long",
+                      limit_seconds=limit)
     job, created = submit_job(session, settings, "noop", body.model_dump(), principal, idempotency_key)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     if not created:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from sqlalchemy import select, text
 
@@ -13,6 +15,7 @@ from app import __version__
 from app.api.deps import SessionDep, SettingsDep
 from app.api.schemas import HealthOut, ReadyOut, as_utc
 from app.models import WorkerHeartbeat
+from app.settings import Settings
 from app.worker_presence import PRESENCE_INTERVAL_S
 
 router = APIRouter(tags=["system"])
@@ -45,16 +48,47 @@ def _check_broker(url: str, timeout: float) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-@router.get("/ready", response_model=ReadyOut, summary="Readiness: database, broker, workers, GPU",
+def _check_disk(settings: Settings) -> dict:
+    """Free space in the data directory: below ``min_free_disk_bytes`` jobs and uploads will fail."""
+    try:
+        free = shutil.disk_usage(settings.resolved_data_dir).free
+    except OSError as exc:
+        return {"ok": False, "error": f"the data directory cannot be read ({exc.strerror})"}
+    if free < settings.min_free_disk_bytes:
+        return {"ok": False, "free_bytes": free,
+                "error": "the data disk is full (or nearly): uploads and jobs will fail until space is freed"}
+    return {"ok": True, "free_bytes": free}
+
+
+def _is_admin(session, key: str | None) -> bool:
+    from app.security import authenticate
+
+    if not key or len(key) > 200:
+        return False
+    try:
+        principal = authenticate(session, key)
+    except Exception:  # no database, no details; the public answer still says "not ready"
+        session.rollback()
+        return False
+    return principal is not None and principal.has_role("admin")
+
+
+@router.get("/ready", response_model=ReadyOut, response_model_exclude_none=True,
+            summary="Readiness: database, broker, workers, data disk (details for admin keys)",
+            description="Public callers get the status only; with an admin key in X-API-Key the answer "
+                        "also holds each check (workers with host:pid, the disk's free space) and versions.",
             responses={503: {"description": "Not ready", "model": ReadyOut}})
-def ready(session: SessionDep, settings: SettingsDep):
+def ready(session: SessionDep, settings: SettingsDep,
+          key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None):
     checks: dict = {}
     try:
         session.execute(text("SELECT 1"))
         checks["database"] = {"ok": True}
     except Exception as exc:
+        session.rollback()
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}"}
     checks["broker"] = _check_broker(settings.resolved_broker_url, settings.ready_worker_timeout_s)
+    checks["disk"] = _check_disk(settings)
     workers = []
     if checks["database"]["ok"]:
         fresh_after = datetime.now(timezone.utc) - timedelta(seconds=WORKER_FRESH_S)
@@ -64,8 +98,9 @@ def ready(session: SessionDep, settings: SettingsDep):
     checks["workers"] = {"ok": bool(workers), "count": len(workers), "workers": workers}
     checks["gpu"] = {"present": any(w.get("gpu") for w in workers),
                      "devices": sorted({w.get("gpu_name") for w in workers if w.get("gpu_name")})}
-    ok = checks["database"]["ok"] and checks["broker"]["ok"] and checks["workers"]["ok"]
-    body = ReadyOut(status="ready" if ok else "not ready", checks=checks,
-                    versions={"cellfuse": __version__, "cellpose": _version("cellpose"),
-                              "torch": _version("torch")})
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
+    ok = all(checks[name]["ok"] for name in ("database", "broker", "disk", "workers"))
+    body = ReadyOut(status="ready" if ok else "not ready")
+    if checks["database"]["ok"] and _is_admin(session, key):
+        body.checks = checks
+        body.versions = {"cellfuse": __version__, "cellpose": _version("cellpose"), "torch": _version("torch")}
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ok else 503)

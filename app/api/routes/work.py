@@ -16,7 +16,7 @@ from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.jobs_service import job_out, submit_job
-from app.api.routes.datasets import load_channels
+from app.api.routes.datasets import load_image
 from app.api.schemas import (
     MAX_ID,
     EvaluateIn,
@@ -34,12 +34,15 @@ from app.job_params import (
     FinetuneJob,
     JobParams,
     ObjectPlan,
+    PreprocessingRecipe,
     PretrainISLJob,
     SegmentJob,
     SelectChannelsJob,
     SelfTrainJob,
+    recipe_from_card,
+    training_profile_from_card,
 )
-from app.models import CellLine, Dataset
+from app.models import CellLine, Dataset, IlluminationProfile, ModelVersion
 from app.security import Principal
 from app.settings import Settings
 
@@ -178,10 +181,56 @@ def submit_self_train(body: SelfTrainIn, session: SessionDep, settings: Settings
     return _accepted(session, settings, "self_train", params, principal, idempotency_key, response)
 
 
+def check_preprocessing(session: Session, plan: dict[str, ObjectPlan], override: PreprocessingRecipe | None,
+                        n_fields: int, shapes: set[tuple[int, int]]) -> None:
+    """Refuse, before the job exists, what preprocessing could not do on this plate: a stored
+    profile of the wrong size or without the channel, or a plate too small to estimate a profile on
+    (unless the model has a training profile of the right size to fall back on)."""
+    from app.science.preprocessing import MIN_PROFILE_FIELDS
+
+    for obj, object_plan in plan.items():
+        for name, version_id in object_plan.models.items():
+            card = session.get(ModelVersion, version_id).card
+            recipe = override or recipe_from_card(card)
+            if recipe.illumination == "profile":
+                _check_profile(session, recipe.profile_id, name, shapes)
+            elif recipe.illumination == "per-plate" and n_fields < MIN_PROFILE_FIELDS:
+                trained = None if override else training_profile_from_card(card)
+                if trained is None or _profile_shape(session, trained.get("id")) not in shapes or len(shapes) != 1:
+                    whose = "the request's recipe" if override else f"the {obj} model of {name!r}"
+                    raise Problem(422, f"{whose} corrects illumination per plate, but the plate has {n_fields} "
+                                  f"field(s); at least {MIN_PROFILE_FIELDS} are needed to estimate a profile. Send "
+                                  "more fields, or upload a flat-field and use preprocessing.illumination='profile'",
+                                  slug="plate-too-small-for-profile", fields=n_fields, minimum=MIN_PROFILE_FIELDS)
+
+
+def _profile_shape(session: Session, profile_id: int | None) -> tuple[int, int] | None:
+    row = session.get(IlluminationProfile, profile_id) if profile_id else None
+    return None if row is None else (row.height, row.width)
+
+
+def _check_profile(session: Session, profile_id: int | None, channel: str, shapes: set[tuple[int, int]]) -> None:
+    row = session.get(IlluminationProfile, profile_id) if profile_id else None
+    if row is None:
+        raise Problem(422, f"there is no illumination profile {profile_id}", slug="unknown-profile")
+    if channel not in row.channels:
+        raise Problem(422, f"illumination profile {row.id} has no channel {channel!r} (it has "
+                      f"{', '.join(row.channels)})", slug="profile-channel-mismatch")
+    wrong = sorted(s for s in shapes if s != (row.height, row.width))
+    if wrong:
+        raise Problem(422, f"illumination profile {row.id} is {row.height}×{row.width} but the fields are "
+                      f"{', '.join(f'{h}×{w}' for h, w in wrong)}: a profile corrects fields of its own size",
+                      slug="profile-shape-mismatch")
+
+
 @router.post("/finetune", response_model=JobOut, status_code=202,
              summary="Fine-tune a model for one (cell line, reporter, object) on a dataset")
 def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
                     response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+    max_epochs = settings.max_finetune_epochs.get(principal.role, 0)
+    if body.params.max_epochs > max_epochs:
+        raise Problem(422, f"a {principal.role} key may fine-tune for at most {max_epochs} epochs "
+                      f"(max_epochs {body.params.max_epochs})", slug="job-too-long", limit_epochs=max_epochs)
     ds = zoo.dataset_by_id(session, body.dataset_id)
     if body.reporter not in ds.channels:
         raise Problem(422, f"dataset {ds.id} has no channel {body.reporter!r} (it has {', '.join(ds.channels)})",
@@ -208,6 +257,17 @@ def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep
         if shipped is None:
             raise Problem(422, "no base model is registered; upload one or name one in 'base'", slug="no-base-model")
         base = shipped.name
+    recipe = body.params.preprocessing
+    shapes = {(im.height, im.width) for im in ds.images}
+    if recipe.illumination == "profile":
+        _check_profile(session, recipe.profile_id, body.reporter, shapes)
+    if recipe.illumination == "per-plate":
+        from app.science.preprocessing import MIN_PROFILE_FIELDS
+
+        if len(ds.images) < MIN_PROFILE_FIELDS or len(shapes) != 1:
+            raise Problem(422, f"per-plate illumination correction estimates a profile from the dataset's images: it "
+                          f"needs at least {MIN_PROFILE_FIELDS} images of one size; dataset {ds.id} has "
+                          f"{len(ds.images)} image(s) of {len(shapes)} size(s)", slug="plate-too-small-for-profile")
     params = FinetuneJob(dataset_id=ds.id, reporter=body.reporter, object=body.object, base=base,
                          cell_line=ds.cell_line.name, params=body.params)
     return _accepted(session, settings, "finetune", params, principal, idempotency_key, response)
@@ -231,21 +291,26 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
         raise Problem(422, f"'fields' describes {len(req.fields)} field(s) but {len(files)} file(s) were sent",
                       slug="fields-mismatch")
     names = _uploaded_field_names(req, len(files))
+    shapes: list = []
     line = zoo.cell_line_by_name(session, req.cell_line)
     for name in req.channels:
         zoo.reporter_by_name(session, name)
     plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias)
     loaded = []
     for index, upload in enumerate(files):
-        data, raw, filename = load_channels([upload], settings.max_upload_bytes, settings.max_image_pixels)
-        if data.shape[0] != len(req.channels):
-            raise Problem(422, f"{filename} has {data.shape[0]} channel(s) but the request maps "
+        # Validated from its spooled file; only one field's pixels are in memory at a time.
+        image = load_image([upload], settings.max_upload_bytes, settings.max_image_pixels)
+        (n_channels, *field_shape), image.data = image.data.shape, None
+        if n_channels != len(req.channels):
+            raise Problem(422, f"{image.filename} has {n_channels} channel(s) but the request maps "
                           f"{len(req.channels)} ({', '.join(req.channels)})", slug="channel-count-mismatch")
         meta = req.fields[index] if req.fields else None
-        loaded.append((raw, {"name": names[index], "well": meta.well if meta else None,
-                             "field": meta.field if meta else None, "filename": filename}))
-    # All files are valid: only now store them.
-    fields = [FieldSpec(image_sha256=blobs.put_bytes(raw).sha256, **meta) for raw, meta in loaded]
+        shapes.append(tuple(field_shape))
+        loaded.append((image, {"name": names[index], "well": meta.well if meta else None,
+                               "field": meta.field if meta else None, "filename": image.filename}))
+    check_preprocessing(session, plan, req.params.preprocessing, len(files), set(shapes))
+    # All files are valid: only now store them (streamed from the spooled files).
+    fields = [FieldSpec(image_sha256=image.store(blobs).sha256, **meta) for image, meta in loaded]
     params = SegmentJob(cell_line=line.name, channels=req.channels, objects=list(req.objects), method=req.method,
                         alias=req.alias, plate=req.plate, plan=plan, fields=fields, params=req.params)
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
@@ -309,6 +374,7 @@ def submit_segment_dataset(body: SegmentDatasetIn, session: SessionDep, settings
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
+    check_preprocessing(session, plan, body.params.preprocessing, len(images), {(im.height, im.width) for im in images})
     fields = [FieldSpec(name=name, well=im.well, field=im.field, filename=im.filename,
                         image_sha256=im.image_sha256, dataset_image_id=im.id)
               for name, im in zip(_dataset_field_names(images), images, strict=True)]

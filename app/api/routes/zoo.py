@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -14,6 +14,7 @@ from app.api.deps import (
     BlobsDep,
     IdPath,
     InstrumentDep,
+    PageDep,
     ScientistDep,
     SessionDep,
     SettingsDep,
@@ -65,9 +66,9 @@ def create_cell_line(body: CellLineIn, session: SessionDep, _: ScientistDep) -> 
     return _create(session, CellLine(**body.model_dump()), "cell line")
 
 
-@router.get("/cell-lines", response_model=list[CellLineOut], summary="List cell lines")
-def list_cell_lines(session: SessionDep, _: InstrumentDep) -> list[CellLine]:
-    return list(session.scalars(select(CellLine).order_by(CellLine.name)))
+@router.get("/cell-lines", response_model=list[CellLineOut], summary="List cell lines (paged)")
+def list_cell_lines(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response) -> list[CellLine]:
+    return page.rows(session, select(CellLine).order_by(CellLine.name), response)
 
 
 @router.post("/reporters", response_model=ReporterOut, status_code=201, summary="Register a reporter")
@@ -75,14 +76,14 @@ def create_reporter(body: ReporterIn, session: SessionDep, _: ScientistDep) -> R
     return _create(session, Reporter(**body.model_dump()), "reporter")
 
 
-@router.get("/reporters", response_model=list[ReporterOut], summary="List reporters")
-def list_reporters(session: SessionDep, _: InstrumentDep) -> list[Reporter]:
-    return list(session.scalars(select(Reporter).order_by(Reporter.name)))
+@router.get("/reporters", response_model=list[ReporterOut], summary="List reporters (paged)")
+def list_reporters(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response) -> list[Reporter]:
+    return page.rows(session, select(Reporter).order_by(Reporter.name), response)
 
 
-@router.get("/base-models", response_model=list[BaseModelOut], summary="Models fine-tuning can start from")
-def list_base_models(session: SessionDep, _: InstrumentDep) -> list[BaseModel]:
-    return list(session.scalars(select(BaseModel).order_by(BaseModel.name)))
+@router.get("/base-models", response_model=list[BaseModelOut], summary="Models fine-tuning can start from (paged)")
+def list_base_models(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response) -> list[BaseModel]:
+    return page.rows(session, select(BaseModel).order_by(BaseModel.name), response)
 
 
 @router.post("/base-models", response_model=BaseModelOut, status_code=201,
@@ -117,7 +118,7 @@ def upload_base_model(session: SessionDep, settings: SettingsDep, blobs: BlobsDe
 
 def _header_widths(header: dict) -> list[int]:
     """CPnet widths from the safetensors header (the 1x1 projection of each encoder level)."""
-    widths = []
+    widths: list[int] = []
     while isinstance(info := header.get(f"downsample.down.res_down_{len(widths)}.proj.1.weight"), dict):
         shape = info.get("shape") or [0]
         if not isinstance(shape[0], int) or shape[0] <= 0:
@@ -138,13 +139,12 @@ def version_out(session, v: ModelVersion) -> ModelVersionOut:
         pseudo_labelled=bool(v.pseudo_labelled), created_at=v.created_at)
 
 
-@router.get("/models", response_model=list[ModelVersionOut], summary="Model versions, filtered")
-def list_model_versions(session: SessionDep, _: InstrumentDep,
+@router.get("/models", response_model=list[ModelVersionOut], summary="Model versions, filtered (paged)")
+def list_model_versions(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response,
                         cell_line: Annotated[str | None, Query(max_length=120)] = None,
                         reporter: Annotated[str | None, Query(max_length=120)] = None,
                         object: Annotated[ObjectLiteral | None, Query()] = None,
-                        status: Annotated[str | None, Query(max_length=12)] = None,
-                        limit: Annotated[int, Query(ge=1, le=500)] = 200) -> list[ModelVersionOut]:
+                        status: Annotated[str | None, Query(max_length=12)] = None) -> list[ModelVersionOut]:
     stmt = select(ModelVersion)
     if cell_line:
         stmt = stmt.where(ModelVersion.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
@@ -154,8 +154,7 @@ def list_model_versions(session: SessionDep, _: InstrumentDep,
         stmt = stmt.where(ModelVersion.object == object)
     if status:
         stmt = stmt.where(ModelVersion.status == status)
-    rows = session.scalars(stmt.order_by(ModelVersion.id.desc()).limit(limit)).all()
-    return [version_out(session, v) for v in rows]
+    return [version_out(session, v) for v in page.rows(session, stmt.order_by(ModelVersion.id.desc()), response)]
 
 
 @router.get("/models/{version_id}", response_model=ModelVersionOut, summary="One model version")
@@ -183,13 +182,13 @@ def alias_out(session, row: ModelAlias) -> AliasOut:
                   "reason": m.reason, "at": m.created_at.isoformat()} for m in moves])
 
 
-@router.get("/aliases", response_model=list[AliasOut], summary="Aliases with their history")
-def list_aliases(session: SessionDep, _: InstrumentDep,
+@router.get("/aliases", response_model=list[AliasOut], summary="Aliases with their history (paged)")
+def list_aliases(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response,
                  cell_line: Annotated[str | None, Query(max_length=120)] = None) -> list[AliasOut]:
     stmt = select(ModelAlias)
     if cell_line:
         stmt = stmt.where(ModelAlias.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
-    return [alias_out(session, row) for row in session.scalars(stmt.order_by(ModelAlias.id))]
+    return [alias_out(session, row) for row in page.rows(session, stmt.order_by(ModelAlias.id), response)]
 
 
 @router.put("/aliases/{cell_line}/{reporter}/{object}/{alias}", response_model=AliasOut,
@@ -210,13 +209,13 @@ def channel_set_out(session, row: ChannelSet) -> ChannelSetOut:
                          job_id=row.job_id)
 
 
-@router.get("/channel-sets", response_model=list[ChannelSetOut], summary="Chosen channel sets and rankings")
-def list_channel_sets(session: SessionDep, _: InstrumentDep,
+@router.get("/channel-sets", response_model=list[ChannelSetOut], summary="Chosen channel sets and rankings (paged)")
+def list_channel_sets(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response,
                       cell_line: Annotated[str | None, Query(max_length=120)] = None) -> list[ChannelSetOut]:
     stmt = select(ChannelSet)
     if cell_line:
         stmt = stmt.where(ChannelSet.cell_line_id == zoo.cell_line_by_name(session, cell_line).id)
-    return [channel_set_out(session, r) for r in session.scalars(stmt.order_by(ChannelSet.id.desc()))]
+    return [channel_set_out(session, r) for r in page.rows(session, stmt.order_by(ChannelSet.id.desc()), response)]
 
 
 @router.put("/channel-sets/{cell_line}/{object}", response_model=ChannelSetOut,
