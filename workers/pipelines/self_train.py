@@ -18,7 +18,6 @@ from sqlalchemy import select
 from app.job_params import SelfTrainJob
 from app.models import BaseModel, Dataset, ModelVersion, Reporter
 from workers.pipelines.common import (
-    PREPROCESSING,
     library_versions,
     load_version,
     load_weights,
@@ -121,7 +120,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
     order = np.random.default_rng(tp.seed).permutation(usable)
     n_val = max(1, round(0.2 * len(order)))
     val_idx, train_idx = sorted(int(i) for i in order[:n_val]), sorted(int(i) for i in order[n_val:])
-    reporter_images = channel(p.reporter)
+    with ctx.stage("preprocessing", 0.37):
+        from workers.pipelines.preprocess import dataset_preprocessing
+
+        prepare, preprocessing_record, prenormalised = dataset_preprocessing(
+            ctx, tp.preprocessing, p.reporter, channel(p.reporter), ds.id)
+        reporter_images = [prepare(image) for image in channel(p.reporter)]
 
     with ctx.stage("loading base model", 0.38):
         base_row, parent = None, None
@@ -151,7 +155,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     train_config = TrainingConfig(max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs),
                                   patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize, augment=tp.augment,
                                   microscopy_augment=tp.microscopy_augment, seed=tp.seed, min_train_masks=1,
-                                  flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"), **overrides)
+                                  flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
+                                  normalize_per_image=not prenormalised, **overrides)
     curve: list[dict[str, Any]] = []
 
     def on_epoch(report) -> None:
@@ -172,13 +177,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     with ctx.stage("size model and scoring", 0.92):
         size_model = _fit_size_model(result, ([reporter_images[i] for i in train_idx],
-                                              [pseudo.labels[i] for i in train_idx]))
+                                              [pseudo.labels[i] for i in train_idx]), prenormalised)
         annotated = [(i, read_mask(ctx, mask_sha(row, p.object))) for i, row in enumerate(rows)
                      if mask_sha(row, p.object)]
         metrics: dict[str, Any] = {}
         if annotated:  # annotations were never read before this point
             metrics = _score_single(result.net, [reporter_images[i] for i, _ in annotated],
-                                    [m for _, m in annotated], result.diameter)
+                                    [m for _, m in annotated], result.diameter, prenormalised)
             metrics["against"] = "the dataset's annotations (unused in training)"
 
     with ctx.stage("saving", 0.97):
@@ -193,7 +198,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                         "objects_per_image": counts,
                                         "method": "marker-controlled patch loss after Din & Yu, Sci. Rep. 2021"},
                       "markers": marker_origin},
-            data={"dataset_id": ds.id, "channel_index": ds.channels.index(p.reporter), "preprocessing": PREPROCESSING,
+            data={"dataset_id": ds.id, "channel_index": ds.channels.index(p.reporter), "preprocessing": preprocessing_record,
                   "labels": "pseudo-labels from self-training (no human annotation)"},
             metrics={"annotated": metrics} if metrics else {}, library_versions=library_versions(), parent=base_name,
             size_model=size_model, extra={"pseudo_labelled": True})
