@@ -244,7 +244,8 @@ def pretrain_isl(
         for start in range(0, len(order), config.batch_size):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"ISL pretraining cancelled during epoch {epoch}")
-            x, y = _batch_tensors([_crop(train[i], config.bsize, rng, True) for i in order[start : start + config.batch_size]])
+            batch = order[start : start + config.batch_size]
+            x, y = _batch_tensors([_crop(train[i], config.bsize, rng, True) for i in batch])
             loss = torch.nn.functional.l1_loss(pretext_prediction(model(x)[0]), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -281,7 +281,8 @@ def self_train(
         raise SelfTrainingError(f"{len(marker_images)} marker images but {len(foreground_images)} foreground images")
     for m, f in zip(marker_images, foreground_images):
         if m.ndim != 2 or m.shape != f.shape:
-            raise SelfTrainingError(f"marker and foreground images must be matching (Y, X) channels: {m.shape}, {f.shape}")
+            raise SelfTrainingError(f"marker and foreground images must be matching (Y, X) channels: "
+                                    f"{m.shape}, {f.shape}")
     if diameter is None:
         diameter = float(np.median([estimate_diameter(m) for m in marker_images]))
     torch.manual_seed(config.seed)

@@ -198,7 +198,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                         "objects_per_image": counts,
                                         "method": "marker-controlled patch loss after Din & Yu, Sci. Rep. 2021"},
                       "markers": marker_origin},
-            data={"dataset_id": ds.id, "channel_index": ds.channels.index(p.reporter), "preprocessing": preprocessing_record,
+            data={"dataset_id": ds.id, "channel_index": ds.channels.index(p.reporter),
+                  "preprocessing": preprocessing_record,
                   "labels": "pseudo-labels from self-training (no human annotation)"},
             metrics={"annotated": metrics} if metrics else {}, library_versions=library_versions(), parent=base_name,
             size_model=size_model, extra={"pseudo_labelled": True})
