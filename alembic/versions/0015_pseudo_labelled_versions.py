@@ -1,7 +1,7 @@
 """Mark model versions trained on pseudo-labels (self-training, no human annotation).
 
 Revision ID: 0015
-Revises: 0017
+Revises: 0011
 Create Date: 2026-12-02 08:10:00
 """
 import sqlalchemy as sa
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0015'
-down_revision = '0017'  # chained after main's 0017 (both were written against 0003)
+down_revision = '0011'  # chained after main's head (written against 0003)
 branch_labels = None
 depends_on = None
 

@@ -1,9 +1,9 @@
 """Security headers on every response: the page and the API.
 
 The page loads only same-origin scripts, styles and images (no inline script or style); its images
-are ``blob:`` URLs made from authenticated downloads. The interactive API docs (Swagger UI, ReDoc)
-load their assets from a CDN with an inline bootstrap script, so they get frame protection and
-``nosniff`` but no Content-Security-Policy.
+are ``blob:`` URLs made from authenticated downloads. ``/docs`` is Swagger UI served from the package
+with a same-origin start script, so it gets the page's policy too. ReDoc (``/redoc``) still loads from
+a CDN with an inline bootstrap script: frame protection and ``nosniff``, no Content-Security-Policy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "frame-ancestors 'none'")
 #: API answers are data, never documents to render.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-DOCS_PATHS = ("/docs", "/redoc")
+DOCS_PATHS = ("/redoc",)
 
 COMMON = {
     "X-Content-Type-Options": "nosniff",
@@ -29,7 +29,7 @@ COMMON = {
 def csp_for(path: str) -> str | None:
     if path.startswith(DOCS_PATHS):
         return None
-    if path == "/" or path.startswith("/static/"):
+    if path in ("/", "/docs") or path.startswith("/static/"):
         return PAGE_CSP
     return API_CSP
 

@@ -14,7 +14,7 @@ from app.api.deps import check_text_params
 from app.api.errors import install_error_handlers
 from app.api.gate import RequestGate
 from app.api.headers import SecurityHeaders
-from app.api.routes import datasets, illumination, jobs, keys, system, web, work, zoo
+from app.api.routes import datasets, illumination, jobs, keys, results, system, web, work, zoo
 from app.reaper import reaper_loop
 from app.settings import Settings, get_settings
 
@@ -58,12 +58,13 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
                     "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
         dependencies=[Depends(check_text_params)],
+        docs_url=None,  # served by routes/web.py from the package, not from a CDN
     )
     app.state.settings = settings
     install_error_handlers(app)
     # Outermost: keys, upload admission and body size are checked before any body byte is read.
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
-    for module in (system, jobs, zoo, datasets, illumination, work, keys, web):
+    for module in (system, jobs, zoo, datasets, illumination, work, results, keys, web):
         app.include_router(module.router)
     return app

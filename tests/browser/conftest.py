@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 #: As small as a model gets while still being a real fine-tune through the API.
 TINY_TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
+SHIPPED_BASE = "cellfuse-base-w16:v2"
 #: 3 training images, one validation and one test image: the least a fine-tune accepts.
 SPLITS = ["train", "train", "train", "val", "test"]
 
@@ -64,17 +66,16 @@ class LiveServer:
         return CellFuseClient.connect(self.base_url, self.key, timeout=60.0)
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+@contextmanager
+def serve(folder: Path, role: str = "admin") -> Iterator[LiveServer]:
+    """A real server (uvicorn in a thread) and a real worker on an empty embedded service in ``folder``."""
     import uvicorn
 
     from app.api.main import create_app
 
-    require_chromium()
-    folder = tmp_path_factory.mktemp("web")
     settings = make_embedded_settings(folder)
     with session_factory(settings.resolved_database_url)() as session:
-        _row, key = create_key(session, "browser-test", "admin")
+        _row, key = create_key(session, "browser-test", role)
     # The worker imports torch and Cellpose; start it first so that it warms up while the API starts.
     worker = start_worker(settings, folder / "worker.log")
     port = _free_port()
@@ -100,6 +101,20 @@ def live_server(tmp_path_factory) -> Iterator[LiveServer]:
         server.should_exit = True
         thread.join(timeout=15)
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory) -> Iterator[LiveServer]:
+    """One server for the browser tests that share the tiny zoo (started once: a worker costs ~15 s)."""
+    require_chromium()
+    with serve(tmp_path_factory.mktemp("web")) as server:
+        yield server
+
+
+def make_key(server: LiveServer, role: str, name: str = "browser-role") -> str:
+    with session_factory(server.settings.resolved_database_url)() as session:
+        _row, key = create_key(session, name, role)
+    return key
 
 
 def register_base(api: CellFuseClient, name: str = "random-full-width") -> str:
@@ -135,12 +150,14 @@ class TinyZoo:
     version_ids: list[int]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def zoo_jobs(live_server) -> ZooJobs:
     """Fine-tunes of a 2-reporter zoo for one cell line (nuclei and cells per reporter), submitted
     through the API and not waited for: browser tests watch them run."""
     api = live_server.client()
-    base = register_base(api)
+    # The shipped pretrained base (half width): a 2-epoch fine-tune of it already finds nuclei, so the
+    # viewer, the measurements and the plate map have objects to show.
+    base = SHIPPED_BASE
     fields = small_plate(len(SPLITS), size=128, n_channels=2)
     channels = list(fields[0].channel_names)
     ds = upload_dataset(api, fields, splits=SPLITS)
@@ -151,7 +168,7 @@ def zoo_jobs(live_server) -> ZooJobs:
     return ZooJobs(channels, ds["id"], [job["id"] for job in jobs])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_zoo(live_server, zoo_jobs) -> TinyZoo:
     """The zoo once every fine-tune has finished."""
     api = live_server.client()
@@ -163,10 +180,11 @@ def tiny_zoo(live_server, zoo_jobs) -> TinyZoo:
     return TinyZoo(zoo_jobs.channels, zoo_jobs.dataset_id, version_ids)
 
 
-@pytest.fixture(scope="module")
-def browser(live_server):
+@pytest.fixture(scope="session")
+def browser():
     from playwright.sync_api import sync_playwright
 
+    require_chromium()
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -175,27 +193,70 @@ def browser(live_server):
             chromium.close()
 
 
-@pytest.fixture
-def page(browser, live_server):
-    """A fresh page (own storage) on the live server; page errors fail the test."""
-    context = browser.new_context(base_url=live_server.base_url, viewport={"width": 1280, "height": 900},
+class ConsoleErrors(list):
+    """Uncaught exceptions and console errors of a page. A test that provokes an error on purpose
+    (a refused request logs "Failed to load resource") calls ``expect(...)`` for those words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected: list[str] = []
+
+    def expect(self, *fragments: str) -> None:
+        self.expected.extend(fragments)
+
+    def unexpected(self) -> list[str]:
+        return [e for e in self if not any(f in e for f in self.expected)]
+
+
+def open_page(browser, live_server, width: int = 1280, height: int = 900):
+    context = browser.new_context(base_url=live_server.base_url, viewport={"width": width, "height": height},
                                   accept_downloads=True)
     context.set_default_timeout(15_000)
     page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = ConsoleErrors()
+    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+    page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.console_errors = errors
+    return context, page
+
+
+@pytest.fixture
+def page(browser, live_server):
+    """A fresh page (own storage) on the live server; page errors and console errors fail the test."""
+    context, page = open_page(browser, live_server)
     try:
         yield page
     finally:
         context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not page.console_errors.unexpected(), f"errors on the page: {page.console_errors.unexpected()}"
 
 
 def enter_key(page, key: str) -> None:
     page.goto("/")
     page.fill("#api-key", key)
     page.click("#key-save")
-    page.wait_for_selector("#key-state:has-text('connected')")
+    page.wait_for_selector("#conn-state:has-text('connected')")
 
 
-__all__ = ["ARTIFACTS", "CELL_LINE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key"]
+class Overflow(int):
+    """How many CSS pixels the page is wider than its viewport; ``culprits`` name the elements past it."""
+
+    culprits: list[str]
+
+
+def no_horizontal_overflow(page) -> Overflow:
+    """How many CSS pixels the page is wider than its viewport (0 = nothing to scroll sideways)."""
+    found = page.evaluate("""() => {
+      const width = document.documentElement.clientWidth;
+      const past = [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > width + 1
+        && e.getClientRects().length && !e.closest('.table-scroll'));
+      return [document.documentElement.scrollWidth - width,
+              past.slice(0, 8).map((e) => `${e.tagName.toLowerCase()}#${e.id}.${e.className}`)];
+    }""")
+    result = Overflow(found[0])
+    result.culprits = found[1]
+    return result
+
+
+__all__ = ["ARTIFACTS", "CELL_LINE", "SHIPPED_BASE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "make_key",
+           "no_horizontal_overflow", "open_page", "serve"]

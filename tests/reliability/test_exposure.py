@@ -22,7 +22,8 @@ def _assert_common(response) -> None:
 def test_page_has_a_csp_that_allows_only_its_own_files(embedded_settings):
     client, _ = make_client(embedded_settings, run_reaper=False)
     client.headers.pop("X-API-Key")
-    for path in ("/", "/static/app.js", "/static/style.css"):
+    for path in ("/", "/docs", "/static/js/main.js", "/static/style.css",
+                 "/static/vendor/openseadragon/openseadragon.min.js"):
         response = client.get(path)
         assert response.status_code == 200
         _assert_common(response)
@@ -30,10 +31,11 @@ def test_page_has_a_csp_that_allows_only_its_own_files(embedded_settings):
         assert "frame-ancestors 'none'" in csp and "script-src 'self';" in csp and "style-src 'self';" in csp
         assert "unsafe-inline" not in csp and "unsafe-eval" not in csp and "*" not in csp
     # The page needs nothing the policy forbids: no inline script or style, no foreign origin.
-    html = (WEB_DIR / "index.html").read_text()
-    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html) and "<style" not in html
-    assert not re.search(r"\son[a-z]+=", html) and not re.search(r"\sstyle=", html)
-    assert not re.search(r"(src|href)=\"(https?:)?//", html)
+    for page in ("index.html", "docs.html"):
+        html = (WEB_DIR / page).read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html) and "<style" not in html
+        assert not re.search(r"\son[a-z]+=", html) and not re.search(r"\sstyle=", html)
+        assert not re.search(r"(src|href)=\"(https?:)?//", html)
 
 
 def test_api_answers_and_refusals_carry_the_headers(embedded_settings):
@@ -42,7 +44,7 @@ def test_api_answers_and_refusals_carry_the_headers(embedded_settings):
                      client.get("/health"), client.get("/ready"), client.get("/api/v1/nothing-here")):
         _assert_common(response)
         assert response.headers["content-security-policy"].startswith("default-src 'none'")
-    docs = client.get("/docs")  # Swagger UI's inline bootstrap: framed never, but no CSP to break it
+    docs = client.get("/redoc")  # ReDoc's inline bootstrap: framed never, but no CSP to break it
     _assert_common(docs)
 
 

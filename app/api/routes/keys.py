@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import func, select
 
-from app.api.deps import AdminDep, IdPath, SessionDep
+from app.api.deps import AdminDep, IdPath, InstrumentDep, SessionDep
 from app.api.errors import Problem
-from app.api.schemas import ApiKeyCreatedOut, ApiKeyIn, ApiKeyOut
+from app.api.schemas import ApiKeyCreatedOut, ApiKeyIn, ApiKeyOut, KeyIdentityOut
 from app.models import ApiKey, utcnow
 from app.security import create_key
 
@@ -44,3 +44,8 @@ def revoke_api_key(key_id: IdPath, session: SessionDep, _: AdminDep) -> ApiKey:
         row.revoked_at = utcnow()
         session.commit()
     return row
+
+
+@router.get("/me", response_model=KeyIdentityOut, summary="The calling key's name and role (any role)")
+def who_am_i(principal: InstrumentDep) -> KeyIdentityOut:
+    return KeyIdentityOut(id=principal.key_id, name=principal.name, role=principal.role)
