@@ -348,6 +348,15 @@ def bench_ablation(max_epochs: int = 30) -> None:
     run_ablation_benchmark(max_epochs=max_epochs, echo=typer.echo)
 
 
+@bench_cli.command("few-shot")
+def bench_few_shot(small: Annotated[bool, typer.Option("--small", help="a smoke-test size")] = False,
+                   dataset: Annotated[list[str], typer.Option(help="synthetic and/or dsb2018")] = None) -> None:
+    """F1 / mAP against the number of annotated images: random, shipped base, ISL init, self-trained."""
+    from app.benchmarks.few_shot import run_few_shot_benchmark
+
+    run_few_shot_benchmark(small=small, datasets=tuple(dataset or ("synthetic", "dsb2018")), echo=typer.echo)
+
+
 @bench_cli.command("quality")
 def bench_quality(small: Annotated[bool, typer.Option("--small", help="a smoke test: tiny plates, 1 epoch")] = False,
                   regime: Annotated[list[str] | None, typer.Option("--regime", help="regimes to run (default: all)")] = None,

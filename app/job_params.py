@@ -7,7 +7,7 @@ job row; the worker reads the row back as the same model. Celery carries only th
 >>> NoopJob.model_validate(job.model_dump(mode="json")) == job
 True
 >>> sorted(JOB_PARAMS)
-['evaluate', 'finetune', 'noop', 'segment', 'select_channels']
+['evaluate', 'finetune', 'noop', 'pretrain_isl', 'segment', 'select_channels', 'self_train']
 """
 
 from __future__ import annotations
@@ -167,6 +167,37 @@ class SegmentParams(StrictModel):
                                   "overrides every channel's and the override is recorded")
 
 
+class ISLParams(StrictModel):
+    """In-silico-labelling pretext training (``app.science.isl``)."""
+
+    max_epochs: int = Field(default=100, ge=1, le=5000)
+    min_epochs: int = Field(default=5, ge=0, le=5000)
+    patience: int = Field(default=10, ge=1, le=1000)
+    learning_rate: float = Field(default=0.002, gt=0, le=1.0)
+    batch_size: int = Field(default=8, ge=1, le=64)
+    bsize: int = Field(default=224, ge=32, le=512)
+    crops_per_pair: int = Field(default=2, ge=1, le=64)
+    val_fraction: float = Field(default=0.2, ge=0.0, le=0.5,
+                                description="share of images for early stopping when the dataset has no 'val' split")
+    diameter: float | None = Field(default=None, gt=0, le=1000,
+                                   description="object size in pixels in the target stain; default: estimated")
+    widths: Literal["half", "full"] = Field(default="half", description="CPnet width when not starting from a base")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class SelfTrainParams(StrictModel):
+    """Marker-controlled pseudo-labelling (``app.science.self_training``)."""
+
+    epochs: int = Field(default=40, ge=1, le=2000)
+    patch_scale: float = Field(default=2.0, gt=0.5, le=8.0)
+    lam: float = Field(default=1.0, ge=0, le=100)
+    beta: float = Field(default=2.0, ge=0, le=100)
+    learning_rate: float = Field(default=0.002, gt=0, le=1.0)
+    diameter: float | None = Field(default=None, gt=0, le=1000,
+                                   description="nucleus diameter in pixels; default: estimated (Otsu)")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
 # --- what the API resolved and the worker runs -------------------------------------------------
 
 
@@ -267,6 +298,35 @@ class SelectChannelsJob(JobParams):
     cell_line: str
 
 
+class PretrainISLJob(JobParams):
+    dataset_id: int
+    source_channels: list[str] = Field(min_length=1)
+    target_channel: str
+    name: str = Field(description="the base model's name in the zoo")
+    init_base: str | None = Field(default=None, description="a base model to start from; None = random init")
+    params: ISLParams = Field(default_factory=ISLParams)
+
+
+class SelfTrainJob(JobParams):
+    dataset_id: int
+    reporter: str
+    object: ObjectLiteral
+    cell_line: str
+    base: str = Field(description="base model name, or 'version:<id>', the pseudo-label fine-tune starts from")
+    #: Markers from this nuclear channel of the dataset...
+    marker_channel: str | None = None
+    #: ...or from a nuclear map predicted by this ISL base model from ``marker_source_channel``.
+    marker_isl_model: str | None = None
+    marker_source_channel: str | None = None
+    foreground_channel: str
+    self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
+    params: FinetuneParams = Field(default_factory=FinetuneParams)
+
+    @property
+    def parent_version_id(self) -> int | None:
+        return int(self.base.split(":", 1)[1]) if self.base.startswith("version:") else None
+
+
 #: Job kind -> its parameter model (the worker reads a job row's params as this).
 JOB_PARAMS: dict[str, type[JobParams]] = {
     "noop": NoopJob,
@@ -274,4 +334,6 @@ JOB_PARAMS: dict[str, type[JobParams]] = {
     "segment": SegmentJob,
     "evaluate": EvaluateJob,
     "select_channels": SelectChannelsJob,
+    "pretrain_isl": PretrainISLJob,
+    "self_train": SelfTrainJob,
 }

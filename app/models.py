@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -146,6 +147,8 @@ class ModelVersion(Base):
     diameter: Mapped[float | None] = mapped_column(Float, nullable=True)
     test_metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     training_curve: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    #: Trained on masks a self-training job made (no human annotation): shown as such everywhere.
+    pseudo_labelled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     cell_line: Mapped[CellLine] = relationship()

@@ -19,6 +19,8 @@ TASK_ROUTES: dict[str, tuple[str, str]] = {
     "segment": ("cellfuse.jobs.segment", "gpu"),
     "evaluate": ("cellfuse.jobs.evaluate", "gpu"),
     "select_channels": ("cellfuse.jobs.select_channels", "gpu"),
+    "pretrain_isl": ("cellfuse.jobs.pretrain_isl", "gpu"),
+    "self_train": ("cellfuse.jobs.self_train", "gpu"),
 }
 
 #: Redis re-delivers an unacknowledged message after this long. It must exceed the longest hard
@@ -37,6 +39,8 @@ TASK_TIME_LIMITS: dict[str, tuple[int, int]] = {
     "segment": (6 * 3600, 6 * 3600 + 300),
     "evaluate": (2 * 3600, 2 * 3600 + 120),
     "select_channels": (4 * 3600, 4 * 3600 + 120),
+    "pretrain_isl": (6 * 3600, 6 * 3600 + 300),
+    "self_train": (6 * 3600, 6 * 3600 + 300),
 }
 
 

@@ -56,6 +56,16 @@ def select_channels_task(job_id: str) -> str:
     return _run("select_channels", job_id)
 
 
+@celery_app.task(**_task_options("pretrain_isl"))
+def pretrain_isl_task(job_id: str) -> str:
+    return _run("pretrain_isl", job_id)
+
+
+@celery_app.task(**_task_options("self_train"))
+def self_train_task(job_id: str) -> str:
+    return _run("self_train", job_id)
+
+
 @worker_process_init.connect
 def _resolve_compute_in_pool_process(**_kwargs) -> None:
     """Each pool process picks its device after the fork; the prefork parent never touches CUDA.

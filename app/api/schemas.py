@@ -7,7 +7,14 @@ from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.job_params import FinetuneParams, NoopJob, SegmentParams, StrictModel
+from app.job_params import (
+    FinetuneParams,
+    ISLParams,
+    NoopJob,
+    SegmentParams,
+    SelfTrainParams,
+    StrictModel,
+)
 from app.vocabulary import (
     DEFAULT_ALIAS,
     JobStatusLiteral,
@@ -159,6 +166,8 @@ class ModelVersionOut(BaseModel):
     training_curve: list[dict[str, Any]]
     card: dict[str, Any]
     aliases: list[str]
+    pseudo_labelled: bool = Field(default=False, description="trained on self-training pseudo-labels, "
+                                  "no human annotation")
     created_at: datetime
 
     @field_validator("created_at", mode="after")
@@ -268,6 +277,33 @@ class FinetuneIn(StrictModel):
     object: ObjectLiteral
     base: str = Field(default="", max_length=200,
                       description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
+    params: FinetuneParams = Field(default_factory=FinetuneParams)
+
+
+class PretrainISLIn(StrictModel):
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    source_channels: list[str] = Field(min_length=1, max_length=16,
+                                       description="channels the network sees (label-free or reporters)")
+    target_channel: str = Field(min_length=1, max_length=120, description="the stain to predict (nuclear, membrane)")
+    name: str = Field(min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="the new base model's name")
+    init_base: str | None = Field(default=None, max_length=120, description="start from this base model")
+    params: ISLParams = Field(default_factory=ISLParams)
+
+
+class SelfTrainIn(StrictModel):
+    dataset_id: int = Field(ge=1, le=MAX_ID)
+    reporter: str = Field(min_length=1, max_length=120, description="the reporter channel the model is for")
+    object: ObjectLiteral
+    marker_channel: str | None = Field(default=None, max_length=120, description="a nuclear stain channel")
+    marker_isl_model: str | None = Field(default=None, max_length=120,
+                                         description="an ISL base model predicting the nuclear stain")
+    marker_source_channel: str | None = Field(default=None, max_length=120,
+                                              description="the channel the ISL model reads (default: reporter)")
+    foreground_channel: str | None = Field(default=None, max_length=120,
+                                           description="default: the marker channel for nuclei, the reporter for cells")
+    base: str = Field(default="", max_length=200, description="base of the pseudo-label fine-tune; empty = shipped")
+    self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
     params: FinetuneParams = Field(default_factory=FinetuneParams)
 
 

@@ -22,6 +22,8 @@ PIPELINE_MODULES: dict[str, str] = {
     "segment": "segment",
     "evaluate": "evaluate",
     "select_channels": "select_channels",
+    "pretrain_isl": "pretrain_isl",
+    "self_train": "self_train",
 }
 
 

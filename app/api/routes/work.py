@@ -22,9 +22,11 @@ from app.api.schemas import (
     EvaluateIn,
     FinetuneIn,
     JobOut,
+    PretrainISLIn,
     SegmentDatasetIn,
     SegmentRequest,
     SelectChannelsIn,
+    SelfTrainIn,
 )
 from app.job_params import (
     EvaluateJob,
@@ -33,8 +35,10 @@ from app.job_params import (
     JobParams,
     ObjectPlan,
     PreprocessingRecipe,
+    PretrainISLJob,
     SegmentJob,
     SelectChannelsJob,
+    SelfTrainJob,
     recipe_from_card,
     training_profile_from_card,
 )
@@ -94,6 +98,91 @@ def plan_models(session: Session, line: CellLine, channels: list[str], objects: 
         plan[obj] = ObjectPlan(channels=use, channel_source=how, models=models, fusion=fusion,
                                fusion_source=fusion_source)
     return plan
+
+
+def _resolve_base(session: Session, base: str) -> str:
+    """A fine-tune's base: 'version:<id>' of the zoo, a registered base model, or '' for the shipped one."""
+    if base.startswith("version:"):
+        number = base.split(":", 1)[1].strip()
+        if not number.isdigit() or not 1 <= int(number) <= MAX_ID:
+            raise Problem(422, "base 'version:<id>' needs a model version number", slug="bad-base")
+        zoo.model_version_by_id(session, int(number))
+        return base
+    if base:
+        return zoo.base_model_by_name(session, base).name
+    from sqlalchemy import select
+
+    from app.models import BaseModel
+
+    shipped = session.scalar(select(BaseModel).where(BaseModel.source == "shipped").order_by(BaseModel.id))
+    if shipped is None:
+        raise Problem(422, "no base model is registered; upload one or name one in 'base'", slug="no-base-model")
+    return shipped.name
+
+
+def _check_channel(ds: Dataset, name: str | None, what: str) -> None:
+    if name is not None and name not in ds.channels:
+        raise Problem(422, f"{what} {name!r} is not a channel of dataset {ds.id} (it has {', '.join(ds.channels)})",
+                      slug="unknown-channel")
+
+
+@router.post("/pretrain-isl", response_model=JobOut, status_code=202,
+             summary="In-silico-labelling pretraining: a base model that predicts a stain from other channels")
+def submit_pretrain_isl(body: PretrainISLIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
+                        response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+    from sqlalchemy import select
+
+    from app.models import BaseModel
+
+    ds = zoo.dataset_by_id(session, body.dataset_id)
+    for name in body.source_channels:
+        _check_channel(ds, name, "source channel")
+    _check_channel(ds, body.target_channel, "target channel")
+    if body.target_channel in body.source_channels:
+        raise Problem(422, "the target stain cannot also be a source channel", slug="target-is-source")
+    if len(set(body.source_channels)) != len(body.source_channels):
+        raise Problem(422, "source_channels lists a channel twice", slug="duplicate-channels")
+    if len(ds.images) < 2:
+        raise Problem(422, f"dataset {ds.id} has {len(ds.images)} image(s); ISL pretraining needs at least 2 "
+                      "(training and validation)", slug="too-few-images")
+    if session.scalar(select(BaseModel).where(BaseModel.name == body.name)) is not None:
+        raise Problem(409, f"a base model named {body.name!r} already exists; choose another name",
+                      slug="base-model-exists")
+    init = zoo.base_model_by_name(session, body.init_base).name if body.init_base else None
+    params = PretrainISLJob(dataset_id=ds.id, source_channels=body.source_channels, target_channel=body.target_channel,
+                            name=body.name, init_base=init, params=body.params)
+    return _accepted(session, settings, "pretrain_isl", params, principal, idempotency_key, response)
+
+
+@router.post("/self-train", response_model=JobOut, status_code=202,
+             summary="Annotation-free training: pseudo-labels from nucleus markers, then a fine-tune")
+def submit_self_train(body: SelfTrainIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
+                      response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+    ds = zoo.dataset_by_id(session, body.dataset_id)
+    _check_channel(ds, body.reporter, "reporter")
+    zoo.reporter_by_name(session, body.reporter)
+    if (body.marker_channel is None) == (body.marker_isl_model is None):
+        raise Problem(422, "give exactly one marker source: marker_channel (a nuclear stain channel) or "
+                      "marker_isl_model (an ISL base model that predicts it)", slug="marker-source")
+    _check_channel(ds, body.marker_channel, "marker channel")
+    source = body.marker_source_channel or (body.reporter if body.marker_isl_model else None)
+    _check_channel(ds, source, "marker source channel")
+    if body.marker_isl_model is not None:
+        isl = zoo.base_model_by_name(session, body.marker_isl_model)
+        if (isl.card or {}).get("training", {}).get("pretext") != "in-silico labelling":
+            raise Problem(422, f"base model {isl.name!r} is not an ISL model (made by a pretrain-isl job)",
+                          slug="not-an-isl-model")
+    foreground = body.foreground_channel or (body.marker_channel or source if body.object == "nuclei"
+                                             else body.reporter)
+    _check_channel(ds, foreground, "foreground channel")
+    if len(ds.images) < 3:
+        raise Problem(422, f"dataset {ds.id} has {len(ds.images)} image(s); self-training needs at least 3 "
+                      "(training, validation, test)", slug="too-few-images")
+    params = SelfTrainJob(dataset_id=ds.id, reporter=body.reporter, object=body.object, cell_line=ds.cell_line.name,
+                          base=_resolve_base(session, body.base), marker_channel=body.marker_channel,
+                          marker_isl_model=body.marker_isl_model, marker_source_channel=source,
+                          foreground_channel=foreground, self_train=body.self_train, params=body.params)
+    return _accepted(session, settings, "self_train", params, principal, idempotency_key, response)
 
 
 def check_preprocessing(session: Session, plan: dict[str, ObjectPlan], override: PreprocessingRecipe | None,

@@ -139,7 +139,8 @@ def version_out(session, v: ModelVersion) -> ModelVersionOut:
         status=v.status, base_model=base.name if base else None, parent_version_id=v.parent_version_id,
         dataset_id=v.dataset_id, job_id=v.job_id, training_params=v.training_params or {},
         weights_sha256=v.weights_sha256, diameter=v.diameter, test_metrics=v.test_metrics or {},
-        training_curve=v.training_curve or [], card=v.card or {}, aliases=aliases, created_at=v.created_at)
+        training_curve=v.training_curve or [], card=v.card or {}, aliases=aliases,
+        pseudo_labelled=bool(v.pseudo_labelled), created_at=v.created_at)
 
 
 @router.get("/models", response_model=list[ModelVersionOut], summary="Model versions, filtered (paged)")

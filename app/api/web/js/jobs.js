@@ -21,6 +21,7 @@ export const METHOD_NAMES = {
 export const KIND_NAMES = {
   segment: "segmentation", "segment-dataset": "segmentation of a dataset", finetune: "fine-tuning",
   evaluate: "evaluation", select_channels: "channel selection", noop: "test job",
+  pretrain_isl: "ISL pretraining", self_train: "self-training (no annotations)",
 };
 
 const poll = {timer: null, failures: 0, offline: false};

@@ -49,7 +49,9 @@ export async function loadZoo() {
       tabindex: 0, onclick: () => selectVersion(v.id),
       onkeydown: (event) => { if (event.key === "Enter" && event.target === event.currentTarget) selectVersion(v.id); }},
     el("td", {}, tick), el("td", {}, v.id), el("td", {}, v.cell_line), el("td", {}, v.reporter), el("td", {}, v.object),
-    el("td", {class: "num"}, v.version), el("td", {}, el("span", {class: `badge ${v.status}`}, v.status)),
+    el("td", {class: "num"}, v.version), el("td", {}, el("span", {class: `badge ${v.status}`}, v.status),
+      v.pseudo_labelled ? el("span", {class: "badge pseudo", title: "trained on self-training pseudo-labels: "
+        + "no human annotation"}, "pseudo-labelled") : null),
     el("td", {class: "num"}, fmtScore(m.f1)), el("td", {class: "num"}, fmtScore(m.precision)),
     el("td", {class: "num"}, fmtScore(m.recall)),
     el("td", {class: "num"}, fmt(v.diameter, 1)),
