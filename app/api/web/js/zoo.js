@@ -97,9 +97,9 @@ function renderRecipe() {
   const p = record.percentiles;
   out.replaceChildren(el("strong", {}, "Preprocessing: "), el("span", {class: "recipe"}, recipeWords(record.recipe)),
     Array.isArray(p) ? ` (the dataset's percentiles: ${fmt(p[0], 1)} – ${fmt(p[1], 1)})` : "",
-    profile && profile.id ? [" · trained with ", el("a", {href: "#profiles-heading", class: "training-profile",
+    profile && profile.id ? el("span", {}, " · trained with ", el("a", {href: "#profiles-heading", class: "training-profile",
       "data-profile": profile.id, onclick: (event) => { event.preventDefault(); showProfile(profile.id); }},
-    `illumination profile #${profile.id}`), ` (${profile.source || "stored"})`] : "");
+    `illumination profile #${profile.id}`), ` (${profile.source || "stored"})`) : "");
 }
 
 function selectVersion(id) {
