@@ -54,6 +54,7 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_z
         _upload_profile(page, "dye slide", ", ".join(channels), _flatfield(2))
         page.wait_for_selector("#notice.info:has-text('Profile stored')")
         card = page.locator(".profile-card", has_text="dye slide")
+        card.locator("figcaption").nth(1).wait_for()
         assert card.locator("figcaption").all_inner_texts() == channels
         assert all(w == 128 for w in _loaded(page, ".profile-card img.profile-preview")), "a preview did not load"
 
@@ -112,6 +113,7 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_z
         assert all(w == 128 for w in _loaded(page, "#job-preprocessing img.profile-preview"))
         captions = section.locator("figcaption").all_inner_texts()
         assert captions == [f"{c} · profile #{profile['id']} (uploaded)" for c in channels], captions
+        assert section.locator("td.profile-ref").all_inner_texts() == [f"#{profile['id']} (uploaded)"] * 2
         assert section.locator("td.recipe-source").all_inner_texts() == ["request override"] * 2
         assert "stored profile" in section.locator("td.recipe").first.inner_text()
         ARTIFACTS.mkdir(exist_ok=True)
@@ -124,6 +126,10 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_z
         section.screenshot(path=str(ARTIFACTS / "job-preprocessing-400.png"))
         overflow = no_horizontal_overflow(page)
         assert overflow == 0, overflow.culprits
+        # The flat-fields sit below the table (which scrolls by itself), inside the narrow screen.
+        rights = page.evaluate("() => [...document.querySelectorAll('#job-preprocessing img')]"
+                               ".map((i) => i.getBoundingClientRect().right)")
+        assert len(rights) == 2 and max(rights) <= 400, rights
         for tab in ("zoo", "train"):
             page.click(f"nav [data-tab='{tab}']")
             page.wait_for_timeout(300)

@@ -162,30 +162,36 @@ export async function fillJobPreprocessing(box, job) {
     return known.get(id);
   };
   const rows = [];
+  const figures = new Map();   // "profile/channel" -> its image, once even when two objects share it
   for (const [object, channels] of Object.entries(byObject)) {
     for (const [channel, used] of Object.entries(channels)) {
       const ref = used.illumination_profile;
-      let image = el("span", {class: "muted"}, "–");
+      let named = "none";
       if (ref && ref.id) {
+        const why = ref.used_because ? `, ${ref.used_because}` : "";
+        named = `#${ref.id} (${ref.source}${why})`;
         const profile = await profileOf(ref.id);
         const index = profile ? profile.channels.indexOf(channel) : -1;
-        const why = ref.used_because ? `, ${ref.used_because}` : "";
-        image = index >= 0 ? previewFigure(ref.id, index, `${channel} · profile #${ref.id} (${ref.source}${why})`)
-          : el("span", {}, `profile #${ref.id} (${ref.source}${why})`);
+        const key = `${ref.id}/${channel}`;
+        if (index >= 0 && !figures.has(key)) {
+          figures.set(key, previewFigure(ref.id, index, `${channel} · profile #${ref.id} (${ref.source}${why})`));
+        }
       }
       const p = used.percentiles;
       rows.push(el("tr", {"data-object": object, "data-channel": channel}, el("td", {}, object), el("td", {}, channel),
         el("td", {class: "recipe"}, recipeWords(used.recipe)),
         el("td", {class: "recipe-source"}, used.recipe_source === "request" ? "request override" : used.recipe_source),
         el("td", {class: "num"}, Array.isArray(p) ? `${fmt(p[0], 1)} – ${fmt(p[1], 1)}` : "per image"),
-        el("td", {}, image)));
+        el("td", {class: "profile-ref"}, named)));
     }
   }
-  box.replaceChildren(
+  box.replaceChildren(...[
     el("p", {class: "muted small-text"}, "The recipe comes from each channel model's card unless the request " +
-      "overrode it. Percentiles: the intensities mapped to 0 and 1 (per plate), or each field's own (per image). " +
-      "The image is the flat-field divided out (bright = more light)."),
+      "overrode it. Percentiles: the intensities mapped to 0 and 1 (per plate), or each field's own (per image)."),
     scroller(el("table", {class: "list preprocessing-table"}, el("thead", {}, el("tr", {}, el("th", {}, "Object"),
       el("th", {}, "Channel"), el("th", {}, "Recipe"), el("th", {}, "Source"), el("th", {}, "Percentiles"),
-      el("th", {}, "Illumination profile"))), el("tbody", {}, rows))));
+      el("th", {}, "Illumination profile"))), el("tbody", {}, rows))),
+    figures.size ? el("p", {class: "muted small-text"}, "The flat-fields divided out, per channel " +
+      "(bright = more light reached the camera there):") : null,
+    figures.size ? el("div", {class: "profile-figures"}, [...figures.values()]) : null].filter(Boolean));
 }
