@@ -40,7 +40,7 @@ def _upload_profile(page, name: str, channels: str, tiff: bytes) -> None:
 
 def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_zoo):
     context, page = open_page(browser, live_server, width=1600, height=1000)
-    page.console_errors.expect("status of 422")  # the refused upload, on purpose
+    page.console_errors.expect("status of 422")  # the refused upload and fine-tune, on purpose
     try:
         enter_key(page, live_server.key)
         channels = tiny_zoo.channels
@@ -57,6 +57,8 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_z
         card.locator("figcaption").nth(1).wait_for()
         assert card.locator("figcaption").all_inner_texts() == channels
         assert all(w == 128 for w in _loaded(page, ".profile-card img.profile-preview")), "a preview did not load"
+        _upload_profile(page, "other scope", "GFP", _flatfield(1))
+        page.locator(".profile-card", has_text="other scope").locator("figcaption").wait_for()
 
         # 2. Fine-tune with a per-plate recipe chosen on the form.
         page.click("nav [data-tab='train']")
@@ -67,6 +69,12 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, live_server, tiny_z
         assert page.is_disabled("#ft-darkfield") and page.is_disabled("#ft-profile")
         page.check("input[name='ft-illumination'][value='profile']")
         assert page.is_enabled("#ft-profile") and "dye slide" in page.inner_text("#ft-profile")
+        # A profile without the reporter's channel: the server's problem detail, as the page shows any.
+        other = page.locator("#ft-profile option", has_text="other scope").get_attribute("value")
+        page.select_option("#ft-profile", other)
+        page.click("#ft-submit")
+        page.wait_for_selector("#notice.error")
+        assert f"has no channel '{channels[0]}'" in page.inner_text("#notice-detail"), page.inner_text("#notice")
         page.check("input[name='ft-illumination'][value='per-plate']")
         page.check("input[name='ft-normalization'][value='per-plate']")
         assert "BaSiC" in page.inner_text("#ft-preprocessing")
