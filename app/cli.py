@@ -243,6 +243,22 @@ def bench_ablation(max_epochs: int = 30) -> None:
     run_ablation_benchmark(max_epochs=max_epochs, echo=typer.echo)
 
 
+@bench_cli.command("quality")
+def bench_quality(small: Annotated[bool, typer.Option("--small", help="a smoke test: tiny plates, 1 epoch")] = False,
+                  regime: Annotated[list[str] | None, typer.Option("--regime", help="regimes to run (default: all)")] = None,
+                  obj: Annotated[str, typer.Option("--object", help="nuclei or cells")] = "cells",
+                  seed: int = 7, json_out: Annotated[str, typer.Option("--json", help="also write the results here")] = ""
+                  ) -> None:
+    """Learned Flow Fusion vs each channel, equal weights, label fusion and a joint K-channel model."""
+    import json
+
+    from app.benchmarks.quality import run_quality_benchmark
+
+    result = run_quality_benchmark(small=small, regimes=regime or None, obj=obj, seed=seed, echo=typer.echo)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, default=float))
+
+
 @bench_cli.command("preprocessing")
 def bench_preprocessing(max_epochs: int = 40,
                         small: Annotated[bool, typer.Option(help="a quick smoke run")] = False) -> None:

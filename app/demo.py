@@ -222,14 +222,24 @@ def _print_tables(console, channels, versions, rankings, method_jobs) -> None:
 
     for obj in OBJECTS:
         ranking = rankings[obj]
-        sub = Table(title=f"Flow Fusion by channel subset, {obj} (validation fields), best first")
-        for col in ("channels", "F1", "precision", "recall", "Jaccard", "mAP .5:.95"):
+        sub = Table(title=f"Flow Fusion by channel subset, {obj} (validation fields), best first",
+                    caption="interval: bootstrap 95 % over fields; the chosen set is the smallest within noise of the best")
+        for col in ("channels", "F1", "F1 95% interval", "precision", "recall", "Jaccard", "mAP .5:.95"):
             sub.add_column(col, justify="left" if col == "channels" else "right")
         for r in ranking["ranking"]:
-            sub.add_row(" + ".join(r["channels"]), _fmt(r["f1"]), _fmt(r["precision"]), _fmt(r["recall"]),
-                        _fmt(r["jaccard"]), _fmt(r["map_50_95"]))
+            low_high = r.get("f1_interval")
+            sub.add_row(" + ".join(r["channels"]), _fmt(r["f1"]),
+                        f"{_fmt(low_high[0])}–{_fmt(low_high[1])}" if low_high else "–", _fmt(r["precision"]),
+                        _fmt(r["recall"]), _fmt(r["jaccard"]), _fmt(r["map_50_95"]))
         console.print(sub)
         console.print(f"chosen channel set for {obj}: {' + '.join(ranking['chosen'])}")
+        fitted = ranking.get("fusion_parameters")
+        if fitted:
+            weights = ", ".join(f"{c} {w:.2f}" for c, w in zip(fitted["channels"], fitted["weights"]))
+            cv = (f"; CV F1 {_fmt(fitted['cv_f1'])} ({_fmt(fitted['cv_interval'][0])}–{_fmt(fitted['cv_interval'][1])})"
+                  if fitted.get("cv_interval") else "")
+            console.print(f"fitted Flow Fusion for it: {fitted['method']}, weights {weights}, flow threshold "
+                          f"{fitted['flow_threshold']}, cell-probability threshold {fitted['cellprob_threshold']}{cv}")
 
     single = Table(title="Single-channel models (test split of their fine-tune)")
     for col in ("reporter", "object", "version", "epoch", "F1", "precision", "recall", "Jaccard"):

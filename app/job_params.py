@@ -153,7 +153,10 @@ class FinetuneParams(StrictModel):
 
 class SegmentParams(StrictModel):
     flow_threshold: float | None = Field(default=None, ge=0, le=10)
-    cellprob_threshold: float = Field(default=0.0, ge=-20, le=20)
+    cellprob_threshold: float | None = Field(default=None, ge=-20, le=20,
+                                             description="default: 0, or the fitted fusion's value")
+    learned_fusion: bool = Field(default=True, description="Flow Fusion uses the weights and thresholds fitted "
+                                 "for this channel set by select-channels, when the zoo has them")
     min_size: int = Field(default=15, ge=0, le=100_000)
     diameter: float | None = Field(default=None, gt=0, le=1000,
                                    description="object diameter in pixels; default: the models' training diameter")
@@ -177,6 +180,10 @@ class ObjectPlan(StrictModel):
     channels: list[str]
     channel_source: str
     models: dict[str, int]
+    #: Fitted fusion parameters (``flow_fusion.FusionParameters`` as a dict) for exactly these
+    #: channels and model versions, from the zoo's channel set; None: equal weights.
+    fusion: dict | None = None
+    fusion_source: str | None = None
 
 
 class FieldSpec(StrictModel):

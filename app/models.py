@@ -193,6 +193,9 @@ class ChannelSet(Base):
     method: Mapped[str] = mapped_column(String(30))
     ranking: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     chosen: Mapped[list[str]] = mapped_column(JSON)
+    #: Flow Fusion parameters fitted for ``chosen`` on the validation fields (weights, thresholds,
+    #: confidence mode, CV F1 and interval); None: equal weights and the fixed fused thresholds.
+    fusion_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id"), nullable=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -253,3 +254,19 @@ def move_alias(session: Session, cell_line: CellLine, reporter: Reporter, obj: s
     session.commit()
     session.refresh(row)
     return row
+
+
+def fitted_fusion(session: Session, cell_line_id: int, obj: str,
+                  models: dict[str, int]) -> tuple[dict[str, Any] | None, str | None]:
+    """The newest fusion parameters fitted for exactly these channels with exactly these model
+    versions (a re-trained model makes the fitted weights stale: then none), and where they came from."""
+    rows = session.scalars(
+        select(ChannelSet).where(ChannelSet.cell_line_id == cell_line_id, ChannelSet.object == obj,
+                                 ChannelSet.fusion_parameters.is_not(None))
+        .order_by(ChannelSet.created_at.desc(), ChannelSet.id.desc()))
+    for row in rows:
+        record = row.fusion_parameters or {}
+        fitted_models = {str(k): int(v) for k, v in (record.get("models") or {}).items()}
+        if sorted(record.get("channels", [])) == sorted(models) and fitted_models == dict(models):
+            return record, f"channel set {row.id} (select-channels job {row.job_id})"
+    return None, None

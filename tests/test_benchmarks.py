@@ -17,6 +17,23 @@ def test_ablation_benchmark_trains_both_arms_and_scores_both_acquisitions():
 
 
 @pytest.mark.slow
+def test_quality_benchmark_smoke_runs_every_row_with_intervals():
+    from app.benchmarks.quality import LABEL_METHODS, run_quality_benchmark
+
+    lines: list[str] = []
+    result = run_quality_benchmark(small=True, regimes=["one-blind"], echo=lines.append)
+    summary = result["regimes"]["one-blind"]
+    rows = summary["rows"]
+    assert {"Flow Fusion, learned", "Flow Fusion, equal weights (0.7)", "joint 3-channel model", *LABEL_METHODS} <= set(rows)
+    assert sum(row.endswith(" alone") for row in rows) == 3
+    for row in rows.values():
+        low, high = row["interval"]
+        assert 0.0 <= low <= row["f1"] <= high <= 1.0
+    assert summary["fusion"]["method"] in ("equal", "weights", "per_pixel")
+    assert lines[-1].startswith("quality bench finished")
+
+
+@pytest.mark.slow
 def test_preprocessing_benchmark_scores_every_recipe_at_every_gain():
     from app.benchmarks.preprocessing import RECIPES, run_preprocessing_benchmark
 

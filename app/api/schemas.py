@@ -183,12 +183,32 @@ class AliasOut(BaseModel):
     history: list[dict[str, Any]] = []
 
 
+class FusionParametersOut(BaseModel):
+    """Flow Fusion fitted for a channel set on validation fields (weights per channel, thresholds)."""
+
+    method: str = Field(description="equal, weights (one per channel) or per_pixel (confidence-weighted)")
+    channels: list[str]
+    weights: list[float]
+    flow_threshold: float
+    cellprob_threshold: float
+    confidence: str | None = None
+    cv_f1: float | None = Field(default=None, description="leave-one-field-out cross-validated F1@0.5")
+    cv_interval: list[float] | None = Field(default=None, description="bootstrap 95 % interval over fields")
+    n_fields: int = 0
+    models: dict[str, int] = Field(default_factory=dict, description="model versions it was fitted for")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class ChannelSetOut(BaseModel):
     cell_line: str
     object: str
     method: str
     chosen: list[str]
-    ranking: list[dict[str, Any]]
+    ranking: list[dict[str, Any]] = Field(description="best first; each row's F1 with its bootstrap 95 % "
+                                          "interval over fields (f1_interval) and whether it is within noise "
+                                          "of the best")
+    chosen_f1_interval: list[float] | None = None
+    fusion_parameters: FusionParametersOut | None = None
     dataset_id: int | None
     job_id: str | None
 

@@ -25,10 +25,16 @@ INPUT_CHANNELS = 2
 DEFAULT_DIAM_MEAN = 30.0
 
 
-def build_network(widths: tuple[int, ...] = FULL_WIDTHS, diam_mean: float = DEFAULT_DIAM_MEAN) -> CPnet:
-    """A randomly initialised CPnet in eval mode on the CPU (no MKL-DNN: it breaks training after eval)."""
+def build_network(
+    widths: tuple[int, ...] = FULL_WIDTHS, diam_mean: float = DEFAULT_DIAM_MEAN, nchan: int = INPUT_CHANNELS
+) -> CPnet:
+    """A randomly initialised CPnet in eval mode on the CPU (no MKL-DNN: it breaks training after eval).
+
+    ``nchan`` input channels: 2 ([reporter, zeros]) for the zoo's per-reporter models, K for a
+    joint model that sees all K reporters of a field at once (``joint_network``).
+    """
     net = CPnet(
-        nbase=[INPUT_CHANNELS, *widths],
+        nbase=[int(nchan), *widths],
         nout=3,
         sz=3,
         mkldnn=False,
@@ -42,6 +48,37 @@ def build_network(widths: tuple[int, ...] = FULL_WIDTHS, diam_mean: float = DEFA
 def network_widths(net: torch.nn.Module) -> tuple[int, ...]:
     """The widths a CPnet was built with (read from its first downsampling block)."""
     return tuple(int(w) for w in net.nbase[1:])
+
+
+def network_input_channels(net: torch.nn.Module) -> int:
+    """How many input channels a CPnet takes (2 for the zoo's models, K for a joint model)."""
+    return int(net.nbase[0])
+
+
+#: Tensors of a CPnet whose first axis (BatchNorm) or second axis (conv) runs over input channels.
+_INPUT_BATCHNORM = ("downsample.down.res_down_0.conv.conv_0.0.", "downsample.down.res_down_0.proj.0.")
+_INPUT_CONVS = ("downsample.down.res_down_0.conv.conv_0.2.weight", "downsample.down.res_down_0.proj.1.weight")
+
+
+def joint_network(base: torch.nn.Module, n_channels: int) -> CPnet:
+    """A CPnet that takes ``n_channels`` reporters at once, started from a single-reporter ``base``.
+
+    Every tensor is copied except the input layers, which are "inflated": each new input channel
+    gets the base's reporter-channel BatchNorm statistics and 1/K of its first-layer kernels, so
+    the joint net starts out seeing the mean of the K normalised reporters through the base.
+    """
+    if n_channels < 1:
+        raise BackboneInputError(f"a joint model needs at least one channel, got {n_channels}")
+    net = build_network(network_widths(base), diam_mean=diam_mean_of(base), nchan=n_channels)
+    state = {name: tensor.detach().clone() for name, tensor in base.state_dict().items()}
+    for name, tensor in list(state.items()):
+        if name.startswith(_INPUT_BATCHNORM) and tensor.ndim == 1:
+            state[name] = tensor[:1].repeat(n_channels)
+        elif name in _INPUT_CONVS:
+            state[name] = (tensor[:, :1] / n_channels).repeat(1, n_channels, 1, 1)
+    net.load_state_dict(state, strict=True)
+    net.eval()
+    return net
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +254,36 @@ def _run_tiled(
     style = np.concatenate(styles).sum(axis=0)
     style /= (style**2).sum() ** 0.5
     return maps, style
+
+
+def predict_maps_joint(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    diameter: float | None,
+    normalization: Normalization = Normalization(),
+) -> ChannelMaps:
+    """Maps of a joint model (``joint_network``) for a whole (K, Y, X) field, untiled.
+
+    Each reporter is normalised on its own (as for the per-reporter models), the stack is rescaled
+    by diam_mean / diameter, padded as Cellpose pads, run once, and the maps resized back.
+    """
+    image = _check_image(image, 3, "a multi-channel field (channels, Y, X)")
+    k, ly0, lx0 = image.shape
+    if network_input_channels(net) != k:
+        raise BackboneInputError(f"the joint model takes {network_input_channels(net)} channels, the field has {k}")
+    rescale = _rescale_factor(net, diameter)
+    stack = _normalize_channels(np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32), normalization)
+    if rescale != 1.0:
+        stack = _resize_yxc(stack, rescale)
+    ly, lx = stack.shape[:2]
+    ypad1, ypad2, xpad1, xpad2 = transforms.get_pad_yx(ly, lx)
+    padded = np.pad(stack.transpose(2, 0, 1), ((0, 0), (ypad1, ypad2), (xpad1, xpad2)))
+    y, styles = _forward(net, padded[np.newaxis].astype(np.float32))
+    maps = _unpad(y[0], (ypad1, ypad2, xpad1, xpad2))
+    if rescale != 1.0:
+        maps = _resize_to(np.ascontiguousarray(maps.transpose(1, 2, 0)), ly0, lx0).transpose(2, 0, 1)
+    return ChannelMaps(maps=np.ascontiguousarray(maps, dtype=np.float32), style=styles[0].astype(np.float32))
 
 
 def _pad_for_net(resized_yx: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -433,3 +500,49 @@ def masks_from_maps(
         device=torch.device("cpu"),
     )
     return np.asarray(masks, dtype=np.int32)
+
+
+def masks_for_flow_thresholds(
+    maps: ChannelMaps | np.ndarray,
+    *,
+    diameter: float,
+    diam_mean: float,
+    flow_thresholds: Sequence[float | None],
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    niter: float | None = None,
+    max_size_fraction: float = 0.4,
+) -> list[np.ndarray]:
+    """``masks_from_maps`` for several flow-error thresholds at the price of one reconstruction.
+
+    Cellpose runs the dynamics first and drops masks whose flow error exceeds the threshold
+    afterwards, so the dynamics and the flow errors are computed once here and each threshold only
+    filters; every result equals ``masks_from_maps(..., flow_threshold=t)``. Threshold searches
+    (``fusion_fitting``) are built on this.
+    """
+    from cellpose import metrics as cp_metrics
+    from cellpose import utils as cp_utils
+
+    arr = maps.maps if isinstance(maps, ChannelMaps) else np.asarray(maps)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise BackboneInputError(f"maps must be (3, Y, X) [flow_y, flow_x, cellprob], got shape {arr.shape}")
+    if not (diameter and diameter > 0 and diam_mean and diam_mean > 0):
+        raise BackboneInputError(f"diameter and diam_mean must be positive, got {diameter} and {diam_mean}")
+    arr = arr.astype(np.float32, copy=False)
+    if niter is None or niter == 0:
+        niter = default_niter(diameter, diam_mean)
+    raw = dynamics.compute_masks(
+        arr[:2], arr[2], niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=0,
+        interp=True, max_size_fraction=max_size_fraction, device=torch.device("cpu"),
+    )
+    raw = np.asarray(raw)
+    errors = cp_metrics.flow_error(raw, arr[:2], torch.device("cpu"))[0] if raw.max() > 0 else np.zeros(0)
+    out = []
+    for threshold in flow_thresholds:
+        masks = raw.copy()
+        if threshold is not None and threshold > 0 and masks.max() > 0:
+            bad = 1 + np.flatnonzero(errors > threshold)
+            masks[np.isin(masks, bad)] = 0
+        masks = cp_utils.fill_holes_and_remove_small_masks(masks, min_size=min_size)
+        out.append(np.asarray(masks, dtype=np.int32))
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,6 +38,27 @@ class SubsetScore:
     recall: float
     jaccard: float
     map_50_95: float
+    #: Bootstrap 95 % interval of the pooled F1 over resampled fields (None with one field).
+    f1_interval: tuple[float, float] | None = None
+    #: Whether the best subset is NOT better in ``gain_confidence`` of paired bootstrap resamples.
+    within_noise: bool = True
+    #: Fraction of paired bootstrap resamples in which the top-ranked subset's F1 is higher.
+    p_best_better: float = 0.0
+    n_fields: int = 0
+
+
+#: The top subset must beat another in this share of paired bootstrap resamples to count as better.
+GAIN_CONFIDENCE = 0.9
+
+
+def choose_channel_set(ranking: Sequence[SubsetScore]) -> tuple[str, ...]:
+    """The smallest subset within noise of the best (``rank_channel_subsets`` marks them); among
+    equally small ones the higher-ranked. Fewer reporters to image and to trust when the data
+    cannot tell the sets apart."""
+    if not ranking:
+        raise ChannelSetError("no ranked subsets to choose from")
+    candidates = [(len(r.channels), i) for i, r in enumerate(ranking) if r.within_noise] or [(0, 0)]
+    return ranking[min(candidates)[1]].channels
 
 
 def _maps_array(maps) -> np.ndarray:
@@ -58,6 +79,9 @@ def rank_channel_subsets(
     min_size: int = 15,
     fusion_params: dict | None = None,
     max_channels: int | None = None,
+    n_boot: int = 2000,
+    gain_confidence: float = GAIN_CONFIDENCE,
+    seed: int = 0,
 ) -> list[SubsetScore]:
     """Every non-empty channel subset scored against ``truths``, best first.
 
@@ -65,8 +89,16 @@ def rank_channel_subsets(
     Ties on ``metric`` go to fewer channels, then to the earlier channels. ``flow_threshold`` None
     means ``FUSED_FLOW_THRESHOLD`` for Flow Fusion and Cellpose's 0.4 for the per-channel masks of
     label fusion (which are computed once per image and channel, then fused per subset).
+
+    Each subset's pooled F1 gets a bootstrap 95 % interval over the images (fields resampled with
+    replacement, the same resamples for every subset, so comparisons are paired); a subset is
+    ``within_noise`` of the top one unless the top one's F1 is higher in ``gain_confidence`` of
+    the resamples. ``choose_channel_set`` picks the smallest such subset.
     """
-    from app.science.backbone import masks_from_maps  # the torch/Cellpose part, only when scoring
+    from app.science.backbone import (
+        masks_from_maps,  # the torch/Cellpose part, only when scoring
+    )
+    from app.science.fusion_fitting import field_counts, interval, pooled_f1
 
     if method not in FUSION_METHODS:
         raise ChannelSetError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
@@ -101,6 +133,7 @@ def rank_channel_subsets(
         ]
 
     scored: list[tuple[tuple[float, int, tuple[int, ...]], SubsetScore]] = []
+    per_field_counts: list[np.ndarray] = []
     for size in range(1, largest + 1):
         for subset in itertools.combinations(range(len(names)), size):
             predictions = []
@@ -122,6 +155,7 @@ def rank_channel_subsets(
                     params = {"min_size": min_size, **(fusion_params or {})}
                     predictions.append(fuse_labels([channel_labels[i][k] for k in subset], method, **params))
             scores = score_set(list(truths), predictions)
+            per_field_counts.append(np.array([field_counts(t, p) for t, p in zip(truths, predictions)]))
             record = SubsetScore(
                 channels=tuple(names[k] for k in subset),
                 f1=scores.f1,
@@ -131,5 +165,17 @@ def rank_channel_subsets(
                 map_50_95=scores.map_50_95,
             )
             scored.append(((-getattr(record, metric), size, subset), record))
-    scored.sort(key=lambda item: item[0])
-    return [record for _, record in scored]
+    n_fields = len(per_image)
+    order = sorted(range(len(scored)), key=lambda j: scored[j][0])
+    if n_fields < 2:
+        return [replace(scored[j][1], n_fields=n_fields, within_noise=(j == order[0])) for j in order]
+    rng = np.random.default_rng(seed)
+    resamples = rng.integers(0, n_fields, size=(n_boot, n_fields))
+    boot = np.stack([pooled_f1(counts[resamples].sum(axis=1)) for counts in per_field_counts])  # (subsets, n_boot)
+    top = order[0]
+    ranked = []
+    for j in order:
+        p_better = float(np.mean(boot[top] > boot[j])) if j != top else 0.0
+        ranked.append(replace(scored[j][1], f1_interval=interval(boot[j]), within_noise=p_better < gain_confidence,
+                              p_best_better=p_better, n_fields=n_fields))
+    return ranked

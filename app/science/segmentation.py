@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.science.backbone import ChannelMaps, Normalization, masks_from_maps, predict_maps_multi
-from app.science.flow_fusion import FUSED_FLOW_THRESHOLD, fuse_maps
+from app.science.flow_fusion import FUSED_FLOW_THRESHOLD, FusionParameters, fuse_maps
 from app.science.label_fusion import FUSION_METHODS, fuse_labels
 
 #: Cellpose's flow-error threshold, used for a single channel's own (unfused) maps.
@@ -63,6 +64,8 @@ class SegmentationResult:
     fused_maps: np.ndarray | None
     channel_labels: list[np.ndarray] | None
     timings: dict[str, float] = field(default_factory=dict)
+    #: What was actually used: weights, confidence, thresholds, and where they came from.
+    settings: dict = field(default_factory=dict)
 
 
 def reconstruction_size(channel_models: Sequence[ChannelModel]) -> tuple[float, float]:
@@ -84,11 +87,12 @@ def segment_field(
     method: str = "flow_fusion",
     normalizations: Normalization | Sequence[Normalization] | None = None,
     flow_threshold: float | None = None,
-    cellprob_threshold: float = 0.0,
+    cellprob_threshold: float | None = None,
     min_size: int = 15,
     tile: bool = False,
     weights: Sequence[float] | None = None,
     fusion_params: dict | None = None,
+    fusion: FusionParameters | dict | None = None,
     checkpoint: Callable[[], None] | None = None,
 ) -> SegmentationResult:
     """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
@@ -97,8 +101,11 @@ def segment_field(
     the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
     maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
     ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
-    Cellpose's tiling. ``checkpoint`` is called between channels (a job's cancellation point: it
-    raises to stop).
+    Cellpose's tiling. ``fusion``: fitted fusion parameters (``FusionParameters`` or its dict) for
+    exactly these channels (matched by the models' names): their weights, confidence mode and
+    thresholds are used, an explicit ``flow_threshold`` / ``cellprob_threshold`` still wins.
+    ``result.settings`` records what was used. ``checkpoint`` is called between channels (a job's
+    cancellation point: it raises to stop).
     """
     started = time.perf_counter()
     if method not in FUSION_METHODS:
@@ -116,8 +123,21 @@ def segment_field(
         )
     if method == "flow_fusion" and fusion_params:
         raise SegmentationInputError("fusion_params apply to label-fusion methods only; use weights for flow_fusion")
-    if method != "flow_fusion" and weights is not None:
-        raise SegmentationInputError("channel weights apply to flow_fusion only")
+    if method != "flow_fusion" and (weights is not None or fusion is not None):
+        raise SegmentationInputError("channel weights and fitted fusion parameters apply to flow_fusion only")
+    confidence = None
+    source = "explicit weights" if weights is not None else "equal weights"
+    fused_flow, fused_cellprob = FUSED_FLOW_THRESHOLD, 0.0
+    if fusion is not None:
+        if weights is not None:
+            raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
+        try:
+            record = fusion if isinstance(fusion, FusionParameters) else FusionParameters.from_dict(fusion)
+            weights = record.weights_for([m.name for m in models]).tolist()
+        except ValueError as exc:
+            raise SegmentationInputError(str(exc)) from None
+        confidence, source = record.confidence, f"fitted ({record.method})"
+        fused_flow, fused_cellprob = record.flow_threshold, record.cellprob_threshold
 
     timings: dict[str, float] = {}
     tic = time.perf_counter()
@@ -133,30 +153,40 @@ def segment_field(
 
     if method == "flow_fusion":
         tic = time.perf_counter()
-        fused = fuse_maps(channel_maps, weights)
+        fused = fuse_maps(channel_maps, weights, confidence)
         timings["fuse"] = time.perf_counter() - tic
         tic = time.perf_counter()
         diameter, diam_mean = reconstruction_size(models)
+        used_flow = fused_flow if flow_threshold is None else flow_threshold
+        used_cellprob = fused_cellprob if cellprob_threshold is None else cellprob_threshold
         labels = masks_from_maps(
             fused,
             diameter=diameter,
             diam_mean=diam_mean,
-            flow_threshold=FUSED_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
-            cellprob_threshold=cellprob_threshold,
+            flow_threshold=used_flow,
+            cellprob_threshold=used_cellprob,
             min_size=min_size,
         )
         timings["masks"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
-        return SegmentationResult(labels, channel_maps, fused, None, timings)
+        norm = [float(w) for w in (weights if weights is not None else [1.0] * len(models))]
+        settings: dict[str, Any] = {
+            "method": method, "channels": [m.name for m in models],
+            "weights": [round(w / sum(norm), 6) for w in norm], "confidence": confidence,
+            "flow_threshold": float(used_flow or 0.0), "cellprob_threshold": float(used_cellprob),
+            "diameter": diameter, "weights_source": source}
+        return SegmentationResult(labels, channel_maps, fused, None, timings, settings)
 
     tic = time.perf_counter()
+    channel_flow = CHANNEL_FLOW_THRESHOLD if flow_threshold is None else flow_threshold
+    channel_cellprob = 0.0 if cellprob_threshold is None else cellprob_threshold
     channel_labels = [
         masks_from_maps(
             maps,
             diameter=m.diameter,
             diam_mean=m.diam_mean,
-            flow_threshold=CHANNEL_FLOW_THRESHOLD if flow_threshold is None else flow_threshold,
-            cellprob_threshold=cellprob_threshold,
+            flow_threshold=channel_flow,
+            cellprob_threshold=channel_cellprob,
             min_size=min_size,
         )
         for maps, m in zip(channel_maps, models)
@@ -167,4 +197,8 @@ def segment_field(
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
     timings["total"] = time.perf_counter() - started
-    return SegmentationResult(labels, channel_maps, None, channel_labels, timings)
+    settings = {"method": method, "channels": [m.name for m in models],
+                "flow_threshold": float(channel_flow or 0.0),
+                "cellprob_threshold": float(channel_cellprob), "fusion_params": params,
+                "diameters": [m.diameter for m in models]}
+    return SegmentationResult(labels, channel_maps, None, channel_labels, timings, settings)

@@ -38,7 +38,10 @@ SEED_MASK_DIR = Path(__file__).parent / "data" / "dsb2018_masks"
 #: Nuclei smaller than this (pixels) are dropped: slivers left by crops are not cells.
 MIN_NUCLEUS_AREA = 20
 
-Localisation = Literal["cytoplasmic", "nuclear", "translocating", "punctate", "membrane"]
+Localisation = Literal["cytoplasmic", "nuclear", "translocating", "punctate", "membrane", "unrelated"]
+#: Every localisation a reporter can have. ``unrelated`` is a channel blind to the objects: smooth
+#: blotches of signal (a medium dye, extracellular matrix, a bleed-through) that ignore the cells.
+LOCALISATIONS: tuple[str, ...] = ("cytoplasmic", "nuclear", "translocating", "punctate", "membrane", "unrelated")
 
 
 class SyntheticSpecError(ValueError):
@@ -69,7 +72,7 @@ class ReporterSpec:
     spot_density: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.localisation not in ("cytoplasmic", "nuclear", "translocating", "punctate", "membrane"):
+        if self.localisation not in LOCALISATIONS:
             raise SyntheticSpecError(f"unknown localisation {self.localisation!r} for reporter {self.name!r}")
         if not 0.0 <= self.absent_fraction < 1.0:
             raise SyntheticSpecError(f"absent_fraction must be in [0, 1); got {self.absent_fraction}")
@@ -85,6 +88,19 @@ DEFAULT_REPORTERS: tuple[ReporterSpec, ...] = (
     ReporterSpec("puncta", "punctate", absent_fraction=0.15, brightness=250.0, spot_density=0.03,
                  other_compartment=0.2),
 )
+
+
+#: Reporters for the quality benchmark's regimes (``REGIMES``): bright and expressed in nearly every
+#: cell, dim and missing in many cells, and blind to the cells.
+STRONG_CYTO = ReporterSpec("cyto_strong", "cytoplasmic", absent_fraction=0.02, brightness=900.0,
+                           expression_sigma=0.25, other_compartment=0.2)
+WEAK_CYTO = ReporterSpec("cyto_weak", "cytoplasmic", absent_fraction=0.35, brightness=40.0, expression_sigma=0.8,
+                         other_compartment=0.35)
+WEAK_TRANSLOC = ReporterSpec("transloc_weak", "translocating", absent_fraction=0.35, brightness=40.0,
+                             expression_sigma=0.8)
+WEAK_PUNCTA = ReporterSpec("puncta_weak", "punctate", absent_fraction=0.35, brightness=35.0, expression_sigma=0.8,
+                           spot_density=0.015, other_compartment=0.1)
+BLIND = ReporterSpec("unrelated", "unrelated", absent_fraction=0.0, brightness=300.0)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,35 @@ class ImagingSpec:
 
 
 DEFAULT_IMAGING = ImagingSpec()
+
+#: An acquisition the models never saw: a quarter of the photons, more read noise, a softer focus,
+#: stronger vignetting and haze (the same shift as the augmentation ablation).
+SHIFTED_IMAGING = ImagingSpec(exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6), vignetting=(0.5, 0.7),
+                              haze=(0.3, 0.5))
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A kind of multi-reporter plate for benchmarks: its reporters and the acquisition of its
+    test fields (training and validation fields always use ``DEFAULT_IMAGING``)."""
+
+    name: str
+    reporters: tuple[ReporterSpec, ...]
+    description: str
+    test_imaging: ImagingSpec = DEFAULT_IMAGING
+
+
+#: The regimes Flow Fusion has to hold up in: fusion must never lose to the set's best channel.
+REGIMES: dict[str, Regime] = {
+    regime.name: regime
+    for regime in (
+        Regime("strong+weak", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "one strong reporter and two weak ones"),
+        Regime("all-weak", (WEAK_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "three weak reporters"),
+        Regime("one-blind", (WEAK_CYTO, WEAK_TRANSLOC, BLIND), "two weak reporters and one channel blind to the cells"),
+        Regime("shifted", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA),
+               "strong+weak reporters; test fields dimmer, noisier and blurrier than training", SHIFTED_IMAGING),
+    )
+}
 
 
 @dataclass
@@ -254,6 +299,10 @@ def _render_reporter(
         signal[in_cyto] += spec.other_compartment * cyto_profile[in_cyto]
         signal[in_nucleus] = 0.5 * spec.other_compartment
         texture = np.ones_like(texture)  # the spots are the texture
+    elif spec.localisation == "unrelated":
+        # blotches about a cell wide, independent of where the cells are; every "cell" expresses it
+        scale = max(2.0, 0.5 * median_diameter(cells)) if n else 4.0
+        return np.exp(0.8 * _smooth_noise(cells.shape, scale, rng)) * texture
     elif spec.localisation == "membrane":
         edge = find_boundaries(cells, mode="inner") & (cells > 0)
         edge = ndi.binary_dilation(edge) & (cells > 0)

@@ -30,7 +30,7 @@ from cellpose.transforms import normalize99
 from skimage.segmentation import relabel_sequential
 
 from app.science.augmentations import AugmentationConfig, augment
-from app.science.backbone import INPUT_CHANNELS, build_network, network_widths
+from app.science.backbone import build_network, network_input_channels, network_widths
 
 if TYPE_CHECKING:
     from app.science.metrics import SegmentationScores
@@ -287,29 +287,33 @@ def segmentation_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def fresh_copy(net: torch.nn.Module) -> torch.nn.Module:
     """A new CPnet with the same widths, diam_mean and weights (training a net after eval trips MKL-DNN)."""
-    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()))
+    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()), nchan=network_input_channels(net))
     new.load_state_dict(net.state_dict(), strict=True)
     return new
 
 
 @dataclass
 class _PreparedSet:
-    images: list[np.ndarray]  # (1, Y, X) normalised
+    images: list[np.ndarray]  # (C, Y, X) normalised, each channel on its own
     targets: list[np.ndarray]  # (3, Y, X)
     zooms: list[float]
     diameters: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], what: str) -> None:
+def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], what: str, n_channels: int = 1) -> None:
+    """Single-reporter (Y, X) images, or (K, Y, X) fields for a joint model (``n_channels`` = K)."""
     if len(images) != len(masks):
         raise TrainingDataError(f"{what}: {len(images)} images but {len(masks)} masks; give one mask per image")
     for index, (image, mask) in enumerate(zip(images, masks)):
         image, mask = np.asarray(image), np.asarray(mask)
-        if image.ndim != 2:
+        if n_channels == 1 and image.ndim != 2:
             raise TrainingDataError(
                 f"{what} image {index} has shape {image.shape}; give single-channel (Y, X) reporter images"
             )
-        if mask.shape != image.shape:
+        if n_channels > 1 and (image.ndim != 3 or image.shape[0] != n_channels):
+            raise TrainingDataError(f"{what} image {index} has shape {image.shape}; the joint model takes "
+                                    f"{n_channels} input channels: give ({n_channels}, Y, X) fields")
+        if mask.shape != image.shape[-2:]:
             raise TrainingDataError(f"{what} mask {index} has shape {mask.shape} but its image is {image.shape}")
         if not np.issubdtype(mask.dtype, np.integer):
             raise TrainingDataError(f"{what} mask {index} must be an integer label image, got {mask.dtype}")
@@ -321,22 +325,31 @@ def _prepare(
     diameters = image_diameters(masks) if len(masks) else np.zeros(0)
     zooms = [diam_mean / d if config.rescale else 1.0 for d in diameters]
     return _PreparedSet(
-        images=[(normalise_image(image) if config.normalize_per_image else np.asarray(image, np.float32))[None]
-                for image in images],
+        images=[_normalise_channels(np.asarray(image), config.normalize_per_image) for image in images],
         targets=[flow_targets(np.asarray(mask), cache_dir=config.flow_cache_dir) for mask in masks],
         zooms=zooms,
         diameters=diameters,
     )
 
 
-def _with_zero_channel(batch: np.ndarray, channels_last: bool = False) -> torch.Tensor:
-    """(B, 1, Y, X) reporter crops -> (B, 2, Y, X) network input [reporter, zeros]."""
-    zeros = np.zeros_like(batch)
-    stacked = torch.from_numpy(np.ascontiguousarray(np.concatenate([batch] + [zeros] * (INPUT_CHANNELS - 1), axis=1)))
+def _normalise_channels(image: np.ndarray, per_image: bool = True) -> np.ndarray:
+    """(Y, X) -> (1, Y, X); (K, Y, X) -> each channel normalised on its own (or kept, when the
+    images come already normalised, e.g. with plate-level percentiles)."""
+    channels = image[None] if image.ndim == 2 else image
+    if not per_image:
+        return np.asarray(channels, np.float32)
+    return np.stack([normalise_image(channel) for channel in channels])
+
+
+def _with_zero_channel(batch: np.ndarray, channels_last: bool = False, n_in: int = 2) -> torch.Tensor:
+    """(B, C, Y, X) crops -> (B, n_in, Y, X) network input: [reporter, zeros] for the zoo's models."""
+    zeros = np.zeros((batch.shape[0], 1, *batch.shape[2:]), batch.dtype)
+    stacked = torch.from_numpy(np.ascontiguousarray(np.concatenate([batch] + [zeros] * (n_in - batch.shape[1]), axis=1)))
     return stacked.contiguous(memory_format=torch.channels_last) if channels_last else stacked
 
 
-def _validation_crops(prepared: _PreparedSet, config: TrainingConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _validation_crops(prepared: _PreparedSet, config: TrainingConfig,
+                      n_in: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, unaugmented validation crops, batched; drawn once so every epoch sees the same ones."""
     rng = np.random.default_rng(config.seed + 1)
     plain = AugmentationConfig(bsize=config.bsize, enabled=False)
@@ -348,7 +361,7 @@ def _validation_crops(prepared: _PreparedSet, config: TrainingConfig) -> list[tu
             targets.append(crop_targets)
     batches = []
     for start in range(0, len(inputs), config.batch_size):
-        x = _with_zero_channel(np.stack(inputs[start : start + config.batch_size]), config.channels_last)
+        x = _with_zero_channel(np.stack(inputs[start : start + config.batch_size]), config.channels_last, n_in)
         y = torch.from_numpy(np.stack(targets[start : start + config.batch_size]))
         batches.append((x, y))
     return batches
@@ -378,6 +391,7 @@ def finetune(
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
     resume_from: TrainingCheckpoint | None = None,
+    joint: bool = False,
 ) -> TrainingResult:
     """Fine-tune a copy of ``net`` on (Y, X) reporter images; return the best-validation checkpoint.
 
@@ -387,9 +401,13 @@ def finetune(
     raises ``TrainingCancelled``. ``on_checkpoint`` receives the state after each epoch; given as
     ``resume_from`` (same data and config), training continues after that epoch with the same
     weights, optimizer and random streams, so the result equals an uninterrupted run.
+    ``joint=True``: ``net`` is a joint model (``backbone.joint_network``, K input channels) and the
+    images are (K, Y, X) fields.
     """
-    _check_pairs(train_images, train_masks, "training")
-    _check_pairs(val_images, val_masks, "validation")
+    n_in = network_input_channels(net)
+    n_channels = n_in if joint else 1
+    _check_pairs(train_images, train_masks, "training", n_channels)
+    _check_pairs(val_images, val_masks, "validation", n_channels)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
@@ -411,7 +429,7 @@ def finetune(
     val = _prepare(val_images, val_masks, diam_mean, config)
     diameter, diameter_plus_sd = training_diameters(train_masks)
     model.diam_labels.data = torch.tensor([diameter], dtype=torch.float32)
-    val_batches = _validation_crops(val, config)
+    val_batches = _validation_crops(val, config, n_in)
     augmentation = config.augmentation()
 
     if config.sgd:
@@ -454,7 +472,7 @@ def finetune(
                 )
                 crops.append(crop)
                 targets.append(crop_targets)
-            x = _with_zero_channel(np.stack(crops), config.channels_last)
+            x = _with_zero_channel(np.stack(crops), config.channels_last, n_in)
             y = torch.from_numpy(np.stack(targets))
             loss = segmentation_loss(model(x)[0], y)
             optimizer.zero_grad(set_to_none=True)
@@ -494,7 +512,7 @@ def finetune(
     if best_state is None:  # every loss was NaN: keep the last weights rather than nothing
         best_state = copy.deepcopy(model.state_dict())
         best_epoch = len(history) - 1
-    result_net = build_network(network_widths(model), diam_mean=diam_mean)
+    result_net = build_network(network_widths(model), diam_mean=diam_mean, nchan=n_in)
     result_net.load_state_dict(best_state, strict=True)
     result_net.eval()
     return TrainingResult(

@@ -75,3 +75,45 @@ def test_bad_inputs_raise_clear_value_errors():
         rank_channel_subsets(maps, truths, ["a", "b"], diameter=22.0, diam_mean=30.0)
     with pytest.raises(ValueError, match="ground-truth"):
         rank_channel_subsets(maps, truths * 2, ["a", "b", "c"], diameter=22.0, diam_mean=30.0)
+
+
+def _dim_without(labels: np.ndarray, missing: set[int]) -> np.ndarray:
+    """Ideal maps in which the cells in ``missing`` are only dimly seen (logit -1, no flow)."""
+    maps = ideal_maps(labels)
+    hole = np.isin(labels, list(missing))
+    maps[:2, hole] = 0.0
+    maps[2, hole] = -1.0
+    return maps
+
+
+def test_a_bigger_set_that_wins_by_noise_loses_to_the_smaller_one():
+    from app.science.channel_sets import choose_channel_set
+
+    truths, maps = [], []
+    for i in range(6):
+        _, labels = disc_field((96, 96), 8, seed=60 + i)
+        truths.append(labels)
+        # a misses one cell on field 0, b one cell on field 1: together they see everything
+        maps.append([_dim_without(labels, {1} if i == 0 else set()), _dim_without(labels, {2} if i == 1 else set())])
+    ranking = rank_channel_subsets(maps, truths, ["a", "b"], diameter=22.0, diam_mean=30.0, n_boot=500)
+    assert ranking[0].channels == ("a", "b") and ranking[0].f1 == 1.0
+    assert all(r.within_noise for r in ranking)
+    low, high = ranking[1].f1_interval
+    assert low < ranking[1].f1 <= high <= 1.0 and ranking[1].n_fields == 6
+    assert choose_channel_set(ranking) == ("a",)
+
+
+def test_a_set_clearly_better_than_its_parts_is_chosen():
+    from app.science.channel_sets import choose_channel_set
+
+    truths, maps = [], []
+    for i in range(5):
+        _, labels = disc_field((96, 96), 8, seed=70 + i)
+        ids = np.arange(1, labels.max() + 1)
+        truths.append(labels)
+        maps.append([ideal_maps(labels, keep=ids[ids % 3 != k]) for k in range(3)])
+    ranking = rank_channel_subsets(maps, truths, ["a", "b", "c"], diameter=22.0, diam_mean=30.0, n_boot=500)
+    assert ranking[0].channels == ("a", "b", "c")
+    assert [r.within_noise for r in ranking] == [True] + [False] * 6
+    assert all(r.p_best_better >= 0.9 for r in ranking[1:])
+    assert choose_channel_set(ranking) == ("a", "b", "c")

@@ -71,6 +71,27 @@ def test_untrained_models_run_every_method_and_return_valid_labels():
         assert result.labels.min() >= 0
 
 
+def test_fitted_fusion_parameters_are_applied_and_recorded():
+    torch.manual_seed(0)
+    nets = [bb.build_network(bb.HALF_WIDTHS) for _ in range(2)]
+    models = [ChannelModel(net, diameter=20.0, diam_mean=30.0, name=name) for net, name in zip(nets, ("a", "b"))]
+    field = np.stack([disc_field((48, 64), 4, seed=s)[0] for s in (1, 2)])
+    # the record lists channels in another order: weights follow the names
+    record = {"method": "weights", "channels": ["b", "a"], "weights": [0.0, 1.0], "flow_threshold": 0.5,
+              "cellprob_threshold": -1.0, "confidence": None}
+    fused = segment_field(field, models, fusion=record, min_size=5)
+    alone = segment_field(field[:1], models[:1], flow_threshold=0.5, cellprob_threshold=-1.0, min_size=5)
+    np.testing.assert_array_equal(fused.labels, alone.labels)
+    assert fused.settings["weights"] == [1.0, 0.0] and fused.settings["flow_threshold"] == 0.5
+    assert fused.settings["cellprob_threshold"] == -1.0 and fused.settings["weights_source"] == "fitted (weights)"
+    default = segment_field(field, models, min_size=5)
+    assert default.settings["weights"] == [0.5, 0.5] and default.settings["flow_threshold"] == 0.7
+    with pytest.raises(ValueError, match="not \\['a', 'c'\\]"):
+        segment_field(field, [models[0], ChannelModel(nets[1], 20.0, 30.0, "c")], fusion=record)
+    with pytest.raises(ValueError, match="flow_fusion only"):
+        segment_field(field, models, method="staple", fusion=record)
+
+
 def test_a_checkpoint_between_channels_can_stop_a_field():
     """A job's cancellation takes effect between channels, not only between fields."""
     from app.science.backbone import build_network

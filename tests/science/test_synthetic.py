@@ -181,3 +181,26 @@ def test_bad_plate_arguments_are_rejected() -> None:
     with pytest.raises(SyntheticSpecError, match="stack"):
         plate_to_arrays([])
     assert well_names(14)[-2:] == ["B01", "B02"]
+
+
+def test_regimes_render_their_reporters_and_the_blind_channel_ignores_cells() -> None:
+    from app.science.synthetic import REGIMES, SHIFTED_IMAGING
+
+    assert {"strong+weak", "all-weak", "one-blind", "shifted"} <= set(REGIMES)
+    assert REGIMES["shifted"].test_imaging == SHIFTED_IMAGING
+    regime = REGIMES["one-blind"]
+    fields = make_plate(8, size=128, seed=4, reporters=regime.reporters)
+    blind = regime.reporters.index(next(r for r in regime.reporters if r.localisation == "unrelated"))
+    contrasts, blind_contrasts = [], []
+    for f in fields:
+        inside, outside = f.cells > 0, f.cells == 0
+        contrasts.append(f.image[0][inside].mean() / f.image[0][outside].mean())
+        blind_contrasts.append(f.image[blind][inside].mean() / f.image[blind][outside].mean())
+    # the (weak) cell reporter is brighter in cells; the blind one is as often brighter as dimmer there
+    assert min(contrasts) > 1.0 and np.median(contrasts) > 1.1
+    assert 0.8 < np.median(blind_contrasts) < 1.25 and min(blind_contrasts) < 1.0 < max(blind_contrasts)
+    strong, weak = (make_plate(2, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[k]
+                    for k in (0, 1))
+    assert np.percentile(strong, 99) - np.median(strong) > 5 * (np.percentile(weak, 99) - np.median(weak))
+    dim = make_plate(1, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters, imaging=SHIFTED_IMAGING)[0]
+    assert dim.image[0].mean() < make_plate(1, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[0].mean()

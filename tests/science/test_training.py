@@ -322,3 +322,33 @@ def test_training_benchmark_runs_both_loops_on_tiny_settings():
     # Wall times are rounded to 10 ms in the record, so the ratio agrees only roughly.
     assert result["speedup"] == pytest.approx(result["cellpose_wall_s"] / result["ours_wall_s"], rel=0.1)
     assert lines[-1].startswith("speed-up ratio: ")
+
+
+def test_joint_model_takes_all_channels_and_trains_on_fields():
+    import torch
+
+    from app.science import backbone as bb
+    from app.science.training import TrainingConfig, finetune
+    from tests.science.test_backbone import disc_field
+
+    torch.manual_seed(0)
+    base = bb.build_network(bb.HALF_WIDTHS)
+    joint = bb.joint_network(base, 3)
+    assert bb.network_input_channels(joint) == 3 and bb.network_widths(joint) == bb.HALF_WIDTHS
+    first = joint.state_dict()["downsample.down.res_down_0.conv.conv_0.2.weight"]
+    assert first.shape[1] == 3
+    torch.testing.assert_close(first[:, 1], base.state_dict()["downsample.down.res_down_0.conv.conv_0.2.weight"][:, 0] / 3)
+    # a field whose three channels are the same image: the inflated net sees what the base sees
+    image, labels = disc_field((64, 64), 4, seed=5)
+    maps_joint = bb.predict_maps_joint(joint, np.stack([image] * 3), diameter=30.0)
+    maps_base = bb.predict_maps(base, image, diameter=30.0, tile=False)
+    assert maps_joint.maps.shape == (3, 64, 64)
+    np.testing.assert_allclose(maps_joint.maps, maps_base.maps, atol=1e-3)
+    fields = [np.stack([disc_field((64, 64), 4, seed=s)[0]] * 3) for s in range(3)]
+    masks = [disc_field((64, 64), 4, seed=s)[1] for s in range(3)]
+    config = TrainingConfig(max_epochs=1, min_epochs=0, batch_size=2, bsize=48, min_train_masks=1,
+                            microscopy_augment=False)
+    result = finetune(joint, fields[:2], masks[:2], fields[2:], masks[2:], config, joint=True)
+    assert bb.network_input_channels(result.net) == 3 and len(result.history) == 1
+    with pytest.raises(ValueError, match="input channels"):
+        finetune(joint, [f[:2] for f in fields[:2]], masks[:2], [], [], config, joint=True)

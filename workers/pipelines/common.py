@@ -191,12 +191,14 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
 
 
 def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel], *, obj: str | None = None,
-                   prep: PlatePreprocessing | None = None) -> np.ndarray:
+                   seg: SegmentParams, cache: dict[int, LoadedModel], used: dict | None = None, *,
+                   obj: str | None = None, prep: PlatePreprocessing | None = None) -> np.ndarray:
     """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
 
     With ``prep`` (and ``obj``), each channel first goes through its model's preprocessing recipe
     (illumination correction, plate-level percentiles); without, Cellpose's per-image scaling.
+    Flow Fusion applies the plan's fitted fusion parameters when it has them; ``used`` (a dict)
+    receives the settings actually applied (weights, confidence, thresholds, their source).
     """
     from app.science.segmentation import segment_field
 
@@ -211,9 +213,14 @@ def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan
         estimated = estimate_diameter(ctx, inputs, plan, cache)
         if estimated is not None:
             models = [replace(m, diameter=estimated) for m in models]
+    fusion = plan.fusion if method == "flow_fusion" else None
     result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
                            cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           normalizations=normalizations, checkpoint=lambda: ctx.progress())
+                           normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion)
+    if used is not None:
+        used.update(result.settings)
+        if fusion is not None:
+            used["weights_source"] = plan.fusion_source or used.get("weights_source")
     return result.labels
 
 

@@ -48,11 +48,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if p.plan is None or p.method is None:
             raise JobFailed("this evaluation names neither a model version nor a fusion plan")
         plan = p.plan[obj]
+        used: dict = {}
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
-            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, SegmentParams(), cache))
+            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, SegmentParams(), cache, used))
+        # What was applied (weights, thresholds, their source): the same for every image of the split.
         fusion = {"cell_line": ds.cell_line.name, "object": obj, "channels": plan.channels,
-                  "method": p.method, "models": plan.models}
+                  "method": p.method, "models": plan.models, "settings": used}
     metrics = score_set([it.mask for it in items], preds).as_dict()
     record_evaluation(ctx, ds.id, p.split, metrics, evaluation_set_identity(it.digest for it in items),
                       model_version_id=p.model_version_id, fusion=fusion)

@@ -40,6 +40,10 @@ def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -
                        for name, v in versions.items()}
     return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
             "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
+            "fusion": {obj: {"parameters": plan.fusion if p.method == "flow_fusion" else None,
+                             "source": (plan.fusion_source if plan.fusion and p.method == "flow_fusion"
+                                        else "defaults (equal weights)" if p.method == "flow_fusion" else None)}
+                       for obj, plan in p.plan.items()},
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
             "models": models, "preprocessing": preprocessing,
             "preprocessing_override": p.params.preprocessing is not None,
@@ -118,12 +122,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             image = read_field(ctx, field.image_sha256)
-            labels = {}
+            labels: dict[str, np.ndarray] = {}
+            settings: dict[str, dict[str, Any]] = {}
             for k, obj in enumerate(p.objects):
                 ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
                              (index + k / len(p.objects)) / n_fields)
+                settings[obj] = {}
                 labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
-                                             obj=obj, prep=prep)
+                                             settings[obj], obj=obj, prep=prep)
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -155,7 +161,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                media_type="application/json", meta={"field": name})
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics})
+                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics,
+                         "settings": settings})
             _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
             raise

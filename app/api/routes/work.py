@@ -68,9 +68,10 @@ def _check_subset(use: list[str] | None, channels: list[str]) -> None:
 
 
 def plan_models(session: Session, line: CellLine, channels: list[str], objects: list[str],
-                use_channels: list[str] | None, alias: str) -> dict[str, ObjectPlan]:
+                use_channels: list[str] | None, alias: str, learned_fusion: bool = True) -> dict[str, ObjectPlan]:
     """Per object: the channels to fuse and the model version per channel. Missing models and
-    unknown aliases are a 422."""
+    unknown aliases are a 422. With ``learned_fusion`` the fusion parameters the zoo fitted for
+    exactly this channel set and these model versions come along (``zoo.fitted_fusion``)."""
     _check_subset(use_channels, channels)
     zoo.check_alias(session, line, alias)
     plan: dict[str, ObjectPlan] = {}
@@ -88,7 +89,10 @@ def plan_models(session: Session, line: CellLine, channels: list[str], objects: 
             raise Problem(422, f"no {obj} model for reporter(s) {', '.join(res.missing)} on cell line "
                           f"{line.name!r}; fine-tune one or leave the channel out (use_channels)",
                           slug="missing-model", missing=res.missing, object=obj)
-        plan[obj] = ObjectPlan(channels=use, channel_source=how, models={name: res.models[name].id for name in use})
+        models = {name: res.models[name].id for name in use}
+        fusion, fusion_source = zoo.fitted_fusion(session, line.id, obj, models) if learned_fusion else (None, None)
+        plan[obj] = ObjectPlan(channels=use, channel_source=how, models=models, fusion=fusion,
+                               fusion_source=fusion_source)
     return plan
 
 
@@ -209,7 +213,8 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
         zoo.reporter_by_name(session, name)
     if len(set(req.channels)) != len(req.channels):
         raise Problem(422, "each channel needs its own name; the request lists one twice", slug="duplicate-channels")
-    plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias)
+    plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias,
+                       req.params.learned_fusion)
     loaded = []
     for index, upload in enumerate(files):
         # Validated from its spooled file; only one field's pixels are in memory at a time.
@@ -284,7 +289,8 @@ def submit_segment_dataset(body: SegmentDatasetIn, session: SessionDep, settings
                            principal: ScientistDep, response: Response,
                            idempotency_key: IdempotencyKey = None) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
-    plan = plan_models(session, ds.cell_line, ds.channels, list(body.objects), body.use_channels, body.alias)
+    plan = plan_models(session, ds.cell_line, ds.channels, list(body.objects), body.use_channels, body.alias,
+                       body.params.learned_fusion)
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
@@ -349,7 +355,8 @@ def submit_select_channels(body: SelectChannelsIn, session: SessionDep, settings
                            principal: ScientistDep, response: Response,
                            idempotency_key: IdempotencyKey = None) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
-    plan = plan_models(session, ds.cell_line, ds.channels, [body.object], list(ds.channels), body.alias)
+    plan = plan_models(session, ds.cell_line, ds.channels, [body.object], list(ds.channels), body.alias,
+                       learned_fusion=False)
     _check_split_labelled(ds, body.split, body.object)
     params = SelectChannelsJob(**body.model_dump(), plan=plan, cell_line=ds.cell_line.name)
     return _accepted(session, settings, "select_channels", params, principal, idempotency_key, response)

@@ -29,6 +29,7 @@ from app.api.schemas import (
     CellLineOut,
     ChannelSetIn,
     ChannelSetOut,
+    FusionParametersOut,
     ModelVersionOut,
     ObjectLiteral,
     ReporterIn,
@@ -203,9 +204,12 @@ def move_alias(cell_line: str, reporter: str, object: ObjectLiteral, alias: str,
 
 
 def channel_set_out(session, row: ChannelSet) -> ChannelSetOut:
+    chosen_row = next((r for r in row.ranking or [] if sorted(r.get("channels", [])) == sorted(row.chosen)), None)
     return ChannelSetOut(cell_line=session.get(CellLine, row.cell_line_id).name, object=row.object,
                          method=row.method, chosen=row.chosen, ranking=row.ranking, dataset_id=row.dataset_id,
-                         job_id=row.job_id)
+                         job_id=row.job_id, chosen_f1_interval=(chosen_row or {}).get("f1_interval"),
+                         fusion_parameters=(FusionParametersOut.model_validate(row.fusion_parameters)
+                                            if row.fusion_parameters else None))
 
 
 @router.get("/channel-sets", response_model=list[ChannelSetOut], summary="Chosen channel sets and rankings (paged)")

@@ -265,10 +265,14 @@ export function metricsTable(rowsByName, firstHeader) {
 
 export function rankingTable(ranking, chosen) {
   const chosenKey = JSON.stringify(chosen || []);
-  const head = el("tr", {}, el("th", {}, "Channels"), ["F1", "Precision", "Recall", "Jaccard", "mAP .5:.95"].map((h) => el("th", {}, h)));
+  const head = el("tr", {}, el("th", {}, "Channels"), ["F1", "F1 95% interval", "Precision", "Recall", "Jaccard",
+    "mAP .5:.95"].map((h) => el("th", {}, h)));
+  // A bootstrap over validation fields: sets whose intervals overlap the best one's are within noise.
+  const interval = (r) => (Array.isArray(r.f1_interval) ? `${fmtScore(r.f1_interval[0])}–${fmtScore(r.f1_interval[1])}` : "–");
   const rows = ranking.map((r) => el("tr", {class: JSON.stringify(r.channels) === chosenKey ? "chosen" : ""},
-    el("td", {}, (r.channels || []).join(" + ")),
-    ["f1", "precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmtScore(r[k])))));
+    el("td", {}, (r.channels || []).join(" + ")), el("td", {class: "num"}, fmtScore(r.f1)),
+    el("td", {class: "num"}, interval(r)),
+    ["precision", "recall", "jaccard", "map_50_95"].map((k) => el("td", {class: "num"}, fmtScore(r[k])))));
   return scroller(el("table", {class: "list ranking"}, el("thead", {}, head), el("tbody", {}, rows)));
 }
 

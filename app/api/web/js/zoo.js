@@ -10,6 +10,15 @@ import {recipeWords, renderProfiles, showProfile} from "./preprocessing.js";
 
 const compare = new Set();   // version ids ticked for the side-by-side comparison
 
+function fusionSummary(fp) {
+  const weights = fp.channels.map((c, i) => `${c} ${fmt(fp.weights[i], 2)}`).join(", ");
+  const cv = fp.cv_f1 === null || fp.cv_f1 === undefined ? "" : `; cross-validated F1 ${fmtScore(fp.cv_f1)}` +
+    (fp.cv_interval ? ` (${fmtScore(fp.cv_interval[0])}–${fmtScore(fp.cv_interval[1])})` : "");
+  return `Flow Fusion fitted on ${fp.n_fields} field(s): ${fp.method}, weights ${weights}` +
+    `${fp.confidence ? `, per-pixel ${fp.confidence}` : ""}, flow threshold ${fp.flow_threshold}, ` +
+    `cell-probability threshold ${fp.cellprob_threshold}${cv}`;
+}
+
 function isWeak(v) {
   const f1 = (v.test_metrics || {}).f1;
   return typeof f1 === "number" && f1 < WEAK_F1;
@@ -70,6 +79,7 @@ export async function loadZoo() {
     sets.append(el("div", {class: "channel-set"},
       el("h4", {}, `${cs.cell_line} · ${cs.object}: `, el("strong", {}, cs.chosen.join(" + ")),
         el("span", {class: "muted"}, ` (${METHOD_NAMES[cs.method] || cs.method}${cs.job_id ? "" : ", chosen by hand"})`)),
+      cs.fusion_parameters ? el("p", {class: "muted"}, fusionSummary(cs.fusion_parameters)) : null,
       cs.ranking.length ? rankingTable(cs.ranking, cs.chosen) : null));
   }
   const withCurve = versions.filter((v) => v.training_curve && v.training_curve.length);
