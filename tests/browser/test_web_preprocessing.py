@@ -44,8 +44,10 @@ def _flatfield(planes: int, size: int = 128) -> bytes:
 
 def _loaded(page, selector: str) -> list[int]:
     """naturalWidth of each matching <img> once every one has loaded (0 = a broken image)."""
-    page.wait_for_function("s => { const i = [...document.querySelectorAll(s)];"
-                           " return i.length && i.every((x) => x.complete && x.src); }", arg=selector)
+    page.wait_for_function(
+        "s => { const i = [...document.querySelectorAll(s)]; return i.length && i.every((x) => x.complete && x.src); }",
+        arg=selector,
+    )
     return page.evaluate("s => [...document.querySelectorAll(s)].map((x) => x.naturalWidth)", selector)
 
 
@@ -85,7 +87,7 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, own_server):
         # 2. Fine-tune with a per-plate recipe chosen on the form.
         page.click("nav [data-tab='train']")
         page.locator(f"#ft-dataset option[value='{dataset['id']}']").wait_for(state="attached")
-        page.select_option("#ft-dataset", str(dataset['id']))
+        page.select_option("#ft-dataset", str(dataset["id"]))
         page.select_option("#ft-reporter", channels[0])
         page.select_option("#ft-object", "nuclei")
         assert page.is_disabled("#ft-darkfield") and page.is_disabled("#ft-profile")
@@ -131,9 +133,14 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, own_server):
         profile = next(p for p in api.get("/api/v1/illumination-profiles") if p["name"] == "dye slide")
         fields = small_plate(2, size=128, n_channels=2, seed=23)
         # The one model here (reporter channels[0], nuclei) segments with the uploaded flat-field.
-        request = {"cell_line": CELL_LINE, "channels": channels, "objects": ["nuclei"], "use_channels": channels[:1],
-                   "fields": [{"well": "A01", "field": i} for i in range(2)],
-                   "params": {"preprocessing": {"illumination": "profile", "profile_id": profile["id"]}}}
+        request = {
+            "cell_line": CELL_LINE,
+            "channels": channels,
+            "objects": ["nuclei"],
+            "use_channels": channels[:1],
+            "fields": [{"well": "A01", "field": i} for i in range(2)],
+            "params": {"preprocessing": {"illumination": "profile", "profile_id": profile["id"]}},
+        }
         seg = api.submit_segment(request, [(f"f{i}.tif", field_tiff(f)) for i, f in enumerate(fields)])
         done = api.wait(seg["id"], timeout=240, poll=0.5)
         assert done["status"] == "succeeded", done["error"]
@@ -157,8 +164,9 @@ def test_recipes_and_profiles_from_form_to_job_page(browser, own_server):
         overflow = no_horizontal_overflow(page)
         assert overflow == 0, overflow.culprits
         # The flat-fields sit below the table (which scrolls by itself), inside the narrow screen.
-        rights = page.evaluate("() => [...document.querySelectorAll('#job-preprocessing img')]"
-                               ".map((i) => i.getBoundingClientRect().right)")
+        rights = page.evaluate(
+            "() => [...document.querySelectorAll('#job-preprocessing img')].map((i) => i.getBoundingClientRect().right)"
+        )
         assert len(rights) == 1 and max(rights) <= 400, rights
         for tab in ("zoo", "train"):
             page.click(f"nav [data-tab='{tab}']")
