@@ -89,19 +89,90 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO") -> list[str]:
+def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO", name: str | None = None) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
             "-Q", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
             "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"cellfuse-{os.getpid()}@%h"]
+            "-n", name or f"cellfuse-{os.getpid()}@%h"]
+
+
+def gpu_devices(spec: str) -> list[str]:
+    """CELLFUSE_DEVICE values for ``--gpus``: "0,1" -> ["cuda:0", "cuda:1"]; "cpu" entries stand in
+    for GPUs (tests, a machine without one).
+
+    >>> gpu_devices("0, 1"), gpu_devices("cpu,cpu"), gpu_devices("cuda:2")
+    (['cuda:0', 'cuda:1'], ['cpu', 'cpu'], ['cuda:2'])
+    """
+    import re
+
+    devices = []
+    for item in (part.strip().lower() for part in spec.split(",")):
+        if re.fullmatch(r"\d+", item):
+            devices.append(f"cuda:{int(item)}")
+        elif re.fullmatch(r"cpu|cuda:\d+", item):
+            devices.append(item)
+        else:
+            raise typer.BadParameter(f"--gpus takes GPU indices like 0,1 (or cpu), got {item!r}", param_hint="--gpus")
+    if not devices:
+        raise typer.BadParameter("--gpus needs at least one GPU index", param_hint="--gpus")
+    return devices
+
+
+def run_worker_group(devices: list[str], queues: list[str], concurrency: int, loglevel: str = "INFO") -> int:
+    """One worker process per device, each with CELLFUSE_DEVICE set to it; returns when one ends.
+
+    SIGTERM/SIGINT reach every worker (each finishes or re-queues its running job, as Celery does);
+    when one worker exits on its own the others are stopped too, so that a supervisor (compose,
+    systemd) restarts the group as a whole.
+    """
+    import time
+
+    procs: list[subprocess.Popen] = []
+    for index, device in enumerate(devices):
+        env = {**os.environ, "CELLFUSE_DEVICE": device}
+        name = f"cellfuse-{device.replace(':', '')}-{index}-{os.getpid()}@%h"
+        procs.append(subprocess.Popen(worker_command(queues, concurrency, loglevel, name), env=env,
+                                      start_new_session=True,
+                                      preexec_fn=_die_with_parent))  # noqa: PLW1509 - no threads here
+        typer.echo(f"worker {index} (pid {procs[-1].pid}) on {device}")
+
+    def stop(signum=signal.SIGTERM, _frame=None) -> None:
+        # To each worker's main process only: it stops its own pool. A signal to the whole group
+        # can kill a pool process holding billiard's queue lock and hang the shutdown.
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+    finally:
+        stop()
+        deadline = time.monotonic() + 60
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return max((proc.returncode or 0) for proc in procs)
 
 
 @cli.command()
 def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
-           concurrency: Annotated[int, typer.Option(help="parallel jobs")] = 0) -> None:
-    """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu`)."""
+           concurrency: Annotated[int, typer.Option(help="parallel jobs (per GPU with --gpus)")] = 0,
+           gpus: Annotated[str, typer.Option(help="one worker process per GPU, e.g. 0,1 (each with "
+                                                  "CELLFUSE_DEVICE=cuda:N)")] = "") -> None:
+    """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu --gpus 0,1`)."""
     settings = _settings()
     queues = queue or settings.worker_queues
+    if gpus:
+        raise typer.Exit(run_worker_group(gpu_devices(gpus), queues, concurrency or settings.worker_concurrency))
     cmd = worker_command(queues, concurrency or settings.worker_concurrency)
     os.execv(cmd[0], cmd)
 
@@ -228,11 +299,45 @@ def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1,
 
 
 @bench_cli.command("training")
-def bench_training() -> None:
-    """Training throughput of CellFuse's loop against Cellpose's train_seg; peak memory."""
+def bench_training(device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+                   precision: Annotated[str, typer.Option(help="reduced precision to compare: auto | bf16 | fp16 | "
+                                                                   "fp32 (none)")] = "auto",
+                   epochs: int = 2, n_train: int = 16,
+                   memory: Annotated[bool, typer.Option(help="also measure peak memory (CPU)")] = True) -> None:
+    """Training throughput of CellFuse's loop against Cellpose's train_seg on one device; peak memory."""
     from app.benchmarks.training import run_training_benchmark
 
-    run_training_benchmark(echo=typer.echo)
+    run_training_benchmark(echo=typer.echo, device=device, precision=precision, epochs=epochs, n_train=n_train,
+                           memory=memory)
+
+
+@bench_cli.command("plate")
+def bench_plate(fields: Annotated[int, typer.Option(help="fields on the plate")] = 96,
+                size: int = 512, channels: int = 4,
+                postgres: Annotated[str, typer.Option(help="PostgreSQL URL instead of the embedded SQLite")] = "",
+                redis: Annotated[str, typer.Option(help="Redis URL instead of the embedded broker")] = "",
+                naive: Annotated[bool, typer.Option(help="also time Cellpose's eval per channel per field")] = True,
+                device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (the worker's and the loops')")] = "cpu",
+                naive_fields: Annotated[int, typer.Option(help="time the naive route on N fields, scaled (0: all)")] = 0,
+                unique: Annotated[int, typer.Option(help="fields drawn; the others are turned copies")] = 8,
+                ) -> None:
+    """A plate through the real API: today's route, the plate route, a direct loop and the naive route."""
+    from app.benchmarks.plate import run_plate_benchmark
+
+    run_plate_benchmark(n_fields=fields, size=size, n_channels=channels, database_url=postgres or None,
+                        broker_url=redis or None, naive=naive, device=device, naive_fields=naive_fields or None,
+                        unique=unique, echo=typer.echo)
+
+
+@bench_cli.command("precision")
+def bench_precision(images: int = 16, device: str = "cpu",
+                    precision: Annotated[str, typer.Option(help="bf16 | fp16")] = "bf16",
+                    data: Annotated[Path, typer.Option(help="DSB2018-style folder with images/*.tif")] = Path(
+                        "/work/shared/data/dsb2018_fluo")) -> None:
+    """A reduced precision against fp32 on real fields: mask agreement (F1) and speed."""
+    from app.benchmarks.precision import run_precision_benchmark
+
+    run_precision_benchmark(images, device=device, precision=precision, data=data, echo=typer.echo)
 
 
 @bench_cli.command("ablation")

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     min_free_disk_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     worker_queues: list[str] = Field(default_factory=lambda: ["gpu", "cpu"])
     worker_concurrency: int = Field(default=1, ge=1)
+    # Where a worker's networks run: auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N.
+    # Resolved in each worker process after the fork (app.science.device), never in the parent.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Autocast precision of inference and of fine-tuning (app.science.device): auto is fp32 for
+    # inference (bf16's mask agreement depends on the model) and bf16 for training where native.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    training_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Loaded networks kept per worker process (bytes of weights), least recently used out first.
+    model_cache_bytes: int = Field(default=1 << 30, ge=0)
+    # Fields per network batch when segmenting a plate (0: by device, 2 on a CPU, 8 on a GPU).
+    plate_batch_fields: int = Field(default=0, ge=0)
+    # "plate": fields batched and overlapped (app.science.plate); "per_field": one field after the
+    # other. per_field stays the default until the plate route passes the resume test
+    # (tests/reliability/test_resume.py fails with it after the merge of job resumption).
+    segment_route: Literal["plate", "per_field"] = "per_field"
 
     # Bounds per role on what one job may occupy a worker for: a noop's steps x seconds, and a
     # fine-tune's max_epochs (instrument keys cannot fine-tune at all).

@@ -9,6 +9,7 @@ import socket
 import threading
 from datetime import timedelta, timezone
 from importlib import metadata
+from pathlib import Path
 
 from sqlalchemy import delete, select
 
@@ -21,15 +22,48 @@ log = logging.getLogger(__name__)
 PRESENCE_INTERVAL_S = 5.0
 
 
-def _gpu_info() -> dict:
-    try:
-        import torch
+def nvidia_gpu_names(root: Path = Path("/proc/driver/nvidia/gpus")) -> list[str]:
+    """Model names of the NVIDIA GPUs the driver lists, in PCI order, read from /proc.
 
-        if torch.cuda.is_available():
-            return {"gpu": True, "gpu_name": torch.cuda.get_device_name(0)}
-    except Exception:  # no torch or a broken driver: report "no GPU", keep running
-        log.debug("GPU probe failed", exc_info=True)
-    return {"gpu": False, "gpu_name": None}
+    Read from the driver's files on purpose: asking torch (``torch.cuda.*``) would initialise CUDA
+    in the prefork parent, and the pool processes forked after that could not use the GPU
+    (celery#3402). Empty where there is no NVIDIA driver.
+    """
+    names = []
+    try:
+        folders = sorted(root.iterdir())
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            for line in (folder / "information").read_text(errors="replace").splitlines():
+                if line.startswith("Model:"):
+                    names.append(line.split(":", 1)[1].strip())
+                    break
+        except OSError:
+            continue
+    return names
+
+
+def _visible(names: list[str]) -> list[str]:
+    """The GPUs CUDA_VISIBLE_DEVICES leaves visible (numeric lists only; else all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return names
+    try:
+        return [names[int(i)] for i in visible.split(",") if i.strip() and int(i) < len(names)]
+    except ValueError:  # GPU UUIDs: keep the driver's list
+        return names
+
+
+def _gpu_info(device_spec: str = "auto") -> dict:
+    """The worker's device as configured and the GPU it names, without touching CUDA."""
+    names = _visible(nvidia_gpu_names())
+    spec = device_spec.strip().lower()
+    if spec == "cpu" or not names:
+        return {"gpu": False, "gpu_name": None, "device": spec}
+    index = int(spec.split(":")[1]) if spec.startswith("cuda:") else 0
+    return {"gpu": index < len(names), "gpu_name": names[index] if index < len(names) else None, "device": spec}
 
 
 def _versions() -> dict[str, str | None]:
@@ -44,7 +78,7 @@ def _versions() -> dict[str, str | None]:
 
 def presence_loop(stop: threading.Event, settings: Settings, queues: list[str]) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
-    info = {**_gpu_info(), "versions": _versions(), "platform": platform.platform(terse=True)}
+    info = {**_gpu_info(settings.device), "versions": _versions(), "platform": platform.platform(terse=True)}
     factory = session_factory(settings.resolved_database_url)
     while True:
         try:

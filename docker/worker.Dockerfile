@@ -17,6 +17,8 @@ COPY alembic ./alembic
 RUN pip install -c /tmp/constraints.txt . && rm -rf build ./*.egg-info \
     && useradd --system --uid 10001 cellfuse && mkdir -p /data && chown cellfuse /data
 USER cellfuse
-ENV CELLFUSE_DATA_DIR=/data
+# A GPU worker must compute on its GPU: "cuda" fails clearly where none is visible instead of
+# silently running on the CPU. For several GPUs in one container: `cellfuse worker --gpus 0,1`.
+ENV CELLFUSE_DATA_DIR=/data CELLFUSE_DEVICE=cuda
 HEALTHCHECK --start-period=120s CMD ["cellfuse", "worker-health", "--max-age", "60"]
 CMD ["cellfuse", "worker", "--queue", "gpu"]

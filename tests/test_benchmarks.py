@@ -1,5 +1,6 @@
 """Benchmarks run end to end on tiny settings and report what they promise (numbers, not timings)."""
 
+import numpy as np
 import pytest
 
 from app.benchmarks.ablation import run_ablation_benchmark
@@ -31,6 +32,48 @@ def test_quality_benchmark_smoke_runs_every_row_with_intervals():
         assert 0.0 <= low <= row["f1"] <= high <= 1.0
     assert summary["fusion"]["method"] in ("equal", "weights", "per_pixel")
     assert lines[-1].startswith("quality bench finished")
+
+
+@pytest.mark.slow
+def test_plate_benchmark_runs_every_route_through_the_real_api():
+    from app.benchmarks.plate import run_plate_benchmark
+
+    lines: list[str] = []
+    result = run_plate_benchmark(n_fields=2, size=128, n_channels=2, train_steps=5, echo=lines.append)
+    assert result["n_fields"] == 2 and result["precision"] in ("fp32", "bf16")
+    for key in ("api_today_s", "api_plate_s", "direct_s", "engine_s", "naive_s"):
+        assert result[key] > 0
+    assert result["api_over_direct"] == pytest.approx(result["api_plate_s"] / result["direct_s"], rel=0.01)
+    assert 0.0 <= result["mask_f1_vs_today_min"] <= result["mask_f1_vs_today_mean"] <= 1.0
+    assert any(line.startswith("API time / direct segment_field loop:") for line in lines)
+    assert lines[-1].startswith("naive route / API:")
+
+
+def test_plate_fields_are_distinct_and_shaped():
+    from app.benchmarks.plate import plate_fields
+
+    fields, diameter, nuclei = plate_fields(5, size=64, n_channels=3, unique=2)
+    assert len(fields) == 5 and all(f.shape == (3, 64, 64) and f.dtype.name == "uint16" for f in fields)
+    assert diameter > 0 and nuclei.shape == (64, 64)
+    assert len({f.tobytes() for f in fields}) == 5
+
+
+@pytest.mark.slow
+def test_precision_benchmark_compares_masks_and_time(tmp_path):
+    import tifffile
+
+    from app.benchmarks.precision import run_precision_benchmark
+    from app.science.synthetic import make_plate
+
+    (tmp_path / "images").mkdir()
+    for i, field in enumerate(make_plate(2, size=96, seed=5)):
+        tifffile.imwrite(tmp_path / "images" / f"{i}.tif", field.image[0].astype(np.uint16))
+    lines: list[str] = []
+    result = run_precision_benchmark(2, precision="bf16", data=tmp_path, echo=lines.append)
+    assert result["precision"] == "bf16" and result["n_fields"] == 2
+    assert result["fp32_s"] > 0 and result["bf16_s"] > 0
+    assert result["f1_mean"] is None or 0.0 <= result["f1_min"] <= result["f1_mean"] <= 1.0
+    assert lines[-1].startswith("speed-up ratio (bf16 over fp32):")
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from app.queue import TASK_ROUTES, TASK_TIME_LIMITS
 from workers.celery_app import celery_app
@@ -54,6 +54,25 @@ def evaluate_task(job_id: str) -> str:
 @celery_app.task(**_task_options("select_channels"))
 def select_channels_task(job_id: str) -> str:
     return _run("select_channels", job_id)
+
+
+@worker_process_init.connect
+def _resolve_compute_in_pool_process(**_kwargs) -> None:
+    """Each pool process picks its device after the fork; the prefork parent never touches CUDA.
+
+    On a thread: importing torch can take longer than Celery's wait for a new pool process
+    (``worker_proc_alive_timeout``); a job that arrives first waits for it (``worker_compute``).
+    """
+
+    def resolve() -> None:
+        from workers.compute import worker_compute
+
+        try:
+            worker_compute()
+        except Exception:  # the jobs of this process fail with the reason; the worker keeps running
+            log.exception("this worker process cannot use its configured device")
+
+    threading.Thread(target=resolve, name="resolve-device", daemon=True).start()
 
 
 # Workers also run the reaper, so that a deployment without the API process (or with the API down)

@@ -11,6 +11,12 @@ Peak memory of a fine-tune (batch 8, 224 x 224, CPU) is measured in a child proc
 benchmark's own allocations do not count: the child's peak RSS (``VmHWM``; ``ru_maxrss`` where
 /proc is missing) before training (imports + data) and at the end, and tracemalloc's peak of Python/numpy allocations during training.
 
+What bounds the ratio on a CPU (measured here, 1 thread, half width, batch 8 at 224²): a training
+step (the CPnet forward and backward, identical in both loops) takes 1.8 s of CPU in fp32 and 0.92 s
+under bf16 autocast, against 0.04 s to augment a batch (made on a prefetch thread) and 0.05 s per
+image once for its flow targets. In fp32 both loops are bound by the same network, so ~1.1x is the
+ceiling there; bf16 (``precision="auto"`` on a CPU with native bf16) is what takes it past 1.5x.
+
 ``cellfuse bench training`` prints the numbers; ``run_training_benchmark`` returns them.
 """
 
@@ -106,14 +112,25 @@ def run_training_benchmark(
     bsize: int = 224,
     threads: int | None = None,
     memory: bool = True,
+    device: str = "cpu",
+    precision: str = "auto",
 ) -> dict:
-    """Samples/s of our loop and of ``cellpose.train.train_seg`` on identical data and settings."""
+    """Samples/s of our loop and of ``cellpose.train.train_seg`` on identical data and settings.
+
+    Both train on ``device``. Ours runs twice: in fp32 and, when ``precision`` resolves to a
+    reduced precision there (``auto``: bf16 on a CPU with native bf16, bf16/fp16 on CUDA), under
+    autocast in it; the best validation losses of the two are printed to show they agree.
+    """
     import torch
+
+    from app.science.device import cuda_synchronized, device_name, resolve_device, resolve_precision
 
     from app.science.backbone import HALF_WIDTHS, build_network
     from app.science.training import TrainingConfig, finetune, run_cellpose_train_seg
 
     widths = HALF_WIDTHS if widths is None else tuple(widths)
+    torch_device = resolve_device(device)
+    low_precision = resolve_precision(precision, torch_device, "training")
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -126,7 +143,7 @@ def run_training_benchmark(
     echo(
         f"training benchmark: CPnet widths {list(widths)}, {n_train} train + {n_val} val images "
         f"{images[0].shape[0]}x{images[0].shape[1]}, batch {batch_size}, crops {bsize}, {epochs} epochs, "
-        f"{threads} torch thread(s)"
+        f"{threads} torch thread(s), device {device_name(torch_device)}"
     )
 
     # Warm-up outside the timings: numba compiles Cellpose's flow code on first use, torch its kernels.
@@ -140,20 +157,28 @@ def run_training_benchmark(
     config = TrainingConfig(
         batch_size=batch_size, bsize=bsize, max_epochs=epochs, min_train_masks=1, warmup_epochs=10, seed=0
     )
-    started, cpu_started = time.perf_counter(), time.process_time()
-    ours = finetune(net, train_images, train_masks, val_images, val_masks, config)
-    ours_s, ours_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    def train_ours(run_precision: str):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with cuda_synchronized(torch_device):
+            trained = finetune(net, train_images, train_masks, val_images, val_masks, config, device=torch_device,
+                               precision=run_precision)
+        return trained, time.perf_counter() - started, time.process_time() - cpu_started
+
+    ours, ours_s, ours_cpu = train_ours("fp32")
     # Steady state: epochs after the first exclude the one-off flow computation.
     steady = None
     if len(ours.history) > 1:
         per_epoch = np.diff([r.elapsed_s for r in ours.history])
         steady = n_train / float(np.mean(per_epoch))
+    low = None
+    if low_precision != "fp32":
+        low, low_s, low_cpu = train_ours(low_precision)
 
     with tempfile.TemporaryDirectory() as save_dir:
         cpu_started = time.process_time()
         cellpose_s, _ = run_cellpose_train_seg(
             net, train_images, train_masks, val_images, val_masks, save_dir=save_dir, n_epochs=epochs,
-            batch_size=batch_size, bsize=bsize,
+            batch_size=batch_size, bsize=bsize, device=torch_device,
         )
         cellpose_cpu = time.process_time() - cpu_started
 
@@ -174,12 +199,28 @@ def run_training_benchmark(
         "ours_cpu_s": round(ours_cpu, 2),
         "cellpose_cpu_s": round(cellpose_cpu, 2),
         "cpu_speedup": round(cellpose_cpu / ours_cpu, 3),
+        "device": str(torch_device),
+        "ours_best_val_loss": round(float(ours.best_val_loss), 4),
     }
+    if low is not None:
+        result.update({
+            "precision": low_precision,
+            f"ours_{low_precision}_wall_s": round(low_s, 2),
+            f"ours_{low_precision}_cpu_s": round(low_cpu, 2),
+            f"ours_{low_precision}_samples_per_s": round(samples / low_s, 3),
+            f"ours_{low_precision}_best_val_loss": round(float(low.best_val_loss), 4),
+            f"speedup_{low_precision}": round(cellpose_s / low_s, 3),
+        })
     echo(f"ours:     {result['ours_samples_per_s']:.3f} samples/s ({ours_s:.1f} s wall, {ours_cpu:.1f} s CPU; "
          "validation every epoch)")
     echo(f"cellpose: {result['cellpose_samples_per_s']:.3f} samples/s ({cellpose_s:.1f} s wall, {cellpose_cpu:.1f} s CPU; "
          "train.train_seg)")
     echo(f"CPU-time ratio (cellpose / ours): {result['cpu_speedup']:.2f}")
+    if low is not None:
+        echo(f"ours {low_precision}: {result[f'ours_{low_precision}_samples_per_s']:.3f} samples/s ({low_s:.1f} s wall, "
+             f"{low_cpu:.1f} s CPU); best validation loss {result[f'ours_{low_precision}_best_val_loss']:.4f} vs fp32 "
+             f"{result['ours_best_val_loss']:.4f}")
+        echo(f"speed-up ratio {low_precision} (cellpose / ours {low_precision}): {result[f'speedup_{low_precision}']:.2f}")
     echo(f"speed-up ratio: {result['speedup']:.2f}")
 
     if memory:

@@ -7,12 +7,14 @@ talks about networks through the functions here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from cellpose import dynamics, transforms
 from cellpose.resnet_torch import CPnet
+
+from app.science.device import autocast, module_device
 
 #: Cellpose 3's CPnet widths (nbase without the input channels). Models Cellpose itself can load.
 FULL_WIDTHS: tuple[int, ...] = (32, 64, 128, 256)
@@ -26,12 +28,16 @@ DEFAULT_DIAM_MEAN = 30.0
 
 
 def build_network(
-    widths: tuple[int, ...] = FULL_WIDTHS, diam_mean: float = DEFAULT_DIAM_MEAN, nchan: int = INPUT_CHANNELS
+    widths: tuple[int, ...] = FULL_WIDTHS,
+    diam_mean: float = DEFAULT_DIAM_MEAN,
+    nchan: int = INPUT_CHANNELS,
+    device: torch.device | str | None = None,
 ) -> CPnet:
-    """A randomly initialised CPnet in eval mode on the CPU (no MKL-DNN: it breaks training after eval).
+    """A randomly initialised CPnet in eval mode, on ``device`` (default the CPU).
 
-    ``nchan`` input channels: 2 ([reporter, zeros]) for the zoo's per-reporter models, K for a
-    joint model that sees all K reporters of a field at once (``joint_network``).
+    No MKL-DNN: it breaks training after eval. ``nchan`` input channels: 2 ([reporter, zeros]) for
+    the zoo's per-reporter models, K for a joint model that sees all K reporters of a field at once
+    (``joint_network``).
     """
     net = CPnet(
         nbase=[int(nchan), *widths],
@@ -42,6 +48,8 @@ def build_network(
         diam_mean=float(diam_mean),
     )
     net.eval()
+    if device is not None and torch.device(device).type != "cpu":
+        net = net.to(device)
     return net
 
 
@@ -220,13 +228,20 @@ def _with_zero_channel(reporter_yx: np.ndarray) -> np.ndarray:
     return out
 
 
-def _forward(net: torch.nn.Module, batch: np.ndarray, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Run the net on a float32 (B, 2, Y, X) batch; returns ((B, 3, Y, X) maps, (B, D) styles)."""
-    device = next(net.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, dtype=torch.float32)
+def _forward(
+    net: torch.nn.Module, batch: np.ndarray, channels_last: bool = False, precision: str = "fp32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the net on a float32 (B, 2, Y, X) batch on the net's device, in ``precision``.
+
+    Returns float32 ((B, 3, Y, X) maps, (B, D) styles) on the host.
+    """
+    device = module_device(net)
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)  # the copy overlaps the queued kernels
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         y, style = net(x)[:2]
     return y.float().cpu().numpy(), style.float().cpu().numpy()
 
@@ -239,6 +254,7 @@ def _run_tiled(
     tile_overlap: float,
     batch_size: int,
     channels_last: bool = False,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cellpose's tiled pass (as ``core.run_net``) on one padded (2, Y, X) image, any CPnet width."""
     tiles, ysub, xsub, ly, lx = transforms.make_tiles(padded, bsize=bsize, augment=False, tile_overlap=tile_overlap)
@@ -246,7 +262,7 @@ def _run_tiled(
     tiles = tiles.reshape(ny * nx, nchan, tly, tlx)
     outputs, styles = [], []
     for start in range(0, tiles.shape[0], batch_size):
-        y, style = _forward(net, tiles[start : start + batch_size], channels_last=channels_last)
+        y, style = _forward(net, tiles[start : start + batch_size], channels_last=channels_last, precision=precision)
         outputs.append(y)
         styles.append(style)
     y_all = np.concatenate(outputs)
@@ -309,6 +325,7 @@ def predict_maps(
     bsize: int = 224,
     tile_overlap: float = 0.1,
     batch_size: int = 8,
+    precision: str = "fp32",
 ) -> ChannelMaps:
     """Raw maps of one (Y, X) reporter image: Cellpose's own pipeline with a width-agnostic forward.
 
@@ -317,7 +334,8 @@ def predict_maps(
     (``make_tiles`` / ``average_tiles``) or, with ``tile=False``, in one untiled pass, crop, and
     resize the maps back to the input size. With ``tile=True`` the result equals
     ``CellposeModel.eval(image, channels=[0, 0], diameter=diameter, compute_masks=False)``.
-    ``diameter=None`` uses the net's ``diam_labels``.
+    ``diameter=None`` uses the net's ``diam_labels``. The net runs on its own device;
+    ``precision`` other than fp32 gives up that equality for speed (``app.science.device``).
     """
     image = _check_image(image, 2, "a single-channel image")
     rescale = _rescale_factor(net, diameter)
@@ -332,9 +350,11 @@ def predict_maps(
         resized = normalized[..., 0]
     padded, pads = _pad_for_net(resized)
     if tile:
-        maps, style = _run_tiled(net, padded, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size)
+        maps, style = _run_tiled(
+            net, padded, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size, precision=precision
+        )
     else:
-        y, styles = _forward(net, padded[np.newaxis])
+        y, styles = _forward(net, padded[np.newaxis], precision=precision)
         maps, style = y[0], styles[0]
     maps = _unpad(maps, pads)
     if rescale != 1.0:
@@ -360,6 +380,170 @@ def _per_channel(value, k: int, what: str) -> list:
     return values
 
 
+@dataclass(frozen=True)
+class ChannelPlan:
+    """How the K channels of a field go through their nets: per-channel net, rescale factor and
+    normalisation, and the groups of channels sharing a rescale factor (resized together)."""
+
+    nets: tuple[torch.nn.Module, ...]
+    rescales: tuple[float, ...]
+    norms: tuple[Normalization, ...]
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.nets)
+
+
+def plan_channels(
+    nets: Sequence[torch.nn.Module],
+    n_channels: int,
+    *,
+    diameter: float | None | Sequence[float | None],
+    normalizations: Normalization | Sequence[Normalization] | None = None,
+) -> ChannelPlan:
+    """Check one net, diameter and normalisation per channel and group channels by rescale factor."""
+    nets = list(nets)
+    k = n_channels
+    if len(nets) != k:
+        raise BackboneInputError(f"got {len(nets)} networks for a field with {k} channels: give one per channel")
+    diameters = _per_channel(diameter, k, "diameters")
+    norms = _per_channel(Normalization() if normalizations is None else normalizations, k, "normalisations")
+    for norm in norms:
+        if not isinstance(norm, Normalization):
+            raise BackboneInputError(f"normalisations must be Normalization records, got {type(norm).__name__}")
+    rescales = [_rescale_factor(net, d) for net, d in zip(nets, diameters)]
+    groups = tuple(tuple(c for c in range(k) if rescales[c] == r) for r in dict.fromkeys(rescales))
+    return ChannelPlan(tuple(nets), tuple(rescales), tuple(norms), groups)
+
+
+@dataclass
+class PreparedField:
+    """A field normalised, resized and padded for its nets (host memory, float32).
+
+    ``padded[g]`` is (n_g, 2, Y', X') for the channels ``plan.groups[g]``; ``pads[g]`` its padding.
+    """
+
+    shape: tuple[int, int, int]
+    padded: list[np.ndarray]
+    pads: list[tuple[int, int, int, int]]
+    outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # per group: maps, styles
+
+    @property
+    def batch_key(self) -> tuple:
+        """Fields with equal keys can share a network batch."""
+        return tuple(p.shape for p in self.padded)
+
+
+def prepare_field(image: np.ndarray, plan: ChannelPlan) -> PreparedField:
+    """Normalise (one Cellpose call per distinct normalisation), resize (one OpenCV call per
+    rescale group) and pad a (K, Y, X) field for ``plan``'s nets. CPU only: runs beside the nets."""
+    image = _check_image(image, 3, "a multi-channel field (channels, Y, X)")
+    k, ly0, lx0 = image.shape
+    if k != plan.n_channels:
+        raise BackboneInputError(f"got {plan.n_channels} networks for a field with {k} channels: give one per channel")
+    # One (Y, X, K) float32 copy of the field; normalised in place per group of equal settings.
+    stack = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
+    for norm in dict.fromkeys(plan.norms):
+        idx = [c for c in range(k) if plan.norms[c] == norm]
+        stack[..., idx] = _normalize_channels(np.ascontiguousarray(stack[..., idx]), norm)
+    padded_groups, pads_groups = [], []
+    for idx in plan.groups:
+        rescale = plan.rescales[idx[0]]
+        group = np.ascontiguousarray(stack[..., list(idx)])
+        resized = _resize_yxc(group, rescale) if rescale != 1.0 else group
+        padded_list, pads = [], (0, 0, 0, 0)
+        for j in range(len(idx)):
+            padded, pads = _pad_for_net(resized[..., j])
+            padded_list.append(padded)
+        padded_groups.append(np.stack(padded_list))
+        pads_groups.append(pads)
+    return PreparedField((k, ly0, lx0), padded_groups, pads_groups)
+
+
+def forward_fields(
+    fields: Sequence[PreparedField],
+    plan: ChannelPlan,
+    *,
+    channels_last: bool | None = None,
+    precision: str = "fp32",
+    checkpoint: Callable[[], None] | None = None,
+) -> None:
+    """One untiled network pass per (rescale group, net) over *all* ``fields`` at once.
+
+    Channels that share a net, of every field given, form one batch: the weights are read once per
+    batch and a GPU gets enough work to fill it. The fields must share ``batch_key``. Fills each
+    field's ``outputs``. ``checkpoint`` is called after each pass (a job's cancellation point).
+    """
+    if channels_last is None:
+        channels_last = FAST_PATH_CHANNELS_LAST
+    if len({f.batch_key for f in fields}) > 1:
+        raise BackboneInputError("fields batched together must have the same shape")
+    for prepared in fields:
+        prepared.outputs = []
+    for g, idx in enumerate(plan.groups):
+        n = len(idx)
+        field_maps: list[list] = [[None] * n for _ in fields]
+        field_styles: list[list] = [[None] * n for _ in fields]
+        # Channels sharing a net run as one batch: one set of weights read per pass.
+        for net_id in dict.fromkeys(id(plan.nets[c]) for c in idx):
+            members = [j for j, c in enumerate(idx) if id(plan.nets[c]) == net_id]
+            net = plan.nets[idx[members[0]]]
+            batch = np.concatenate([f.padded[g][members] for f in fields])
+            y, s = _forward(net, batch, channels_last=channels_last, precision=precision)
+            for i in range(len(fields)):
+                for b, j in enumerate(members):
+                    field_maps[i][j] = y[i * len(members) + b]
+                    field_styles[i][j] = s[i * len(members) + b]
+            if checkpoint is not None:
+                checkpoint()
+        for i, prepared in enumerate(fields):
+            prepared.outputs.append((np.stack(field_maps[i]), np.stack(field_styles[i])))
+
+
+def _forward_tiled(
+    prepared: PreparedField, plan: ChannelPlan, *, bsize: int, tile_overlap: float, batch_size: int,
+    channels_last: bool, precision: str, checkpoint: Callable[[], None] | None = None,
+) -> None:
+    prepared.outputs = []
+    for g, idx in enumerate(plan.groups):
+        maps, styles = [], []
+        for j, c in enumerate(idx):
+            m, s = _run_tiled(
+                plan.nets[c], prepared.padded[g][j], bsize=bsize, tile_overlap=tile_overlap,
+                batch_size=batch_size, channels_last=channels_last, precision=precision,
+            )
+            maps.append(m)
+            styles.append(s)
+            if checkpoint is not None:
+                checkpoint()
+        prepared.outputs.append((np.stack(maps), np.stack(styles)))
+
+
+def finish_field(prepared: PreparedField, plan: ChannelPlan) -> list[ChannelMaps]:
+    """Crop the padding and resize each group's maps back to the field's size (CPU)."""
+    k, ly0, lx0 = prepared.shape
+    if len(prepared.outputs) != len(plan.groups):
+        raise BackboneInputError("the field has not been through its networks yet (forward_fields)")
+    maps_out: list[np.ndarray | None] = [None] * k
+    styles_out: list[np.ndarray | None] = [None] * k
+    for g, idx in enumerate(plan.groups):
+        group_maps, group_styles = prepared.outputs[g]
+        pads = prepared.pads[g]
+        cropped = np.stack([_unpad(group_maps[j], pads) for j in range(len(idx))])  # (n, 3, Yr, Xr)
+        if plan.rescales[idx[0]] != 1.0:
+            n = len(idx)
+            yxc = np.ascontiguousarray(cropped.reshape(n * 3, *cropped.shape[-2:]).transpose(1, 2, 0))
+            cropped = _resize_to(yxc, ly0, lx0).transpose(2, 0, 1).reshape(n, 3, ly0, lx0)
+        for j, c in enumerate(idx):
+            maps_out[c] = np.ascontiguousarray(cropped[j], dtype=np.float32)
+            styles_out[c] = group_styles[j]
+    return [
+        ChannelMaps(maps=m, style=np.asarray(s, np.float32))  # type: ignore[arg-type]
+        for m, s in zip(maps_out, styles_out)
+    ]
+
+
 def predict_maps_multi(
     nets: Sequence[torch.nn.Module],
     image: np.ndarray,
@@ -371,87 +555,34 @@ def predict_maps_multi(
     tile_overlap: float = 0.1,
     batch_size: int = 8,
     channels_last: bool | None = None,
+    precision: str = "fp32",
     checkpoint: Callable[[], None] | None = None,
 ) -> list[ChannelMaps]:
     """Raw maps of every channel of a (K, Y, X) field, channel k through ``nets[k]``.
-
-    ``checkpoint`` is called after each network pass (a job's cancellation point between channels).
 
     The fast path for a field: channels that share a normalisation are normalised in one Cellpose
     call, channels that share a rescale factor are resized (and their maps resized back) in one
     OpenCV call, and channels that share both the net and the rescale factor go through the net as
     one batch. Untiled by default: one pass over the padded image pushes ~1.7x fewer pixels
     through the net than Cellpose's 10 %-overlap tiles for a 512 x 512 field. ``diameter`` and
-    ``normalizations`` are one value for all channels or one per channel.
+    ``normalizations`` are one value for all channels or one per channel. The nets run on their
+    own device in ``precision``. ``checkpoint`` is called after each network pass (a job's
+    cancellation point between channels).
 
-    With ``tile=True`` and ``channels_last=False`` each channel matches ``predict_maps`` to float
-    rounding (exactly when no rescale is needed: OpenCV rounds a K-channel resize differently).
+    With ``tile=True``, ``channels_last=False`` and fp32 each channel matches ``predict_maps`` to
+    float rounding (exactly when no rescale is needed: OpenCV rounds a K-channel resize differently).
     """
     image = _check_image(image, 3, "a multi-channel field (channels, Y, X)")
-    k, ly0, lx0 = image.shape
-    nets = list(nets)
-    if len(nets) != k:
-        raise BackboneInputError(f"got {len(nets)} networks for a field with {k} channels: give one per channel")
-    diameters = _per_channel(diameter, k, "diameters")
-    norms = _per_channel(Normalization() if normalizations is None else normalizations, k, "normalisations")
-    for norm in norms:
-        if not isinstance(norm, Normalization):
-            raise BackboneInputError(f"normalisations must be Normalization records, got {type(norm).__name__}")
-    rescales = [_rescale_factor(net, d) for net, d in zip(nets, diameters)]
+    plan = plan_channels(nets, image.shape[0], diameter=diameter, normalizations=normalizations)
     if channels_last is None:
         channels_last = FAST_PATH_CHANNELS_LAST
-
-    # One (Y, X, K) float32 copy of the field; normalised in place per group of equal settings.
-    stack = np.ascontiguousarray(image.transpose(1, 2, 0), dtype=np.float32)
-    for norm in dict.fromkeys(norms):
-        idx = [c for c in range(k) if norms[c] == norm]
-        stack[..., idx] = _normalize_channels(np.ascontiguousarray(stack[..., idx]), norm)
-
-    maps_out: list[np.ndarray | None] = [None] * k
-    styles_out: list[np.ndarray | None] = [None] * k
-    for rescale in dict.fromkeys(rescales):
-        idx = [c for c in range(k) if rescales[c] == rescale]
-        group = np.ascontiguousarray(stack[..., idx])
-        resized = _resize_yxc(group, rescale) if rescale != 1.0 else group
-        padded_list, pads = [], None
-        for j in range(len(idx)):
-            padded, pads = _pad_for_net(resized[..., j])
-            padded_list.append(padded)
-        group_maps: dict[int, np.ndarray] = {}
-        # Channels sharing a net run as one batch: one set of weights read per pass.
-        for net_id in dict.fromkeys(id(nets[c]) for c in idx):
-            members = [j for j, c in enumerate(idx) if id(nets[c]) == net_id]
-            net = nets[idx[members[0]]]
-            if tile:
-                for j in members:
-                    maps, style = _run_tiled(
-                        net,
-                        padded_list[j],
-                        bsize=bsize,
-                        tile_overlap=tile_overlap,
-                        batch_size=batch_size,
-                        channels_last=channels_last,
-                    )
-                    group_maps[j], styles_out[idx[j]] = maps, style
-            else:
-                batch = np.stack([padded_list[j] for j in members])
-                y, styles = _forward(net, batch, channels_last=channels_last)
-                for b, j in enumerate(members):
-                    group_maps[j], styles_out[idx[j]] = y[b], styles[b]
-            if checkpoint is not None:
-                checkpoint()
-        assert pads is not None  # every rescale group has at least one channel
-        cropped = np.stack([_unpad(group_maps[j], pads) for j in range(len(idx))])  # (n, 3, Yr, Xr)
-        if rescale != 1.0:
-            n = len(idx)
-            yxc = np.ascontiguousarray(cropped.reshape(n * 3, *cropped.shape[-2:]).transpose(1, 2, 0))
-            cropped = _resize_to(yxc, ly0, lx0).transpose(2, 0, 1).reshape(n, 3, ly0, lx0)
-        for j, c in enumerate(idx):
-            maps_out[c] = np.ascontiguousarray(cropped[j], dtype=np.float32)
-    return [
-        ChannelMaps(maps=m, style=np.asarray(s, np.float32))  # type: ignore[arg-type]
-        for m, s in zip(maps_out, styles_out)
-    ]
+    prepared = prepare_field(image, plan)
+    if tile:
+        _forward_tiled(prepared, plan, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size,
+                       channels_last=channels_last, precision=precision, checkpoint=checkpoint)
+    else:
+        forward_fields([prepared], plan, channels_last=channels_last, precision=precision, checkpoint=checkpoint)
+    return finish_field(prepared, plan)
 
 
 def default_niter(diameter: float, diam_mean: float) -> float:
@@ -472,12 +603,14 @@ def masks_from_maps(
     min_size: int = 15,
     niter: float | None = None,
     max_size_fraction: float = 0.4,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Instance labels (Y, X) int32 from maps at full resolution, as Cellpose's ``eval`` does.
 
     ``eval`` resamples the maps to the input size before the dynamics (``resample=True``), so the
     dynamics run at full resolution with ``niter = 200 * diameter / diam_mean`` and no resize of
-    the masks. ``flow_threshold`` None or 0 turns the flow-error quality check off.
+    the masks. ``flow_threshold`` None or 0 turns the flow-error quality check off. ``device``
+    (default the CPU) is where Cellpose follows the flows and checks the flow errors.
     """
     arr = maps.maps if isinstance(maps, ChannelMaps) else np.asarray(maps)
     if arr.ndim != 3 or arr.shape[0] != 3:
@@ -497,7 +630,7 @@ def masks_from_maps(
         min_size=min_size,
         max_size_fraction=max_size_fraction,
         resize=None,
-        device=torch.device("cpu"),
+        device=torch.device("cpu") if device is None else torch.device(device),
     )
     return np.asarray(masks, dtype=np.int32)
 

@@ -80,85 +80,79 @@ def reconstruction_size(channel_models: Sequence[ChannelModel]) -> tuple[float, 
     )
 
 
-def segment_field(
-    image: np.ndarray,
-    channel_models: Sequence[ChannelModel],
-    *,
-    method: str = "flow_fusion",
-    normalizations: Normalization | Sequence[Normalization] | None = None,
-    flow_threshold: float | None = None,
-    cellprob_threshold: float | None = None,
-    min_size: int = 15,
-    tile: bool = False,
-    weights: Sequence[float] | None = None,
-    fusion_params: dict | None = None,
-    fusion: FusionParameters | dict | None = None,
-    checkpoint: Callable[[], None] | None = None,
-) -> SegmentationResult:
-    """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
+@dataclass(frozen=True)
+class _FusionChoice:
+    """How Flow Fusion weighs and thresholds, after resolving weights or fitted parameters."""
 
-    ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
-    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
-    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
-    ``fuse_labels``. ``tile=False`` runs each channel untiled (fast); ``tile=True`` reproduces
-    Cellpose's tiling. ``fusion``: fitted fusion parameters (``FusionParameters`` or its dict) for
-    exactly these channels (matched by the models' names): their weights, confidence mode and
-    thresholds are used, an explicit ``flow_threshold`` / ``cellprob_threshold`` still wins.
-    ``result.settings`` records what was used. ``checkpoint`` is called between channels (a job's
-    cancellation point: it raises to stop).
-    """
-    started = time.perf_counter()
+    weights: list[float] | None
+    confidence: str | None
+    source: str
+    flow_threshold: float | None
+    cellprob_threshold: float
+
+
+def _check_options(method: str, weights, fusion_params, fusion: FusionParameters | dict | None = None,
+                   models: Sequence[ChannelModel] | None = None) -> _FusionChoice:
+    """Validate a method's options; resolve fitted fusion parameters to weights for ``models``."""
     if method not in FUSION_METHODS:
         raise SegmentationInputError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
+    if method == "flow_fusion" and fusion_params:
+        raise SegmentationInputError("fusion_params apply to label-fusion methods only; use weights for flow_fusion")
+    if method != "flow_fusion" and (weights is not None or fusion is not None):
+        raise SegmentationInputError("channel weights and fitted fusion parameters apply to flow_fusion only")
+    if fusion is None:
+        return _FusionChoice(None if weights is None else [float(w) for w in weights], None,
+                             "explicit weights" if weights is not None else "equal weights", FUSED_FLOW_THRESHOLD, 0.0)
+    if weights is not None:
+        raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
+    try:
+        record = fusion if isinstance(fusion, FusionParameters) else FusionParameters.from_dict(fusion)
+        resolved = record.weights_for([m.name for m in models]).tolist() if models is not None else None
+    except ValueError as exc:
+        raise SegmentationInputError(str(exc)) from None
+    return _FusionChoice(resolved, record.confidence, f"fitted ({record.method})", record.flow_threshold,
+                         record.cellprob_threshold)
+
+
+def _as_field(image: np.ndarray, n_models: int) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[np.newaxis]
     if image.ndim != 3:
         raise SegmentationInputError(f"a field must be (channels, Y, X), got shape {image.shape}")
-    models = list(channel_models)
-    if len(models) != image.shape[0]:
+    if n_models != image.shape[0]:
         raise SegmentationInputError(
-            f"the field has {image.shape[0]} channels but {len(models)} channel models were given: "
+            f"the field has {image.shape[0]} channels but {n_models} channel models were given: "
             "give one model per channel, in channel order"
         )
-    if method == "flow_fusion" and fusion_params:
-        raise SegmentationInputError("fusion_params apply to label-fusion methods only; use weights for flow_fusion")
-    if method != "flow_fusion" and (weights is not None or fusion is not None):
-        raise SegmentationInputError("channel weights and fitted fusion parameters apply to flow_fusion only")
-    confidence = None
-    source = "explicit weights" if weights is not None else "equal weights"
-    fused_flow, fused_cellprob = FUSED_FLOW_THRESHOLD, 0.0
-    if fusion is not None:
-        if weights is not None:
-            raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
-        try:
-            record = fusion if isinstance(fusion, FusionParameters) else FusionParameters.from_dict(fusion)
-            weights = record.weights_for([m.name for m in models]).tolist()
-        except ValueError as exc:
-            raise SegmentationInputError(str(exc)) from None
-        confidence, source = record.confidence, f"fitted ({record.method})"
-        fused_flow, fused_cellprob = record.flow_threshold, record.cellprob_threshold
+    return image
 
-    timings: dict[str, float] = {}
-    tic = time.perf_counter()
-    channel_maps = predict_maps_multi(
-        [m.net for m in models],
-        image,
-        diameter=[m.diameter for m in models],
-        normalizations=normalizations,
-        tile=tile,
-        checkpoint=checkpoint,
-    )
-    timings["maps"] = time.perf_counter() - tic
 
+def _masks_from_channel_maps(
+    channel_maps: list[ChannelMaps],
+    models: Sequence[ChannelModel],
+    *,
+    method: str,
+    flow_threshold: float | None,
+    cellprob_threshold: float | None,
+    min_size: int,
+    weights: Sequence[float] | None,
+    fusion_params: dict | None,
+    mask_device,
+    timings: dict[str, float],
+    fusion: FusionParameters | dict | None = None,
+) -> SegmentationResult:
+    """Fused labels from every channel's maps (Flow Fusion or a label-fusion method), and the
+    settings actually used."""
+    choice = _check_options(method, weights, fusion_params, fusion, models)
     if method == "flow_fusion":
         tic = time.perf_counter()
-        fused = fuse_maps(channel_maps, weights, confidence)
+        fused = fuse_maps(channel_maps, choice.weights, choice.confidence)
         timings["fuse"] = time.perf_counter() - tic
         tic = time.perf_counter()
         diameter, diam_mean = reconstruction_size(models)
-        used_flow = fused_flow if flow_threshold is None else flow_threshold
-        used_cellprob = fused_cellprob if cellprob_threshold is None else cellprob_threshold
+        used_flow = choice.flow_threshold if flow_threshold is None else flow_threshold
+        used_cellprob = choice.cellprob_threshold if cellprob_threshold is None else cellprob_threshold
         labels = masks_from_maps(
             fused,
             diameter=diameter,
@@ -166,15 +160,15 @@ def segment_field(
             flow_threshold=used_flow,
             cellprob_threshold=used_cellprob,
             min_size=min_size,
+            device=mask_device,
         )
         timings["masks"] = time.perf_counter() - tic
-        timings["total"] = time.perf_counter() - started
-        norm = [float(w) for w in (weights if weights is not None else [1.0] * len(models))]
+        norm = [float(w) for w in (choice.weights if choice.weights is not None else [1.0] * len(models))]
         settings: dict[str, Any] = {
             "method": method, "channels": [m.name for m in models],
-            "weights": [round(w / sum(norm), 6) for w in norm], "confidence": confidence,
+            "weights": [round(w / sum(norm), 6) for w in norm], "confidence": choice.confidence,
             "flow_threshold": float(used_flow or 0.0), "cellprob_threshold": float(used_cellprob),
-            "diameter": diameter, "weights_source": source}
+            "diameter": diameter, "weights_source": choice.source}
         return SegmentationResult(labels, channel_maps, fused, None, timings, settings)
 
     tic = time.perf_counter()
@@ -188,17 +182,74 @@ def segment_field(
             flow_threshold=channel_flow,
             cellprob_threshold=channel_cellprob,
             min_size=min_size,
+            device=mask_device,
         )
-        for maps, m in zip(channel_maps, models)
+        for maps, m in zip(channel_maps, models, strict=True)
     ]
     timings["masks"] = time.perf_counter() - tic
     tic = time.perf_counter()
     params = {"min_size": min_size, **(fusion_params or {})}
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
-    timings["total"] = time.perf_counter() - started
     settings = {"method": method, "channels": [m.name for m in models],
                 "flow_threshold": float(channel_flow or 0.0),
                 "cellprob_threshold": float(channel_cellprob), "fusion_params": params,
                 "diameters": [m.diameter for m in models]}
     return SegmentationResult(labels, channel_maps, None, channel_labels, timings, settings)
+
+
+def segment_field(
+    image: np.ndarray,
+    channel_models: Sequence[ChannelModel],
+    *,
+    method: str = "flow_fusion",
+    normalizations: Normalization | Sequence[Normalization] | None = None,
+    flow_threshold: float | None = None,
+    cellprob_threshold: float | None = None,
+    min_size: int = 15,
+    tile: bool = False,
+    weights: Sequence[float] | None = None,
+    fusion_params: dict | None = None,
+    fusion: FusionParameters | dict | None = None,
+    precision: str = "fp32",
+    mask_device=None,
+    checkpoint: Callable[[], None] | None = None,
+) -> SegmentationResult:
+    """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
+
+    ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
+    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
+    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
+    ``fuse_labels``. ``fusion``: fitted fusion parameters (``FusionParameters`` or its dict) for
+    exactly these channels (matched by the models' names): their weights, confidence mode and
+    thresholds are used; an explicit ``flow_threshold`` / ``cellprob_threshold`` still wins.
+    ``result.settings`` records what was used. ``tile=False`` runs each channel untiled (fast);
+    ``tile=True`` reproduces Cellpose's tiling. The nets run on their own device in ``precision``
+    (``app.science.device``); masks are reconstructed on ``mask_device`` (default the CPU).
+    ``checkpoint`` is called between channels (a job's cancellation point: it raises to stop).
+    For many fields, ``segment_fields`` batches and overlaps the stages.
+    """
+    started = time.perf_counter()
+    models = list(channel_models)
+    _check_options(method, weights, fusion_params, fusion, models)
+    image = _as_field(image, len(models))
+
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+    channel_maps = predict_maps_multi(
+        [m.net for m in models],
+        image,
+        diameter=[m.diameter for m in models],
+        normalizations=normalizations,
+        tile=tile,
+        precision=precision,
+        checkpoint=checkpoint,
+    )
+    timings["maps"] = time.perf_counter() - tic
+    result = _masks_from_channel_maps(
+        channel_maps, models, method=method, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
+        min_size=min_size, weights=weights, fusion_params=fusion_params, mask_device=mask_device, timings=timings,
+        fusion=fusion,
+    )
+    timings["total"] = time.perf_counter() - started
+    return result

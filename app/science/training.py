@@ -16,8 +16,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import queue
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +33,7 @@ from skimage.segmentation import relabel_sequential
 
 from app.science.augmentations import AugmentationConfig, augment
 from app.science.backbone import build_network, network_input_channels, network_widths
+from app.science.device import DeviceError, autocast, module_device
 
 if TYPE_CHECKING:
     from app.science.metrics import SegmentationScores
@@ -169,6 +172,8 @@ class TrainingResult:
     best_val_loss: float = math.nan
     n_train: int = 0
     n_val: int = 0
+    device: str = "cpu"  # where it was trained
+    precision: str = "fp32"  # autocast precision of the training steps (provenance)
 
 
 def split_dataset(n: int, *, n_train: int = 40, n_val: int = 5, n_test: int = 5, seed: int = 0) -> DatasetSplit:
@@ -285,9 +290,15 @@ def segmentation_loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return flow_loss + probability_loss
 
 
-def fresh_copy(net: torch.nn.Module) -> torch.nn.Module:
-    """A new CPnet with the same widths, diam_mean and weights (training a net after eval trips MKL-DNN)."""
-    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()), nchan=network_input_channels(net))
+def fresh_copy(net: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A new CPnet with the same widths, input channels, diam_mean and weights, on ``device``
+    (default: ``net``'s).
+
+    Training a net after eval trips MKL-DNN, and cached nets are shared: training works on a copy.
+    """
+    device = module_device(net) if device is None else torch.device(device)
+    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()), nchan=network_input_channels(net),
+                        device=device)
     new.load_state_dict(net.state_dict(), strict=True)
     return new
 
@@ -367,16 +378,129 @@ def _validation_crops(prepared: _PreparedSet, config: TrainingConfig,
     return batches
 
 
-def _validation_loss(net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _validation_loss(
+    net: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32"
+) -> float:
     if not batches:
         return math.nan
     net.eval()
-    total, count = 0.0, 0
+    device = module_device(net)
+    total, count = torch.zeros((), device=device), 0
     with torch.no_grad():
         for x, y in batches:
-            total += segmentation_loss(net(x)[0], y).item() * len(x)
+            with autocast(device, precision):
+                output = net(x)[0]
+            total += segmentation_loss(output.float(), y) * len(x)
             count += len(x)
-    return total / count
+    return float(total.item()) / count
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class BatchPrefetcher:
+    """Augmented training batches made on a thread of their own while the network trains.
+
+    Draws from ``rng`` in exactly the order the serial loop did (one permutation per epoch, then
+    one augmentation per image in that order), so a seed gives the same batches as before; it
+    runs at most ``depth`` batches ahead. For a CUDA device the batches are put in pinned memory
+    so that their copy to the GPU overlaps the running kernels.
+    """
+
+    def __init__(
+        self,
+        train: _PreparedSet,
+        rng: np.random.Generator,
+        augmentation: AugmentationConfig,
+        *,
+        batch_size: int,
+        epochs: int,
+        channels_last: bool,
+        pin_memory: bool = False,
+        depth: int = 3,
+        n_in: int = 2,
+    ):
+        self._train, self._rng, self._augmentation = train, rng, augmentation
+        self._n_in = n_in
+        self._batch_size, self._epochs = batch_size, epochs
+        self._channels_last, self._pin = channels_last, pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        # The generator's state as each epoch starts (index = epochs since this prefetcher began),
+        # for checkpoints that resume with the same random stream.
+        self._rng_states: dict[int, dict] = {}
+        self._states_ready = threading.Condition()
+        self._finished = False
+        self._thread = threading.Thread(target=self._produce, name="cellfuse-train-data", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        train = self._train
+        n = len(train.images)
+        try:
+            for epoch in range(self._epochs + 1):
+                self._record_rng_state(epoch)
+                if epoch == self._epochs:
+                    break
+                order = self._rng.permutation(n)
+                for start in range(0, n, self._batch_size):
+                    crops, targets = [], []
+                    for index in order[start : start + self._batch_size]:
+                        crop, crop_targets = augment(
+                            train.images[index], train.targets[index], self._rng, self._augmentation,
+                            zoom=train.zooms[index],
+                        )
+                        crops.append(crop)
+                        targets.append(crop_targets)
+                    x = _with_zero_channel(np.stack(crops), self._channels_last, self._n_in)
+                    y = torch.from_numpy(np.stack(targets))
+                    if self._pin:
+                        x, y = x.pin_memory(), y.pin_memory()
+                    if not self._put((x, y)):
+                        return
+        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
+            self._put(_Failed(error))
+        finally:
+            with self._states_ready:
+                self._finished = True
+                self._states_ready.notify_all()
+
+    def _record_rng_state(self, epoch: int) -> None:
+        with self._states_ready:
+            self._rng_states[epoch] = copy.deepcopy(dict(self._rng.bit_generator.state))
+            self._states_ready.notify_all()
+
+    def rng_state_before(self, epoch: int) -> dict:
+        """The random generator's state as epoch ``epoch`` (counted from this prefetcher's first)
+        began its draws: the state a run resumed there must start from."""
+        with self._states_ready:
+            self._states_ready.wait_for(lambda: epoch in self._rng_states or self._finished)
+            if epoch not in self._rng_states:
+                raise RuntimeError(f"the batch thread stopped before epoch {epoch}")
+            return copy.deepcopy(self._rng_states[epoch])
+
+    def batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``n_batches`` batches (one epoch)."""
+        for _ in range(n_batches):
+            item = self._queue.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def finetune(
@@ -392,6 +516,8 @@ def finetune(
     on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
     resume_from: TrainingCheckpoint | None = None,
     joint: bool = False,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> TrainingResult:
     """Fine-tune a copy of ``net`` on (Y, X) reporter images; return the best-validation checkpoint.
 
@@ -400,19 +526,24 @@ def finetune(
     loss decides and training runs ``max_epochs``). ``should_stop`` is polled between steps and
     raises ``TrainingCancelled``. ``on_checkpoint`` receives the state after each epoch; given as
     ``resume_from`` (same data and config), training continues after that epoch with the same
-    weights, optimizer and random streams, so the result equals an uninterrupted run.
-    ``joint=True``: ``net`` is a joint model (``backbone.joint_network``, K input channels) and the
-    images are (K, Y, X) fields.
+    weights, optimizer and random streams, so the result equals an uninterrupted run. Training runs
+    on ``device`` (default: ``net``'s) with the forward pass under autocast in ``precision`` (fp16
+    with a gradient scaler); augmented batches are made on a thread of their own
+    (``BatchPrefetcher``). The returned net is on ``device``. ``joint=True``: ``net`` is a joint
+    model (``backbone.joint_network``, K input channels) and the images are (K, Y, X) fields.
     """
     n_in = network_input_channels(net)
     n_channels = n_in if joint else 1
     _check_pairs(train_images, train_masks, "training", n_channels)
     _check_pairs(val_images, val_masks, "validation", n_channels)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise DeviceError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     started = time.perf_counter()
 
-    model = fresh_copy(net)
+    device = module_device(net) if device is None else torch.device(device)
+    model = fresh_copy(net, device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     diam_mean = float(model.diam_mean.item())
@@ -428,8 +559,8 @@ def finetune(
     train = _prepare(train_images, train_masks, diam_mean, config)
     val = _prepare(val_images, val_masks, diam_mean, config)
     diameter, diameter_plus_sd = training_diameters(train_masks)
-    model.diam_labels.data = torch.tensor([diameter], dtype=torch.float32)
-    val_batches = _validation_crops(val, config, n_in)
+    model.diam_labels.data = torch.tensor([diameter], dtype=torch.float32, device=device)
+    val_batches = [(x.to(device), y.to(device)) for x, y in _validation_crops(val, config, n_in)]
     augmentation = config.augmentation()
 
     if config.sgd:
@@ -438,6 +569,7 @@ def finetune(
         )
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     rates = learning_rate_schedule(config.max_epochs, config.learning_rate, config.warmup_epochs)
 
     history: list[EpochReport] = []
@@ -456,63 +588,68 @@ def finetune(
         first_epoch = resume_from.epoch + 1
     stop_reason = "max_epochs"
     n_train = len(train.images)
-    for epoch in range(first_epoch, config.max_epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = float(rates[epoch])
-        model.train()
-        order = rng.permutation(n_train)
-        epoch_loss = 0.0
-        for start in range(0, n_train, config.batch_size):
-            if should_stop is not None and should_stop():
-                raise TrainingCancelled(f"training cancelled during epoch {epoch}")
-            crops, targets = [], []
-            for index in order[start : start + config.batch_size]:
-                crop, crop_targets = augment(
-                    train.images[index], train.targets[index], rng, augmentation, zoom=train.zooms[index]
-                )
-                crops.append(crop)
-                targets.append(crop_targets)
-            x = _with_zero_channel(np.stack(crops), config.channels_last, n_in)
-            y = torch.from_numpy(np.stack(targets))
-            loss = segmentation_loss(model(x)[0], y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.item() * len(x)
-        train_loss = epoch_loss / n_train
-        val_loss = _validation_loss(model, val_batches)
-        criterion = val_loss if val_batches else train_loss
-        is_best = criterion < best_loss
-        if is_best:
-            best_loss, best_epoch = criterion, epoch
-            best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-            epochs_without_improvement = 0
-        elif epoch >= config.min_epochs:
-            epochs_without_improvement += 1
-        report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - started, float(rates[epoch]), is_best)
-        history.append(report)
-        if on_checkpoint is not None:
-            on_checkpoint(TrainingCheckpoint(
-                epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
-                optimizer=copy.deepcopy(optimizer.state_dict()), best_state=best_state, best_loss=best_loss,
-                best_epoch=best_epoch, epochs_without_improvement=epochs_without_improvement, history=list(history),
-                numpy_rng=copy.deepcopy(dict(rng.bit_generator.state)), torch_rng=torch.get_rng_state(),
-                elapsed_s=time.perf_counter() - started))
-        if on_epoch is not None:
-            on_epoch(report)
-        if val_batches and epochs_without_improvement >= config.patience:
-            stop_reason = "patience"
-            break
-        if config.time_limit_s is not None and epoch < config.max_epochs - 1:
-            elapsed = time.perf_counter() - started
-            if elapsed + elapsed / len(history) > config.time_limit_s:
-                stop_reason = "time_limit"
+    n_batches = math.ceil(n_train / config.batch_size)
+    prefetcher = BatchPrefetcher(
+        train, rng, augmentation, batch_size=config.batch_size, epochs=config.max_epochs - first_epoch,
+        channels_last=config.channels_last, pin_memory=device.type == "cuda", n_in=n_in,
+    )
+    try:
+        for epoch in range(first_epoch, config.max_epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = float(rates[epoch])
+            model.train()
+            epoch_loss = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per step
+            for x, y in prefetcher.batches(n_batches):
+                if should_stop is not None and should_stop():
+                    raise TrainingCancelled(f"training cancelled during epoch {epoch}")
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    output = model(x)[0]
+                loss = segmentation_loss(output.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                epoch_loss += loss.detach() * len(x)
+            train_loss = float(epoch_loss.item()) / n_train
+            val_loss = _validation_loss(model, val_batches, precision)
+            criterion = val_loss if val_batches else train_loss
+            is_best = criterion < best_loss
+            if is_best:
+                best_loss, best_epoch = criterion, epoch
+                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+                epochs_without_improvement = 0
+            elif epoch >= config.min_epochs:
+                epochs_without_improvement += 1
+            report = EpochReport(
+                epoch, train_loss, val_loss, time.perf_counter() - started, float(rates[epoch]), is_best
+            )
+            history.append(report)
+            if on_checkpoint is not None:
+                # The random stream as the next epoch starts (the prefetch thread runs ahead of it).
+                on_checkpoint(TrainingCheckpoint(
+                    epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                    optimizer=copy.deepcopy(optimizer.state_dict()), best_state=best_state, best_loss=best_loss,
+                    best_epoch=best_epoch, epochs_without_improvement=epochs_without_improvement,
+                    history=list(history), numpy_rng=prefetcher.rng_state_before(epoch + 1 - first_epoch),
+                    torch_rng=torch.get_rng_state(), elapsed_s=time.perf_counter() - started))
+            if on_epoch is not None:
+                on_epoch(report)
+            if val_batches and epochs_without_improvement >= config.patience:
+                stop_reason = "patience"
                 break
+            if config.time_limit_s is not None and epoch < config.max_epochs - 1:
+                elapsed = time.perf_counter() - started
+                if elapsed + elapsed / len(history) > config.time_limit_s:
+                    stop_reason = "time_limit"
+                    break
+    finally:
+        prefetcher.close()
 
     if best_state is None:  # every loss was NaN: keep the last weights rather than nothing
         best_state = copy.deepcopy(model.state_dict())
         best_epoch = len(history) - 1
-    result_net = build_network(network_widths(model), diam_mean=diam_mean, nchan=n_in)
+    result_net = build_network(network_widths(model), diam_mean=diam_mean, nchan=n_in, device=device)
     result_net.load_state_dict(best_state, strict=True)
     result_net.eval()
     return TrainingResult(
@@ -526,6 +663,8 @@ def finetune(
         best_val_loss=best_loss if val_batches else math.nan,
         n_train=n_train,
         n_val=len(val.images),
+        device=str(device),
+        precision=precision,
     )
 
 
@@ -597,15 +736,17 @@ def run_cellpose_train_seg(
     learning_rate: float = 0.005,
     weight_decay: float = 1e-5,
     min_train_masks: int = 1,
+    device: torch.device | str | None = None,
 ) -> tuple[float, np.ndarray]:
     """Cellpose's own ``train.train_seg`` on (Y, X) reporter images (as [reporter, zeros]), for
-    comparisons; trains a fresh copy of ``net``. Returns (wall seconds, per-epoch training losses).
+    comparisons; trains a fresh copy of ``net`` on ``device`` (default ``net``'s; Cellpose trains on
+    its net's device). Returns (wall seconds, per-epoch training losses).
     """
     from cellpose import train
 
     _check_pairs(train_images, train_masks, "training")
     _check_pairs(val_images, val_masks, "validation")
-    model = fresh_copy(net)
+    model = fresh_copy(net, device)
 
     def two_channel(image: np.ndarray) -> np.ndarray:
         return np.stack([np.asarray(image, np.float32), np.zeros(np.shape(image), np.float32)])

@@ -271,12 +271,14 @@ def check_keys_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
         )
 
 
-def _network_from_state(state: dict[str, torch.Tensor], widths: tuple[int, ...] | None = None) -> torch.nn.Module:
+def _network_from_state(
+    state: dict[str, torch.Tensor], widths: tuple[int, ...] | None = None, device: torch.device | str | None = None
+) -> torch.nn.Module:
     inferred = infer_widths(state)
     if widths is not None and tuple(widths) != inferred:
         raise WeightsMismatchError(f"the card says widths {list(widths)} but the file holds widths {list(inferred)}")
     diam_mean = float(state["diam_mean"].reshape(-1)[0]) if "diam_mean" in state else DEFAULT_DIAM_MEAN
-    net = build_network(inferred, diam_mean=diam_mean)
+    net = build_network(inferred, diam_mean=diam_mean, device=device)
     check_keys_exactly(net, state)
     net.load_state_dict(state, strict=True)
     net.eval()
@@ -284,9 +286,15 @@ def _network_from_state(state: dict[str, torch.Tensor], widths: tuple[int, ...] 
 
 
 def load_model(
-    weights_path: str | Path, *, card: ModelCard | None = None, expected_sha256: str | None = None
+    weights_path: str | Path,
+    *,
+    card: ModelCard | None = None,
+    expected_sha256: str | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.nn.Module, ModelCard]:
     """Load a safetensors CPnet, verifying its sha256 (``expected_sha256`` or the card's) and keys.
+
+    The tensors are read straight onto ``device`` (default the CPU) and the net is built there.
 
     Without ``card`` the card file beside the weights (or in ``../cards/``) is read; a file with
     no card gets a minimal one inferred from its tensors (name = file stem, version "unknown").
@@ -306,10 +314,10 @@ def load_model(
                 "or was replaced; restore it from the model zoo or re-register the model"
             )
     try:
-        state = load_file(str(weights_path), device="cpu")
+        state = load_file(str(weights_path), device=str(torch.device(device or "cpu")))
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{weights_path.name} is not a readable safetensors file: {error}") from error
-    net = _network_from_state(state, card.widths if card is not None else None)
+    net = _network_from_state(state, card.widths if card is not None else None, device)
     if card is None:
         card = ModelCard(
             name=weights_path.stem, version="unknown", architecture=architecture_of(net),
@@ -343,13 +351,13 @@ def export_cellpose(net: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def import_cellpose_file(path: str | Path) -> torch.nn.Module:
-    """A CPnet from a Cellpose 3 model file (e.g. ``cyto3``), widths inferred from its tensors."""
+def import_cellpose_file(path: str | Path, *, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A CPnet from a Cellpose 3 model file (e.g. ``cyto3``), widths inferred from its tensors, on ``device``."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"Cellpose model file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=torch.device(device or "cpu"), weights_only=True)
     except Exception as error:  # torch raises many types for foreign or unsafe files
         raise WeightsError(
             f"{path.name} is not a Cellpose 3 weights file loadable without pickled code: {error}"
@@ -358,4 +366,4 @@ def import_cellpose_file(path: str | Path) -> torch.nn.Module:
         raise WeightsError(f"{path.name} does not hold a state dict of tensors")
     if "W2" in state:
         raise CellposeCompatibilityError(f"{path.name} is a Cellpose 4 (Cellpose-SAM) model; CellFuse uses Cellpose 3 CPnets")
-    return _network_from_state(state)
+    return _network_from_state(state, device=device)

@@ -186,7 +186,7 @@ def test_early_stopping_waits_for_min_epochs_and_restores_the_best_checkpoint(mo
     scripted = [5.0, 6.0, 7.0, 8.0, 9.0, 4.0, 4.5, 4.1, 4.2, 1.0, 1.0]
     snapshots = []
 
-    def scripted_validation_loss(net, batches):
+    def scripted_validation_loss(net, batches, precision="fp32"):
         snapshots.append({k: v.clone() for k, v in net.state_dict().items()})
         return scripted[len(snapshots) - 1]
 
@@ -352,3 +352,67 @@ def test_joint_model_takes_all_channels_and_trains_on_fields():
     assert bb.network_input_channels(result.net) == 3 and len(result.history) == 1
     with pytest.raises(ValueError, match="input channels"):
         finetune(joint, [f[:2] for f in fields[:2]], masks[:2], [], [], config, joint=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Device, precision and the prefetching thread
+# ------------------------------------------------------------------------------------------
+
+
+def test_prefetched_batches_draw_the_rng_as_the_serial_loop_did():
+    from app.science.augmentations import augment
+
+    images, masks = disc_set(range(5), size=64)
+    config = tiny_config(batch_size=2)
+    prepared = training._prepare(images, masks, 30.0, config)
+    augmentation = config.augmentation()
+    prefetcher = training.BatchPrefetcher(prepared, np.random.default_rng(3), augmentation, batch_size=2,
+                                          epochs=2, channels_last=False)
+    try:
+        got = [x.numpy() for _ in range(2) for x, _y in prefetcher.batches(3)]
+    finally:
+        prefetcher.close()
+    rng = np.random.default_rng(3)
+    expected = []
+    for _ in range(2):
+        order = rng.permutation(5)
+        for start in range(0, 5, 2):
+            crops = [augment(prepared.images[i], prepared.targets[i], rng, augmentation, zoom=prepared.zooms[i])[0]
+                     for i in order[start:start + 2]]
+            expected.append(np.stack(crops))
+    assert len(got) == len(expected) == 6
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a[:, 0:1], b)
+        assert not a[:, 1].any()  # the zero second channel
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_runs_on_the_device_and_records_it(device):
+    images, masks = disc_set(range(4), size=64)
+    net = build_network(TINY)
+    result = finetune(net, images, masks, images[:1], masks[:1], tiny_config(max_epochs=2), device=device)
+    assert result.device.startswith(device) and result.precision == "fp32"
+    assert next(result.net.parameters()).device.type == device
+    assert all(np.isfinite(r.train_loss) for r in result.history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_reduced_precision_training_learns_like_fp32(device):
+    from app.science.device import default_precision
+
+    precision = default_precision(torch.device(device), "training")
+    if precision == "fp32":
+        pytest.skip("no reduced precision is native here")
+    images, masks = disc_set(range(8))
+    val_images, val_masks = disc_set(range(100, 102))
+    config = tiny_config(max_epochs=8)
+    fp32 = finetune(build_network(TINY), images, masks, val_images, val_masks, config, device=device)
+    low = finetune(build_network(TINY), images, masks, val_images, val_masks, config, device=device,
+                   precision=precision)
+    assert low.precision == precision
+    first, last = low.history[0].train_loss, low.history[-1].train_loss
+    assert last < 0.8 * first
+    assert low.best_val_loss == pytest.approx(fp32.best_val_loss, rel=0.25)
+    with pytest.raises(ValueError, match="precision"):
+        finetune(build_network(TINY), images, masks, [], [], config, precision="int8")

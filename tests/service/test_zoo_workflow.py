@@ -98,6 +98,10 @@ def run_workflow(settings, worker_factory) -> None:
         assert provenance["method"] == method and provenance["fused_channels"]["nuclei"] == channels
         assert provenance["models"]["nuclei"][channels[0]]["weights_sha256"] == worse["weights_sha256"]
         assert "cellpose" in provenance["library_versions"]
+        # Where and how the networks ran (CELLFUSE_DEVICE=auto is the CPU on a machine without a GPU).
+        assert provenance["compute"]["device"].startswith(("cpu", "cuda"))
+        assert provenance["compute"]["precision"] in ("fp32", "bf16", "fp16")
+        assert job["summary"]["precision"] == provenance["compute"]["precision"]
 
     # The same from local files, as `cellfuse segment` does: every result lands on disk under the job.
     local = settings.resolved_data_dir.parent / "local-fields"

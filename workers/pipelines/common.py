@@ -106,20 +106,36 @@ class LoadedModel:
 
 
 def load_weights(ctx: JobContext, sha256: str, card: dict[str, Any], source: str) -> Any:
+    """A stored network on this worker's device, from the process's model cache when it is there.
+
+    Cached networks are shared by every job of the process: nothing may train or modify them in
+    place (fine-tuning trains a copy, ``training.fresh_copy``).
+    """
+    from workers.compute import worker_compute
+
+    compute = worker_compute(ctx.settings)
+    cellpose_file = source == "cellpose" or card.get("format") == "cellpose-state-dict"
+    # A Cellpose file's diam_mean comes from its card, so the card's value is part of what is cached.
+    key = f"{sha256}:diam_mean={float(card.get('diam_mean', 30.0))}" if cellpose_file else sha256
+    return compute.cache.get_or_load(key, compute.device,
+                                     lambda: _load_weights_now(ctx, sha256, card, cellpose_file, compute.device))
+
+
+def _load_weights_now(ctx: JobContext, sha256: str, card: dict[str, Any], cellpose_file: bool, device) -> Any:
     from app.science import weights
 
     path = ctx.blobs.path_for(sha256)
     if not path.is_file():
         raise JobFailed(f"the weights of {card.get('name', 'the model')} ({sha256[:12]}…) are not in the "
                         "data directory")
-    if source == "cellpose" or card.get("format") == "cellpose-state-dict":
+    if cellpose_file:
         if weights.file_sha256(path) != sha256:
             raise JobFailed(f"the weights of {card.get('name')} do not match their sha256")
-        net = weights.import_cellpose_file(path)
+        net = weights.import_cellpose_file(path, device=device)
         net.diam_mean.data[:] = float(card.get("diam_mean", 30.0))
         return net
     net, _card = weights.load_model(path, card=weights.ModelCard.from_dict(_card_for_loading(card)),
-                                    expected_sha256=sha256)
+                                    expected_sha256=sha256, device=device)
     return net
 
 
@@ -157,6 +173,21 @@ def library_versions() -> dict[str, str]:
     from app.science.weights import library_versions as versions
 
     return versions()
+
+
+def compute_provenance(ctx: JobContext) -> dict[str, Any]:
+    """Where and at what precision this job's networks ran (for provenance and model cards)."""
+    from workers.compute import worker_compute
+
+    return worker_compute(ctx.settings).describe()
+
+
+def inference_options(ctx: JobContext) -> dict[str, Any]:
+    """``precision`` and ``mask_device`` for the science calls of this worker."""
+    from workers.compute import worker_compute
+
+    compute = worker_compute(ctx.settings)
+    return {"precision": compute.precision, "mask_device": compute.device}
 
 
 # --- evaluations --------------------------------------------------------------------------------
@@ -216,7 +247,8 @@ def segment_object(ctx: JobContext, image: np.ndarray, channels: list[str], plan
     fusion = plan.fusion if method == "flow_fusion" else None
     result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
                            cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                           normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion)
+                           normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion,
+                           **inference_options(ctx))
     if used is not None:
         used.update(result.settings)
         if fusion is not None:
@@ -237,6 +269,7 @@ def estimate_diameter(ctx: JobContext, image: np.ndarray, plan: ObjectPlan,
         if not size_params:
             continue
         loaded = load_version(ctx, version.id, cache)
+        # fp32: the size model was fitted on fp32 styles.
         style = predict_maps(loaded.net, image[k].astype(np.float32), diameter=loaded.diam_mean, tile=False).style
         estimates.append(float(SizeModel.from_dict(size_params).predict(style)))
     return float(np.mean(estimates)) if estimates else None

@@ -12,12 +12,14 @@ from typing import Any
 from app.job_params import EvaluateJob
 from workers.pipelines.common import (
     LoadedModel,
+    compute_provenance,
+    evaluation_set_identity,
+    inference_options,
     labelled_split,
     load_labelled,
     load_version,
     record_evaluation,
     segment_object,
-    evaluation_set_identity,
 )
 from workers.runner import JobContext, JobFailed
 
@@ -33,6 +35,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     items = load_labelled(ctx, rows, obj, on_image=lambda i: ctx.progress(
         f"loading image {i + 1} of {len(rows)}", 0.1 * i / len(rows)))
     cache: dict[int, LoadedModel] = {}
+    options = inference_options(ctx)
     preds = []
     fusion = None
     if p.model_version_id is not None:
@@ -42,8 +45,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
         channel = ds.channels.index(p.reporter)
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
-            maps = predict_maps(loaded.net, it.image[channel].astype("float32"), diameter=loaded.diameter, tile=False)
-            preds.append(masks_from_maps(maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean))
+            maps = predict_maps(loaded.net, it.image[channel].astype("float32"), diameter=loaded.diameter, tile=False,
+                                precision=options["precision"])
+            preds.append(masks_from_maps(maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean,
+                                         device=options["mask_device"]))
     else:
         if p.plan is None or p.method is None:
             raise JobFailed("this evaluation names neither a model version nor a fusion plan")
@@ -59,6 +64,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     record_evaluation(ctx, ds.id, p.split, metrics, evaluation_set_identity(it.digest for it in items),
                       model_version_id=p.model_version_id, fusion=fusion)
     body = {"dataset_id": ds.id, "split": p.split, "object": obj, "n_images": len(items),
-            "model_version_id": p.model_version_id, "fusion": fusion, "metrics": metrics}
+            "model_version_id": p.model_version_id, "fusion": fusion, "metrics": metrics,
+            "compute": compute_provenance(ctx)}
     ctx.add_result("metrics.json", json.dumps(body, indent=2).encode(), kind="metrics", media_type="application/json")
     return body

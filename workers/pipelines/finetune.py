@@ -22,6 +22,7 @@ from app.job_params import FinetuneJob, FinetuneParams
 from app.models import BaseModel, Dataset, DatasetImage, ModelVersion, Reporter
 from workers.pipelines.common import (
     LabelledImage,
+    inference_options,
     library_versions,
     load_labelled,
     load_version,
@@ -31,6 +32,7 @@ from workers.pipelines.common import (
     record_evaluation,
     evaluation_set_identity,
 )
+from workers.compute import worker_compute
 from workers.runner import JobContext, JobFailed
 
 log = logging.getLogger(__name__)
@@ -162,9 +164,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     try:
         with ctx.stage("training", 0.05):
+            compute = worker_compute(ctx.settings)
             result = finetune(base_net, *by_split["train"], *by_split["val"], config, on_epoch=on_epoch,
                               should_stop=ctx.cancel_requested, on_checkpoint=on_checkpoint,
-                              resume_from=resume_from)
+                              resume_from=resume_from, device=compute.device,
+                              precision=compute.training_precision)
     except TrainingCancelled:
         from app.jobs import JobCancelled
 
@@ -176,7 +180,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         size_model = _fit_size_model(result, by_split["train"], prenormalised)
     with ctx.stage("evaluating on the test split", 0.9):
         test_images, test_masks = by_split["test"]
-        metrics = (_score_single(result.net, test_images, test_masks, result.diameter, prenormalised)
+        metrics = (_score_single(result.net, test_images, test_masks, result.diameter, prenormalised,
+                                 **inference_options(ctx))
                    if test_images else {})
 
     with ctx.stage("saving", 0.97):
@@ -185,7 +190,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
             architecture=weights.architecture_of(result.net), diameter=float(result.diameter),
             reporter=p.reporter, cell_line=ds.cell_line.name, object=obj,
             training={**config.to_dict(), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                      "n_train": result.n_train, "n_val": result.n_val},
+                      "n_train": result.n_train, "n_val": result.n_val, "device": result.device,
+                      "precision": result.precision, "device_name": compute.device_name},
             data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": preprocessing_record},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
             metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
@@ -288,7 +294,7 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
 
 
 def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float,
-                  prenormalised: bool = False) -> dict[str, Any]:
+                  prenormalised: bool = False, *, precision: str = "fp32", mask_device=None) -> dict[str, Any]:
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import score_set
 
@@ -296,6 +302,6 @@ def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diamet
     diam_mean = float(net.diam_mean.item())
     for image in images:
         maps = predict_maps(net, image, diameter=diameter, normalization=_input_normalization(prenormalised),
-                            tile=False)
-        preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean))
+                            tile=False, precision=precision)
+        preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean, device=mask_device))
     return score_set(masks, preds).as_dict()

@@ -1,7 +1,9 @@
 """Segment a plate (uploaded fields or a dataset's images): every field, every object, with the
 request's fusion method; masks, ROIs, measurements, an overlay and (for labelled images) metrics.
 
-One bad field does not fail the plate: it is listed with its reason. A cancellation takes effect
+Fields go through ``app.science.plate.segment_fields`` (batched networks, reading, correction and
+mask reconstruction overlapped with them) on this worker's device and precision, recorded in the
+provenance. One bad field does not fail the plate: it is listed with its reason. A cancellation takes effect
 between fields and between channels.
 """
 
@@ -12,14 +14,21 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from app.job_params import SegmentJob
 from app.models import DatasetImage
+from workers.compute import worker_compute
 from workers.pipelines.common import (
     LoadedModel,
+    channel_models,
+    compute_provenance,
     library_versions,
     mask_sha,
     model_version,
@@ -47,7 +56,8 @@ def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -
             "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
             "models": models, "preprocessing": preprocessing,
             "preprocessing_override": p.params.preprocessing is not None,
-            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions()}
+            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions(),
+            "compute": compute_provenance(ctx)}
 
 
 def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, Any]]:
@@ -76,6 +86,92 @@ def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: l
         os.replace(tmp, target)
     except OSError:  # without the record the field is redone on a re-run, nothing worse
         log.warning("could not record field %s of job %s as finished", name, ctx.job_id, exc_info=True)
+
+
+def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, sample: np.ndarray):
+    """One SegmentTask per object over the stacked inputs ``_plate_inputs`` makes, with the
+    request's method and thresholds and the preprocessing's (plate-constant) normalisations."""
+    from app.science.plate import SegmentTask
+
+    seg = p.params
+    tasks, offset = {}, len(p.channels)
+    for obj in p.objects:
+        plan = p.plan[obj]
+        models = channel_models(ctx, plan, cache)
+        if seg.diameter:
+            models = [replace(m, diameter=float(seg.diameter)) for m in models]
+        _inputs, norms = prep.inputs(obj, plan.channels, sample, p.channels)
+        tasks[obj] = SegmentTask(tuple(models), channels=tuple(range(offset, offset + len(plan.channels))),
+                                 method=p.method, normalizations=tuple(norms), flow_threshold=seg.flow_threshold,
+                                 cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
+                                 fusion=plan.fusion if p.method == "flow_fusion" else None)
+        offset += len(plan.channels)
+    return tasks
+
+
+def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarray:
+    """The raw field and, after it, each object's preprocessed network inputs, as one stack (read
+    and corrected on the plate engine's reader thread: blob files and arrays only)."""
+    image = read_field(ctx, sha256)
+    stacks = [image.astype(np.float32)]
+    for obj in p.objects:
+        stacks.append(prep.inputs(obj, p.plan[obj].channels, image, p.channels)[0])
+    return np.concatenate(stacks)
+
+
+def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep,
+                    fields: list) -> Iterator[tuple]:
+    """(field, image, labels per object, error or None, seconds, settings used per object) for each
+    of ``fields``, in order.
+
+    The plate route (``app.science.plate.segment_fields``): fields read and corrected on a thread,
+    batched through each channel model, masks reconstructed beside the network, while this thread
+    writes the previous field's results. A per-image diameter estimate changes the models per field,
+    so that request keeps the one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
+    """
+    seg = p.params
+    n_fields = len(p.fields)
+    index_of = {f.name: i for i, f in enumerate(p.fields)}
+    if (seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field" or not fields:
+        for field in fields:
+            index = index_of[field.name]
+            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
+            started = time.perf_counter()
+            settings: dict[str, dict[str, Any]] = {}
+            try:
+                image = read_field(ctx, field.image_sha256)
+                labels = {}
+                for k, obj in enumerate(p.objects):
+                    ctx.progress(f"field {index + 1} of {n_fields} ({field.name}): {obj}",
+                                 (index + k / len(p.objects)) / n_fields)
+                    settings[obj] = {}
+                    labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
+                                                 settings[obj], obj=obj, prep=prep)
+            except Exception as exc:  # noqa: BLE001 - listed with the field by the caller
+                yield field, None, None, exc, time.perf_counter() - started, settings
+                continue
+            yield field, image, labels, None, time.perf_counter() - started, settings
+        return
+
+    from app.science.plate import segment_fields
+
+    compute = worker_compute(ctx.settings)
+    first = read_field(ctx, fields[0].image_sha256)
+    tasks = _tasks(ctx, p, cache, prep, first)
+    n_raw, raw_dtype = len(p.channels), first.dtype
+    reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
+    plate = segment_fields(((field, partial(reader, field.image_sha256)) for field in fields), tasks,
+                           precision=compute.precision, mask_device=compute.device,
+                           batch_fields=compute.plate_batch_fields or None)
+    with closing(plate):
+        for outcome in plate:
+            field = outcome.key
+            index = index_of[field.name]
+            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
+            labels = {obj: result.labels for obj, result in outcome.results.items()}
+            settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
+            image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
+            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
@@ -107,8 +203,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     provenance = _provenance(ctx, p, prep.record())
     ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
                    media_type="application/json")
-    n_fields = len(p.fields)
-    for index, field in enumerate(p.fields):
+    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished])
+    for field in p.fields:
         name = field.name
         if name in finished:
             record = finished[name]
@@ -118,18 +214,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 truths[obj].append(read_mask(ctx, mask_sha(image_row, obj)))
                 preds[obj].append(read_labels(ctx.folder.file(f"{name}/{obj}.tif"), max_pixels=10**12))
             continue
-        ctx.progress(f"field {index + 1} of {n_fields} ({name})", index / n_fields, force=True)
+        _field, image, labels, error, seconds, settings = next(outcomes)  # the same order as p.fields
         started = time.perf_counter()
         try:
-            image = read_field(ctx, field.image_sha256)
-            labels: dict[str, np.ndarray] = {}
-            settings: dict[str, dict[str, Any]] = {}
-            for k, obj in enumerate(p.objects):
-                ctx.progress(f"field {index + 1} of {n_fields} ({name}): {obj}",
-                             (index + k / len(p.objects)) / n_fields)
-                settings[obj] = {}
-                labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
-                                             settings[obj], obj=obj, prep=prep)
+            if error is not None:
+                raise error
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
@@ -161,7 +250,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                                media_type="application/json", meta={"field": name})
             done.append({"field": name, "well": field.well, "field_number": field.field,
                          "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                         "seconds": round(time.perf_counter() - started, 2), "metrics": field_metrics,
+                         "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": field_metrics,
                          "settings": settings})
             _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
@@ -176,7 +265,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
     summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
                "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
-               "fields_resumed": len(finished)}
+               "fields_resumed": len(finished), "precision": provenance["compute"]["precision"]}
     ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
                                               indent=2).encode(), kind="metrics", media_type="application/json")
     return summary

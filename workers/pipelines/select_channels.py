@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.job_params import SelectChannelsJob
 from app.models import ChannelSet
-from workers.pipelines.common import LoadedModel, labelled_split, load_labelled, load_version
+from workers.pipelines.common import LoadedModel, inference_options, labelled_split, load_labelled, load_version
 from workers.runner import JobContext
 
 
@@ -47,7 +47,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         image = it.image[indices].astype(np.float32)
         maps_per_image.append(predict_maps_multi([m.net for m in models], image,
                                                  diameter=[m.diameter for m in models],
-                                                 checkpoint=lambda: ctx.progress()))
+                                                 checkpoint=lambda: ctx.progress(),
+                                                 precision=inference_options(ctx)["precision"]))
         truths.append(it.mask)
     ctx.progress(f"scoring {2 ** len(indices) - 1} channel subsets", 0.6)
     ranking = rank_channel_subsets(maps_per_image, truths, plan.channels, diameter=diameter, diam_mean=diam_mean,

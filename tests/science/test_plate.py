@@ -1,0 +1,132 @@
+"""segment_fields: a plate through the shipped base, batched and overlapped, equal to segment_field."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from app.science.metrics import match
+from app.science.plate import SegmentTask, segment_fields
+from app.science.segmentation import ChannelModel, SegmentationInputError, segment_field
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+DSB = Path("/work/shared/data/dsb2018_fluo/images")
+
+
+@functools.cache
+def base_model() -> ChannelModel:
+    from app.science.weights import load_model
+
+    net, card = load_model(BASE)
+    return ChannelModel(net, diameter=card.diameter, diam_mean=card.diam_mean, name="base")
+
+
+def real_fields(n: int, size: int = 128) -> list[np.ndarray]:
+    """(2, size, size) fields: crops of DSB2018 nuclei images (real objects), or synthetic ones."""
+    fields = []
+    if DSB.is_dir():
+        for path in sorted(DSB.glob("*.tif")):
+            image = np.asarray(tifffile.imread(path), np.float32)
+            if image.ndim != 2 or min(image.shape) < size:
+                continue
+            crop = image[:size, :size]
+            fields.append(np.stack([crop, crop[::-1, ::-1].copy()]))
+            if len(fields) == n:
+                return fields
+    from app.science.synthetic import make_plate
+
+    for field in make_plate(n - len(fields), size=size, seed=3):
+        fields.append(np.asarray(field.image[:2], np.float32))
+    return fields
+
+
+@pytest.mark.slow
+def test_segment_fields_equals_segment_field_in_order_and_isolates_bad_fields():
+    model = base_model()
+    fields = real_fields(5)
+    items = [(f"f{i}", field) for i, field in enumerate(fields)]
+    items.insert(2, ("bad", np.zeros((3, 128, 128), np.float32)))  # 3 channels for 2 models
+    items.insert(4, ("unreadable", lambda: (_ for _ in ()).throw(OSError("disk gone"))))
+    outcomes = list(segment_fields(items, [model, model], batch_fields=2))
+    assert [o.key for o in outcomes] == [key for key, _ in items]
+    assert [o.index for o in outcomes] == list(range(len(items)))
+    errors = {o.key: o.error for o in outcomes if o.error is not None}
+    assert set(errors) == {"bad", "unreadable"}
+    assert "channel models" in str(errors["bad"]) and "disk gone" in str(errors["unreadable"])
+    objects = 0
+    for outcome, field in zip([o for o in outcomes if o.error is None], fields):
+        alone = segment_field(field, [model, model])
+        batched = outcome.result
+        np.testing.assert_allclose(batched.fused_maps, alone.fused_maps, atol=2e-3)
+        assert match(alone.labels, batched.labels).f1 >= 0.99 or alone.labels.max() == batched.labels.max() == 0
+        objects += int(alone.labels.max())
+        assert outcome.image.shape == field.shape
+        assert {"prepare", "maps", "masks", "total"} <= set(outcome.timings)
+    assert objects > 10  # real nuclei were compared, not empty masks
+
+
+@pytest.mark.slow
+def test_several_tasks_per_field_pick_their_channels():
+    model = base_model()
+    field = real_fields(1)[0]
+    plate = np.stack([field[0], field[1], field[0]])
+    tasks = {"nuclei": SegmentTask((model,), channels=(0,)),
+             "cells": SegmentTask((model, model), channels=(1, 2), method="voting")}
+    (outcome,) = list(segment_fields([("w1", plate)], tasks))
+    assert set(outcome.results) == {"nuclei", "cells"}
+    alone = segment_field(plate[[0]], [model])
+    assert match(alone.labels, outcome.results["nuclei"].labels).f1 >= 0.99
+    assert outcome.results["cells"].channel_labels is not None
+    with pytest.raises(KeyError, match="pick one"):
+        _ = outcome.result
+
+
+def test_closing_early_stops_every_thread_and_source_errors_reach_the_caller():
+    model = base_model()
+    fields = real_fields(2, size=64)
+
+    def endless():
+        while True:
+            yield "f", fields[0]
+
+    generator = segment_fields(endless(), [model, model], batch_fields=1)
+    next(generator)
+    generator.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("cellfuse-")]
+
+    def broken():
+        yield "ok", fields[1]
+        raise RuntimeError("listing the plate failed")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="listing the plate failed"):
+        for outcome in segment_fields(broken(), [model, model]):
+            seen.append(outcome.key)
+    assert seen == ["ok"]
+
+
+@pytest.mark.slow
+def test_bf16_masks_agree_with_fp32():
+    model = base_model()
+    fields = real_fields(3)
+    fp32 = [o.result.labels for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model])]
+    bf16 = [o.result.labels for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model],
+                                                    precision="bf16")]
+    f1 = [match(a, b).f1 for a, b in zip(fp32, bf16) if a.max()]
+    assert f1 and np.mean(f1) >= 0.95
+
+
+def test_bad_task_options_are_refused_before_any_work():
+    model = base_model()
+    with pytest.raises(SegmentationInputError, match="valid methods"):
+        segment_fields([], [model], method="average")
+    with pytest.raises(SegmentationInputError, match="on each SegmentTask"):
+        segment_fields([], {"a": SegmentTask((model,))}, min_size=3)
+    with pytest.raises(SegmentationInputError, match="channel indices"):
+        SegmentTask((model,), channels=(0, 1))
