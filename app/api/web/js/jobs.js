@@ -8,6 +8,7 @@ import {trainingCurveSvg} from "./charts.js";
 import {openViewer} from "./viewer.js";
 import {showMeasurements} from "./measurements.js";
 import {showPlate} from "./plate.js";
+import {fillJobPreprocessing} from "./preprocessing.js";
 
 const POLL_ACTIVE_MS = 1500;   // while a job runs or the jobs tab is open
 const POLL_IDLE_MS = 6000;
@@ -391,6 +392,10 @@ function renderResults(job) {
       parts.push(detailSection(`Plate${p.plate ? ` ${p.plate}` : ""}`, el("div", {id: "plate-box"})));
     }
     parts.push(detailSection("Fields", fieldsTable(job, s)));
+    if (job.results.some((r) => r.name === "provenance.json")) {
+      parts.push(el("section", {id: "job-preprocessing", class: "detail-section"}, el("h4", {}, "Preprocessing"),
+        el("div", {id: "preprocessing-box"}, el("p", {class: "muted"}, "loading…"))));
+    }
     parts.push(el("section", {id: "field-view", class: "detail-section", hidden: true},
       el("h4", {id: "field-view-title"}, "Field"),
       el("div", {id: "viewer-box"}), el("div", {id: "measurements-box"})));
@@ -479,6 +484,7 @@ function renderJobDetail(job, position) {
     detail.resultsKey = resultsKey;
     $("job-results").replaceChildren(...renderResults(job).filter(Boolean));
     const s = job.summary || {};
+    if ($("preprocessing-box")) fillJobPreprocessing($("preprocessing-box"), job).catch(showError);
     if ($("plate-box")) showPlate($("plate-box"), job, (field) => showField(job, field)).catch(showError);
     if (job.status === "succeeded" && Array.isArray(s.fields) && s.fields.length) showField(job, s.fields[0].field);
   }

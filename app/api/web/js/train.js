@@ -3,6 +3,7 @@
 import {$, el, setOptions} from "./dom.js";
 import {ApiError, api, clearNotice, showError, showNotice} from "./api.js";
 import {state} from "./state.js";
+import {initPreprocessing, loadRecipeForm, recipeFromForm} from "./preprocessing.js";
 
 export async function loadTrainForm() {
   const [datasets, bases, versions, cellLines] = await Promise.all([api("/api/v1/datasets"), api("/api/v1/base-models"),
@@ -23,6 +24,7 @@ export async function loadTrainForm() {
     ...bases.map((b) => el("option", {value: b.name}, `base model ${b.name}`)),
     ...versions.map((v) => el("option", {value: `version:${v.id}`},
       `zoo version #${v.id}: ${v.cell_line} · ${v.reporter} · ${v.object} v${v.version}`))]);
+  await loadRecipeForm();
 }
 
 function renderDatasets() {
@@ -102,6 +104,8 @@ async function onFinetuneSubmit(event, onJob) {
       const raw = $(id).value.trim();
       if (raw !== "") body.params[key] = Number(raw);
     }
+    const recipe = recipeFromForm();
+    if (recipe) body.params.preprocessing = recipe;
     $("ft-submit").disabled = true;
     const job = await api("/api/v1/jobs/finetune", {method: "POST", json: body});
     showNotice("Fine-tuning started", `job ${job.id.slice(0, 8)}; its page shows the progress`, "info");
@@ -119,4 +123,5 @@ export function initTrain({onJob}) {
   $("finetune-form").addEventListener("submit", (event) => onFinetuneSubmit(event, onJob));
   $("ft-dataset").addEventListener("change", renderTrainReporters);
   $("up-dataset").addEventListener("change", renderTrainReporters);
+  initPreprocessing();
 }

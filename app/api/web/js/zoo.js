@@ -6,6 +6,7 @@ import {ApiError, api, clearNotice, showError, showNotice} from "./api.js";
 import {mayDo, state} from "./state.js";
 import {trainingCurveSvg} from "./charts.js";
 import {METHOD_NAMES, rankingTable} from "./jobs.js";
+import {recipeWords, renderProfiles, showProfile} from "./preprocessing.js";
 
 const compare = new Set();   // version ids ticked for the side-by-side comparison
 
@@ -94,6 +95,23 @@ export async function loadZoo() {
   renderCurve();
   renderCompare();
   for (const form of document.querySelectorAll("#tab-zoo form.needs-scientist")) form.hidden = !mayDo("scientist");
+  await renderProfiles().catch(showError);
+  renderRecipe();
+}
+
+/** The selected version's preprocessing recipe (from its card), in words, with its training profile. */
+function renderRecipe() {
+  const version = state.versions.find((v) => v.id === state.selectedVersionId);
+  const out = $("version-recipe");
+  if (!version) return;
+  const record = ((version.card || {}).data || {}).preprocessing || {};
+  const profile = record.illumination_profile;
+  const p = record.percentiles;
+  out.replaceChildren(el("strong", {}, "Preprocessing: "), el("span", {class: "recipe"}, recipeWords(record.recipe)),
+    Array.isArray(p) ? ` (the dataset's percentiles: ${fmt(p[0], 1)} – ${fmt(p[1], 1)})` : "",
+    profile && profile.id ? el("span", {}, " · trained with ", el("a", {href: "#profiles-heading", class: "training-profile",
+      "data-profile": profile.id, onclick: (event) => { event.preventDefault(); showProfile(profile.id); }},
+    `illumination profile #${profile.id}`), ` (${profile.source || "stored"})`) : "");
 }
 
 function selectVersion(id) {
@@ -117,6 +135,7 @@ function renderCurve() {
   $("curve").replaceChildren(version.training_curve.length
     ? trainingCurveSvg(version.training_curve, best)
     : el("p", {class: "muted"}, version.status === "training" ? "training has just started…" : "no curve recorded"));
+  renderRecipe();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -133,7 +152,8 @@ function renderCompare() {
     ["Recall", (v) => fmtScore((v.test_metrics || {}).recall)], ["mAP .5:.95", (v) => fmtScore((v.test_metrics || {}).map_50_95)],
     ["Diameter (px)", (v) => fmt(v.diameter, 1)], ["Aliases", (v) => v.aliases.join(", ") || "–"],
     ["Started from", (v) => v.base_model || (v.parent_version_id ? `version #${v.parent_version_id}` : "–")],
-    ["Epochs", (v) => (v.training_curve || []).length]];
+    ["Epochs", (v) => (v.training_curve || []).length],
+    ["Preprocessing", (v) => recipeWords((((v.card || {}).data || {}).preprocessing || {}).recipe)]];
   const best = Math.max(...chosen.map((v) => (v.test_metrics || {}).f1).filter(Number.isFinite));
   $("compare-table").replaceChildren(
     el("thead", {}, el("tr", {}, el("th", {}, ""), chosen.map((v) => el("th", {}, `#${v.id}`)))),
