@@ -385,6 +385,31 @@ def bench_preprocessing(max_epochs: int = 40,
         run_preprocessing_benchmark(max_epochs=max_epochs, echo=typer.echo)
 
 
+@bench_cli.command("zero-shot")
+def bench_zero_shot(model: Annotated[str, typer.Option(help="shipped base (name:version); default the newest")] = "",
+                    rescales: Annotated[str, typer.Option(help="image rescale factors")] = "0.5,0.75,1,1.5,2",
+                    modes: Annotated[str, typer.Option(help="diameters: estimated, default, true")] =
+                    "estimated,default,true",
+                    limit: Annotated[int, typer.Option(help="use only the first N held-out images (0: all)")] = 0,
+                    data_dir: Annotated[list[Path] | None, typer.Option(help="DSB2018 folder(s)")] = None,
+                    json_out: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None) -> None:
+    """A shipped base on its held-out DSB2018 images rescaled 0.5x-2x: pooled F1@0.5 with estimated,
+    default and true diameters, each with a bootstrap interval over images."""
+    import json
+
+    from app.benchmarks.zero_shot import run_zero_shot_benchmark
+
+    try:
+        factors = [float(v) for v in rescales.split(",") if v.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter("give comma-separated numbers, e.g. 0.5,1,2", param_hint="--rescales") from exc
+    rows = run_zero_shot_benchmark(model=model, data_dirs=data_dir or None, rescales=factors,
+                                   modes=[m.strip() for m in modes.split(",") if m.strip()], limit=limit or None,
+                                   echo=typer.echo)
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=1))
+
+
 @bench_cli.command("load")
 def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
                seconds: float = 20.0, rate: float = 20.0,

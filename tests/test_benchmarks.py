@@ -96,3 +96,42 @@ def test_shading_is_one_at_the_centre_and_falls_at_the_corners():
 
     profile = shading((65, 65), strength=0.6)
     assert profile[32, 32] == pytest.approx(1.0, abs=1e-3) and profile[0, 0] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_zero_shot_bootstrap_pools_whole_images():
+    import numpy as np
+
+    from app.benchmarks.zero_shot import bootstrap_interval, pooled_f1
+
+    counts = np.array([[9, 1, 0], [8, 0, 2], [0, 5, 5]])
+    assert pooled_f1(counts) == 2 * 17 / (2 * 17 + 6 + 7)
+    low, high = bootstrap_interval(counts, n_boot=400, seed=1)
+    assert low < pooled_f1(counts) < high and high <= 1.0
+    assert bootstrap_interval(counts[:1], n_boot=50) == (pooled_f1(counts[:1]), pooled_f1(counts[:1]))
+
+
+@pytest.mark.slow
+def test_zero_shot_rows_cover_every_rescale_and_diameter_mode():
+    import json
+
+    from app.benchmarks.zero_shot import zero_shot_rows
+    from app.science.backbone import build_network
+    from app.science.training import train_size_model
+    from tests.science.test_training import TINY, disc_set
+
+    images, masks = disc_set(range(2), size=64, n=3)
+    net = build_network(TINY)
+    size_model = train_size_model(net, images, masks, scales=(0.75, 1.0, 1.5))
+    lines: list[str] = []
+    rows = zero_shot_rows(net, size_model, images, masks, rescales=(0.5, 1.0), default_diameter=17.0, n_boot=50,
+                          with_scores=True, echo=lines.append)
+    assert [(r["rescale"], r["diameter"]) for r in rows] == [
+        (0.5, "estimated"), (0.5, "default"), (0.5, "true"), (1.0, "estimated"), (1.0, "default"), (1.0, "true")]
+    assert len(lines) == 6 and json.loads(json.dumps(rows))
+    for row in rows:
+        assert row["ci_low"] <= row["f1"] <= row["ci_high"] and row["n_images"] == 2
+        assert row["scores"]["tp"] == row["tp"]
+    true_rows = {r["rescale"]: r for r in rows if r["diameter"] == "true"}
+    assert true_rows[0.5]["median_abs_log_ratio"] == 0.0
+    assert abs(true_rows[0.5]["median_true_diameter"] / true_rows[1.0]["median_true_diameter"] - 0.5) < 0.1
+    assert {r["median_diameter"] for r in rows if r["diameter"] == "default"} == {17.0}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_DATA = Path("/work/shared/data/dsb2018_fluo")
-BASE = Path(__file__).resolve().parents[2] / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+BASE = Path(__file__).resolve().parents[2] / "models_zoo" / "weights" / "cellfuse-base-w16-v3.safetensors"
 
 
 def real_images(folder: Path, n: int) -> list[np.ndarray]:

@@ -90,6 +90,71 @@ def load_annotated_dir(data_dir: str | Path) -> AnnotatedSet:
     return AnnotatedSet(tuple(names), tuple(images), tuple(masks))
 
 
+def load_annotated_dirs(data_dirs: Sequence[str | Path]) -> AnnotatedSet:
+    """Several ``images/`` + ``labels/`` folders as one set (image ids must not repeat)."""
+    parts = [load_annotated_dir(d) for d in data_dirs]
+    names = tuple(n for part in parts for n in part.names)
+    if len(set(names)) != len(names):
+        raise TrainingDataError("the same image id appears in two data folders")
+    return AnnotatedSet(names, tuple(i for part in parts for i in part.images),
+                        tuple(m for part in parts for m in part.masks))
+
+
+#: The fixed held-out / validation split of the v3 base (ids of the 377 DSB2018 images).
+V3_SPLIT_FILE = Path(__file__).resolve().parent / "data" / "dsb2018_base_v3_split.json"
+
+
+def v3_split_ids() -> tuple[list[str], list[str]]:
+    """(held-out test ids, validation ids) of the v3 base: never trained on."""
+    split = json.loads(V3_SPLIT_FILE.read_text())
+    return list(split["test"]), list(split["val"])
+
+
+def split_by_ids(data: AnnotatedSet, test_ids: Sequence[str], val_ids: Sequence[str]) -> BaseSplit:
+    """A fixed split: the named test and validation images, everything else for training."""
+    index = {name: i for i, name in enumerate(data.names)}
+    missing = [n for n in list(test_ids) + list(val_ids) if n not in index]
+    if missing:
+        raise TrainingDataError(f"split names {len(missing)} image(s) not in the data, e.g. {missing[:3]}")
+    if set(test_ids) & set(val_ids):
+        raise TrainingDataError("test and validation ids overlap")
+    held = set(test_ids) | set(val_ids)
+    train = [i for i, name in enumerate(data.names) if name not in held]
+    return BaseSplit(data.subset(train), data.subset(sorted(index[n] for n in val_ids)),
+                     data.subset(sorted(index[n] for n in test_ids)))
+
+
+def rescale_annotated(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image resized by ``factor`` (area / linear interpolation) with its labels (nearest)."""
+    import cv2
+
+    ly, lx = mask.shape
+    size = (max(8, round(lx * factor)), max(8, round(ly * factor)))
+    interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(np.asarray(image, np.float32), size, interpolation=interpolation)
+    labels = cv2.resize(np.asarray(mask, np.int32).astype(np.float32), size, interpolation=cv2.INTER_NEAREST)
+    return resized, labels.astype(np.int32)
+
+
+def downscaled_copies(data: AnnotatedSet, *, fraction: float = 0.5, low: float = 0.45, high: float = 0.75,
+                      seed: int = 0) -> AnnotatedSet:
+    """Shrunken copies of a random ``fraction`` of the images: small objects lose detail that the
+    training rescale (objects to diam_mean) cannot restore, so the net must see such images."""
+    rng = np.random.default_rng(seed)
+    names, images, masks = [], [], []
+    for name, image, mask in zip(data.names, data.images, data.masks):
+        if rng.random() >= fraction:
+            continue
+        factor = float(rng.uniform(low, high))
+        small_image, small_mask = rescale_annotated(image, mask, factor)
+        if small_mask.max() == 0:
+            continue
+        names.append(f"{name}@x{factor:.2f}")
+        images.append(small_image)
+        masks.append(small_mask)
+    return AnnotatedSet(tuple(names), tuple(images), tuple(masks))
+
+
 def split_base_data(data: AnnotatedSet, *, n_test: int = 12, n_val: int = 6, seed: int = 0) -> BaseSplit:
     """A seeded disjoint split: ``n_test`` held out for the card's metrics, ``n_val`` for early stopping."""
     if n_test + n_val >= len(data):
@@ -165,6 +230,7 @@ def train_base(
     extra_train: AnnotatedSet | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     init_net: torch.nn.Module | None = None,
+    on_best: Callable[[int, dict], None] | None = None,
 ) -> TrainingResult:
     """Train a CPnet on the split's training (+ extra) images: randomly initialised (seeded), or
     continued from ``init_net`` (a second stage on more data)."""
@@ -177,7 +243,7 @@ def train_base(
         )
     return finetune(
         net, list(train.images), list(train.masks), list(split.val.images), list(split.val.masks), config,
-        on_epoch=on_epoch,
+        on_epoch=on_epoch, on_best=on_best,
     )
 
 
@@ -190,9 +256,24 @@ def heldout_metrics(net: torch.nn.Module, test: AnnotatedSet, **kwargs) -> dict:
 
 
 def default_dsb_dir() -> Path:
-    """``$CELLFUSE_DSB2018_DIR``, else the development checkout's ``../shared/data/dsb2018_fluo``."""
+    """``$CELLFUSE_DSB2018_DIR``, else ``shared/data/dsb2018_fluo`` in or above the checkout."""
     configured = os.environ.get("CELLFUSE_DSB2018_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "data" / "dsb2018_fluo"
+    if configured:
+        return Path(configured)
+    # The checkout's own shared/ first, then those of the folders above it (worktrees sit deeper).
+    candidates = [parent / "shared" / "data" / "dsb2018_fluo" for parent in Path(__file__).resolve().parents[2:6]]
+    return next((c for c in candidates if c.is_dir()), candidates[1])
+
+
+def default_dsb_dirs() -> list[Path]:
+    """Both DSB2018 folders of the development checkout (``dsb2018_fluo`` and ``dsb2018_fluo_more``),
+    or ``$CELLFUSE_DSB2018_DIRS`` (colon-separated)."""
+    configured = os.environ.get("CELLFUSE_DSB2018_DIRS")
+    if configured:
+        return [Path(p) for p in configured.split(os.pathsep) if p]
+    first = default_dsb_dir()
+    more = first.parent / "dsb2018_fluo_more"
+    return [first, more] if more.is_dir() else [first]
 
 
 def pretrain_base(
@@ -264,13 +345,22 @@ def save_base(
     extra_train: AnnotatedSet | None = None,
     training_s: float = 0.0,
     parent: str | None = None,
+    size_model=None,
+    metrics: dict | None = None,
+    training_extra: dict | None = None,
     echo: Callable[[str], None] = print,
 ):
-    """Score the trained base on the held-out split and write weights + card."""
+    """Score the trained base on the held-out split and write weights + card.
+
+    ``metrics`` given: they are the card's held-out DSB2018 numbers (e.g. the zero-shot table) and
+    are not recomputed; ``size_model`` (a ``SizeModel``) goes on the card.
+    """
     from app.science.weights import ModelCard, library_versions, save_model
 
-    metrics = {"heldout_dsb2018": heldout_metrics(result.net, split.test)}
-    echo(f"held-out ({len(split.test)} DSB2018 images, true diameters): {json.dumps(metrics['heldout_dsb2018'])}")
+    if metrics is None:
+        metrics = {"heldout_dsb2018": heldout_metrics(result.net, split.test)}
+        echo(f"held-out ({len(split.test)} DSB2018 images, true diameters): {json.dumps(metrics['heldout_dsb2018'])}")
+    metrics = dict(metrics)
     if extra_train is not None and len(extra_train):
         # Fields of another synthetic plate (its own seed): how well the base finds cells and nuclei
         # in reporter channels before any fine-tuning.
@@ -307,12 +397,14 @@ def save_base(
             "n_val": result.n_val,
             "test_images": list(split.test.names),
             "val_images": list(split.val.names),
+            **(training_extra or {}),
         },
         data={"sources": [DSB2018_ATTRIBUTION] + (["CellFuse synthetic multi-reporter fields"] if extra_train else [])},
         data_hashes=data_hashes,
         metrics=metrics,
         library_versions=library_versions(),
         parent=parent,
+        size_model=None if size_model is None else size_model.to_dict(),
         license="BSD-3-Clause (weights); training data CC0",
         attribution=DSB2018_ATTRIBUTION,
     )
@@ -320,3 +412,58 @@ def save_base(
     saved = save_model(result.net, card, out_dir / "weights", f"{name}-{version}", card_directory=out_dir / "cards")
     echo(f"wrote {saved.weights_path} (sha256 {saved.sha256}) and {saved.card_path}")
     return saved
+
+
+def fit_base_size_model(net: torch.nn.Module, train: AnnotatedSet, *, every: int = 2, samples_per_image: int = 2,
+                        diameter_range: tuple[float, float] = (8.0, 80.0), seed: int = 0):
+    """The base's size model: Cellpose's style regression on every ``every``-th training image,
+    each resized ``samples_per_image`` times so its objects span ``diameter_range`` (224-px crops)."""
+    from app.science.training import train_size_model
+
+    sub = train.subset(range(0, len(train), every))
+    return train_size_model(net, list(sub.images), list(sub.masks), diameter_range=diameter_range,
+                            samples_per_image=samples_per_image, max_side=224, seed=seed)
+
+
+#: The v3 recipe's two phases: (learning rate, minutes); both continue from the previous best.
+V3_PHASES: tuple[tuple[float, float], ...] = ((0.003, 28.0), (0.0006, 11.0))
+
+
+def v3_training_data(seed: int = 3) -> tuple[BaseSplit, AnnotatedSet]:
+    """The v3 split of the 377 DSB2018 images and its extra training images: shrunken copies of
+    half the DSB training images (0.45-0.75x, small blurred nuclei) and 40 synthetic reporter fields."""
+    data = load_annotated_dirs(default_dsb_dirs())
+    test_ids, val_ids = v3_split_ids()
+    split = split_by_ids(data, test_ids, val_ids)
+    small = downscaled_copies(split.train, fraction=0.5, seed=seed)
+    synth = synthetic_training_set(40, size=192, seed=seed * 1000, exclude=frozenset(test_ids) | frozenset(val_ids))
+    extra = AnnotatedSet(small.names + synth.names, small.images + synth.images, small.masks + synth.masks)
+    return split, extra
+
+
+def v3_config(learning_rate: float, minutes: float, seed: int = 3) -> TrainingConfig:
+    """Continued training: no warm-up, 160-px crops, random zoom 0.6-1.5 around objects at 30 px."""
+    return dataclasses.replace(base_training_config(minutes, seed=seed, bsize=160), learning_rate=learning_rate,
+                               warmup_epochs=0, min_epochs=3, patience=12, scale_range=(0.6, 1.5))
+
+
+def continue_base_v3(init_weights: str | Path, *, checkpoint_dir: str | Path | None = None,
+                     echo: Callable[[str], None] = print) -> tuple[TrainingResult, BaseSplit, AnnotatedSet]:
+    """Train v3 from v2 in ``V3_PHASES`` (the run shipped as cellfuse-base-w16-v3)."""
+    from safetensors.torch import save_file
+
+    from app.science.weights import load_model
+
+    split, extra = v3_training_data()
+    net, _ = load_model(init_weights)
+    result = None
+    for phase, (learning_rate, minutes) in enumerate(V3_PHASES):
+        def on_best(epoch: int, state: dict, phase: int = phase) -> None:
+            if checkpoint_dir is not None:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(Path(checkpoint_dir) / f"phase{phase}.st"))
+
+        result = train_base(split, config=v3_config(learning_rate, minutes), extra_train=extra, init_net=net,
+                            on_epoch=lambda r: echo(f"epoch {r.epoch} train {r.train_loss:.4f} val {r.val_loss:.4f}"),
+                            on_best=on_best)
+        net = result.net
+    return result, split, extra

@@ -38,13 +38,20 @@ class ChannelModel:
     """The network for one channel and the object size it expects.
 
     ``diameter``: object diameter in pixels to give at inference (the one used in training);
-    ``diam_mean``: the size objects were rescaled to in training (the net's own ``diam_mean``).
+    ``diam_mean``: the size objects were rescaled to in training (the net's own ``diam_mean``);
+    ``flow_threshold``: the threshold stored for this model's own maps (None: Cellpose's 0.4).
     """
 
     net: torch.nn.Module
     diameter: float
     diam_mean: float
     name: str
+    flow_threshold: float | None = None
+
+    @property
+    def own_flow_threshold(self) -> float:
+        """The flow threshold for this channel's unfused maps: the model's, else Cellpose's 0.4."""
+        return CHANNEL_FLOW_THRESHOLD if self.flow_threshold is None else float(self.flow_threshold)
 
     def __post_init__(self) -> None:
         if not (self.diameter > 0 and self.diam_mean > 0):
@@ -101,8 +108,12 @@ def _check_options(method: str, weights, fusion_params, fusion: FusionParameters
     if method != "flow_fusion" and (weights is not None or fusion is not None):
         raise SegmentationInputError("channel weights and fitted fusion parameters apply to flow_fusion only")
     if fusion is None:
+        # One channel's maps are not fused: they get the model's own threshold (Cellpose's 0.4),
+        # not the one for averaged flows.
+        single = models is not None and len(models) == 1
         return _FusionChoice(None if weights is None else [float(w) for w in weights], None,
-                             "explicit weights" if weights is not None else "equal weights", FUSED_FLOW_THRESHOLD, 0.0)
+                             "explicit weights" if weights is not None else "equal weights",
+                             models[0].own_flow_threshold if single else FUSED_FLOW_THRESHOLD, 0.0)
     if weights is not None:
         raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
     try:
@@ -172,7 +183,7 @@ def _masks_from_channel_maps(
         return SegmentationResult(labels, channel_maps, fused, None, timings, settings)
 
     tic = time.perf_counter()
-    channel_flow = CHANNEL_FLOW_THRESHOLD if flow_threshold is None else flow_threshold
+    channel_flows = [m.own_flow_threshold if flow_threshold is None else flow_threshold for m in models]
     channel_cellprob = 0.0 if cellprob_threshold is None else cellprob_threshold
     channel_labels = [
         masks_from_maps(
@@ -184,7 +195,7 @@ def _masks_from_channel_maps(
             min_size=min_size,
             device=mask_device,
         )
-        for maps, m in zip(channel_maps, models, strict=True)
+        for maps, m, channel_flow in zip(channel_maps, models, channel_flows, strict=True)
     ]
     timings["masks"] = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -192,7 +203,7 @@ def _masks_from_channel_maps(
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
     settings = {"method": method, "channels": [m.name for m in models],
-                "flow_threshold": float(channel_flow or 0.0),
+                "flow_thresholds": [float(f or 0.0) for f in channel_flows],
                 "cellprob_threshold": float(channel_cellprob), "fusion_params": params,
                 "diameters": [m.diameter for m in models]}
     return SegmentationResult(labels, channel_maps, None, channel_labels, timings, settings)
@@ -218,8 +229,9 @@ def segment_field(
     """Segment a (K, Y, X) field, channel k through ``channel_models[k]``.
 
     ``method``: one of ``FUSION_METHODS``. ``flow_threshold`` None means the right default for
-    the method: ``FUSED_FLOW_THRESHOLD`` for fused maps, Cellpose's 0.4 for each channel's own
-    maps before label fusion. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
+    the maps: ``FUSED_FLOW_THRESHOLD`` for maps fused from two or more channels; for a channel's
+    own maps (one channel, or each channel before label fusion) the model's stored threshold, else
+    Cellpose's 0.4. ``weights`` weigh channels in Flow Fusion; ``fusion_params`` go to
     ``fuse_labels``. ``fusion``: fitted fusion parameters (``FusionParameters`` or its dict) for
     exactly these channels (matched by the models' names): their weights, confidence mode and
     thresholds are used; an explicit ``flow_threshold`` / ``cellprob_threshold`` still wins.

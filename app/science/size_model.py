@@ -9,6 +9,11 @@ the centred styles ``X = S - smean`` in closed form,
 and a new image's diameter is ``exp(A . (s - smean) + log(diam_mean) + ymean)``, at least 5 px.
 Pure numpy; JSON-safe parameters so the model lives on the segmentation model's card.
 
+Cellpose's ``SizeModel.eval`` then refines the style estimate in a second pass: segment the image
+at the style diameter and take the median diameter of the masks found (``utils.diameters``).
+``estimate_diameter`` is that two-pass estimate, given the style and a function that segments at a
+diameter; ``mask_diameter`` is Cellpose's median equivalent-circle diameter of a label image.
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> styles = rng.normal(size=(200, 8))
@@ -21,6 +26,7 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,3 +134,72 @@ def fit_size_model(
     fitted = x @ coefficients
     correlation = float(np.corrcoef(y, fitted)[0, 1]) if np.std(y) > 0 and np.std(fitted) > 0 else math.nan
     return SizeModel(coefficients, style_mean, log_offset, float(diam_mean), float(ridge), n, correlation)
+
+
+def mask_diameter(labels: np.ndarray) -> tuple[float, int]:
+    """(median equivalent-circle diameter, number of objects) of a label image, as Cellpose's
+    ``utils.diameters``: median over objects of sqrt(area), divided by sqrt(pi) / 2. (0.0, 0) if empty.
+
+    >>> yy, xx = np.mgrid[:64, :64]
+    >>> disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 10 ** 2).astype(np.int32)
+    >>> round(mask_diameter(disc)[0], 1), mask_diameter(disc)[1]
+    (19.7, 1)
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.max() <= 0:
+        return 0.0, 0
+    counts = np.bincount(labels.ravel().astype(np.int64))[1:]
+    counts = counts[counts > 0]
+    return float(np.median(np.sqrt(counts)) / (math.sqrt(math.pi) / 2)), int(counts.size)
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """A two-pass diameter: the style regression's, then the masks' median at that diameter.
+
+    ``source`` says which one ``diameter`` is: "masks" (Cellpose's final estimate) or "style"
+    (no object was found at the style diameter, so the first pass is all there is).
+    """
+
+    diameter: float
+    style_diameter: float
+    mask_diameter: float | None
+    n_objects: int
+    source: str
+
+    def to_dict(self) -> dict:
+        return {
+            "diameter": round(float(self.diameter), 3),
+            "style_diameter": round(float(self.style_diameter), 3),
+            "mask_diameter": None if self.mask_diameter is None else round(float(self.mask_diameter), 3),
+            "n_objects": int(self.n_objects),
+            "source": self.source,
+        }
+
+
+def estimate_diameter(
+    style: np.ndarray, size_model: SizeModel, segment: Callable[[float], np.ndarray]
+) -> SizeEstimate:
+    """Cellpose 3's ``SizeModel.eval`` without the network: ``segment(diameter)`` returns labels.
+
+    Where Cellpose falls back to ``diam_mean`` when the second pass finds nothing, this keeps the
+    style estimate: it is this image's own estimate, and ``diam_mean`` is only the training size.
+    Masks below ``MIN_DIAMETER`` are clamped up to it, as the style estimate is.
+    """
+    style_diameter = float(size_model.predict(np.asarray(style, dtype=np.float64)))
+    labels = segment(style_diameter)
+    diameter, count = mask_diameter(labels)
+    if count == 0 or not math.isfinite(diameter) or diameter <= 0:
+        return SizeEstimate(style_diameter, style_diameter, None, 0, "style")
+    return SizeEstimate(max(MIN_DIAMETER, diameter), style_diameter, diameter, count, "masks")
+
+
+def combine_estimates(estimates: list[SizeEstimate]) -> float | None:
+    """One diameter for a field from its channels' estimates: the median of those that found
+    objects (a channel blind to the object finds none and does not pull the size), else the
+    median of the style estimates; None when there is none at all."""
+    if not estimates:
+        return None
+    from_masks = [e.diameter for e in estimates if e.source == "masks"]
+    values = from_masks if from_masks else [e.diameter for e in estimates]
+    return float(np.median(values))

@@ -86,6 +86,8 @@ class TrainingConfig:
     #: Cellpose's per-image 1st-99th percentile scaling. False when the images come already scaled
     #: by dataset-level percentiles (a preprocessing recipe), which must not be undone per image.
     normalize_per_image: bool = True
+    #: Random zoom range around the training rescale (objects at diam_mean x this factor).
+    scale_range: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
@@ -96,7 +98,8 @@ class TrainingConfig:
             raise TrainingDataError("min_epochs and warmup_epochs cannot be negative")
 
     def augmentation(self) -> AugmentationConfig:
-        return AugmentationConfig(bsize=self.bsize, enabled=self.augment, microscopy=self.microscopy_augment)
+        return AugmentationConfig(bsize=self.bsize, enabled=self.augment, microscopy=self.microscopy_augment,
+                                  scale_range=tuple(self.scale_range))
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -515,6 +518,7 @@ def finetune(
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
     resume_from: TrainingCheckpoint | None = None,
+    on_best: Callable[[int, dict], None] | None = None,
     joint: bool = False,
     device: torch.device | str | None = None,
     precision: str = "fp32",
@@ -619,6 +623,8 @@ def finetune(
                 best_loss, best_epoch = criterion, epoch
                 best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
                 epochs_without_improvement = 0
+                if on_best is not None:  # the best weights of long runs, as they come
+                    on_best(epoch, best_state)
             elif epoch >= config.min_epochs:
                 epochs_without_improvement += 1
             report = EpochReport(
@@ -808,3 +814,30 @@ def predict_diameter(net: torch.nn.Module, size_model, image: np.ndarray) -> flo
 
     style = predict_maps(net, np.asarray(image, np.float32), diameter=float(net.diam_mean.item())).style
     return float(size_model.predict(style))
+
+
+def estimate_image_diameter(
+    net: torch.nn.Module,
+    size_model,
+    image: np.ndarray,
+    *,
+    flow_threshold: float | None = 0.4,
+    cellprob_threshold: float = 0.0,
+    min_size: int = 15,
+    tile: bool = True,
+):
+    """Cellpose 3's ``SizeModel.eval`` for one (Y, X) image: the style regression's diameter, then
+    the median diameter of the masks segmented at it. Returns a ``size_model.SizeEstimate``."""
+    from app.science.backbone import masks_from_maps, predict_maps
+    from app.science.size_model import estimate_diameter
+
+    image = np.asarray(image, np.float32)
+    diam_mean = float(net.diam_mean.item())
+    style = predict_maps(net, image, diameter=diam_mean, tile=tile).style
+
+    def segment(diameter: float) -> np.ndarray:
+        maps = predict_maps(net, image, diameter=diameter, tile=tile)
+        return masks_from_maps(maps, diameter=diameter, diam_mean=diam_mean, flow_threshold=flow_threshold,
+                               cellprob_threshold=cellprob_threshold, min_size=min_size)
+
+    return estimate_diameter(style, size_model, segment)

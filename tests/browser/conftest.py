@@ -35,7 +35,7 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 #: As small as a model gets while still being a real fine-tune through the API.
 TINY_TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
-SHIPPED_BASE = "cellfuse-base-w16:v2"
+SHIPPED_BASE = "cellfuse-base-w16:v3"
 #: 3 training images, one validation and one test image: the least a fine-tune accepts.
 SPLITS = ["train", "train", "train", "val", "test"]
 

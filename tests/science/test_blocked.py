@@ -14,7 +14,7 @@ from app.science.metrics import score
 from app.science.segmentation import ChannelModel, SegmentationInputError, segment_field
 from app.science.synthetic import DEFAULT_REPORTERS, load_seed_masks, make_field
 
-BASE = "models_zoo/weights/cellfuse-base-w16-v2.safetensors"
+BASE = "models_zoo/weights/cellfuse-base-w16-v3.safetensors"
 BLOCK = 128
 
 

@@ -15,7 +15,7 @@ from app.science.plate import SegmentTask, segment_fields
 from app.science.segmentation import ChannelModel, SegmentationInputError, segment_field
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = REPO / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+BASE = REPO / "models_zoo" / "weights" / "cellfuse-base-w16-v3.safetensors"
 DSB = Path("/work/shared/data/dsb2018_fluo/images")
 
 

@@ -111,3 +111,23 @@ def test_a_checkpoint_between_channels_can_stop_a_field():
     with pytest.raises(Stop):
         segment_field(np.zeros((2, 64, 64), np.float32), models, checkpoint=checkpoint)
     assert calls == [1]
+
+
+def test_a_single_channel_gets_its_own_flow_threshold_not_the_fused_one():
+    """One channel's maps are not fused: Cellpose's 0.4 (or the model's stored value), recorded."""
+    from app.science.backbone import build_network
+    from app.science.flow_fusion import FUSED_FLOW_THRESHOLD
+
+    net = build_network((8, 16, 32, 64))
+    plain = segment_field(np.zeros((1, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a")])
+    assert plain.settings["flow_threshold"] == 0.4 != FUSED_FLOW_THRESHOLD
+    stored = segment_field(np.zeros((1, 64, 64), np.float32),
+                           [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.55)])
+    assert stored.settings["flow_threshold"] == 0.55
+    two = segment_field(np.zeros((2, 64, 64), np.float32),
+                        [ChannelModel(net, 30.0, 30.0, "a"), ChannelModel(net, 30.0, 30.0, "b")])
+    assert two.settings["flow_threshold"] == FUSED_FLOW_THRESHOLD
+    voting = segment_field(np.zeros((2, 64, 64), np.float32),
+                           [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.3), ChannelModel(net, 30.0, 30.0, "b")],
+                           method="voting")
+    assert voting.settings["flow_thresholds"] == [0.3, 0.4]

@@ -80,3 +80,61 @@ def test_bad_inputs_raise_clear_errors():
         model.predict(np.zeros(256))
     with pytest.raises(SizeModelError, match="not a size model"):
         SizeModel.from_dict({"coefficients": [1.0]})
+
+
+def _discs(diameter: float, n: int = 4, size: int = 128) -> np.ndarray:
+    """n x n well-separated discs of the given diameter, labelled 1..n*n."""
+    labels = np.zeros((size, size), np.int32)
+    yy, xx = np.mgrid[:size, :size]
+    step = size / n
+    for i in range(n):
+        for j in range(n):
+            disc = (yy - (i + 0.5) * step) ** 2 + (xx - (j + 0.5) * step) ** 2 < (diameter / 2) ** 2
+            labels[disc] = i * n + j + 1
+    return labels
+
+
+def test_mask_diameter_is_cellposes_median_equivalent_diameter():
+    from cellpose import utils
+
+    from app.science.size_model import mask_diameter
+
+    labels = _discs(14.0)
+    labels[labels == 3] = 0  # a gap in the ids changes nothing
+    diameter, count = mask_diameter(labels)
+    assert count == 15
+    assert diameter == pytest.approx(float(utils.diameters(labels)[0]), rel=1e-9)
+    assert mask_diameter(np.zeros((8, 8), np.int32)) == (0.0, 0)
+
+
+def test_two_pass_estimate_takes_the_masks_median_at_the_style_diameter():
+    from app.science.size_model import estimate_diameter, mask_diameter
+
+    # A style model that overestimates by ~40 %; the segmentation finds the true 16-px discs.
+    model = SizeModel(np.zeros(4), np.zeros(4), math.log(1.4 * 16.0 / 30.0), 30.0, 1.0, 10)
+    asked = []
+
+    def segment(diameter: float) -> np.ndarray:
+        asked.append(diameter)
+        return _discs(16.0)
+
+    estimate = estimate_diameter(np.ones(4) / 2, model, segment)
+    assert asked == [pytest.approx(1.4 * 16.0)]  # the second pass runs at the style estimate
+    assert estimate.source == "masks" and estimate.n_objects == 16
+    assert estimate.style_diameter == pytest.approx(22.4)
+    assert estimate.diameter == pytest.approx(mask_diameter(_discs(16.0))[0])
+    assert abs(estimate.diameter - 16.0) < 1.0
+    assert json.loads(json.dumps(estimate.to_dict()))["source"] == "masks"
+
+
+def test_two_pass_estimate_keeps_the_style_diameter_when_nothing_is_found():
+    from app.science.size_model import combine_estimates, estimate_diameter
+
+    model = SizeModel(np.zeros(4), np.zeros(4), 0.0, 25.0, 1.0, 10)
+    blind = estimate_diameter(np.zeros(4), model, lambda d: np.zeros((32, 32), np.int32))
+    assert blind.source == "style" and blind.diameter == pytest.approx(25.0) and blind.mask_diameter is None
+    seeing = estimate_diameter(np.zeros(4), model, lambda d: _discs(12.0))
+    # A channel blind to the object does not pull the field's diameter.
+    assert combine_estimates([blind, seeing]) == pytest.approx(seeing.diameter)
+    assert combine_estimates([blind]) == pytest.approx(25.0)
+    assert combine_estimates([]) is None

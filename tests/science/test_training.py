@@ -251,7 +251,7 @@ def test_time_limit_stops_gracefully_with_the_best_checkpoint():
 # ------------------------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_BASE = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+SHIPPED_BASE = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v3.safetensors"
 
 
 def test_base_split_is_disjoint_and_seeded(tmp_path):

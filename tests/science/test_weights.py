@@ -208,15 +208,28 @@ def test_exported_file_loads_in_cellpose_with_identical_outputs(tmp_path):
 
 
 def test_shipped_base_loads_verified_and_is_documented():
-    weights = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
-    net, card = load_model(weights)  # sha256 checked against models_zoo/cards/cellfuse-base-w16-v2.json
+    from app.science.pretrain import v3_split_ids
+    from app.science.size_model import SizeModel
+
+    weights = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v3.safetensors"
+    net, card = load_model(weights)  # sha256 checked against models_zoo/cards/cellfuse-base-w16-v3.json
     assert network_widths(net) == HALF_WIDTHS and card.architecture["widths"] == list(HALF_WIDTHS)
-    # v2 continued v1 (random init, DSB2018) on DSB2018 + synthetic reporter fields.
-    assert card.weights_sha256 and card.object == "nuclei" and card.parent == "cellfuse-base-w16:v1"
-    assert card.metrics["heldout_dsb2018"]["f1"] > 0.8
+    # v3 continued v2 on 317 DSB2018 images (+ shrunken copies) and synthetic reporter fields.
+    assert card.weights_sha256 and card.object == "nuclei" and card.parent == "cellfuse-base-w16:v2"
+    assert card.metrics["heldout_dsb2018"]["f1"] > 0.8 and card.metrics["heldout_dsb2018"]["n_images"] == 48
     assert card.metrics["heldout_synthetic_plate"]["f1"] > 0.5
-    assert "BBBC038" in card.attribution and len(card.training["test_images"]) == 12
-    assert not set(card.training["test_images"]) & set(card.training["val_images"])
+    tables = [table["rows"] for key, table in card.metrics.items() if key.startswith("zero_shot")]
+    pairs = {(r["rescale"], r["diameter"]) for rows in tables for r in rows}
+    assert {(1.0, "true"), (1.0, "default")} <= pairs and any(mode == "estimated" for _, mode in pairs)
+    test_ids, val_ids = v3_split_ids()
+    assert card.training["test_images"] == test_ids and card.training["val_images"] == val_ids
+    assert len(test_ids) == 48 and not set(test_ids) & set(val_ids)
+    # Every base carries its size model (Cellpose 3's style regression), for the net's style width.
+    size_model = SizeModel.from_dict(card.size_model)
+    assert size_model.style_dim == HALF_WIDTHS[-1] and size_model.n_train > 100
+    assert "BBBC038" in card.attribution
     assert weights.stat().st_size < 8 * 2**20
     assert all(t.dtype in (torch.float32, torch.int64) for t in net.state_dict().values())
     assert (REPO_ROOT / "models_zoo" / "BASE_MODEL.md").is_file()
+    # One base file in the repository (keep it small).
+    assert len(list((REPO_ROOT / "models_zoo" / "weights").glob("*.safetensors"))) == 1

@@ -147,7 +147,7 @@ def test_plate_segmented_labels_tables_and_qc(tmp_path, worker_factory):
                     "dataset_id": ds["id"],
                     "reporter": reporter,
                     "object": "nuclei",
-                    "base": "cellfuse-base-w16:v2",
+                    "base": "cellfuse-base-w16:v3",
                     "params": TRAINING,
                 },
                 timeout=600,

@@ -152,7 +152,7 @@ def test_stored_weights_load_once_per_process_and_device(tmp_path):
     from workers import compute
     from workers.pipelines.common import load_weights
 
-    weights_path = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v2.safetensors"
+    weights_path = REPO_ROOT / "models_zoo" / "weights" / "cellfuse-base-w16-v3.safetensors"
     card = ModelCard.from_json(find_card(weights_path).read_text()).to_dict()
     settings = Settings(data_dir=tmp_path / "data", device="cpu", precision="fp32", model_cache_bytes=64 << 20)
     blobs = BlobStore(settings.blob_dir)
