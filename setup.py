@@ -19,8 +19,7 @@ class BuildPyWithMigrations(build_py):
             return
         target = Path(self.build_lib) / "app" / "_alembic"
         shutil.rmtree(target, ignore_errors=True)  # a reused build/ must not keep a deleted revision
-        shutil.copytree("alembic", target, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree("alembic", target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # Inside the package the ini sits next to env.py, so the scripts are "here".
         ini = Path("alembic.ini").read_text().replace("script_location = alembic", "script_location = %(here)s")
         (target / "alembic.ini").write_text(ini.replace("prepend_sys_path = .\n", ""))

@@ -13,8 +13,9 @@ import typer
 
 from app import __version__
 
-cli = typer.Typer(help="CellFuse: segmentation without structural reporters.", no_args_is_help=True,
-                  add_completion=False)
+cli = typer.Typer(
+    help="CellFuse: segmentation without structural reporters.", no_args_is_help=True, add_completion=False
+)
 keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 bench_cli = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
@@ -90,10 +91,27 @@ def _die_with_parent() -> None:
 
 
 def worker_command(queues: list[str], concurrency: int, loglevel: str = "INFO", name: str | None = None) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
-            "-Q", ",".join(queues), "--concurrency", str(concurrency), "--pool", "prefork",
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", name or f"cellfuse-{os.getpid()}@%h"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app:celery_app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        name or f"cellfuse-{os.getpid()}@%h",
+    ]
 
 
 def gpu_devices(spec: str) -> list[str]:
@@ -131,9 +149,14 @@ def run_worker_group(devices: list[str], queues: list[str], concurrency: int, lo
     for index, device in enumerate(devices):
         env = {**os.environ, "CELLFUSE_DEVICE": device}
         name = f"cellfuse-{device.replace(':', '')}-{index}-{os.getpid()}@%h"
-        procs.append(subprocess.Popen(worker_command(queues, concurrency, loglevel, name), env=env,
-                                      start_new_session=True,
-                                      preexec_fn=_die_with_parent))  # noqa: PLW1509 - no threads here
+        procs.append(
+            subprocess.Popen(
+                worker_command(queues, concurrency, loglevel, name),
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        )  # noqa: PLW1509 - no threads here
         typer.echo(f"worker {index} (pid {procs[-1].pid}) on {device}")
 
     def stop(signum=signal.SIGTERM, _frame=None) -> None:
@@ -164,10 +187,13 @@ def run_worker_group(devices: list[str], queues: list[str], concurrency: int, lo
 
 
 @cli.command()
-def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
-           concurrency: Annotated[int, typer.Option(help="parallel jobs (per GPU with --gpus)")] = 0,
-           gpus: Annotated[str, typer.Option(help="one worker process per GPU, e.g. 0,1 (each with "
-                                                  "CELLFUSE_DEVICE=cuda:N)")] = "") -> None:
+def worker(
+    queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help="queues to consume")] = None,
+    concurrency: Annotated[int, typer.Option(help="parallel jobs (per GPU with --gpus)")] = 0,
+    gpus: Annotated[
+        str, typer.Option(help="one worker process per GPU, e.g. 0,1 (each with CELLFUSE_DEVICE=cuda:N)")
+    ] = "",
+) -> None:
     """Start a worker against the configured broker (e.g. `cellfuse worker --queue gpu --gpus 0,1`)."""
     settings = _settings()
     queues = queue or settings.worker_queues
@@ -178,8 +204,9 @@ def worker(queue: Annotated[list[str] | None, typer.Option("--queue", "-q", help
 
 
 @cli.command("worker-health")
-def worker_health(max_age: Annotated[float, typer.Option(help="seconds since a worker here last reported")] = 60.0,
-                  ) -> None:
+def worker_health(
+    max_age: Annotated[float, typer.Option(help="seconds since a worker here last reported")] = 60.0,
+) -> None:
     """Exit 0 if a worker on this host reported within --max-age seconds (the worker container's healthcheck)."""
     import socket
 
@@ -193,9 +220,11 @@ def worker_health(max_age: Annotated[float, typer.Option(help="seconds since a w
 
 
 @cli.command()
-def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="port")] = 8000,
-          embedded_worker: Annotated[bool, typer.Option(help="start one worker beside the API")] = True) -> None:
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    embedded_worker: Annotated[bool, typer.Option(help="start one worker beside the API")] = True,
+) -> None:
     """Migrate the database, then run the API (and one worker) on the configured set-up."""
     import uvicorn
 
@@ -209,9 +238,11 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
     key = None if settings.bootstrap_admin_key else ensure_admin_key(settings)
     worker_proc = None
     if embedded_worker:
-        worker_proc = subprocess.Popen(worker_command(settings.worker_queues, settings.worker_concurrency,
-                                                      "WARNING"), start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+        worker_proc = subprocess.Popen(
+            worker_command(settings.worker_queues, settings.worker_concurrency, "WARNING"),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     typer.echo(f"CellFuse {__version__} on http://{host}:{port}/  (API docs: /docs)")
     typer.echo(f"data directory: {settings.resolved_data_dir}")
     if key:
@@ -234,8 +265,10 @@ def serve(host: Annotated[str, typer.Option(help="address to listen on")] = "127
 
 
 @keys_cli.command("create")
-def keys_create(name: Annotated[str, typer.Argument(help="who or what uses the key")],
-                role: Annotated[str, typer.Option(help="instrument | scientist | admin")] = "instrument") -> None:
+def keys_create(
+    name: Annotated[str, typer.Argument(help="who or what uses the key")],
+    role: Annotated[str, typer.Option(help="instrument | scientist | admin")] = "instrument",
+) -> None:
     """Create a key; it is printed once and stored only as a hash."""
     from app.db import session_factory
     from app.migrations import upgrade
@@ -290,8 +323,12 @@ def keys_generate() -> None:
 
 
 @bench_cli.command("fused")
-def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1,
-                tile: Annotated[bool, typer.Option(help="fused route tiled like Cellpose (else one pass)")] = False) -> None:
+def bench_fused(
+    size: int = 512,
+    channels: int = 4,
+    repeats: int = 1,
+    tile: Annotated[bool, typer.Option(help="fused route tiled like Cellpose (else one pass)")] = False,
+) -> None:
     """Fused segmentation of a multi-channel field against Cellpose's eval per channel."""
     from app.benchmarks.fused import run_fused_benchmark
 
@@ -299,41 +336,61 @@ def bench_fused(size: int = 512, channels: int = 4, repeats: int = 1,
 
 
 @bench_cli.command("training")
-def bench_training(device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
-                   precision: Annotated[str, typer.Option(help="reduced precision to compare: auto | bf16 | fp16 | "
-                                                                   "fp32 (none)")] = "auto",
-                   epochs: int = 2, n_train: int = 16,
-                   memory: Annotated[bool, typer.Option(help="also measure peak memory (CPU)")] = True) -> None:
+def bench_training(
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+    precision: Annotated[
+        str, typer.Option(help="reduced precision to compare: auto | bf16 | fp16 | fp32 (none)")
+    ] = "auto",
+    epochs: int = 2,
+    n_train: int = 16,
+    memory: Annotated[bool, typer.Option(help="also measure peak memory (CPU)")] = True,
+) -> None:
     """Training throughput of CellFuse's loop against Cellpose's train_seg on one device; peak memory."""
     from app.benchmarks.training import run_training_benchmark
 
-    run_training_benchmark(echo=typer.echo, device=device, precision=precision, epochs=epochs, n_train=n_train,
-                           memory=memory)
+    run_training_benchmark(
+        echo=typer.echo, device=device, precision=precision, epochs=epochs, n_train=n_train, memory=memory
+    )
 
 
 @bench_cli.command("plate")
-def bench_plate(fields: Annotated[int, typer.Option(help="fields on the plate")] = 96,
-                size: int = 512, channels: int = 4,
-                postgres: Annotated[str, typer.Option(help="PostgreSQL URL instead of the embedded SQLite")] = "",
-                redis: Annotated[str, typer.Option(help="Redis URL instead of the embedded broker")] = "",
-                naive: Annotated[bool, typer.Option(help="also time Cellpose's eval per channel per field")] = True,
-                device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (the worker's and the loops')")] = "cpu",
-                naive_fields: Annotated[int, typer.Option(help="time the naive route on N fields, scaled (0: all)")] = 0,
-                unique: Annotated[int, typer.Option(help="fields drawn; the others are turned copies")] = 8,
-                ) -> None:
+def bench_plate(
+    fields: Annotated[int, typer.Option(help="fields on the plate")] = 96,
+    size: int = 512,
+    channels: int = 4,
+    postgres: Annotated[str, typer.Option(help="PostgreSQL URL instead of the embedded SQLite")] = "",
+    redis: Annotated[str, typer.Option(help="Redis URL instead of the embedded broker")] = "",
+    naive: Annotated[bool, typer.Option(help="also time Cellpose's eval per channel per field")] = True,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N (the worker's and the loops')")] = "cpu",
+    naive_fields: Annotated[int, typer.Option(help="time the naive route on N fields, scaled (0: all)")] = 0,
+    unique: Annotated[int, typer.Option(help="fields drawn; the others are turned copies")] = 8,
+) -> None:
     """A plate through the real API: today's route, the plate route, a direct loop and the naive route."""
     from app.benchmarks.plate import run_plate_benchmark
 
-    run_plate_benchmark(n_fields=fields, size=size, n_channels=channels, database_url=postgres or None,
-                        broker_url=redis or None, naive=naive, device=device, naive_fields=naive_fields or None,
-                        unique=unique, echo=typer.echo)
+    run_plate_benchmark(
+        n_fields=fields,
+        size=size,
+        n_channels=channels,
+        database_url=postgres or None,
+        broker_url=redis or None,
+        naive=naive,
+        device=device,
+        naive_fields=naive_fields or None,
+        unique=unique,
+        echo=typer.echo,
+    )
 
 
 @bench_cli.command("precision")
-def bench_precision(images: int = 16, device: str = "cpu",
-                    precision: Annotated[str, typer.Option(help="bf16 | fp16")] = "bf16",
-                    data: Annotated[Path, typer.Option(help="DSB2018-style folder with images/*.tif")] = Path(
-                        "/work/shared/data/dsb2018_fluo")) -> None:
+def bench_precision(
+    images: int = 16,
+    device: str = "cpu",
+    precision: Annotated[str, typer.Option(help="bf16 | fp16")] = "bf16",
+    data: Annotated[Path, typer.Option(help="DSB2018-style folder with images/*.tif")] = Path(
+        "/work/shared/data/dsb2018_fluo"
+    ),
+) -> None:
     """A reduced precision against fp32 on real fields: mask agreement (F1) and speed."""
     from app.benchmarks.precision import run_precision_benchmark
 
@@ -349,8 +406,10 @@ def bench_ablation(max_epochs: int = 30) -> None:
 
 
 @bench_cli.command("few-shot")
-def bench_few_shot(small: Annotated[bool, typer.Option("--small", help="a smoke-test size")] = False,
-                   dataset: Annotated[list[str], typer.Option(help="synthetic and/or dsb2018")] = None) -> None:
+def bench_few_shot(
+    small: Annotated[bool, typer.Option("--small", help="a smoke-test size")] = False,
+    dataset: Annotated[list[str], typer.Option(help="synthetic and/or dsb2018")] = None,
+) -> None:
     """F1 / mAP against the number of annotated images: random, shipped base, ISL init, self-trained."""
     from app.benchmarks.few_shot import run_few_shot_benchmark
 
@@ -358,11 +417,13 @@ def bench_few_shot(small: Annotated[bool, typer.Option("--small", help="a smoke-
 
 
 @bench_cli.command("quality")
-def bench_quality(small: Annotated[bool, typer.Option("--small", help="a smoke test: tiny plates, 1 epoch")] = False,
-                  regime: Annotated[list[str] | None, typer.Option("--regime", help="regimes to run (default: all)")] = None,
-                  obj: Annotated[str, typer.Option("--object", help="nuclei or cells")] = "cells",
-                  seed: int = 7, json_out: Annotated[str, typer.Option("--json", help="also write the results here")] = ""
-                  ) -> None:
+def bench_quality(
+    small: Annotated[bool, typer.Option("--small", help="a smoke test: tiny plates, 1 epoch")] = False,
+    regime: Annotated[list[str] | None, typer.Option("--regime", help="regimes to run (default: all)")] = None,
+    obj: Annotated[str, typer.Option("--object", help="nuclei or cells")] = "cells",
+    seed: int = 7,
+    json_out: Annotated[str, typer.Option("--json", help="also write the results here")] = "",
+) -> None:
     """Learned Flow Fusion vs each channel, equal weights, label fusion and a joint K-channel model."""
     import json
 
@@ -374,8 +435,9 @@ def bench_quality(small: Annotated[bool, typer.Option("--small", help="a smoke t
 
 
 @bench_cli.command("preprocessing")
-def bench_preprocessing(max_epochs: int = 40,
-                        small: Annotated[bool, typer.Option(help="a quick smoke run")] = False) -> None:
+def bench_preprocessing(
+    max_epochs: int = 40, small: Annotated[bool, typer.Option(help="a quick smoke run")] = False
+) -> None:
     """Flow Fusion F1 with and without per-plate illumination correction and plate-level percentiles."""
     from app.benchmarks.preprocessing import run_preprocessing_benchmark
 
@@ -386,13 +448,14 @@ def bench_preprocessing(max_epochs: int = 40,
 
 
 @bench_cli.command("zero-shot")
-def bench_zero_shot(model: Annotated[str, typer.Option(help="shipped base (name:version); default the newest")] = "",
-                    rescales: Annotated[str, typer.Option(help="image rescale factors")] = "0.5,0.75,1,1.5,2",
-                    modes: Annotated[str, typer.Option(help="diameters: estimated, default, true")] =
-                    "estimated,default,true",
-                    limit: Annotated[int, typer.Option(help="use only the first N held-out images (0: all)")] = 0,
-                    data_dir: Annotated[list[Path] | None, typer.Option(help="DSB2018 folder(s)")] = None,
-                    json_out: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None) -> None:
+def bench_zero_shot(
+    model: Annotated[str, typer.Option(help="shipped base (name:version); default the newest")] = "",
+    rescales: Annotated[str, typer.Option(help="image rescale factors")] = "0.5,0.75,1,1.5,2",
+    modes: Annotated[str, typer.Option(help="diameters: estimated, default, true")] = "estimated,default,true",
+    limit: Annotated[int, typer.Option(help="use only the first N held-out images (0: all)")] = 0,
+    data_dir: Annotated[list[Path] | None, typer.Option(help="DSB2018 folder(s)")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None,
+) -> None:
     """A shipped base on its held-out DSB2018 images rescaled 0.5x-2x: pooled F1@0.5 with estimated,
     default and true diameters, each with a bootstrap interval over images."""
     import json
@@ -403,17 +466,25 @@ def bench_zero_shot(model: Annotated[str, typer.Option(help="shipped base (name:
         factors = [float(v) for v in rescales.split(",") if v.strip()]
     except ValueError as exc:
         raise typer.BadParameter("give comma-separated numbers, e.g. 0.5,1,2", param_hint="--rescales") from exc
-    rows = run_zero_shot_benchmark(model=model, data_dirs=data_dir or None, rescales=factors,
-                                   modes=[m.strip() for m in modes.split(",") if m.strip()], limit=limit or None,
-                                   echo=typer.echo)
+    rows = run_zero_shot_benchmark(
+        model=model,
+        data_dirs=data_dir or None,
+        rescales=factors,
+        modes=[m.strip() for m in modes.split(",") if m.strip()],
+        limit=limit or None,
+        echo=typer.echo,
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=1))
 
 
 @bench_cli.command("load")
-def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
-               seconds: float = 20.0, rate: float = 20.0,
-               stack: Annotated[str, typer.Option(help="without --url: services | embedded | both")] = "both") -> None:
+def bench_load(
+    url: Annotated[str, typer.Option(help="API base URL (loopback)")] = "",
+    seconds: float = 20.0,
+    rate: float = 20.0,
+    stack: Annotated[str, typer.Option(help="without --url: services | embedded | both")] = "both",
+) -> None:
     """Steady job submissions and status polls against an API; prints req/s, p50/p99, errors.
 
     Without --url it starts local stacks: PostgreSQL + Redis, and the embedded default (SQLite).
@@ -431,33 +502,45 @@ def bench_load(url: Annotated[str, typer.Option(help="API base URL (loopback)")]
 
 
 @cli.command()
-def pretrain(out_dir: Annotated[Path, typer.Option(help="where to write weights and card")] = Path("models_zoo"),
-             minutes: Annotated[float, typer.Option(help="training time budget")] = 30.0,
-             data_dir: Annotated[Path | None, typer.Option(help="DSB2018 folder (images/, labels/)")] = None,
-             synthetic_fields: Annotated[int, typer.Option(help="synthetic multi-reporter fields to add")] = 48,
-             init_weights: Annotated[Path | None, typer.Option(help="continue from these weights")] = None,
-             version: Annotated[str, typer.Option(help="version label of the new base")] = "v1",
-             bsize: Annotated[int, typer.Option(help="training crop size")] = 224) -> None:
+def pretrain(
+    out_dir: Annotated[Path, typer.Option(help="where to write weights and card")] = Path("models_zoo"),
+    minutes: Annotated[float, typer.Option(help="training time budget")] = 30.0,
+    data_dir: Annotated[Path | None, typer.Option(help="DSB2018 folder (images/, labels/)")] = None,
+    synthetic_fields: Annotated[int, typer.Option(help="synthetic multi-reporter fields to add")] = 48,
+    init_weights: Annotated[Path | None, typer.Option(help="continue from these weights")] = None,
+    version: Annotated[str, typer.Option(help="version label of the new base")] = "v1",
+    bsize: Annotated[int, typer.Option(help="training crop size")] = 224,
+) -> None:
     """Train a generalist base model of our own (CC0 DSB2018 nuclei + synthetic reporter fields)."""
     from app.science.pretrain import pretrain_base
 
-    kwargs: dict[str, Any] = {"minutes": minutes, "synthetic_fields": synthetic_fields, "init_weights": init_weights,
-              "version": version, "bsize": bsize, "synthetic_size": 192}
+    kwargs: dict[str, Any] = {
+        "minutes": minutes,
+        "synthetic_fields": synthetic_fields,
+        "init_weights": init_weights,
+        "version": version,
+        "bsize": bsize,
+        "synthetic_size": 192,
+    }
     if data_dir is not None:
         kwargs["dsb_dir"] = data_dir
     pretrain_base(out_dir, **kwargs)
 
 
 @cli.command()
-def segment(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="TIFF/OME-TIFF fields")],
-            cell_line: Annotated[str, typer.Option(help="cell line registered in the zoo")],
-            channels: Annotated[str, typer.Option(help="reporter per channel, comma-separated")],
-            method: Annotated[str, typer.Option(help="flow_fusion | staple | simple | voting | majority_voting")] = "flow_fusion",
-            objects: Annotated[str, typer.Option(help="nuclei, cells or both")] = "nuclei,cells",
-            use_channels: Annotated[str, typer.Option(help="channels to fuse (default: the zoo's chosen set)")] = "",
-            url: Annotated[str, typer.Option(help="CellFuse server")] = "http://127.0.0.1:8000",
-            api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="API key")] = "",
-            out: Annotated[Path, typer.Option(help="folder for the downloaded results")] = Path("cellfuse-results")) -> None:
+def segment(
+    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="TIFF/OME-TIFF fields")],
+    cell_line: Annotated[str, typer.Option(help="cell line registered in the zoo")],
+    channels: Annotated[str, typer.Option(help="reporter per channel, comma-separated")],
+    method: Annotated[
+        str, typer.Option(help="flow_fusion | staple | simple | voting | majority_voting")
+    ] = "flow_fusion",
+    objects: Annotated[str, typer.Option(help="nuclei, cells or both")] = "nuclei,cells",
+    use_channels: Annotated[str, typer.Option(help="channels to fuse (default: the zoo's chosen set)")] = "",
+    url: Annotated[str, typer.Option(help="CellFuse server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="API key")] = "",
+    out: Annotated[Path, typer.Option(help="folder for the downloaded results")] = Path("cellfuse-results"),
+) -> None:
     """Segment local fields on a CellFuse server and download masks, tables, ROIs and previews."""
     from rich.progress import Progress
 
@@ -466,16 +549,21 @@ def segment(files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=Fa
     key = api_key or _local_admin_key()
     if not key:
         raise typer.BadParameter("give --api-key (or CELLFUSE_API_KEY)", param_hint="--api-key")
-    request = {"cell_line": cell_line, "channels": [c.strip() for c in channels.split(",") if c.strip()],
-               "objects": [o.strip() for o in objects.split(",") if o.strip()], "method": method}
+    request = {
+        "cell_line": cell_line,
+        "channels": [c.strip() for c in channels.split(",") if c.strip()],
+        "objects": [o.strip() for o in objects.split(",") if o.strip()],
+        "method": method,
+    }
     if use_channels:
         request["use_channels"] = [c.strip() for c in use_channels.split(",") if c.strip()]
     api = CellFuseClient.connect(url, key)
     with Progress() as progress:
         task = progress.add_task(f"segmenting {len(files)} field(s)", total=1.0)
         try:
-            job, written = segment_files(api, files, request, out,
-                                         on_progress=lambda j: progress.update(task, completed=j["progress"]))
+            job, written = segment_files(
+                api, files, request, out, on_progress=lambda j: progress.update(task, completed=j["progress"])
+            )
         except ApiError as exc:
             typer.echo(f"refused: {exc.problem.get('detail', exc)}", err=True)
             raise typer.Exit(1)
@@ -495,10 +583,12 @@ def _local_admin_key() -> str | None:
 
 
 @cli.command()
-def demo(small: Annotated[bool, typer.Option("--small", help="reduced size for CI")] = False,
-         url: Annotated[str, typer.Option(help="use a running server instead of starting one")] = "",
-         api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="key for --url")] = "",
-         keep_running: Annotated[bool, typer.Option(help="leave the server up at the end")] = False) -> None:
+def demo(
+    small: Annotated[bool, typer.Option("--small", help="reduced size for CI")] = False,
+    url: Annotated[str, typer.Option(help="use a running server instead of starting one")] = "",
+    api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="key for --url")] = "",
+    keep_running: Annotated[bool, typer.Option(help="leave the server up at the end")] = False,
+) -> None:
     """The main job end to end on the embedded default: plate → fine-tune → select → segment → table."""
     from app.demo import run_demo
 

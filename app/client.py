@@ -70,8 +70,15 @@ class CellFuseClient:
     def create_dataset(self, name: str, cell_line: str, channels: list[str], **fields) -> dict:
         return self.post("/api/v1/datasets", {"name": name, "cell_line": cell_line, "channels": channels, **fields})
 
-    def add_image(self, dataset_id: int, image_tiff: bytes, *, nuclei_tiff: bytes | None = None,
-                  cells_tiff: bytes | None = None, **form: Any) -> dict:
+    def add_image(
+        self,
+        dataset_id: int,
+        image_tiff: bytes,
+        *,
+        nuclei_tiff: bytes | None = None,
+        cells_tiff: bytes | None = None,
+        **form: Any,
+    ) -> dict:
         files: list[tuple[str, tuple[str, bytes, str]]] = [("image", ("field.ome.tif", image_tiff, "image/tiff"))]
         if nuclei_tiff is not None:
             files.append(("nuclei", ("nuclei.tif", nuclei_tiff, "image/tiff")))
@@ -84,18 +91,26 @@ class CellFuseClient:
     def submit(self, kind: str, body: dict, *, idempotency_key: str | None = None) -> dict:
         return self.post(f"/api/v1/jobs/{kind}", body, idempotency_key=idempotency_key)
 
-    def submit_segment(self, request: dict, fields: list[tuple[str, bytes]], *,
-                       idempotency_key: str | None = None) -> dict:
+    def submit_segment(
+        self, request: dict, fields: list[tuple[str, bytes]], *, idempotency_key: str | None = None
+    ) -> dict:
         files = [("files", (name, data, "image/tiff")) for name, data in fields]
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._check(self.http.post("/api/v1/jobs/segment", files=files,
-                                          data={"request": json.dumps(request)}, headers=headers))
+        return self._check(
+            self.http.post("/api/v1/jobs/segment", files=files, data={"request": json.dumps(request)}, headers=headers)
+        )
 
     def job(self, job_id: str) -> dict:
         return self.get(f"/api/v1/jobs/{job_id}")
 
-    def wait(self, job_id: str, *, timeout: float = 900.0, poll: float = 0.5,
-             on_progress: Callable[[dict], None] | None = None) -> dict:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float = 900.0,
+        poll: float = 0.5,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
@@ -129,8 +144,15 @@ def download_results(api: CellFuseClient, job: dict, out_dir: Path) -> list[Path
     return written
 
 
-def segment_files(api: CellFuseClient, files: list[Path], request: dict, out_dir: Path, *,
-                  on_progress: Callable[[dict], None] | None = None, timeout: float = 3600.0) -> tuple[dict, list[Path]]:
+def segment_files(
+    api: CellFuseClient,
+    files: list[Path],
+    request: dict,
+    out_dir: Path,
+    *,
+    on_progress: Callable[[dict], None] | None = None,
+    timeout: float = 3600.0,
+) -> tuple[dict, list[Path]]:
     """Submit local TIFFs as one plate, wait, and download the results. -> (job, written files)"""
     job = api.submit_segment(request, [(Path(f).name, Path(f).read_bytes()) for f in files])
     job = api.wait(job["id"], timeout=timeout, on_progress=on_progress)

@@ -147,24 +147,32 @@ class FinetuneParams(StrictModel):
     n_train: int = Field(default=40, ge=1, le=100_000)
     n_val: int = Field(default=5, ge=1, le=100_000)
     n_test: int = Field(default=5, ge=1, le=100_000)
-    preprocessing: PreprocessingRecipe = Field(default_factory=PreprocessingRecipe,
-                                               description="recorded on the model card and reused at inference")
+    preprocessing: PreprocessingRecipe = Field(
+        default_factory=PreprocessingRecipe, description="recorded on the model card and reused at inference"
+    )
 
 
 class SegmentParams(StrictModel):
     flow_threshold: float | None = Field(default=None, ge=0, le=10)
-    cellprob_threshold: float | None = Field(default=None, ge=-20, le=20,
-                                             description="default: 0, or the fitted fusion's value")
-    learned_fusion: bool = Field(default=True, description="Flow Fusion uses the weights and thresholds fitted "
-                                 "for this channel set by select-channels, when the zoo has them")
+    cellprob_threshold: float | None = Field(
+        default=None, ge=-20, le=20, description="default: 0, or the fitted fusion's value"
+    )
+    learned_fusion: bool = Field(
+        default=True,
+        description="Flow Fusion uses the weights and thresholds fitted "
+        "for this channel set by select-channels, when the zoo has them",
+    )
     min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="object diameter in pixels; default: the models' training diameter")
+    diameter: float | None = Field(
+        default=None, gt=0, le=1000, description="object diameter in pixels; default: the models' training diameter"
+    )
     estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
     preview_channel: int = Field(default=0, ge=0, le=15)
     preprocessing: PreprocessingRecipe | None = Field(
-        default=None, description="default: each channel's model's own recipe (from its card); given here, it "
-                                  "overrides every channel's and the override is recorded")
+        default=None,
+        description="default: each channel's model's own recipe (from its card); given here, it "
+        "overrides every channel's and the override is recorded",
+    )
 
 
 class ISLParams(StrictModel):
@@ -177,10 +185,15 @@ class ISLParams(StrictModel):
     batch_size: int = Field(default=8, ge=1, le=64)
     bsize: int = Field(default=224, ge=32, le=512)
     crops_per_pair: int = Field(default=2, ge=1, le=64)
-    val_fraction: float = Field(default=0.2, ge=0.0, le=0.5,
-                                description="share of images for early stopping when the dataset has no 'val' split")
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="object size in pixels in the target stain; default: estimated")
+    val_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=0.5,
+        description="share of images for early stopping when the dataset has no 'val' split",
+    )
+    diameter: float | None = Field(
+        default=None, gt=0, le=1000, description="object size in pixels in the target stain; default: estimated"
+    )
     widths: Literal["half", "full"] = Field(default="half", description="CPnet width when not starting from a base")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
@@ -193,8 +206,9 @@ class SelfTrainParams(StrictModel):
     lam: float = Field(default=1.0, ge=0, le=100)
     beta: float = Field(default=2.0, ge=0, le=100)
     learning_rate: float = Field(default=0.002, gt=0, le=1.0)
-    diameter: float | None = Field(default=None, gt=0, le=1000,
-                                   description="nucleus diameter in pixels; default: estimated (Otsu)")
+    diameter: float | None = Field(
+        default=None, gt=0, le=1000, description="nucleus diameter in pixels; default: estimated (Otsu)"
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 

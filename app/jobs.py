@@ -69,8 +69,15 @@ def create_job(
         )
         if existing is not None:
             return existing, False
-    job = Job(kind=kind, params=params, owner_key_id=owner_key_id, idempotency_key=idempotency_key,
-              max_attempts=max_attempts, status=JobStatus.QUEUED.value, stage="queued")
+    job = Job(
+        kind=kind,
+        params=params,
+        owner_key_id=owner_key_id,
+        idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+        status=JobStatus.QUEUED.value,
+        stage="queued",
+    )
     session.add(job)
     session.flush()
     return job, True
@@ -86,16 +93,28 @@ def claim(session: Session, job_id: str, worker: str) -> Job:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
-        .values(status=JobStatus.RUNNING.value, worker=worker, started_at=now, heartbeat_at=now,
-                attempts=Job.attempts + 1, stage="starting", error=None)
+        .values(
+            status=JobStatus.RUNNING.value,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            stage="starting",
+            error=None,
+        )
         .execution_options(synchronize_session=False)
     )
     session.commit()
     if result.rowcount != 1:
         job = session.get(Job, job_id)
         if job is not None and job.status == JobStatus.QUEUED.value and job.cancel_requested:
-            finish(session, job_id, JobStatus.CANCELLED, error="cancelled before it started",
-                   from_statuses=(JobStatus.QUEUED.value,))
+            finish(
+                session,
+                job_id,
+                JobStatus.CANCELLED,
+                error="cancelled before it started",
+                from_statuses=(JobStatus.QUEUED.value,),
+            )
         raise JobNotClaimable(job_id)
     job = session.get_one(Job, job_id)
     session.refresh(job)
@@ -114,8 +133,15 @@ def heartbeat(session: Session, job_id: str, worker: str) -> bool:
     return result.rowcount == 1
 
 
-def report_progress(session: Session, job_id: str, worker: str, *, stage: str | None = None,
-                    progress: float | None = None, summary: dict[str, Any] | None = None) -> bool:
+def report_progress(
+    session: Session,
+    job_id: str,
+    worker: str,
+    *,
+    stage: str | None = None,
+    progress: float | None = None,
+    summary: dict[str, Any] | None = None,
+) -> bool:
     """Record progress; returns True when cancellation has been requested.
 
     Raises :class:`JobLost` when the job is no longer running under ``worker`` (re-queued after a
@@ -150,9 +176,16 @@ def record_stage_timing(session: Session, job_id: str, stage: str, seconds: floa
     session.commit()
 
 
-def finish(session: Session, job_id: str, status: JobStatus, *, error: str | None = None,
-           summary: dict[str, Any] | None = None, worker: str | None = None,
-           from_statuses: tuple[str, ...] = (JobStatus.RUNNING.value,)) -> bool:
+def finish(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    error: str | None = None,
+    summary: dict[str, Any] | None = None,
+    worker: str | None = None,
+    from_statuses: tuple[str, ...] = (JobStatus.RUNNING.value,),
+) -> bool:
     """Move to a final state; only from ``from_statuses`` (and only by the owner when given)."""
     values: dict[str, Any] = {"status": status.value, "finished_at": utcnow(), "error": error}
     if status == JobStatus.SUCCEEDED:
@@ -180,8 +213,14 @@ def _emit_job_event(session: Session, job_id: str) -> None:
     if job is None:
         return
     session.refresh(job)
-    emit_safely(session, f"job.{job.status}", job_event_data(job), owner_key_id=job.owner_key_id, job_id=job.id,
-                plate=(job.params or {}).get("plate"))
+    emit_safely(
+        session,
+        f"job.{job.status}",
+        job_event_data(job),
+        owner_key_id=job.owner_key_id,
+        job_id=job.id,
+        plate=(job.params or {}).get("plate"),
+    )
 
 
 def request_cancel(session: Session, job_id: str) -> Job | None:
@@ -193,8 +232,13 @@ def request_cancel(session: Session, job_id: str) -> Job | None:
         return job
     session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
     session.commit()
-    finish(session, job_id, JobStatus.CANCELLED, error="cancelled before it started",
-           from_statuses=(JobStatus.QUEUED.value,))
+    finish(
+        session,
+        job_id,
+        JobStatus.CANCELLED,
+        error="cancelled before it started",
+        from_statuses=(JobStatus.QUEUED.value,),
+    )
     session.refresh(job)
     return job
 
@@ -217,8 +261,9 @@ class ReaperAction:
     reason: str
 
 
-def reap_stale_jobs(session: Session, *, stale_after_s: float, resend_after_s: float,
-                    now: datetime | None = None) -> list[ReaperAction]:
+def reap_stale_jobs(
+    session: Session, *, stale_after_s: float, resend_after_s: float, now: datetime | None = None
+) -> list[ReaperAction]:
     """Find jobs whose worker died (stale heartbeat) and queued jobs whose message may be lost.
 
     Running jobs with attempts left go back to ``queued`` (the caller re-sends them); without,
@@ -230,25 +275,30 @@ def reap_stale_jobs(session: Session, *, stale_after_s: float, resend_after_s: f
     for job in session.scalars(
         select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
     ).all():
-        reason = (f"the worker {job.worker or '?'} stopped answering during '{job.stage}' "
-                  f"(attempt {job.attempts} of {job.max_attempts})")
+        reason = (
+            f"the worker {job.worker or '?'} stopped answering during '{job.stage}' "
+            f"(attempt {job.attempts} of {job.max_attempts})"
+        )
         if job.cancel_requested:
             if finish(session, job.id, JobStatus.CANCELLED, error="cancelled (its worker was lost)"):
                 actions.append(ReaperAction(job.id, "cancelled", reason))
         elif job.attempts < job.max_attempts:
             result = session.execute(
                 update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value,
-                       Job.heartbeat_at == job.heartbeat_at)
-                .values(status=JobStatus.QUEUED.value, stage=f"re-queued: {reason}"[:200], worker=None,
-                        progress=0.0, enqueued_at=now)
+                .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at == job.heartbeat_at)
+                .values(
+                    status=JobStatus.QUEUED.value,
+                    stage=f"re-queued: {reason}"[:200],
+                    worker=None,
+                    progress=0.0,
+                    enqueued_at=now,
+                )
                 .execution_options(synchronize_session=False)
             )
             session.commit()
             if result.rowcount == 1:
                 actions.append(ReaperAction(job.id, "requeued", reason))
-        elif finish(session, job.id, JobStatus.FAILED,
-                    error=f"gave up after {job.attempts} attempts: {reason}"):
+        elif finish(session, job.id, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts: {reason}"):
             _fail_unfinished_outputs(session, job.id)
             actions.append(ReaperAction(job.id, "failed", reason))
     resend_before = now - timedelta(seconds=resend_after_s)

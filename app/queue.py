@@ -100,5 +100,9 @@ def send_job(job_id: str, kind: str, settings: Settings | None = None) -> None:
     """Publish a job by task name (no import of the task code). Raises on a broker failure."""
     task_name, queue = TASK_ROUTES[kind]
     celery_for(settings).send_task(
-        task_name, args=[job_id], queue=queue, retry=True,
-        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+        task_name,
+        args=[job_id],
+        queue=queue,
+        retry=True,
+        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )

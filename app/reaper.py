@@ -65,8 +65,9 @@ def reap_once(settings: Settings) -> list[jobs.ReaperAction]:
 
     factory = session_factory(settings.resolved_database_url)
     with factory() as session:
-        actions = jobs.reap_stale_jobs(session, stale_after_s=settings.job_stale_after_s,
-                                       resend_after_s=settings.job_resend_after_s)
+        actions = jobs.reap_stale_jobs(
+            session, stale_after_s=settings.job_stale_after_s, resend_after_s=settings.job_resend_after_s
+        )
         waiting = queued_job_ids(settings) if any(a.action == "resend" for a in actions) else None
         for action in actions:
             if action.action == "resend" and waiting is not None and action.job_id in waiting:

@@ -26,9 +26,7 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = "development"
     data_dir: Path = Path("cellfuse-data")
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: SQLite file under data_dir"
-    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file under data_dir")
     broker_url: str | None = Field(
         default=None, description="Celery broker; default: kombu SQLAlchemy transport under data_dir"
     )
@@ -67,7 +65,8 @@ class Settings(BaseSettings):
     # Bounds per role on what one job may occupy a worker for: a noop's steps x seconds, and a
     # fine-tune's max_epochs (instrument keys cannot fine-tune at all).
     max_noop_seconds: dict[str, float] = Field(
-        default_factory=lambda: {"instrument": 300.0, "scientist": 3600.0, "admin": 6 * 3600.0})
+        default_factory=lambda: {"instrument": 300.0, "scientist": 3600.0, "admin": 6 * 3600.0}
+    )
     max_finetune_epochs: dict[str, int] = Field(default_factory=lambda: {"scientist": 1000, "admin": 5000})
 
     # A fine-tune saves its training state at most this often, so that a later attempt (after a lost

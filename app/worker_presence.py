@@ -72,9 +72,11 @@ def _gpu_memory() -> dict:
         import torch
 
         if torch.cuda.is_available():
-            return {"gpu_memory_allocated": int(torch.cuda.memory_allocated(0)),
-                    "gpu_memory_reserved": int(torch.cuda.memory_reserved(0)),
-                    "gpu_memory_total": int(torch.cuda.get_device_properties(0).total_memory)}
+            return {
+                "gpu_memory_allocated": int(torch.cuda.memory_allocated(0)),
+                "gpu_memory_reserved": int(torch.cuda.memory_reserved(0)),
+                "gpu_memory_total": int(torch.cuda.get_device_properties(0).total_memory),
+            }
     except Exception:
         log.debug("GPU memory probe failed", exc_info=True)
     return {}
@@ -131,5 +133,8 @@ def live_workers_on_host(settings: Settings, max_age_s: float, host: str | None 
             select(WorkerHeartbeat).where(WorkerHeartbeat.name.startswith(f"{host}:", autoescape=True))
         ).all()
     # SQLite hands back naive datetimes; every timestamp stored is UTC.
-    return [r.name for r in rows if (r.last_seen if r.last_seen.tzinfo else r.last_seen.replace(tzinfo=timezone.utc))
-            >= cutoff]
+    return [
+        r.name
+        for r in rows
+        if (r.last_seen if r.last_seen.tzinfo else r.last_seen.replace(tzinfo=timezone.utc)) >= cutoff
+    ]

@@ -101,8 +101,10 @@ def model_version_by_id(session: Session, version_id: int) -> ModelVersion:
 def next_version_number(session: Session, cell_line_id: int, reporter_id: int, obj: str) -> int:
     current = session.scalar(
         select(func.max(ModelVersion.version)).where(
-            ModelVersion.cell_line_id == cell_line_id, ModelVersion.reporter_id == reporter_id,
-            ModelVersion.object == obj)
+            ModelVersion.cell_line_id == cell_line_id,
+            ModelVersion.reporter_id == reporter_id,
+            ModelVersion.object == obj,
+        )
     )
     return (current or 0) + 1
 
@@ -126,8 +128,9 @@ def register_base_models(session: Session, blobs: BlobStore) -> list[str]:
             tmp = target.with_name(target.name + ".partial")
             shutil.copyfile(entry.weights_path, tmp)
             tmp.replace(target)
-        session.add(BaseModel(name=entry.name, source=entry.source, weights_sha256=entry.weights_sha256,
-                              card=entry.card))
+        session.add(
+            BaseModel(name=entry.name, source=entry.source, weights_sha256=entry.weights_sha256, card=entry.card)
+        )
         added.append(entry.name)
     session.commit()
     return added
@@ -136,8 +139,12 @@ def register_base_models(session: Session, blobs: BlobStore) -> list[str]:
 def latest_ready_version(session: Session, cell_line_id: int, reporter_id: int, obj: str) -> ModelVersion | None:
     return session.scalar(
         select(ModelVersion)
-        .where(ModelVersion.cell_line_id == cell_line_id, ModelVersion.reporter_id == reporter_id,
-               ModelVersion.object == obj, ModelVersion.status == "ready")
+        .where(
+            ModelVersion.cell_line_id == cell_line_id,
+            ModelVersion.reporter_id == reporter_id,
+            ModelVersion.object == obj,
+            ModelVersion.status == "ready",
+        )
         .order_by(ModelVersion.version.desc())
         .limit(1)
     )
@@ -145,16 +152,20 @@ def latest_ready_version(session: Session, cell_line_id: int, reporter_id: int, 
 
 def alias_row(session: Session, cell_line_id: int, reporter_id: int, obj: str, alias: str) -> ModelAlias | None:
     return session.scalar(
-        select(ModelAlias).where(ModelAlias.cell_line_id == cell_line_id, ModelAlias.reporter_id == reporter_id,
-                                 ModelAlias.object == obj, ModelAlias.alias == alias)
+        select(ModelAlias).where(
+            ModelAlias.cell_line_id == cell_line_id,
+            ModelAlias.reporter_id == reporter_id,
+            ModelAlias.object == obj,
+            ModelAlias.alias == alias,
+        )
     )
 
 
 @dataclass(frozen=True)
 class Resolution:
     models: dict[str, ModelVersion]  # reporter name -> version
-    missing: list[str]               # reporters with no usable model
-    how: dict[str, str]              # reporter name -> "alias production" | "latest ready"
+    missing: list[str]  # reporters with no usable model
+    how: dict[str, str]  # reporter name -> "alias production" | "latest ready"
 
 
 class UnknownAlias(Unprocessable):
@@ -176,8 +187,9 @@ def check_alias(session: Session, cell_line: CellLine, alias: str) -> str:
     return alias
 
 
-def resolve_models(session: Session, cell_line: CellLine, reporters: list[str], obj: str,
-                   alias: str = DEFAULT_ALIAS) -> Resolution:
+def resolve_models(
+    session: Session, cell_line: CellLine, reporters: list[str], obj: str, alias: str = DEFAULT_ALIAS
+) -> Resolution:
     """The model version per reporter: the alias holder, else the newest ready version."""
     models, missing, how = {}, [], {}
     for name in reporters:
@@ -199,17 +211,21 @@ def resolve_models(session: Session, cell_line: CellLine, reporters: list[str], 
 
 def chosen_channels(session: Session, cell_line_id: int, obj: str) -> ChannelSet | None:
     return session.scalar(
-        select(ChannelSet).where(ChannelSet.cell_line_id == cell_line_id, ChannelSet.object == obj)
-        .order_by(ChannelSet.created_at.desc(), ChannelSet.id.desc()).limit(1)
+        select(ChannelSet)
+        .where(ChannelSet.cell_line_id == cell_line_id, ChannelSet.object == obj)
+        .order_by(ChannelSet.created_at.desc(), ChannelSet.id.desc())
+        .limit(1)
     )
 
 
 def _comparable_scores(session: Session, candidate: ModelVersion, holder: ModelVersion) -> tuple[float, float] | None:
     """Both versions' F1 on the same test set (same bytes), newest evaluation each, or None."""
+
     def by_set(version_id: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        for ev in session.scalars(select(Evaluation).where(Evaluation.model_version_id == version_id)
-                                  .order_by(Evaluation.created_at)).all():
+        for ev in session.scalars(
+            select(Evaluation).where(Evaluation.model_version_id == version_id).order_by(Evaluation.created_at)
+        ).all():
             if ALIAS_METRIC in (ev.metrics or {}):
                 out[ev.test_set_sha256] = float(ev.metrics[ALIAS_METRIC])
         return out
@@ -221,8 +237,18 @@ def _comparable_scores(session: Session, candidate: ModelVersion, holder: ModelV
     return cand[common[-1]], held[common[-1]]
 
 
-def move_alias(session: Session, cell_line: CellLine, reporter: Reporter, obj: str, alias: str,
-               version: ModelVersion, *, force: bool, reason: str | None, actor_key_id: int | None) -> ModelAlias:
+def move_alias(
+    session: Session,
+    cell_line: CellLine,
+    reporter: Reporter,
+    obj: str,
+    alias: str,
+    version: ModelVersion,
+    *,
+    force: bool,
+    reason: str | None,
+    actor_key_id: int | None,
+) -> ModelAlias:
     """Point ``alias`` at ``version``; refuse a worse model (on the same test set) unless forced."""
     if (version.cell_line_id, version.reporter_id, version.object) != (cell_line.id, reporter.id, obj):
         raise Unprocessable(f"model version {version.id} belongs to another (cell line, reporter, object)")
@@ -235,35 +261,50 @@ def move_alias(session: Session, cell_line: CellLine, reporter: Reporter, obj: s
         if scores is None:
             raise Conflict(
                 f"version {version.id} and the current '{alias}' holder (version {previous.id}) have no "
-                "evaluation on a common test set; run an evaluate job for both, or move with force=true")
+                "evaluation on a common test set; run an evaluate job for both, or move with force=true"
+            )
         new_f1, old_f1 = scores
         if new_f1 < old_f1:
             raise Conflict(
                 f"version {version.id} has test F1 {new_f1:.3f}, worse than the current '{alias}' holder "
-                f"(version {previous.id}, F1 {old_f1:.3f}) on the same test set; use force=true to move anyway")
+                f"(version {previous.id}, F1 {old_f1:.3f}) on the same test set; use force=true to move anyway"
+            )
     if row is None:
-        row = ModelAlias(cell_line_id=cell_line.id, reporter_id=reporter.id, object=obj, alias=alias,
-                         model_version_id=version.id)
+        row = ModelAlias(
+            cell_line_id=cell_line.id, reporter_id=reporter.id, object=obj, alias=alias, model_version_id=version.id
+        )
         session.add(row)
     else:
         row.model_version_id = version.id
         row.updated_at = utcnow()
     session.flush()
-    session.add(AliasMove(alias_id=row.id, from_version_id=previous.id if previous else None,
-                          to_version_id=version.id, forced=force, reason=reason, actor_key_id=actor_key_id))
+    session.add(
+        AliasMove(
+            alias_id=row.id,
+            from_version_id=previous.id if previous else None,
+            to_version_id=version.id,
+            forced=force,
+            reason=reason,
+            actor_key_id=actor_key_id,
+        )
+    )
     session.commit()
     session.refresh(row)
     return row
 
 
-def fitted_fusion(session: Session, cell_line_id: int, obj: str,
-                  models: dict[str, int]) -> tuple[dict[str, Any] | None, str | None]:
+def fitted_fusion(
+    session: Session, cell_line_id: int, obj: str, models: dict[str, int]
+) -> tuple[dict[str, Any] | None, str | None]:
     """The newest fusion parameters fitted for exactly these channels with exactly these model
     versions (a re-trained model makes the fitted weights stale: then none), and where they came from."""
     rows = session.scalars(
-        select(ChannelSet).where(ChannelSet.cell_line_id == cell_line_id, ChannelSet.object == obj,
-                                 ChannelSet.fusion_parameters.is_not(None))
-        .order_by(ChannelSet.created_at.desc(), ChannelSet.id.desc()))
+        select(ChannelSet)
+        .where(
+            ChannelSet.cell_line_id == cell_line_id, ChannelSet.object == obj, ChannelSet.fusion_parameters.is_not(None)
+        )
+        .order_by(ChannelSet.created_at.desc(), ChannelSet.id.desc())
+    )
     for row in rows:
         record = row.fusion_parameters or {}
         fitted_models = {str(k): int(v) for k, v in (record.get("models") or {}).items()}

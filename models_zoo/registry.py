@@ -21,9 +21,18 @@ WEIGHTS_DIR = ZOO_DIR / "weights"
 
 #: Names of Cellpose 3's built-in CPnet models and the diameter their objects were rescaled to.
 CELLPOSE_BUILTINS = {
-    "cyto3": 30.0, "cyto2": 30.0, "cyto": 30.0, "nuclei": 17.0, "tissuenet_cp3": 30.0,
-    "livecell_cp3": 30.0, "yeast_PhC_cp3": 30.0, "yeast_BF_cp3": 30.0, "bact_phase_cp3": 30.0,
-    "bact_fluor_cp3": 30.0, "deepbacs_cp3": 30.0, "cyto2_cp3": 30.0,
+    "cyto3": 30.0,
+    "cyto2": 30.0,
+    "cyto": 30.0,
+    "nuclei": 17.0,
+    "tissuenet_cp3": 30.0,
+    "livecell_cp3": 30.0,
+    "yeast_PhC_cp3": 30.0,
+    "yeast_BF_cp3": 30.0,
+    "bact_phase_cp3": 30.0,
+    "bact_fluor_cp3": 30.0,
+    "deepbacs_cp3": 30.0,
+    "cyto2_cp3": 30.0,
 }
 _CELLPOSE_FILE_SUFFIX = {"cyto": "torch_0", "cyto2": "torch_0", "nuclei": "torch_0"}
 
@@ -56,9 +65,15 @@ def shipped_base_models() -> list[BaseModelEntry]:
         weights = WEIGHTS_DIR / f"{card_path.stem}.safetensors"
         if not weights.is_file() or not card.get("weights_sha256"):
             continue
-        entries.append(BaseModelEntry(name=f"{card['name']}:{card['version']}", source="shipped",
-                                      weights_path=weights, weights_sha256=card["weights_sha256"],
-                                      card=card))
+        entries.append(
+            BaseModelEntry(
+                name=f"{card['name']}:{card['version']}",
+                source="shipped",
+                weights_path=weights,
+                weights_sha256=card["weights_sha256"],
+                card=card,
+            )
+        )
     return entries
 
 
@@ -78,13 +93,20 @@ def cellpose_local_models() -> list[BaseModelEntry]:
         path = folder / f"{name}{_CELLPOSE_FILE_SUFFIX.get(name, '')}"
         if not path.is_file():
             continue
-        card = {"name": f"cellpose-{name}", "version": "local", "diam_mean": diam_mean,
-                "diameter": diam_mean, "format": "cellpose-state-dict",
-                "architecture": {"type": "cellpose-cpnet", "widths": [32, 64, 128, 256], "nchan": 2,
-                                 "nout": 3},
-                "source": str(path)}
-        entries.append(BaseModelEntry(name=f"cellpose:{name}", source="cellpose", weights_path=path,
-                                      weights_sha256=sha256_of(path), card=card))
+        card = {
+            "name": f"cellpose-{name}",
+            "version": "local",
+            "diam_mean": diam_mean,
+            "diameter": diam_mean,
+            "format": "cellpose-state-dict",
+            "architecture": {"type": "cellpose-cpnet", "widths": [32, 64, 128, 256], "nchan": 2, "nout": 3},
+            "source": str(path),
+        }
+        entries.append(
+            BaseModelEntry(
+                name=f"cellpose:{name}", source="cellpose", weights_path=path, weights_sha256=sha256_of(path), card=card
+            )
+        )
     return entries
 
 
@@ -95,7 +117,8 @@ def verify(path: Path, expected_sha256: str) -> Path:
     if actual != expected_sha256:
         raise BaseModelIntegrityError(
             f"the weights file {path.name} does not match its recorded sha256 "
-            f"({actual[:12]}… instead of {expected_sha256[:12]}…); it may be corrupt or replaced")
+            f"({actual[:12]}… instead of {expected_sha256[:12]}…); it may be corrupt or replaced"
+        )
     return path
 
 

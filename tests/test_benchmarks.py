@@ -9,8 +9,7 @@ from app.benchmarks.ablation import run_ablation_benchmark
 @pytest.mark.slow
 def test_ablation_benchmark_trains_both_arms_and_scores_both_acquisitions():
     lines: list[str] = []
-    result = run_ablation_benchmark(n_train=3, n_val=1, n_test=2, size=96, max_epochs=2, seeds=(0,),
-                                    echo=lines.append)
+    result = run_ablation_benchmark(n_train=3, n_val=1, n_test=2, size=96, max_epochs=2, seeds=(0,), echo=lines.append)
     assert set(result["summary"]) == {"with microscopy augmentations", "geometry only"}
     for arm in result["summary"].values():
         assert 0.0 <= arm["same"] <= 1.0 and 0.0 <= arm["shifted"] <= 1.0
@@ -25,7 +24,9 @@ def test_quality_benchmark_smoke_runs_every_row_with_intervals():
     result = run_quality_benchmark(small=True, regimes=["one-blind"], echo=lines.append)
     summary = result["regimes"]["one-blind"]
     rows = summary["rows"]
-    assert {"Flow Fusion, learned", "Flow Fusion, equal weights (0.7)", "joint 3-channel model", *LABEL_METHODS} <= set(rows)
+    assert {"Flow Fusion, learned", "Flow Fusion, equal weights (0.7)", "joint 3-channel model", *LABEL_METHODS} <= set(
+        rows
+    )
     assert sum(row.endswith(" alone") for row in rows) == 3
     for row in rows.values():
         low, high = row["interval"]
@@ -81,8 +82,9 @@ def test_preprocessing_benchmark_scores_every_recipe_at_every_gain():
     from app.benchmarks.preprocessing import RECIPES, run_preprocessing_benchmark
 
     lines: list[str] = []
-    result = run_preprocessing_benchmark(n_train=3, n_val=2, n_test=5, size=96, max_epochs=1, n_boot=20,
-                                         echo=lines.append)
+    result = run_preprocessing_benchmark(
+        n_train=3, n_val=2, n_test=5, size=96, max_epochs=1, n_boot=20, echo=lines.append
+    )
     assert len(result["rows"]) == len(RECIPES) * 2
     for row in result["rows"]:
         assert 0.0 <= row["interval"][0] <= row["f1"] <= row["interval"][1] <= 1.0
@@ -123,10 +125,25 @@ def test_zero_shot_rows_cover_every_rescale_and_diameter_mode():
     net = build_network(TINY)
     size_model = train_size_model(net, images, masks, scales=(0.75, 1.0, 1.5))
     lines: list[str] = []
-    rows = zero_shot_rows(net, size_model, images, masks, rescales=(0.5, 1.0), default_diameter=17.0, n_boot=50,
-                          with_scores=True, echo=lines.append)
+    rows = zero_shot_rows(
+        net,
+        size_model,
+        images,
+        masks,
+        rescales=(0.5, 1.0),
+        default_diameter=17.0,
+        n_boot=50,
+        with_scores=True,
+        echo=lines.append,
+    )
     assert [(r["rescale"], r["diameter"]) for r in rows] == [
-        (0.5, "estimated"), (0.5, "default"), (0.5, "true"), (1.0, "estimated"), (1.0, "default"), (1.0, "true")]
+        (0.5, "estimated"),
+        (0.5, "default"),
+        (0.5, "true"),
+        (1.0, "estimated"),
+        (1.0, "default"),
+        (1.0, "true"),
+    ]
     assert len(lines) == 6 and json.loads(json.dumps(rows))
     for row in rows:
         assert row["ci_low"] <= row["f1"] <= row["ci_high"] and row["n_images"] == 2

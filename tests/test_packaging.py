@@ -47,14 +47,34 @@ def test_lock_pins_every_dependency_within_its_range():
 @pytest.mark.slow
 def test_wheel_ships_migrations_and_web_page_and_migrates_outside_the_repo(tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO_ROOT)], check=True, cwd=tmp_path, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(REPO_ROOT),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     [wheel] = dist.glob("cellfuse-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     revisions = {p.name for p in (REPO_ROOT / "alembic" / "versions").glob("*.py")}
     assert revisions and {f"app/_alembic/versions/{r}" for r in revisions} <= names
-    assert {"app/_alembic/env.py", "app/_alembic/script.py.mako", "app/_alembic/alembic.ini",
-            "app/api/web/index.html", "app/api/web/app.js"} <= names
+    assert {
+        "app/_alembic/env.py",
+        "app/_alembic/script.py.mako",
+        "app/_alembic/alembic.ini",
+        "app/api/web/index.html",
+        "app/api/web/app.js",
+    } <= names
     assert any(n.startswith("models_zoo/weights/") and n.endswith(".safetensors") for n in names)
 
     # Unpacked where the repository is not importable: migrate must find its scripts in the package.
@@ -64,10 +84,11 @@ def test_wheel_ships_migrations_and_web_page_and_migrates_outside_the_repo(tmp_p
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "CELLFUSE_DATA_DIR": str(work / "data")}
     env.pop("CELLFUSE_DATABASE_URL", None)
-    code = ("import app, app.migrations as m, app.settings as s; "
-            "print(app.__file__, m.script_location()); m.upgrade(s.Settings().resolved_database_url)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=300)
+    code = (
+        "import app, app.migrations as m, app.settings as s; "
+        "print(app.__file__, m.script_location()); m.upgrade(s.Settings().resolved_database_url)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert str(site / "app") in out.stdout and "_alembic" in out.stdout
     assert (work / "data" / "cellfuse.sqlite").is_file()

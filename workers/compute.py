@@ -30,8 +30,12 @@ class WorkerCompute:
 
     def describe(self) -> dict[str, Any]:
         """What provenance records about where and how a job computed."""
-        return {"device": str(self.device), "device_name": self.device_name, "precision": self.precision,
-                "training_precision": self.training_precision}
+        return {
+            "device": str(self.device),
+            "device_name": self.device_name,
+            "precision": self.precision,
+            "training_precision": self.training_precision,
+        }
 
 
 _by_pid: dict[int, WorkerCompute] = {}
@@ -63,6 +67,11 @@ def worker_compute(settings: Settings | None = None) -> WorkerCompute:
             compute = resolve_compute(settings or get_settings())
             _by_pid.clear()  # an inherited parent's entry is not ours
             _by_pid[pid] = compute
-            log.info("worker process %d computes on %s (%s), precision %s", pid, compute.device,
-                     compute.device_name, compute.precision)
+            log.info(
+                "worker process %d computes on %s (%s), precision %s",
+                pid,
+                compute.device,
+                compute.device_name,
+                compute.precision,
+            )
     return compute

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 P = TypeVar("P", bound=BaseModel)
 
+
 def worker_name() -> str:
     # Evaluated per call: a prefork child has its own pid, not its parent's.
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -64,19 +65,30 @@ class JobContext:
         try:
             return model.model_validate(self.params)
         except ValidationError as exc:
-            raise JobFailed(f"this job's stored parameters are not a valid {model.__name__}: "
-                            f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+            raise JobFailed(
+                f"this job's stored parameters are not a valid {model.__name__}: "
+                f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+            ) from None
 
-    def progress(self, stage: str | None = None, fraction: float | None = None, *,
-                 summary: dict[str, Any] | None = None, force: bool = False) -> None:
+    def progress(
+        self,
+        stage: str | None = None,
+        fraction: float | None = None,
+        *,
+        summary: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
         """Record progress (at most a few times a second) and stop here if cancelled."""
         now = time.monotonic()
         self.last_checkpoint = now
         if not force and stage is None and now - self._last_report < 0.5:
             return
         self._last_report = now
-        cancelled = self._with_db_retry(lambda: jobs.report_progress(
-            self.session, self.job_id, self.worker, stage=stage, progress=fraction, summary=summary))
+        cancelled = self._with_db_retry(
+            lambda: jobs.report_progress(
+                self.session, self.job_id, self.worker, stage=stage, progress=fraction, summary=summary
+            )
+        )
         if cancelled:
             raise jobs.JobCancelled(self.job_id)
 
@@ -129,8 +141,9 @@ class JobContext:
             elapsed = time.perf_counter() - started
             self._with_db_retry(lambda: jobs.record_stage_timing(self.session, self.job_id, name, elapsed))
 
-    def add_result(self, name: str, data: bytes, *, kind: str, media_type: str,
-                   meta: dict[str, Any] | None = None) -> None:
+    def add_result(
+        self, name: str, data: bytes, *, kind: str, media_type: str, meta: dict[str, Any] | None = None
+    ) -> None:
         """Store one result file. A name is written once per attempt (a re-run starts with no
         results), so a second write under the same name is a bug that would lose data: it raises."""
         from app.models import JobResult
@@ -139,17 +152,26 @@ class JobContext:
             existing = self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
             if existing is not None:
                 raise RuntimeError(f"result {name!r} was already written by this job; refusing to replace it")
-            self.session.add(JobResult(job_id=self.job_id, name=name, kind=kind, media_type=media_type,
-                                       sha256=sha, size_bytes=len(data), meta=meta or {}))
+            self.session.add(
+                JobResult(
+                    job_id=self.job_id,
+                    name=name,
+                    kind=kind,
+                    media_type=media_type,
+                    sha256=sha,
+                    size_bytes=len(data),
+                    meta=meta or {},
+                )
+            )
             self.session.commit()
 
         existing = self._with_db_retry(
-            lambda: self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none())
+            lambda: self.session.query(JobResult).filter_by(job_id=self.job_id, name=name).one_or_none()
+        )
         if existing is not None:
             raise RuntimeError(f"result {name!r} was already written by this job; refusing to replace it")
         _path, sha = self.folder.write_bytes(name, data)
         self._with_db_retry(record)
-
 
     def drop_results_except(self, keep: Callable[[str], bool]) -> None:
         """Remove the result rows and files of an earlier attempt, except those ``keep(name)`` accepts."""
@@ -191,8 +213,11 @@ class _Heartbeat(threading.Thread):
         while not self.stop_event.wait(self.settings.job_heartbeat_s):
             stalled_s = time.monotonic() - self.ctx.last_checkpoint
             if stalled_s > self.settings.job_stall_after_s:
-                log.error("job %s made no progress for %.0f s; no more heartbeats (the reaper takes over)",
-                          self.job_id, stalled_s)
+                log.error(
+                    "job %s made no progress for %.0f s; no more heartbeats (the reaper takes over)",
+                    self.job_id,
+                    stalled_s,
+                )
                 return
             try:
                 with factory() as session:
@@ -227,8 +252,12 @@ def _drop_results(session: Session, job_id: str) -> None:
     session.commit()
 
 
-def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None],
-            settings: Settings | None = None, worker: str | None = None) -> str:
+def run_job(
+    job_id: str,
+    pipeline: Callable[[JobContext], dict[str, Any] | None],
+    settings: Settings | None = None,
+    worker: str | None = None,
+) -> str:
     """Claim and run one job; returns the final status (or 'skipped' when not claimable).
 
     A job that ends (succeeded, failed, cancelled) loses its checkpoints; one that was interrupted
@@ -241,8 +270,9 @@ def run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None]
     return status
 
 
-def _run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None], settings: Settings,
-             worker: str) -> str:
+def _run_job(
+    job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None], settings: Settings, worker: str
+) -> str:
     factory = session_factory(settings.resolved_database_url)
     with factory() as session:
         try:
@@ -270,18 +300,29 @@ def _run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None
             def cancel() -> None:
                 kept = _result_count(session, job_id)
                 current = dict(session.get(Job, job_id).summary or {})
-                jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, worker=worker,
-                            error="cancelled by request" + (
-                                f"; the {kept} result file(s) written before it are kept and are partial"
-                                if kept else ""),
-                            summary={**current, "partial_results": bool(kept), "files_kept": kept})
+                jobs.finish(
+                    session,
+                    job_id,
+                    jobs.JobStatus.CANCELLED,
+                    worker=worker,
+                    error="cancelled by request"
+                    + (f"; the {kept} result file(s) written before it are kept and are partial" if kept else ""),
+                    summary={**current, "partial_results": bool(kept), "files_kept": kept},
+                )
 
             ctx.db(cancel)
             return jobs.JobStatus.CANCELLED.value
         except SoftTimeLimitExceeded:
             session.rollback()
-            ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, worker=worker,
-                                       error="the job ran past its time limit for this kind of job and was stopped"))
+            ctx.db(
+                lambda: jobs.finish(
+                    session,
+                    job_id,
+                    jobs.JobStatus.FAILED,
+                    worker=worker,
+                    error="the job ran past its time limit for this kind of job and was stopped",
+                )
+            )
             return jobs.JobStatus.FAILED.value
         except (JobFailed, StorageError, OperationalError) as exc:
             session.rollback()
@@ -296,8 +337,10 @@ def _run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None
             message = exc.strerror if isinstance(exc, StorageError) and exc.strerror else str(exc)
             try:
                 # Recording the failure waits for the database (and for space) like any checkpoint.
-                ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=message, worker=worker),
-                       through_full_disk=True)
+                ctx.db(
+                    lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=message, worker=worker),
+                    through_full_disk=True,
+                )
             except OperationalError:
                 log.error("job %s failed (%s) and the failure cannot be recorded yet", job_id, message)
                 return "interrupted"
@@ -306,20 +349,28 @@ def _run_job(job_id: str, pipeline: Callable[[JobContext], dict[str, Any] | None
             session.rollback()
             log.exception("job %s failed", job_id)
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            ctx.db(lambda: jobs.finish(session, job_id, jobs.JobStatus.FAILED, error=f"internal error: {message}",
-                                       worker=worker))
+            ctx.db(
+                lambda: jobs.finish(
+                    session, job_id, jobs.JobStatus.FAILED, error=f"internal error: {message}", worker=worker
+                )
+            )
             return jobs.JobStatus.FAILED.value
         finally:
             beat.stop_event.set()
         if ctx._with_db_retry(ctx.cancel_requested):
             # Cancelled after the last checkpoint: honour it, and say what was kept.
             kept = _result_count(session, job_id)
-            jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, worker=worker,
-                        error="cancelled by request; results written before the cancellation are kept "
-                              "and are partial", summary={**summary, "partial_results": True,
-                                                          "files_kept": kept})
+            jobs.finish(
+                session,
+                job_id,
+                jobs.JobStatus.CANCELLED,
+                worker=worker,
+                error="cancelled by request; results written before the cancellation are kept and are partial",
+                summary={**summary, "partial_results": True, "files_kept": kept},
+            )
             return jobs.JobStatus.CANCELLED.value
-        if ctx._with_db_retry(lambda: jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary,
-                                                   worker=worker)):
+        if ctx._with_db_retry(
+            lambda: jobs.finish(session, job_id, jobs.JobStatus.SUCCEEDED, summary=summary, worker=worker)
+        ):
             return jobs.JobStatus.SUCCEEDED.value
         return "lost"

@@ -21,8 +21,14 @@ log = logging.getLogger(__name__)
 
 def _task_options(kind: str) -> dict:
     soft, hard = TASK_TIME_LIMITS[kind]
-    return {"name": TASK_ROUTES[kind][0], "acks_late": True, "reject_on_worker_lost": True,
-            "ignore_result": True, "soft_time_limit": soft, "time_limit": hard}
+    return {
+        "name": TASK_ROUTES[kind][0],
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "ignore_result": True,
+        "soft_time_limit": soft,
+        "time_limit": hard,
+    }
 
 
 def _run(kind: str, job_id: str) -> str:
@@ -99,8 +105,9 @@ def _start_background_threads(sender=None, **_kwargs) -> None:
     settings = get_settings()
     queues = sorted(q.name for q in sender.app.amqp.queues.consume_from.values()) if sender else []
     threading.Thread(target=reaper_loop, args=(_reaper_stop,), daemon=True, name="job-reaper").start()
-    threading.Thread(target=presence_loop, args=(_reaper_stop, settings, queues), daemon=True,
-                     name="worker-presence").start()
+    threading.Thread(
+        target=presence_loop, args=(_reaper_stop, settings, queues), daemon=True, name="worker-presence"
+    ).start()
 
 
 @worker_shutdown.connect

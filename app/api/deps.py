@@ -45,31 +45,42 @@ def get_blobs(settings: SettingsDep) -> BlobStore:
 
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                               description="An API key created with `cellfuse keys create`")
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="An API key created with `cellfuse keys create`"
+)
 
 
-def get_principal(request: Request, session: SessionDep,
-                  key: Annotated[str | None, Depends(_api_key_header)]) -> Principal:
+def get_principal(
+    request: Request, session: SessionDep, key: Annotated[str | None, Depends(_api_key_header)]
+) -> Principal:
     # The request gate has checked the key already (before the body was read): do not look it up twice.
     checked = request.scope.get("state", {}).get(PRINCIPAL_STATE)
     if isinstance(checked, Principal):
         return checked
     if not key:
-        raise Problem(401, "this endpoint needs an API key in the X-API-Key header",
-                      slug="missing-api-key", headers={"WWW-Authenticate": "APIKey"})
+        raise Problem(
+            401,
+            "this endpoint needs an API key in the X-API-Key header",
+            slug="missing-api-key",
+            headers={"WWW-Authenticate": "APIKey"},
+        )
     principal = authenticate(session, key)
     if principal is None:
-        raise Problem(401, "the API key is unknown or has been revoked", slug="invalid-api-key",
-                      headers={"WWW-Authenticate": "APIKey"})
+        raise Problem(
+            401,
+            "the API key is unknown or has been revoked",
+            slug="invalid-api-key",
+            headers={"WWW-Authenticate": "APIKey"},
+        )
     return principal
 
 
 def require_role(role: str):
     def _check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         if not principal.has_role(role):
-            raise Problem(403, f"this action needs the '{role}' role; your key has '{principal.role}'",
-                          slug="insufficient-role")
+            raise Problem(
+                403, f"this action needs the '{role}' role; your key has '{principal.role}'", slug="insufficient-role"
+            )
         return principal
 
     return _check
@@ -97,8 +108,14 @@ class PageParams:
 
 
 def page_params(
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"rows per page (at most {MAX_PAGE}); the "
-                                "total is in the X-Total-Count header")] = DEFAULT_PAGE,
+    limit: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=MAX_PAGE,
+            description=f"rows per page (at most {MAX_PAGE}); the total is in the X-Total-Count header",
+        ),
+    ] = DEFAULT_PAGE,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="rows to skip")] = 0,
 ) -> PageParams:
     return PageParams(limit=limit, offset=offset)
@@ -120,8 +137,12 @@ async def check_text_params(request: Request) -> None:
         items += [("form", k, v) for k, v in form.multi_items() if isinstance(v, str)]
     for where, name, value in items:
         if isinstance(value, str) and (problem := storable_problem(value, f"{where}.{name}")):
-            raise Problem(422, f"the request is not valid: {problem}", slug="validation-error",
-                          errors=[{"location": f"{where}.{name}", "message": problem, "type": "unstorable_value"}])
+            raise Problem(
+                422,
+                f"the request is not valid: {problem}",
+                slug="validation-error",
+                errors=[{"location": f"{where}.{name}", "message": problem, "type": "unstorable_value"}],
+            )
 
 
 #: A row id in a path: out-of-range numbers are a 422, never a driver overflow (500).

@@ -24,16 +24,34 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "https://cellfuse.org/problems/"
 
 _TITLES = {
-    400: "Bad request", 401: "Not authenticated", 403: "Forbidden", 404: "Not found",
-    405: "Method not allowed", 406: "Not acceptable", 409: "Conflict", 413: "Content too large",
-    415: "Unsupported media type", 422: "Invalid request", 429: "Too many requests",
-    500: "Internal error", 503: "Service unavailable", 507: "Insufficient storage",
+    400: "Bad request",
+    401: "Not authenticated",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    409: "Conflict",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+    507: "Insufficient storage",
 }
 
 
 class Problem(Exception):
-    def __init__(self, status: int, detail: str, *, slug: str | None = None, title: str | None = None,
-                 headers: dict[str, str] | None = None, **extensions: Any):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        slug: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ):
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -43,9 +61,16 @@ class Problem(Exception):
         self.extensions = extensions
 
 
-def problem_response(request: Request | None, status: int, detail: str, *, slug: str | None = None,
-                     title: str | None = None, headers: dict[str, str] | None = None,
-                     **extensions: Any) -> JSONResponse:
+def problem_response(
+    request: Request | None,
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + (slug or _TITLES.get(status, "error").lower().replace(" ", "-")),
         "title": title or _TITLES.get(status, "Error"),
@@ -61,26 +86,30 @@ def problem_response(request: Request | None, status: int, detail: str, *, slug:
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     errors = []
     for err in exc.errors():
-        errors.append({
-            "location": ".".join(str(p) for p in err.get("loc", ())),
-            "message": err.get("msg", "invalid"),
-            "type": err.get("type", "value_error"),
-        })
+        errors.append(
+            {
+                "location": ".".join(str(p) for p in err.get("loc", ())),
+                "message": err.get("msg", "invalid"),
+                "type": err.get("type", "value_error"),
+            }
+        )
     return errors
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(request, exc.status, exc.detail, slug=exc.slug, title=exc.title,
-                                headers=exc.headers, **exc.extensions)
+        return problem_response(
+            request, exc.status, exc.detail, slug=exc.slug, title=exc.title, headers=exc.headers, **exc.extensions
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _validation_errors(exc)
         summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
-        return problem_response(request, 422, f"the request is not valid: {summary}",
-                                slug="validation-error", errors=errors)
+        return problem_response(
+            request, 422, f"the request is not valid: {summary}", slug="validation-error", errors=errors
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -98,15 +127,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageError)
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage error: %s", exc)
-        return problem_response(request, 507, exc.strerror or "the data directory cannot take the write",
-                                slug="storage-unavailable")
+        return problem_response(
+            request, 507, exc.strerror or "the data directory cannot take the write", slug="storage-unavailable"
+        )
 
     @app.exception_handler(DataError)
     async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
         # A value the database refuses (validation should have caught it): a 4xx, never a 500.
         log.warning("database refused a value on %s: %s", request.url.path, exc.orig)
-        return problem_response(request, 422, "a value in the request cannot be stored (NUL characters, unpaired "
-                                "surrogates, NaN and out-of-range numbers are refused)", slug="unstorable-value")
+        return problem_response(
+            request,
+            422,
+            "a value in the request cannot be stored (NUL characters, unpaired "
+            "surrogates, NaN and out-of-range numbers are refused)",
+            slug="unstorable-value",
+        )
 
     @app.exception_handler(OperationalError)
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:
@@ -114,12 +149,16 @@ def install_error_handlers(app: FastAPI) -> None:
             log.error("database write failed: the disk is full (%s)", exc.orig)
             return problem_response(request, 507, full.strerror or "the disk is full", slug="storage-unavailable")
         log.warning("database unavailable: %s", exc)
-        return problem_response(request, 503, "the database is not reachable right now; retry shortly",
-                                slug="database-unavailable", headers={"Retry-After": "5"})
+        return problem_response(
+            request,
+            503,
+            "the database is not reachable right now; retry shortly",
+            slug="database-unavailable",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # exc_info from the argument: an exception handler need not run inside the except block.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem_response(request, 500, "an unexpected error occurred; it has been logged",
-                                slug="internal-error")
+        return problem_response(request, 500, "an unexpected error occurred; it has been logged", slug="internal-error")

@@ -81,28 +81,53 @@ class RequestGate:
         self.app = app
         self.settings = settings
         self.max_bytes = settings.max_request_bytes
-        self.budget = _Budget(settings.max_concurrent_uploads, settings.max_uploads_per_key,
-                              settings.max_upload_bytes_in_flight)
+        self.budget = _Budget(
+            settings.max_concurrent_uploads, settings.max_uploads_per_key, settings.max_upload_bytes_in_flight
+        )
 
     # -- refusals ------------------------------------------------------------------------------
 
-    async def _refuse(self, scope: Scope, send: Send, status: int, detail: str, slug: str,
-                      headers: dict[str, str] | None = None, **extensions: Any) -> None:
-        response = problem_response(None, status, detail, slug=slug, headers=headers,
-                                    instance=scope.get("path", ""), **extensions)
+    async def _refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        detail: str,
+        slug: str,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        response = problem_response(
+            None, status, detail, slug=slug, headers=headers, instance=scope.get("path", ""), **extensions
+        )
         await response(scope, _empty_receive, send)
 
     def _too_large(self) -> tuple[int, str, str, dict[str, Any]]:
-        return (413, (f"the request body is larger than the limit of {self.max_bytes} bytes; send fewer or "
-                "smaller files per request"), "request-too-large", {"limit_bytes": self.max_bytes})
+        return (
+            413,
+            (
+                f"the request body is larger than the limit of {self.max_bytes} bytes; send fewer or "
+                "smaller files per request"
+            ),
+            "request-too-large",
+            {"limit_bytes": self.max_bytes},
+        )
 
     @staticmethod
     def _busy(scope_of_refusal: str) -> tuple[int, str, str, dict[str, Any]]:
         if scope_of_refusal == "key":
-            return (429, ("this key already has as many uploads in progress as allowed; wait for one to "
-                    "finish"), "too-many-uploads", {})
-        return (503, "the server is receiving as many uploads as it can hold right now; retry shortly",
-                "uploads-busy", {})
+            return (
+                429,
+                ("this key already has as many uploads in progress as allowed; wait for one to finish"),
+                "too-many-uploads",
+                {},
+            )
+        return (
+            503,
+            "the server is receiving as many uploads as it can hold right now; retry shortly",
+            "uploads-busy",
+            {},
+        )
 
     # -- authentication ------------------------------------------------------------------------
 
@@ -117,8 +142,9 @@ class RequestGate:
         raw = headers.get(b"x-api-key", b"")
         challenge = {"WWW-Authenticate": "APIKey"}
         if not raw:
-            await self._refuse(scope, send, 401, "this endpoint needs an API key in the X-API-Key header",
-                               "missing-api-key", challenge)
+            await self._refuse(
+                scope, send, 401, "this endpoint needs an API key in the X-API-Key header", "missing-api-key", challenge
+            )
             return None
         key = raw.decode("latin-1")
         principal = None
@@ -127,12 +153,19 @@ class RequestGate:
                 principal = await anyio.to_thread.run_sync(self._lookup, key)
             except OperationalError:
                 log.warning("database unavailable while checking an API key", exc_info=True)
-                await self._refuse(scope, send, 503, "the database is not reachable right now; retry shortly",
-                                   "database-unavailable", {"Retry-After": "5"})
+                await self._refuse(
+                    scope,
+                    send,
+                    503,
+                    "the database is not reachable right now; retry shortly",
+                    "database-unavailable",
+                    {"Retry-After": "5"},
+                )
                 return None
         if principal is None:
-            await self._refuse(scope, send, 401, "the API key is unknown or has been revoked", "invalid-api-key",
-                               challenge)
+            await self._refuse(
+                scope, send, 401, "the API key is unknown or has been revoked", "invalid-api-key", challenge
+            )
         return principal
 
     # -- the gate ------------------------------------------------------------------------------
@@ -162,8 +195,7 @@ class RequestGate:
             await self._refuse(scope, send, status, detail, slug, **ext)
             return
         content_type = headers.get(b"content-type", b"").lower()
-        is_upload = (content_type.startswith(b"multipart/") or declared is None
-                     or declared > SMALL_BODY)
+        is_upload = content_type.startswith(b"multipart/") or declared is None or declared > SMALL_BODY
         if not is_upload:
             await self._pass_counted(scope, receive, send, None, 0)
             return
@@ -180,8 +212,9 @@ class RequestGate:
         finally:
             self.budget.release(key_id, held[0])
 
-    async def _pass_counted(self, scope: Scope, receive: Receive, send: Send, held: list[int] | None,
-                            reserved: int) -> None:
+    async def _pass_counted(
+        self, scope: Scope, receive: Receive, send: Send, held: list[int] | None, reserved: int
+    ) -> None:
         """Run the app, counting the body; past a limit the app sees a disconnect and the client a refusal.
 
         ``held`` (bodies of unknown length) accumulates the bytes charged to the in-flight budget.

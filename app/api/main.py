@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         title="CellFuse",
         version=__version__,
         description="Cell segmentation without structural reporters: a Cellpose model zoo per "
-                    "(cell line, reporter, object) and Flow Fusion across channels.",
+        "(cell line, reporter, object) and Flow Fusion across channels.",
         lifespan=lifespan,
         dependencies=[Depends(check_text_params)],
         docs_url=None,  # served by routes/web.py from the package, not from a CDN
@@ -83,7 +83,6 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
-    for module in (system, jobs, zoo, datasets, illumination, work, results, ome_zarr, keys, webhooks, metrics,
-                   web):
+    for module in (system, jobs, zoo, datasets, illumination, work, results, ome_zarr, keys, webhooks, metrics, web):
         app.include_router(module.router)
     return app

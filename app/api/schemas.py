@@ -72,8 +72,10 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
     finished_at: datetime | None
     results: list[ResultOut] = []
-    partial_results: bool = Field(default=False, description="the job was cancelled or failed after producing "
-                                  "these results: they cover only part of the work")
+    partial_results: bool = Field(
+        default=False,
+        description="the job was cancelled or failed after producing these results: they cover only part of the work",
+    )
 
     @field_validator("created_at", "started_at", "heartbeat_at", "finished_at", mode="after")
     @classmethod
@@ -102,8 +104,6 @@ class ReadyOut(BaseModel):
     versions: dict[str, str | None] | None = Field(default=None, description="for admin keys only")
 
 
-
-
 class CellLineIn(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     species: str | None = Field(default=None, max_length=120)
@@ -124,8 +124,9 @@ class ReporterIn(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     fluorophore: str | None = Field(default=None, max_length=120)
     protein: str | None = Field(default=None, max_length=120)
-    localisation: str | None = Field(default=None, max_length=120,
-                                     description="expected localisation, e.g. cytoplasmic, nuclear, translocating")
+    localisation: str | None = Field(
+        default=None, max_length=120, description="expected localisation, e.g. cytoplasmic, nuclear, translocating"
+    )
     notes: str | None = Field(default=None, max_length=5000)
 
 
@@ -166,8 +167,9 @@ class ModelVersionOut(BaseModel):
     training_curve: list[dict[str, Any]]
     card: dict[str, Any]
     aliases: list[str]
-    pseudo_labelled: bool = Field(default=False, description="trained on self-training pseudo-labels, "
-                                  "no human annotation")
+    pseudo_labelled: bool = Field(
+        default=False, description="trained on self-training pseudo-labels, no human annotation"
+    )
     created_at: datetime
 
     @field_validator("created_at", mode="after")
@@ -213,9 +215,11 @@ class ChannelSetOut(BaseModel):
     object: str
     method: str
     chosen: list[str]
-    ranking: list[dict[str, Any]] = Field(description="best first; each row's F1 with its bootstrap 95 % "
-                                          "interval over fields (f1_interval) and whether it is within noise "
-                                          "of the best")
+    ranking: list[dict[str, Any]] = Field(
+        description="best first; each row's F1 with its bootstrap 95 % "
+        "interval over fields (f1_interval) and whether it is within noise "
+        "of the best"
+    )
     chosen_f1_interval: list[float] | None = None
     fusion_parameters: FusionParametersOut | None = None
     dataset_id: int | None
@@ -238,8 +242,9 @@ class ResolutionOut(BaseModel):
 class DatasetIn(StrictModel):
     name: str = Field(pattern=NAME_PATTERN)
     cell_line: str = Field(min_length=1, max_length=120)
-    channels: list[str] = Field(min_length=1, max_length=8,
-                                description="reporter name per channel index of every image")
+    channels: list[str] = Field(
+        min_length=1, max_length=8, description="reporter name per channel index of every image"
+    )
     acquisition: dict[str, Any] = Field(default_factory=dict, description="microscope, objective, pixel size ...")
     notes: str | None = Field(default=None, max_length=5000)
 
@@ -275,18 +280,23 @@ class FinetuneIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel to train on")
     object: ObjectLiteral
-    base: str = Field(default="", max_length=200,
-                      description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base")
+    base: str = Field(
+        default="",
+        max_length=200,
+        description="base model name, or 'version:<id>' for a zoo version; empty = the shipped base",
+    )
     params: FinetuneParams = Field(default_factory=FinetuneParams)
 
 
 class PretrainISLIn(StrictModel):
     dataset_id: int = Field(ge=1, le=MAX_ID)
-    source_channels: list[str] = Field(min_length=1, max_length=16,
-                                       description="channels the network sees (label-free or reporters)")
+    source_channels: list[str] = Field(
+        min_length=1, max_length=16, description="channels the network sees (label-free or reporters)"
+    )
     target_channel: str = Field(min_length=1, max_length=120, description="the stain to predict (nuclear, membrane)")
-    name: str = Field(min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="the new base model's name")
+    name: str = Field(
+        min_length=1, max_length=120, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the new base model's name"
+    )
     init_base: str | None = Field(default=None, max_length=120, description="start from this base model")
     params: ISLParams = Field(default_factory=ISLParams)
 
@@ -296,12 +306,15 @@ class SelfTrainIn(StrictModel):
     reporter: str = Field(min_length=1, max_length=120, description="the reporter channel the model is for")
     object: ObjectLiteral
     marker_channel: str | None = Field(default=None, max_length=120, description="a nuclear stain channel")
-    marker_isl_model: str | None = Field(default=None, max_length=120,
-                                         description="an ISL base model predicting the nuclear stain")
-    marker_source_channel: str | None = Field(default=None, max_length=120,
-                                              description="the channel the ISL model reads (default: reporter)")
-    foreground_channel: str | None = Field(default=None, max_length=120,
-                                           description="default: the marker channel for nuclei, the reporter for cells")
+    marker_isl_model: str | None = Field(
+        default=None, max_length=120, description="an ISL base model predicting the nuclear stain"
+    )
+    marker_source_channel: str | None = Field(
+        default=None, max_length=120, description="the channel the ISL model reads (default: reporter)"
+    )
+    foreground_channel: str | None = Field(
+        default=None, max_length=120, description="default: the marker channel for nuclei, the reporter for cells"
+    )
     base: str = Field(default="", max_length=200, description="base of the pseudo-label fine-tune; empty = shipped")
     self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
     params: FinetuneParams = Field(default_factory=FinetuneParams)
@@ -317,12 +330,14 @@ class SegmentRequest(StrictModel):
     channels: list[str] = Field(min_length=1, max_length=8, description="reporter name per channel index")
     objects: list[ObjectLiteral] = Field(default=["nuclei", "cells"], min_length=1, max_length=2)
     method: MethodLiteral = "flow_fusion"
-    use_channels: list[str] | None = Field(default=None, max_length=8,
-                                           description="channels to fuse; default: the zoo's chosen set")
+    use_channels: list[str] | None = Field(
+        default=None, max_length=8, description="channels to fuse; default: the zoo's chosen set"
+    )
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
     plate: str | None = Field(default=None, max_length=120)
-    fields: list[FieldMeta] = Field(default_factory=list, max_length=1536,
-                                         description="per uploaded file: {well, field}")
+    fields: list[FieldMeta] = Field(
+        default_factory=list, max_length=1536, description="per uploaded file: {well, field}"
+    )
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
@@ -355,8 +370,6 @@ class SelectChannelsIn(StrictModel):
     metric: MetricLiteral = "f1"
 
 
-
-
 class ApiKeyIn(StrictModel):
     name: str = Field(min_length=1, max_length=120, description="who or what uses the key")
     role: RoleLiteral = "instrument"
@@ -383,6 +396,7 @@ class ApiKeyCreatedOut(ApiKeyOut):
 
 class KeyIdentityOut(BaseModel):
     """Who the calling key is: the web page shows the role so that a user knows what they may do."""
+
     id: int
     name: str
     role: str

@@ -22,8 +22,12 @@ def upload_size(upload: UploadFile, max_bytes: int) -> int:
     total = upload.file.tell()
     upload.file.seek(0)
     if total > max_bytes:
-        raise Problem(413, f"{display_name(upload.filename)} is larger than the upload limit of "
-                      f"{max_bytes} bytes", slug="upload-too-large", limit_bytes=max_bytes)
+        raise Problem(
+            413,
+            f"{display_name(upload.filename)} is larger than the upload limit of {max_bytes} bytes",
+            slug="upload-too-large",
+            limit_bytes=max_bytes,
+        )
     if total == 0:
         raise Problem(422, f"{display_name(upload.filename)} is empty", slug="empty-upload")
     return total

@@ -15,13 +15,23 @@ import numpy as np
 
 #: The acquisition the models never see in training: a quarter of the photons, more read noise,
 #: a softer focus and stronger vignetting.
-SHIFTED_IMAGING_CHANGES: dict[str, Any] = dict(exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6),
-                                               vignetting=(0.5, 0.7), haze=(0.3, 0.5))
+SHIFTED_IMAGING_CHANGES: dict[str, Any] = dict(
+    exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6), vignetting=(0.5, 0.7), haze=(0.3, 0.5)
+)
 
 
-def run_ablation_benchmark(*, reporter_index: int = 2, obj: str = "nuclei", n_train: int = 12, n_val: int = 4,
-                           n_test: int = 8, size: int = 192, max_epochs: int = 30, seeds: tuple[int, ...] = (0, 1),
-                           echo: Callable[[str], None] = print) -> dict:
+def run_ablation_benchmark(
+    *,
+    reporter_index: int = 2,
+    obj: str = "nuclei",
+    n_train: int = 12,
+    n_val: int = 4,
+    n_test: int = 8,
+    size: int = 192,
+    max_epochs: int = 30,
+    seeds: tuple[int, ...] = (0, 1),
+    echo: Callable[[str], None] = print,
+) -> dict:
     import torch
 
     from app.science.synthetic import DEFAULT_IMAGING, DEFAULT_REPORTERS, make_plate
@@ -43,22 +53,27 @@ def run_ablation_benchmark(*, reporter_index: int = 2, obj: str = "nuclei", n_tr
     val_images, val_masks = pairs(train_plate[n_train:])
     base_entry = shipped_base_models()[0]
     base, _card = load_model(base_entry.weights_path, expected_sha256=base_entry.weights_sha256)
-    echo(f"ablation: reporter {reporter.name} ({reporter.localisation}) → {obj}; base {base_entry.name}; "
-         f"{n_train} train / {n_val} val fields; {n_test} test fields on the training acquisition and on a "
-         f"shifted one ({SHIFTED_IMAGING_CHANGES})")
+    echo(
+        f"ablation: reporter {reporter.name} ({reporter.localisation}) → {obj}; base {base_entry.name}; "
+        f"{n_train} train / {n_val} val fields; {n_test} test fields on the training acquisition and on a "
+        f"shifted one ({SHIFTED_IMAGING_CHANGES})"
+    )
     results: dict[str, dict[str, list[float]]] = {}
     for arm, microscopy in (("with microscopy augmentations", True), ("geometry only", False)):
         scores: dict[str, list[float]] = {"same": [], "shifted": []}
         for seed in seeds:
-            config = TrainingConfig(max_epochs=max_epochs, min_epochs=10, patience=8, bsize=128, seed=seed,
-                                    microscopy_augment=microscopy)
+            config = TrainingConfig(
+                max_epochs=max_epochs, min_epochs=10, patience=8, bsize=128, seed=seed, microscopy_augment=microscopy
+            )
             result = finetune(base, train_images, train_masks, val_images, val_masks, config)
             for name, plate in (("same", same_plate), ("shifted", shifted_plate)):
                 images, masks = pairs(plate)
                 f1 = evaluate_model(result.net, images, masks, result.diameter, tile=False).scores.f1
                 scores[name].append(float(f1))
-            echo(f"  {arm:32s} seed {seed}: F1 same acquisition {scores['same'][-1]:.3f}, "
-                 f"shifted {scores['shifted'][-1]:.3f} (best epoch {result.best_epoch})")
+            echo(
+                f"  {arm:32s} seed {seed}: F1 same acquisition {scores['same'][-1]:.3f}, "
+                f"shifted {scores['shifted'][-1]:.3f} (best epoch {result.best_epoch})"
+            )
         results[arm] = scores
     summary = {arm: {k: float(np.mean(v)) for k, v in s.items()} for arm, s in results.items()}
     for arm, s in summary.items():

@@ -68,8 +68,18 @@ class FewShotBudget:
 
     @classmethod
     def small(cls) -> FewShotBudget:
-        return cls(steps=2, bsize=64, batch_size=2, isl_epochs=1, self_train_epochs=2, n_pretext=2, n_test=2,
-                   size=96, seeds=(0,), counts=(0, 1, 2))
+        return cls(
+            steps=2,
+            bsize=64,
+            batch_size=2,
+            isl_epochs=1,
+            self_train_epochs=2,
+            n_pretext=2,
+            n_test=2,
+            size=96,
+            seeds=(0,),
+            counts=(0, 1, 2),
+        )
 
 
 @dataclass
@@ -104,13 +114,18 @@ def synthetic_task(budget: FewShotBudget, reporter_index: int = 2, stain_index: 
     diameter = float(np.median([estimate_diameter(f.image[stain_index]) for f in pretext]))
     return FewShotTask(
         name="synthetic plates (nuclei from the translocating reporter)",
-        pool_images=[f.image[reporter_index] for f in pool], pool_masks=[f.nuclei for f in pool],
+        pool_images=[f.image[reporter_index] for f in pool],
+        pool_masks=[f.nuclei for f in pool],
         pool_stain=[f.image[stain_index] for f in pool],
-        test_images=[f.image[reporter_index] for f in test], test_masks=[f.nuclei for f in test],
+        test_images=[f.image[reporter_index] for f in test],
+        test_masks=[f.nuclei for f in test],
         test_stain=[f.image[stain_index] for f in test],
-        pretext_sources=sources, pretext_targets=targets, isl_diameter=diameter,
+        pretext_sources=sources,
+        pretext_targets=targets,
+        isl_diameter=diameter,
         notes=f"pool seed 200, test seed 300 ({budget.n_test} fields), pretext seed 100 "
-              f"({len(sources)} reporter->stain pairs), {budget.size}px fields")
+        f"({len(sources)} reporter->stain pairs), {budget.size}px fields",
+    )
 
 
 def degraded_view(stain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -146,12 +161,15 @@ def dsb_task(budget: FewShotBudget, data_root: Path | None = None) -> FewShotTas
     base_data = load_annotated_dir(root / "dsb2018_fluo")
     # A crop without any nucleus would be segmented at a clamped 5-px diameter (a 6x zoom) and flood the
     # pooled scores with false positives: only crops that hold nuclei are test images.
-    test_idx = [i for i, name in enumerate(base_data.names)
-                if name in held_out and _crop(base_data.masks[i], budget.size).max() > 0][: budget.n_test]
+    test_idx = [
+        i
+        for i, name in enumerate(base_data.names)
+        if name in held_out and _crop(base_data.masks[i], budget.size).max() > 0
+    ][: budget.n_test]
     more = load_annotated_dir(root / "dsb2018_fluo_more")
     order = np.random.default_rng(2018).permutation(len(more))
     pool_idx = [int(i) for i in order[: max(budget.counts)]]
-    pretext_idx = [int(i) for i in order[max(budget.counts): max(budget.counts) + budget.n_pretext]]
+    pretext_idx = [int(i) for i in order[max(budget.counts) : max(budget.counts) + budget.n_pretext]]
     rng = np.random.default_rng(7)
     sources, targets = [], []
     for i in pretext_idx:  # masks of these images are never read
@@ -165,14 +183,19 @@ def dsb_task(budget: FewShotBudget, data_root: Path | None = None) -> FewShotTas
     test_images = [_crop(base_data.images[i], size).astype(np.float32) for i in test_idx]
     return FewShotTask(
         name="DSB2018 nuclei (real fluorescence stain)",
-        pool_images=pool_images, pool_masks=[_relabel(_crop(more.masks[i], size)) for i in pool_idx],
+        pool_images=pool_images,
+        pool_masks=[_relabel(_crop(more.masks[i], size)) for i in pool_idx],
         pool_stain=pool_images,
-        test_images=test_images, test_masks=[_relabel(_crop(base_data.masks[i], size)) for i in test_idx],
+        test_images=test_images,
+        test_masks=[_relabel(_crop(base_data.masks[i], size)) for i in test_idx],
         test_stain=test_images,
-        pretext_sources=sources, pretext_targets=targets, isl_diameter=None,
+        pretext_sources=sources,
+        pretext_targets=targets,
+        isl_diameter=None,
         notes=f"pool: {len(pool_idx)} dsb2018_fluo_more images; test: {len(test_idx)} of the shipped base's "
-              f"held-out images; pretext: {len(sources)} other dsb2018_fluo_more images (no masks), degraded "
-              f"view -> stain; top-left {size}px crops")
+        f"held-out images; pretext: {len(sources)} other dsb2018_fluo_more images (no masks), degraded "
+        f"view -> stain; top-left {size}px crops",
+    )
 
 
 def _relabel(mask: np.ndarray) -> np.ndarray:
@@ -191,9 +214,17 @@ def _finetune(init, images, masks, budget: FewShotBudget, seed: int):
     repeat = max(1, math.ceil(budget.batch_size / len(images)))
     images, masks = list(images) * repeat, list(masks) * repeat
     epochs = max(1, round(budget.steps * budget.batch_size / len(images)))
-    config = TrainingConfig(max_epochs=epochs, min_epochs=epochs, patience=10_000, batch_size=budget.batch_size,
-                            bsize=budget.bsize, warmup_epochs=min(2, epochs - 1), min_train_masks=1, seed=seed,
-                            learning_rate=budget.learning_rate)
+    config = TrainingConfig(
+        max_epochs=epochs,
+        min_epochs=epochs,
+        patience=10_000,
+        batch_size=budget.batch_size,
+        bsize=budget.bsize,
+        warmup_epochs=min(2, epochs - 1),
+        min_train_masks=1,
+        seed=seed,
+        learning_rate=budget.learning_rate,
+    )
     return finetune(init, images, masks, [], [], config).net
 
 
@@ -202,8 +233,9 @@ def _score_net(net, task: FewShotTask) -> tuple[float, float]:
 
     if net is None:
         return math.nan, math.nan
-    scores = evaluate_model(net, task.test_images, task.test_masks, list(image_diameters(task.test_masks)),
-                            tile=False).scores
+    scores = evaluate_model(
+        net, task.test_images, task.test_masks, list(image_diameters(task.test_masks)), tile=False
+    ).scores
     return float(scores.f1), float(scores.map_50_95)
 
 
@@ -227,8 +259,10 @@ def _self_train_labels(stains: Sequence[np.ndarray], budget: FewShotBudget, seed
     zooms = [float(np.clip(SELF_TRAIN_DIAMETER / estimate_diameter(s), 0.5, 2.0)) for s in stains]
     zoomed = [_zoomed(s, z) for s, z in zip(stains, zooms)]
     result = self_train(zoomed, diameter=SELF_TRAIN_DIAMETER, config=config)
-    labels = [_zoomed(lab, 1.0 / z, nearest=True)[: s.shape[0], : s.shape[1]].astype(np.int32)
-              for lab, z, s in zip(result.labels, zooms, stains)]
+    labels = [
+        _zoomed(lab, 1.0 / z, nearest=True)[: s.shape[0], : s.shape[1]].astype(np.int32)
+        for lab, z, s in zip(result.labels, zooms, stains)
+    ]
     labels = [_pad_to(lab, s.shape) for lab, s in zip(labels, stains)]
     return labels, result.markers, zooms
 
@@ -266,15 +300,28 @@ def run_task(task: FewShotTask, budget: FewShotBudget, echo: Callable[[str], Non
     started = time.perf_counter()
     # ISL pretext: once per dataset (the pretext uses no annotation; its seed is the benchmark's first).
     n_val = max(1, len(task.pretext_sources) // 6)
-    isl_config = ISLConfig(bsize=budget.bsize, batch_size=budget.batch_size, max_epochs=budget.isl_epochs,
-                           min_epochs=1, patience=3, crops_per_pair=1, seed=0)
-    pretext = (task.pretext_sources[n_val:], task.pretext_targets[n_val:], task.pretext_sources[:n_val],
-               task.pretext_targets[:n_val])
+    isl_config = ISLConfig(
+        bsize=budget.bsize,
+        batch_size=budget.batch_size,
+        max_epochs=budget.isl_epochs,
+        min_epochs=1,
+        patience=3,
+        crops_per_pair=1,
+        seed=0,
+    )
+    pretext = (
+        task.pretext_sources[n_val:],
+        task.pretext_targets[n_val:],
+        task.pretext_sources[:n_val],
+        task.pretext_targets[:n_val],
+    )
     isl = pretrain_isl(*pretext, isl_config, widths=HALF_WIDTHS, diameter=task.isl_diameter)
     isl_base = pretrain_isl(*pretext, isl_config, init_net=base, diameter=task.isl_diameter)
     for what, res in (("ISL pretext from random", isl), ("ISL pretext from base", isl_base)):
-        echo(f"   {what}: {res.n_train} pairs, {len(res.history)} epochs, best val L1 {res.best_val_loss:.3f}, "
-             f"val correlation {res.val_correlation:.3f} ({time.perf_counter() - started:.0f}s)")
+        echo(
+            f"   {what}: {res.n_train} pairs, {len(res.history)} epochs, best val L1 {res.best_val_loss:.3f}, "
+            f"val correlation {res.val_correlation:.3f} ({time.perf_counter() - started:.0f}s)"
+        )
     rows: dict[str, dict[int, list[tuple[float, float]]]] = {}
 
     def add(line: str, n: int, value: tuple[float, float]) -> None:
@@ -298,20 +345,35 @@ def run_task(task: FewShotTask, budget: FewShotBudget, echo: Callable[[str], Non
             chosen = [int(i) for i in order[:n]]
             images = [task.pool_images[i] for i in chosen]
             masks = [task.pool_masks[i] for i in chosen]
-            for line, init in (("random", random_init), ("shipped base", base), ("ISL init", isl.net),
-                               ("ISL from base", isl_base.net), ("self-trained", self_trained)):
+            for line, init in (
+                ("random", random_init),
+                ("shipped base", base),
+                ("ISL init", isl.net),
+                ("ISL from base", isl_base.net),
+                ("self-trained", self_trained),
+            ):
                 if init is None:
                     continue
                 add(line, n, _score_net(_finetune(init, images, masks, budget, seed), task))
-            echo(f"   seed {seed} n={n}: " + ", ".join(f"{line} F1 {rows[line][n][-1][0]:.3f}"
-                                                       for line in LINES if n in rows.get(line, {}))
-                 + f" ({time.perf_counter() - started:.0f}s)")
-        echo(f"   seed {seed} n=0: " + ", ".join(f"{line} F1 {values[0][-1][0]:.3f}"
-                                               for line, values in rows.items() if 0 in values))
-    return {"task": task.name, "notes": task.notes, "rows": rows, "isl": {
-        name: {"best_val_l1": r.best_val_loss, "val_correlation": r.val_correlation, "epochs": len(r.history)}
-        for name, r in (("random", isl), ("base", isl_base))},
-        "seconds": time.perf_counter() - started}
+            echo(
+                f"   seed {seed} n={n}: "
+                + ", ".join(f"{line} F1 {rows[line][n][-1][0]:.3f}" for line in LINES if n in rows.get(line, {}))
+                + f" ({time.perf_counter() - started:.0f}s)"
+            )
+        echo(
+            f"   seed {seed} n=0: "
+            + ", ".join(f"{line} F1 {values[0][-1][0]:.3f}" for line, values in rows.items() if 0 in values)
+        )
+    return {
+        "task": task.name,
+        "notes": task.notes,
+        "rows": rows,
+        "isl": {
+            name: {"best_val_l1": r.best_val_loss, "val_correlation": r.val_correlation, "epochs": len(r.history)}
+            for name, r in (("random", isl), ("base", isl_base))
+        },
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def format_table(result: dict, counts: Sequence[int]) -> list[str]:
@@ -332,8 +394,13 @@ def format_table(result: dict, counts: Sequence[int]) -> list[str]:
     return lines
 
 
-def run_few_shot_benchmark(*, small: bool = False, datasets: Sequence[str] = ("synthetic", "dsb2018"),
-                           budget: FewShotBudget | None = None, echo: Callable[[str], None] = print) -> dict:
+def run_few_shot_benchmark(
+    *,
+    small: bool = False,
+    datasets: Sequence[str] = ("synthetic", "dsb2018"),
+    budget: FewShotBudget | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Run the benchmark, print one table per dataset (F1 mean [min–max over seeds] / mAP .5:.95)."""
     import torch
 

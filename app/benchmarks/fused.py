@@ -63,10 +63,10 @@ def quick_trained_state(
     crop = min(crop, ly, lx) // 16 * 16
     rng = np.random.default_rng(seed)
     starts = [(int(rng.integers(0, ly - crop + 1)), int(rng.integers(0, lx - crop + 1))) for _ in range(3)]
-    x = np.stack([np.stack([small[y:y + crop, c:c + crop], np.zeros((crop, crop), np.float32)]) for y, c in starts])
+    x = np.stack([np.stack([small[y : y + crop, c : c + crop], np.zeros((crop, crop), np.float32)]) for y, c in starts])
     targets = []
     for y, c in starts:
-        lab = small_labels[y:y + crop, c:c + crop]
+        lab = small_labels[y : y + crop, c : c + crop]
         targets.append(np.concatenate([(lab > 0)[None], dynamics.masks_to_flows(lab)]).astype(np.float32))
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(np.stack(targets))
     torch.manual_seed(seed)
@@ -135,7 +135,9 @@ def _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, 
     if train_steps > 0:
         tic = time.perf_counter()
         trained = quick_trained_state(image[0], truth, diameter, train_steps)
-        echo(f"set-up (untimed): one net trained {train_steps} steps on crops of channel 0 in {time.perf_counter() - tic:.1f} s")
+        echo(
+            f"set-up (untimed): one net trained {train_steps} steps on crops of channel 0 in {time.perf_counter() - tic:.1f} s"
+        )
     nets, cellpose_models = [], []
     for k in range(n_channels):
         torch.manual_seed(k)
@@ -171,8 +173,14 @@ def _run(size, n_channels, repeats, tile, echo, channels_last, cellpose_mkldnn, 
         timings["average"] = time.perf_counter() - tic
         tic = time.perf_counter()
         labels = dynamics.resize_and_compute_masks(
-            dp, cellprob, niter=niter, cellprob_threshold=0.0, flow_threshold=FUSED_FLOW_THRESHOLD,
-            min_size=15, resize=None, device=torch.device("cpu"),
+            dp,
+            cellprob,
+            niter=niter,
+            cellprob_threshold=0.0,
+            flow_threshold=FUSED_FLOW_THRESHOLD,
+            min_size=15,
+            resize=None,
+            device=torch.device("cpu"),
         )
         timings["masks"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started

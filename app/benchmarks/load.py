@@ -121,18 +121,58 @@ def local_stack(echo: Callable[[str], Any] = print, embedded: bool = False):
         worker_log = (tmp / "worker.log").open("wb")
         stack.callback(worker_log.close)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker", "-Q", "cpu,gpu",
-             "--concurrency", "1", "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-n", f"load-{uuid.uuid4().hex[:6]}@%h"],
-            cwd=REPO_ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "cpu,gpu",
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"load-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         stack.callback(_stop, worker)
         port = _free_port()
         api_log = (tmp / "api.log").open("wb")
         stack.callback(api_log.close)
         api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-            cwd=REPO_ROOT, env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.api.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         stack.callback(_stop, api)
         base = f"http://127.0.0.1:{port}"
         _wait_http(base + "/health", api, timeout=60)
@@ -240,8 +280,9 @@ def _drain(base: str, key: str, job_ids: list[str], timeout: float) -> tuple[int
     return succeeded, len(pending), time.perf_counter() - started
 
 
-def run_load_benchmark(url: str | None, seconds: float, rate: float,
-                       echo: Callable[[str], Any] = print, embedded: bool = False) -> dict[str, Any]:
+def run_load_benchmark(
+    url: str | None, seconds: float, rate: float, echo: Callable[[str], Any] = print, embedded: bool = False
+) -> dict[str, Any]:
     """Drive ``rate`` requests/s for ``seconds`` and report throughput, p50/p99 latency and errors.
 
     ``url`` is a running API (its key in ``CELLFUSE_API_KEY``); ``None`` starts a local stack on
@@ -264,8 +305,12 @@ def run_load_benchmark(url: str | None, seconds: float, rate: float,
 
     total = sum(len(v) for v in samples.latencies_s.values())
     report: dict[str, Any] = {
-        "url": url or ("local stack (embedded default: SQLite + SQLite broker + 1 worker + uvicorn)" if embedded
-                       else "local stack (PostgreSQL + Redis + 1 worker + uvicorn)"),
+        "url": url
+        or (
+            "local stack (embedded default: SQLite + SQLite broker + 1 worker + uvicorn)"
+            if embedded
+            else "local stack (PostgreSQL + Redis + 1 worker + uvicorn)"
+        ),
         "seconds": round(elapsed, 2),
         "target_rate": rate,
         "requests": total,
@@ -278,19 +323,28 @@ def run_load_benchmark(url: str | None, seconds: float, rate: float,
         "jobs_unfinished": unfinished,
         "drain_s": round(drain_s, 2),
         "endpoints": {
-            name: {"count": len(values), "p50_ms": round(_percentile(values, 50) * 1000, 1),
-                   "p99_ms": round(_percentile(values, 99) * 1000, 1),
-                   "max_ms": round(max(values) * 1000, 1) if values else float("nan")}
+            name: {
+                "count": len(values),
+                "p50_ms": round(_percentile(values, 50) * 1000, 1),
+                "p99_ms": round(_percentile(values, 99) * 1000, 1),
+                "max_ms": round(max(values) * 1000, 1) if values else float("nan"),
+            }
             for name, values in samples.latencies_s.items()
         },
     }
-    echo(f"requests: {total} in {report['seconds']} s = {report['requests_per_s']} requests/s "
-         f"(target {rate:g}); scheduling lateness p99 {report['p99_lateness_ms']} ms")
+    echo(
+        f"requests: {total} in {report['seconds']} s = {report['requests_per_s']} requests/s "
+        f"(target {rate:g}); scheduling lateness p99 {report['p99_lateness_ms']} ms"
+    )
     for name, stats in report["endpoints"].items():
-        echo(f"  {name:28s} n={stats['count']:5d}  p50 {stats['p50_ms']:7.1f} ms  p99 {stats['p99_ms']:7.1f} ms  "
-             f"max {stats['max_ms']:7.1f} ms")
-    echo(f"jobs: {len(samples.job_ids)} submitted, {succeeded} succeeded, {unfinished} unfinished "
-         f"(drained in {report['drain_s']} s after the load stopped)")
+        echo(
+            f"  {name:28s} n={stats['count']:5d}  p50 {stats['p50_ms']:7.1f} ms  p99 {stats['p99_ms']:7.1f} ms  "
+            f"max {stats['max_ms']:7.1f} ms"
+        )
+    echo(
+        f"jobs: {len(samples.job_ids)} submitted, {succeeded} succeeded, {unfinished} unfinished "
+        f"(drained in {report['drain_s']} s after the load stopped)"
+    )
     echo(f"errors: {report['errors']}")
     for line in report["first_errors"]:
         echo(f"  {line}")

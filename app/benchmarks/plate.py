@@ -40,8 +40,9 @@ CELL_LINE = "bench-plate"
 OBJECT = "nuclei"
 
 
-def plate_fields(n_fields: int, size: int = 512, n_channels: int = 4, *, unique: int = 8,
-                 seed: int = 0) -> tuple[list[np.ndarray], float, np.ndarray]:
+def plate_fields(
+    n_fields: int, size: int = 512, n_channels: int = 4, *, unique: int = 8, seed: int = 0
+) -> tuple[list[np.ndarray], float, np.ndarray]:
     """``n_fields`` (K, size, size) uint16 fields (as instruments write them), the cell diameter and
     the first field's nuclei.
 
@@ -82,8 +83,14 @@ def _save_channel_models(state: dict, diameter: float, reporters: list[str], fol
         net = backbone.build_network(backbone.FULL_WIDTHS)
         net.load_state_dict(state)
         net.diam_labels.data = torch.tensor([diameter + 1e-3 * k])  # distinct files, same inference
-        card = weights.ModelCard(name=f"{CELL_LINE}-{reporter}", version="1", architecture=weights.architecture_of(net),
-                                 diameter=diameter, reporter=reporter, object=OBJECT)
+        card = weights.ModelCard(
+            name=f"{CELL_LINE}-{reporter}",
+            version="1",
+            architecture=weights.architecture_of(net),
+            diameter=diameter,
+            reporter=reporter,
+            object=OBJECT,
+        )
         saved.append(weights.save_model(net, card, folder, f"{reporter}-v1"))
     return saved
 
@@ -106,9 +113,18 @@ def _seed_zoo(settings, saved: list, reporters: list[str], diameter: float, cell
         session.commit()
         for row, model in zip(rows, saved, strict=True):
             sha = blobs.put_bytes(model.weights_path.read_bytes()).sha256
-            session.add(ModelVersion(cell_line_id=line.id, reporter_id=row.id, object=OBJECT, version=1,
-                                     status="ready", weights_sha256=sha, card=model.card.to_dict(),
-                                     diameter=diameter))
+            session.add(
+                ModelVersion(
+                    cell_line_id=line.id,
+                    reporter_id=row.id,
+                    object=OBJECT,
+                    version=1,
+                    status="ready",
+                    weights_sha256=sha,
+                    card=model.card.to_dict(),
+                    diameter=diameter,
+                )
+            )
         session.commit()
         _row, key = create_key(session, "bench-plate", "admin")
     return key
@@ -121,8 +137,13 @@ class _Server:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         import httpx
@@ -151,8 +172,15 @@ class _Server:
         self._log.close()
 
 
-def _api_route(env: dict[str, str], key: str, request: dict, tiffs: list[tuple[str, bytes]], log_path: Path,
-               echo: Callable[[str], None], what: str) -> tuple[dict, float, float, object]:
+def _api_route(
+    env: dict[str, str],
+    key: str,
+    request: dict,
+    tiffs: list[tuple[str, bytes]],
+    log_path: Path,
+    echo: Callable[[str], None],
+    what: str,
+) -> tuple[dict, float, float, object]:
     """(finished job, upload seconds, upload-to-done seconds, client) for the whole plate."""
     from app.client import CellFuseClient
 
@@ -171,8 +199,10 @@ def _api_route(env: dict[str, str], key: str, request: dict, tiffs: list[tuple[s
         if job["status"] != "succeeded" or job["summary"].get("fields_failed"):
             raise RuntimeError(f"{what}: job {job['id']} {job['status']}: {job.get('error')} {job['summary']}")
         masks = {r["name"]: api.download(r["url"]) for r in job["results"] if r["name"].endswith(f"/{OBJECT}.tif")}
-        echo(f"{what}: {len(tiffs)} fields in {total:.1f} s (upload {uploaded:.1f} s), "
-             f"{len(tiffs) / total:.3f} fields/s, precision {job['summary'].get('precision', 'fp32')}")
+        echo(
+            f"{what}: {len(tiffs)} fields in {total:.1f} s (upload {uploaded:.1f} s), "
+            f"{len(tiffs) / total:.3f} fields/s, precision {job['summary'].get('precision', 'fp32')}"
+        )
         return job, uploaded, total, masks
     finally:
         server.stop()
@@ -191,8 +221,9 @@ def _naive_route(fields, saved, diameter: float, echo, device) -> float:
 
         net, _ = load_model(model.weights_path)
         path = export_cellpose(net, folder / f"cellpose-{k}.pth")
-        cellpose_models.append(models.CellposeModel(pretrained_model=str(path), gpu=device.type == "cuda",
-                                                    device=device))
+        cellpose_models.append(
+            models.CellposeModel(pretrained_model=str(path), gpu=device.type == "cuda", device=device)
+        )
     niter = backbone.default_niter(diameter, backbone.DEFAULT_DIAM_MEAN)
     cellpose_models[0].eval(fields[0][0][:64, :64], channels=[0, 0], diameter=diameter)  # numba warm-up
     started = time.perf_counter()
@@ -202,12 +233,21 @@ def _naive_route(fields, saved, diameter: float, echo, device) -> float:
             _, out, _ = model.eval(field[k], channels=[0, 0], diameter=diameter, compute_masks=False)
             flows.append(out[1])
             probs.append(out[2])
-        dynamics.resize_and_compute_masks(np.mean(flows, axis=0), np.mean(probs, axis=0), niter=niter,
-                                          cellprob_threshold=0.0, flow_threshold=FUSED_FLOW_THRESHOLD,
-                                          min_size=15, resize=None, device=device)
+        dynamics.resize_and_compute_masks(
+            np.mean(flows, axis=0),
+            np.mean(probs, axis=0),
+            niter=niter,
+            cellprob_threshold=0.0,
+            flow_threshold=FUSED_FLOW_THRESHOLD,
+            min_size=15,
+            resize=None,
+            device=device,
+        )
     seconds = time.perf_counter() - started
-    echo(f"naive route (Cellpose eval per channel per field): {len(fields)} fields in {seconds:.1f} s, "
-         f"{len(fields) / seconds:.3f} fields/s")
+    echo(
+        f"naive route (Cellpose eval per channel per field): {len(fields)} fields in {seconds:.1f} s, "
+        f"{len(fields) / seconds:.3f} fields/s"
+    )
     return seconds
 
 
@@ -228,16 +268,20 @@ def _direct_loops(fields, saved, diameter: float, precision: str, echo, device) 
         for field in fields:
             segment_field(field, models, precision=precision, mask_device=device)
     loop_s = time.perf_counter() - started
-    echo(f"direct segment_field loop ({precision}): {len(fields)} fields in {loop_s:.1f} s, "
-         f"{len(fields) / loop_s:.3f} fields/s")
+    echo(
+        f"direct segment_field loop ({precision}): {len(fields)} fields in {loop_s:.1f} s, "
+        f"{len(fields) / loop_s:.3f} fields/s"
+    )
     started = time.perf_counter()
     with cuda_synchronized(device):
         for outcome in segment_fields(enumerate(fields), models, precision=precision, mask_device=device):
             if outcome.error is not None:
                 raise outcome.error
     engine_s = time.perf_counter() - started
-    echo(f"direct segment_fields (the plate engine, no API): {len(fields)} fields in {engine_s:.1f} s, "
-         f"{len(fields) / engine_s:.3f} fields/s")
+    echo(
+        f"direct segment_fields (the plate engine, no API): {len(fields)} fields in {engine_s:.1f} s, "
+        f"{len(fields) / engine_s:.3f} fields/s"
+    )
     return loop_s, engine_s
 
 
@@ -285,25 +329,38 @@ def run_plate_benchmark(
         settings = Settings(data_dir=tmp / "data", database_url=database_url, broker_url=broker_url)
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         key = _seed_zoo(settings, saved, reporters, diameter, cell_line)
-        echo(f"plate: {n_fields} fields x {n_channels} channels x {size} x {size} (synthetic), full-width CPnets, "
-             f"diameter {diameter:.1f} px; device {device_name(torch_device)}; database {settings.resolved_database_url.split('@')[-1].split('?')[0]}, "
-             f"broker {settings.resolved_broker_url.split('@')[-1]}; set-up {time.perf_counter() - tic:.0f} s "
-             "(untimed)")
+        echo(
+            f"plate: {n_fields} fields x {n_channels} channels x {size} x {size} (synthetic), full-width CPnets, "
+            f"diameter {diameter:.1f} px; device {device_name(torch_device)}; database {settings.resolved_database_url.split('@')[-1].split('?')[0]}, "
+            f"broker {settings.resolved_broker_url.split('@')[-1]}; set-up {time.perf_counter() - tic:.0f} s "
+            "(untimed)"
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFUSE_")}
-        env.update({"CELLFUSE_DATA_DIR": str(settings.resolved_data_dir),
-                    "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
-                    "CELLFUSE_BROKER_URL": settings.resolved_broker_url, "PYTHONUNBUFFERED": "1",
-                    "CELLFUSE_DEVICE": str(torch_device)})
-        request = {"cell_line": cell_line, "channels": reporters, "use_channels": reporters, "objects": [OBJECT],
-                   "method": "flow_fusion"}
+        env.update(
+            {
+                "CELLFUSE_DATA_DIR": str(settings.resolved_data_dir),
+                "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
+                "CELLFUSE_BROKER_URL": settings.resolved_broker_url,
+                "PYTHONUNBUFFERED": "1",
+                "CELLFUSE_DEVICE": str(torch_device),
+            }
+        )
+        request = {
+            "cell_line": cell_line,
+            "channels": reporters,
+            "use_channels": reporters,
+            "objects": [OBJECT],
+            "method": "flow_fusion",
+        }
 
         today_env = {**env, "CELLFUSE_SEGMENT_ROUTE": "per_field", "CELLFUSE_PRECISION": "fp32"}
-        _, _, today_s, today_masks = _api_route(today_env, key, request, tiffs, tmp / "serve-today.log", echo,
-                                                "API, today's route (per field, fp32)")
+        _, _, today_s, today_masks = _api_route(
+            today_env, key, request, tiffs, tmp / "serve-today.log", echo, "API, today's route (per field, fp32)"
+        )
         plate_env = {**env, "CELLFUSE_PRECISION": precision, "CELLFUSE_SEGMENT_ROUTE": "plate"}
-        _, upload_s, plate_s, plate_masks = _api_route(plate_env, key, request, tiffs,
-                                                               tmp / "serve-plate.log", echo,
-                                                               f"API, plate route ({precision})")
+        _, upload_s, plate_s, plate_masks = _api_route(
+            plate_env, key, request, tiffs, tmp / "serve-plate.log", echo, f"API, plate route ({precision})"
+        )
         direct_s, engine_s = _direct_loops(fields, saved, diameter, precision, echo, torch_device)
         naive_s = None
         if naive:
@@ -319,21 +376,34 @@ def run_plate_benchmark(
         objects = sum(int(read_labels(d).max()) for d in plate_masks.values())
 
     result = {
-        "n_fields": n_fields, "size": size, "n_channels": n_channels, "precision": precision,
-        "api_today_s": round(today_s, 2), "api_plate_s": round(plate_s, 2), "upload_s": round(upload_s, 2),
-        "direct_s": round(direct_s, 2), "engine_s": round(engine_s, 2), "device": str(torch_device),
-        "engine_fields_per_s": round(n_fields / engine_s, 4), "naive_s": None if naive_s is None else round(naive_s, 2),
+        "n_fields": n_fields,
+        "size": size,
+        "n_channels": n_channels,
+        "precision": precision,
+        "api_today_s": round(today_s, 2),
+        "api_plate_s": round(plate_s, 2),
+        "upload_s": round(upload_s, 2),
+        "direct_s": round(direct_s, 2),
+        "engine_s": round(engine_s, 2),
+        "device": str(torch_device),
+        "engine_fields_per_s": round(n_fields / engine_s, 4),
+        "naive_s": None if naive_s is None else round(naive_s, 2),
         "fields_per_s": round(n_fields / plate_s, 4),
         "api_over_direct": round(plate_s / direct_s, 3),
         "gain_over_today": round(today_s / plate_s, 3),
         "naive_over_api": None if naive_s is None else round(naive_s / plate_s, 3),
-        "mask_f1_vs_today_mean": round(float(np.mean(f1)), 4), "mask_f1_vs_today_min": round(float(np.min(f1)), 4),
+        "mask_f1_vs_today_mean": round(float(np.mean(f1)), 4),
+        "mask_f1_vs_today_min": round(float(np.min(f1)), 4),
         "objects": objects,
     }
-    echo(f"masks, plate route vs today's route: F1@0.5 mean {result['mask_f1_vs_today_mean']:.4f}, "
-         f"min {result['mask_f1_vs_today_min']:.4f} over {len(f1)} fields ({objects} objects)")
-    echo(f"fields/s through the API: {result['fields_per_s']:.3f} (the engine alone: "
-         f"{result['engine_fields_per_s']:.3f})")
+    echo(
+        f"masks, plate route vs today's route: F1@0.5 mean {result['mask_f1_vs_today_mean']:.4f}, "
+        f"min {result['mask_f1_vs_today_min']:.4f} over {len(f1)} fields ({objects} objects)"
+    )
+    echo(
+        f"fields/s through the API: {result['fields_per_s']:.3f} (the engine alone: "
+        f"{result['engine_fields_per_s']:.3f})"
+    )
     echo(f"gain over today's route (today / plate): {result['gain_over_today']:.2f}")
     echo(f"API time / direct segment_field loop: {result['api_over_direct']:.2f}")
     if naive_s is not None:

@@ -54,8 +54,10 @@ def run_precision_benchmark(
     low = resolve_precision(precision, torch_device)
     net, card = load_model(BASE, device=torch_device)
     images = real_images(Path(data), n_images)
-    echo(f"precision benchmark: {len(images)} real fields x 4 channels, shipped base, {device_name(torch_device)}: "
-         f"fp32 vs {low}")
+    echo(
+        f"precision benchmark: {len(images)} real fields x 4 channels, shipped base, {device_name(torch_device)}: "
+        f"fp32 vs {low}"
+    )
     seconds = {"fp32": 0.0, low: 0.0}
     f1 = []
     predict_maps_multi([net] * 4, np.stack([images[0][:64, :64]] * 4), diameter=card.diameter)  # warm-up
@@ -67,15 +69,21 @@ def run_precision_benchmark(
             with cuda_synchronized(torch_device):
                 maps = predict_maps_multi([net] * 4, field, diameter=card.diameter, precision=run)
             seconds[run] += time.perf_counter() - started
-            labels[run] = masks_from_maps(maps[0], diameter=card.diameter, diam_mean=card.diam_mean,
-                                          device=torch_device)
+            labels[run] = masks_from_maps(
+                maps[0], diameter=card.diameter, diam_mean=card.diam_mean, device=torch_device
+            )
         if labels["fp32"].max():
             f1.append(match(labels["fp32"], labels[low]).f1)
-    result = {"precision": low, "device": str(torch_device), "n_fields": len(images),
-              "f1_mean": round(float(np.mean(f1)), 4) if f1 else None,
-              "f1_min": round(float(np.min(f1)), 4) if f1 else None,
-              "fp32_s": round(seconds["fp32"], 2), f"{low}_s": round(seconds[low], 2),
-              "speedup": round(seconds["fp32"] / max(seconds[low], 1e-9), 3)}
+    result = {
+        "precision": low,
+        "device": str(torch_device),
+        "n_fields": len(images),
+        "f1_mean": round(float(np.mean(f1)), 4) if f1 else None,
+        "f1_min": round(float(np.min(f1)), 4) if f1 else None,
+        "fp32_s": round(seconds["fp32"], 2),
+        f"{low}_s": round(seconds[low], 2),
+        "speedup": round(seconds["fp32"] / max(seconds[low], 1e-9), 3),
+    }
     echo(f"masks {low} vs fp32: F1@0.5 mean {result['f1_mean']}, min {result['f1_min']} over {len(f1)} fields")
     echo(f"network + normalisation: fp32 {seconds['fp32']:.1f} s, {low} {seconds[low]:.1f} s")
     echo(f"speed-up ratio ({low} over fp32): {result['speedup']:.2f}")

@@ -57,8 +57,13 @@ class FittedRecipe:
         return np.asarray(image, np.float32) if self.illumination is None else self.illumination.apply(image)
 
 
-def fit_recipe(images: list[np.ndarray], illumination: str, normalization: str, darkfield: bool = False,
-               timings: dict[str, float] | None = None) -> FittedRecipe:
+def fit_recipe(
+    images: list[np.ndarray],
+    illumination: str,
+    normalization: str,
+    darkfield: bool = False,
+    timings: dict[str, float] | None = None,
+) -> FittedRecipe:
     """Fit a recipe on a plate of (C, Y, X) raw fields, exactly as the jobs do
     (``workers.pipelines.preprocess``): BaSiC on the raw fields, then percentiles of the corrected."""
     from app.science.preprocessing import fit_basic, plate_percentiles
@@ -81,10 +86,19 @@ def fit_recipe(images: list[np.ndarray], illumination: str, normalization: str, 
     return fitted
 
 
-def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: int = 12, size: int = 192,
-                                max_epochs: int = 40, reporters: tuple[int, ...] = (0, 2), obj: str = "nuclei",
-                                test_gains: tuple[float, ...] = (1.0, 0.35), n_boot: int = 1000,
-                                echo: Callable[[str], None] = print) -> dict:
+def run_preprocessing_benchmark(
+    *,
+    n_train: int = 12,
+    n_val: int = 4,
+    n_test: int = 12,
+    size: int = 192,
+    max_epochs: int = 40,
+    reporters: tuple[int, ...] = (0, 2),
+    obj: str = "nuclei",
+    test_gains: tuple[float, ...] = (1.0, 0.35),
+    n_boot: int = 1000,
+    echo: Callable[[str], None] = print,
+) -> dict:
     from app.science.backbone import Normalization
     from app.science.metrics import match, pooled_f1_interval
     from app.science.segmentation import ChannelModel, segment_field
@@ -96,16 +110,19 @@ def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: in
     chosen = [DEFAULT_REPORTERS[i] for i in reporters]
     flat_optics = replace(DEFAULT_IMAGING, vignetting=(0.0, 0.0))  # the shading comes from the microscope
     profile = shading((size, size))
-    train_plate = acquire(make_plate(n_train + n_val, size=size, seed=21, reporters=chosen, imaging=flat_optics),
-                          profile, gain=1.0)
+    train_plate = acquire(
+        make_plate(n_train + n_val, size=size, seed=21, reporters=chosen, imaging=flat_optics), profile, gain=1.0
+    )
     test_fields = make_plate(n_test, size=size, seed=22, reporters=chosen, imaging=flat_optics)
     test_plates = {gain: acquire(test_fields, profile, gain) for gain in test_gains}
     entry = shipped_base_models()[0]
     base, _card = load_model(entry.weights_path, expected_sha256=entry.weights_sha256)
     truth = [f.nuclei if obj == "nuclei" else f.cells for f in test_fields]
-    echo(f"preprocessing bench: {obj} from {', '.join(r.name for r in chosen)}; {n_train}+{n_val} training fields "
-         f"({size}²), {n_test} test fields at plate gains {', '.join(map(str, test_gains))}; vignetting to "
-         f"{profile.min():.0%} at the corners; base {entry.name}, up to {max_epochs} epochs per model")
+    echo(
+        f"preprocessing bench: {obj} from {', '.join(r.name for r in chosen)}; {n_train}+{n_val} training fields "
+        f"({size}²), {n_test} test fields at plate gains {', '.join(map(str, test_gains))}; vignetting to "
+        f"{profile.min():.0%} at the corners; base {entry.name}, up to {max_epochs} epochs per model"
+    )
     rows: list[dict[str, Any]] = []
     for illumination, darkfield, normalization in RECIPES:
         label = f"illumination {illumination}{' + darkfield' if darkfield else ''}, normalisation {normalization}"
@@ -121,11 +138,20 @@ def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: in
                     plane = (plane - low) / (high - low)
                 prepared.append(plane.astype(np.float32))
             masks = [f.nuclei if obj == "nuclei" else f.cells for f in train_plate]
-            config = TrainingConfig(max_epochs=max_epochs, min_epochs=10, patience=8, bsize=128, seed=0,
-                                    normalize_per_image=normalization == "per-image")
+            config = TrainingConfig(
+                max_epochs=max_epochs,
+                min_epochs=10,
+                patience=8,
+                bsize=128,
+                seed=0,
+                normalize_per_image=normalization == "per-image",
+            )
             result = finetune(base, prepared[:n_train], masks[:n_train], prepared[n_train:], masks[n_train:], config)
-            models.append(ChannelModel(result.net, diameter=result.diameter, diam_mean=float(result.net.diam_mean),
-                                       name=reporter.name))
+            models.append(
+                ChannelModel(
+                    result.net, diameter=result.diameter, diam_mean=float(result.net.diam_mean), name=reporter.name
+                )
+            )
         for gain, plate in test_plates.items():
             timings: dict[str, float] = {}
             images = [f.image for f in plate]
@@ -133,14 +159,17 @@ def run_preprocessing_benchmark(*, n_train: int = 12, n_val: int = 4, n_test: in
             matchings = []
             for image, true in zip(images, truth, strict=True):
                 inputs = fitted.prepare(image)
-                norms = [Normalization(low=p[0], high=p[1]) if p is not None else Normalization()
-                         for p in fitted.percentiles]
+                norms = [
+                    Normalization(low=p[0], high=p[1]) if p is not None else Normalization() for p in fitted.percentiles
+                ]
                 labels = segment_field(inputs, models, normalizations=norms).labels
                 matchings.append(match(true, labels))
             f1, lo, hi = pooled_f1_interval(matchings, n_boot=n_boot)
             rows.append({"recipe": label, "gain": gain, "f1": f1, "interval": (lo, hi), "timings_s": timings})
-            echo(f"  {label:58s} gain {gain:4.2f}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}]  per field: " +
-                 ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+            echo(
+                f"  {label:58s} gain {gain:4.2f}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}]  per field: "
+                + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
+            )
     default = "illumination none, normalisation per-image"
     baseline = {row["gain"]: row["f1"] for row in rows if row["recipe"] == default}
     echo("F1 change against Cellpose's default (no correction, per-image percentiles):")

@@ -93,7 +93,10 @@ def measure_peak_memory(*, widths: tuple[int, ...], n_train: int = 8, epochs: in
     repo_root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", _PEAK_MEMORY_CHILD, str(threads), json.dumps(list(widths)), str(n_train), str(epochs)],
-        capture_output=True, text=True, cwd=repo_root, timeout=1800,
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+        timeout=1800,
         env={**__import__("os").environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": str(threads)},
     )
     if done.returncode != 0:
@@ -157,11 +160,20 @@ def run_training_benchmark(
     config = TrainingConfig(
         batch_size=batch_size, bsize=bsize, max_epochs=epochs, min_train_masks=1, warmup_epochs=10, seed=0
     )
+
     def train_ours(run_precision: str):
         started, cpu_started = time.perf_counter(), time.process_time()
         with cuda_synchronized(torch_device):
-            trained = finetune(net, train_images, train_masks, val_images, val_masks, config, device=torch_device,
-                               precision=run_precision)
+            trained = finetune(
+                net,
+                train_images,
+                train_masks,
+                val_images,
+                val_masks,
+                config,
+                device=torch_device,
+                precision=run_precision,
+            )
         return trained, time.perf_counter() - started, time.process_time() - cpu_started
 
     ours, ours_s, ours_cpu = train_ours("fp32")
@@ -177,8 +189,16 @@ def run_training_benchmark(
     with tempfile.TemporaryDirectory() as save_dir:
         cpu_started = time.process_time()
         cellpose_s, _ = run_cellpose_train_seg(
-            net, train_images, train_masks, val_images, val_masks, save_dir=save_dir, n_epochs=epochs,
-            batch_size=batch_size, bsize=bsize, device=torch_device,
+            net,
+            train_images,
+            train_masks,
+            val_images,
+            val_masks,
+            save_dir=save_dir,
+            n_epochs=epochs,
+            batch_size=batch_size,
+            bsize=bsize,
+            device=torch_device,
         )
         cellpose_cpu = time.process_time() - cpu_started
 
@@ -203,24 +223,34 @@ def run_training_benchmark(
         "ours_best_val_loss": round(float(ours.best_val_loss), 4),
     }
     if low is not None:
-        result.update({
-            "precision": low_precision,
-            f"ours_{low_precision}_wall_s": round(low_s, 2),
-            f"ours_{low_precision}_cpu_s": round(low_cpu, 2),
-            f"ours_{low_precision}_samples_per_s": round(samples / low_s, 3),
-            f"ours_{low_precision}_best_val_loss": round(float(low.best_val_loss), 4),
-            f"speedup_{low_precision}": round(cellpose_s / low_s, 3),
-        })
-    echo(f"ours:     {result['ours_samples_per_s']:.3f} samples/s ({ours_s:.1f} s wall, {ours_cpu:.1f} s CPU; "
-         "validation every epoch)")
-    echo(f"cellpose: {result['cellpose_samples_per_s']:.3f} samples/s ({cellpose_s:.1f} s wall, {cellpose_cpu:.1f} s CPU; "
-         "train.train_seg)")
+        result.update(
+            {
+                "precision": low_precision,
+                f"ours_{low_precision}_wall_s": round(low_s, 2),
+                f"ours_{low_precision}_cpu_s": round(low_cpu, 2),
+                f"ours_{low_precision}_samples_per_s": round(samples / low_s, 3),
+                f"ours_{low_precision}_best_val_loss": round(float(low.best_val_loss), 4),
+                f"speedup_{low_precision}": round(cellpose_s / low_s, 3),
+            }
+        )
+    echo(
+        f"ours:     {result['ours_samples_per_s']:.3f} samples/s ({ours_s:.1f} s wall, {ours_cpu:.1f} s CPU; "
+        "validation every epoch)"
+    )
+    echo(
+        f"cellpose: {result['cellpose_samples_per_s']:.3f} samples/s ({cellpose_s:.1f} s wall, {cellpose_cpu:.1f} s CPU; "
+        "train.train_seg)"
+    )
     echo(f"CPU-time ratio (cellpose / ours): {result['cpu_speedup']:.2f}")
     if low is not None:
-        echo(f"ours {low_precision}: {result[f'ours_{low_precision}_samples_per_s']:.3f} samples/s ({low_s:.1f} s wall, "
-             f"{low_cpu:.1f} s CPU); best validation loss {result[f'ours_{low_precision}_best_val_loss']:.4f} vs fp32 "
-             f"{result['ours_best_val_loss']:.4f}")
-        echo(f"speed-up ratio {low_precision} (cellpose / ours {low_precision}): {result[f'speedup_{low_precision}']:.2f}")
+        echo(
+            f"ours {low_precision}: {result[f'ours_{low_precision}_samples_per_s']:.3f} samples/s ({low_s:.1f} s wall, "
+            f"{low_cpu:.1f} s CPU); best validation loss {result[f'ours_{low_precision}_best_val_loss']:.4f} vs fp32 "
+            f"{result['ours_best_val_loss']:.4f}"
+        )
+        echo(
+            f"speed-up ratio {low_precision} (cellpose / ours {low_precision}): {result[f'speedup_{low_precision}']:.2f}"
+        )
     echo(f"speed-up ratio: {result['speedup']:.2f}")
 
     if memory:

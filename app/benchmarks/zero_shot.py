@@ -31,8 +31,9 @@ def pooled_f1(counts: np.ndarray) -> float:
     return float(2 * tp / denominator) if denominator else 1.0
 
 
-def bootstrap_interval(counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    counts: np.ndarray, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of pooled F1 over images resampled with replacement.
 
     >>> counts = np.array([[9, 1, 0], [8, 0, 2], [10, 1, 1]])
@@ -88,16 +89,17 @@ def zero_shot_rows(
     net.eval()
     rows = []
     for rescale in rescales:
-        scaled = [rescale_annotated(im, m, rescale) if rescale != 1 else (np.asarray(im, np.float32), np.asarray(m))
-                  for im, m in zip(images, masks)]
+        scaled = [
+            rescale_annotated(im, m, rescale) if rescale != 1 else (np.asarray(im, np.float32), np.asarray(m))
+            for im, m in zip(images, masks)
+        ]
         true_diameters = image_diameters([m for _, m in scaled])
         for mode in modes:
             started = time.perf_counter()
             counts, used, ratios, preds = [], [], [], []
             for (image, truth), true_diameter in zip(scaled, true_diameters):
                 if mode == "estimated":
-                    estimate = estimate_image_diameter(net, size_model, image, flow_threshold=flow_threshold,
-                                                       tile=tile)
+                    estimate = estimate_image_diameter(net, size_model, image, flow_threshold=flow_threshold, tile=tile)
                     diameter = estimate.diameter
                 elif mode == "default":
                     diameter = default_diameter
@@ -114,13 +116,22 @@ def zero_shot_rows(
             low, high = bootstrap_interval(counts_arr, n_boot=n_boot, seed=seed)
             tp, fp, fn = (int(v) for v in counts_arr.sum(axis=0))
             log_ratio = np.abs(np.log(np.asarray(ratios)))
-            row = {"rescale": float(rescale), "diameter": mode, "f1": round(pooled_f1(counts_arr), 4),
-                   "ci_low": round(low, 4), "ci_high": round(high, 4), "n_images": len(scaled), "tp": tp, "fp": fp,
-                   "fn": fn, "median_diameter": round(float(np.median(used)), 2),
-                   "median_true_diameter": round(float(np.median(true_diameters)), 2),
-                   "median_abs_log_ratio": round(float(np.median(log_ratio)), 3),
-                   "seconds": round(time.perf_counter() - started, 1),
-                   "scores": score_set([t for _, t in scaled], preds).as_dict() if with_scores else None}
+            row = {
+                "rescale": float(rescale),
+                "diameter": mode,
+                "f1": round(pooled_f1(counts_arr), 4),
+                "ci_low": round(low, 4),
+                "ci_high": round(high, 4),
+                "n_images": len(scaled),
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "median_diameter": round(float(np.median(used)), 2),
+                "median_true_diameter": round(float(np.median(true_diameters)), 2),
+                "median_abs_log_ratio": round(float(np.median(log_ratio)), 3),
+                "seconds": round(time.perf_counter() - started, 1),
+                "scores": score_set([t for _, t in scaled], preds).as_dict() if with_scores else None,
+            }
             rows.append(row)
             if echo is not None:
                 echo(format_row(row))
@@ -128,10 +139,12 @@ def zero_shot_rows(
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['rescale']:>5.2f}x  {row['diameter']:<9}  F1 {row['f1']:.3f} [{row['ci_low']:.3f}, "
-            f"{row['ci_high']:.3f}]  TP/FP/FN {row['tp']}/{row['fp']}/{row['fn']}  diameter {row['median_diameter']:.1f}"
-            f" (true {row['median_true_diameter']:.1f}, |log ratio| {row['median_abs_log_ratio']:.2f})"
-            f"  {row['seconds']:.0f}s")
+    return (
+        f"{row['rescale']:>5.2f}x  {row['diameter']:<9}  F1 {row['f1']:.3f} [{row['ci_low']:.3f}, "
+        f"{row['ci_high']:.3f}]  TP/FP/FN {row['tp']}/{row['fp']}/{row['fn']}  diameter {row['median_diameter']:.1f}"
+        f" (true {row['median_true_diameter']:.1f}, |log ratio| {row['median_abs_log_ratio']:.2f})"
+        f"  {row['seconds']:.0f}s"
+    )
 
 
 def load_heldout(card: dict, data_dirs: Sequence[str | Path] | None = None, limit: int | None = None):
@@ -177,7 +190,18 @@ def run_zero_shot_benchmark(
     net, card = load_model(entry.weights_path)
     size_model = SizeModel.from_dict(card.size_model) if card.size_model else None
     held = load_heldout(entry.card, data_dirs, limit)
-    echo(f"zero-shot: {entry.name} on {len(held)} held-out DSB2018 images, rescaled {list(rescales)};"
-         f" default diameter {card.diameter:.1f}; pooled F1@0.5 with a 95 % bootstrap interval over images")
-    return zero_shot_rows(net, size_model, list(held.images), list(held.masks), rescales=rescales, modes=modes,
-                          default_diameter=card.diameter, n_boot=n_boot, echo=echo)
+    echo(
+        f"zero-shot: {entry.name} on {len(held)} held-out DSB2018 images, rescaled {list(rescales)};"
+        f" default diameter {card.diameter:.1f}; pooled F1@0.5 with a 95 % bootstrap interval over images"
+    )
+    return zero_shot_rows(
+        net,
+        size_model,
+        list(held.images),
+        list(held.masks),
+        rescales=rescales,
+        modes=modes,
+        default_diameter=card.diameter,
+        n_boot=n_boot,
+        echo=echo,
+    )

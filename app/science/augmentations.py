@@ -66,9 +66,7 @@ class AugmentationConfig:
     def __post_init__(self) -> None:
         unknown = set(self.include) - set(AUGMENTATIONS)
         if unknown:
-            raise AugmentationError(
-                f"unknown augmentation(s) {sorted(unknown)}; choose from {list(AUGMENTATIONS)}"
-            )
+            raise AugmentationError(f"unknown augmentation(s) {sorted(unknown)}; choose from {list(AUGMENTATIONS)}")
         if not 0.0 <= self.probability <= 1.0:
             raise AugmentationError(f"probability must be in [0, 1], got {self.probability}")
         if self.bsize < 16:

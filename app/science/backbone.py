@@ -128,9 +128,7 @@ class Normalization:
         if (self.low is None) != (self.high is None):
             raise BackboneInputError("give both 'low' and 'high' for a fixed normalisation, or neither")
         if self.low is not None and not float(self.high) > float(self.low):  # type: ignore[arg-type]
-            raise BackboneInputError(
-                f"fixed normalisation needs high > low, got low={self.low}, high={self.high}"
-            )
+            raise BackboneInputError(f"fixed normalisation needs high > low, got low={self.low}, high={self.high}")
 
     def cellpose_params(self) -> dict:
         """A complete, fresh keyword dict for ``cellpose.transforms.normalize_img``.
@@ -504,16 +502,28 @@ def forward_fields(
 
 
 def _forward_tiled(
-    prepared: PreparedField, plan: ChannelPlan, *, bsize: int, tile_overlap: float, batch_size: int,
-    channels_last: bool, precision: str, checkpoint: Callable[[], None] | None = None,
+    prepared: PreparedField,
+    plan: ChannelPlan,
+    *,
+    bsize: int,
+    tile_overlap: float,
+    batch_size: int,
+    channels_last: bool,
+    precision: str,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
     prepared.outputs = []
     for g, idx in enumerate(plan.groups):
         maps, styles = [], []
         for j, c in enumerate(idx):
             m, s = _run_tiled(
-                plan.nets[c], prepared.padded[g][j], bsize=bsize, tile_overlap=tile_overlap,
-                batch_size=batch_size, channels_last=channels_last, precision=precision,
+                plan.nets[c],
+                prepared.padded[g][j],
+                bsize=bsize,
+                tile_overlap=tile_overlap,
+                batch_size=batch_size,
+                channels_last=channels_last,
+                precision=precision,
             )
             maps.append(m)
             styles.append(s)
@@ -580,8 +590,16 @@ def predict_maps_multi(
         channels_last = FAST_PATH_CHANNELS_LAST
     prepared = prepare_field(image, plan)
     if tile:
-        _forward_tiled(prepared, plan, bsize=bsize, tile_overlap=tile_overlap, batch_size=batch_size,
-                       channels_last=channels_last, precision=precision, checkpoint=checkpoint)
+        _forward_tiled(
+            prepared,
+            plan,
+            bsize=bsize,
+            tile_overlap=tile_overlap,
+            batch_size=batch_size,
+            channels_last=channels_last,
+            precision=precision,
+            checkpoint=checkpoint,
+        )
     else:
         forward_fields([prepared], plan, channels_last=channels_last, precision=precision, checkpoint=checkpoint)
     return finish_field(prepared, plan)
@@ -667,8 +685,14 @@ def masks_for_flow_thresholds(
     if niter is None or niter == 0:
         niter = default_niter(diameter, diam_mean)
     raw = dynamics.compute_masks(
-        arr[:2], arr[2], niter=niter, cellprob_threshold=cellprob_threshold, flow_threshold=0,
-        interp=True, max_size_fraction=max_size_fraction, device=torch.device("cpu"),
+        arr[:2],
+        arr[2],
+        niter=niter,
+        cellprob_threshold=cellprob_threshold,
+        flow_threshold=0,
+        interp=True,
+        max_size_fraction=max_size_fraction,
+        device=torch.device("cpu"),
     )
     raw = np.asarray(raw)
     errors = cp_metrics.flow_error(raw, arr[:2], torch.device("cpu"))[0] if raw.max() > 0 else np.zeros(0)

@@ -176,6 +176,13 @@ def rank_channel_subsets(
     ranked = []
     for j in order:
         p_better = float(np.mean(boot[top] > boot[j])) if j != top else 0.0
-        ranked.append(replace(scored[j][1], f1_interval=interval(boot[j]), within_noise=p_better < gain_confidence,
-                              p_best_better=p_better, n_fields=n_fields))
+        ranked.append(
+            replace(
+                scored[j][1],
+                f1_interval=interval(boot[j]),
+                within_noise=p_better < gain_confidence,
+                p_best_better=p_better,
+                n_fields=n_fields,
+            )
+        )
     return ranked

@@ -72,8 +72,14 @@ def detect_markers(
         raise ClassicalInputError(f"diameter must be a positive number of pixels, got {diameter}")
     radius = diameter / 2.0
     image = gaussian(normalise01(nuclear), sigma=max(1.0, radius / 4.0), preserve_range=True)
-    blobs = blob_doh(image, min_sigma=max(1.0, 0.4 * radius), max_sigma=max(2.0, radius),
-                     num_sigma=6, threshold=threshold, overlap=overlap)
+    blobs = blob_doh(
+        image,
+        min_sigma=max(1.0, 0.4 * radius),
+        max_sigma=max(2.0, radius),
+        num_sigma=6,
+        threshold=threshold,
+        overlap=overlap,
+    )
     if blobs.size == 0:
         return np.zeros((0, 2), np.int64)
     points = np.rint(blobs[:, :2]).astype(np.int64)

@@ -240,9 +240,7 @@ def measure_cells(
     ]
 
 
-def measurements_csv(
-    rows: Sequence[Mapping[str, object]], *, columns: Sequence[str] | None = None
-) -> bytes:
+def measurements_csv(rows: Sequence[Mapping[str, object]], *, columns: Sequence[str] | None = None) -> bytes:
     """UTF-8 CSV with a header line. Columns: ``columns`` if given, else those of the first row.
 
     With no rows and no ``columns`` the header is the geometry and pairing columns only; pass
@@ -326,9 +324,7 @@ def overlay_png(
     nuclei = _check_labels(nuclei, shape, "nucleus")
     cells = _check_labels(cells, shape, "cell")
     if not -image.shape[0] <= channel < image.shape[0]:
-        raise ExportInputError(
-            f"channel {channel} does not exist: the image has {image.shape[0]} channels (0-based)"
-        )
+        raise ExportInputError(f"channel {channel} does not exist: the image has {image.shape[0]} channels (0-based)")
     out_shape = _display_shape(shape, max_size)
     grey = _resize_float(_normalise(image[channel]), out_shape)
     rgb = np.repeat(np.round(grey * 255.0).astype(np.uint8)[..., None], 3, axis=-1)
@@ -338,9 +334,7 @@ def overlay_png(
     return _png(rgb)
 
 
-def composite_png(
-    image: np.ndarray, *, channels: Sequence[int] | None = None, max_size: int = 1024
-) -> bytes:
+def composite_png(image: np.ndarray, *, channels: Sequence[int] | None = None, max_size: int = 1024) -> bytes:
     """Up to four channels blended additively in red, green, blue and grey, as PNG.
 
     Each channel is stretched between its 1st and 99th percentiles first. ``channels`` picks which
@@ -352,9 +346,7 @@ def composite_png(
         raise ExportInputError(f"a composite shows 1 to 4 channels; got {len(chosen)}")
     for index in chosen:
         if not 0 <= index < image.shape[0]:
-            raise ExportInputError(
-                f"channel {index} does not exist: the image has {image.shape[0]} channels (0-based)"
-            )
+            raise ExportInputError(f"channel {index} does not exist: the image has {image.shape[0]} channels (0-based)")
     out_shape = _display_shape((int(image.shape[1]), int(image.shape[2])), max_size)
     blend = np.zeros((*out_shape, 3), dtype=np.float32)
     for index, colour in zip(chosen, COMPOSITE_RGB, strict=False):
@@ -378,6 +370,7 @@ def _pixel_edge_polygon(mask: np.ndarray) -> np.ndarray:
     """
     padded = np.pad(mask, 1)
     contours = find_contours(padded.astype(np.float32), 0.5)
+
     # The largest |area| is the outer outline of the largest piece (holes and crumbs are smaller).
     def enclosed(contour: np.ndarray) -> float:
         y, x = contour[:, 0], contour[:, 1]

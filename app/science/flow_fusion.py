@@ -199,9 +199,7 @@ class FusionParameters:
         """The weights in the order of ``channel_names`` (which must be exactly this record's channels)."""
         names = [str(n) for n in channel_names]
         if sorted(names) != sorted(self.channels):
-            raise FusionInputError(
-                f"these fusion parameters are for channels {list(self.channels)}, not {names}"
-            )
+            raise FusionInputError(f"these fusion parameters are for channels {list(self.channels)}, not {names}")
         lookup = dict(zip(self.channels, self.weights))
         return np.array([lookup[n] for n in names], dtype=np.float64)
 

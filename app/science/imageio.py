@@ -89,9 +89,7 @@ def _open(source: Source, max_bytes: int | None) -> tifffile.TiffFile:
     if size == 0:
         raise ImageReadError("the file is empty (0 bytes)")
     if max_bytes is not None and size is not None and size > max_bytes:
-        raise ImageReadError(
-            f"the file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB"
-        )
+        raise ImageReadError(f"the file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB")
     if isinstance(source, bytes | bytearray | memoryview):
         source = io.BytesIO(bytes(source))
     try:
@@ -106,9 +104,7 @@ def _decode(series: tifffile.TiffPageSeries) -> np.ndarray:
     try:
         return series.asarray()
     except Exception as error:  # noqa: BLE001 - codecs (imagecodecs, zlib, lzw) raise their own types
-        raise ImageReadError(
-            f"the TIFF's pixel data is corrupt or uses an unsupported compression ({error})"
-        ) from None
+        raise ImageReadError(f"the TIFF's pixel data is corrupt or uses an unsupported compression ({error})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,9 +179,7 @@ def _check_dtype(dtype: np.dtype) -> None:
             "send masks as label images (read_labels)"
         )
     if dtype.kind not in _SUPPORTED_KINDS:
-        raise ImageReadError(
-            f"unsupported pixel type {dtype}; send 8/16/32-bit integer or 16/32/64-bit float pixels"
-        )
+        raise ImageReadError(f"unsupported pixel type {dtype}; send 8/16/32-bit integer or 16/32/64-bit float pixels")
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,9 +277,7 @@ def _check_cyx(data: np.ndarray, channel_names: Sequence[str] | None) -> np.ndar
         raise ImageReadError(f"an image to write must be (C, Y, X) or (Y, X); got shape {data.shape}")
     _check_dtype(data.dtype)
     if channel_names is not None and len(channel_names) != data.shape[0]:
-        raise ImageReadError(
-            f"{len(channel_names)} channel names given for {data.shape[0]} channels"
-        )
+        raise ImageReadError(f"{len(channel_names)} channel names given for {data.shape[0]} channels")
     return data
 
 
@@ -320,14 +312,11 @@ def _as_labels(data: np.ndarray, what: str) -> np.ndarray:
         raise ImageReadError(f"{what} must be a 2-D label image (Y, X); got shape {data.shape}")
     if data.dtype == np.bool_:
         raise ImageReadError(
-            f"{what} is a binary mask; send an instance label image (0 = background, "
-            "1, 2, ... = one id per object)"
+            f"{what} is a binary mask; send an instance label image (0 = background, 1, 2, ... = one id per object)"
         )
     if data.dtype.kind == "f":
         if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
-            raise ImageReadError(
-                f"{what} holds non-integer values; a label image holds integer object ids"
-            )
+            raise ImageReadError(f"{what} holds non-integer values; a label image holds integer object ids")
     elif data.dtype.kind not in "ui":
         raise ImageReadError(f"{what} has unsupported pixel type {data.dtype}; send integer ids")
     if data.size and data.min() < 0:
@@ -338,9 +327,7 @@ def _as_labels(data: np.ndarray, what: str) -> np.ndarray:
     return data.astype(np.int32 if top <= np.iinfo(np.int32).max else np.int64)
 
 
-def read_labels(
-    source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
-) -> np.ndarray:
+def read_labels(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
     """Read a 2-D instance label image (0 = background) as int32 (Y, X).
 
     Float files are accepted when every value is an integer; multi-channel files, negative ids and
@@ -351,9 +338,7 @@ def read_labels(
     except ImageReadError as error:
         raise ImageReadError(f"label image: {error}") from None
     if image.n_channels != 1:
-        raise ImageReadError(
-            f"the label image has {image.n_channels} channels; send one 2-D label image (Y, X)"
-        )
+        raise ImageReadError(f"the label image has {image.n_channels} channels; send one 2-D label image (Y, X)")
     return _as_labels(image.data[0], "the label image")
 
 

@@ -119,8 +119,9 @@ def _pairs(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> list
             raise ISLDataError(f"target stain {index} must be one (Y, X) channel, got shape {target.shape}")
         channels = source[None] if source.ndim == 2 else source
         if channels.ndim != 3 or channels.shape[1:] != target.shape:
-            raise ISLDataError(f"source {index} has shape {source.shape}; give (Y, X) or (K, Y, X) matching "
-                               f"its stain {target.shape}")
+            raise ISLDataError(
+                f"source {index} has shape {source.shape}; give (Y, X) or (K, Y, X) matching its stain {target.shape}"
+            )
         for channel in channels:
             pairs.append((channel, target))
     return pairs
@@ -229,8 +230,9 @@ def pretrain_isl(
     val = _prepare(val_pairs, zoom, config.bsize)
     val_rng = np.random.default_rng(config.seed + 1)
     val_crops = [_crop(p, config.bsize, val_rng, False) for p in val for _ in range(config.val_crops_per_pair)]
-    val_batches = [_batch_tensors(val_crops[i : i + config.batch_size])
-                   for i in range(0, len(val_crops), config.batch_size)]
+    val_batches = [
+        _batch_tensors(val_crops[i : i + config.batch_size]) for i in range(0, len(val_crops), config.batch_size)
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     started = time.perf_counter()
     history: list[ISLEpoch] = []
@@ -278,9 +280,16 @@ def pretrain_isl(
     if diameter:  # the pretext scale: a later fine-tune overwrites it with its own training diameter
         result_net.diam_labels.data = torch.tensor([float(diameter)], dtype=torch.float32)
     result_net.eval()
-    return ISLResult(net=result_net, best_epoch=best_epoch, best_val_loss=float(loss) if val_batches else math.nan,
-                     val_correlation=float(correlation), history=history, stop_reason=stop_reason,
-                     n_train=len(train), n_val=len(val))
+    return ISLResult(
+        net=result_net,
+        best_epoch=best_epoch,
+        best_val_loss=float(loss) if val_batches else math.nan,
+        val_correlation=float(correlation),
+        history=history,
+        stop_reason=stop_reason,
+        n_train=len(train),
+        n_val=len(val),
+    )
 
 
 def predict_stain(net: torch.nn.Module, source: np.ndarray, *, diameter: float | None = None) -> np.ndarray:
@@ -295,8 +304,11 @@ def predict_stain(net: torch.nn.Module, source: np.ndarray, *, diameter: float |
     zoom = float(net.diam_mean.item()) / diameter if diameter else 1.0
     image = normalise_image(source)
     if zoom != 1.0:
-        image = cv2.resize(image, (max(8, round(image.shape[1] * zoom)), max(8, round(image.shape[0] * zoom))),
-                           interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(
+            image,
+            (max(8, round(image.shape[1] * zoom)), max(8, round(image.shape[0] * zoom))),
+            interpolation=cv2.INTER_LINEAR,
+        )
     ly, lx = image.shape
     py, px = (-ly) % 16, (-lx) % 16
     x = np.zeros((1, INPUT_CHANNELS, ly + py, lx + px), np.float32)

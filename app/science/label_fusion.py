@@ -259,7 +259,9 @@ def recover_instances(
     if not foreground.any():
         return np.zeros(foreground.shape, np.int32)
     if marker_votes is not None and not 1 <= int(marker_votes) <= len(raters):
-        raise LabelFusionError(f"marker_votes must be between 1 and {len(raters)} (the raters used), got {marker_votes}")
+        raise LabelFusionError(
+            f"marker_votes must be between 1 and {len(raters)} (the raters used), got {marker_votes}"
+        )
     core_votes = np.zeros(foreground.shape, np.int32)
     object_votes = np.zeros(foreground.shape, np.int32)
     for labels in raters:

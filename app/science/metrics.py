@@ -113,9 +113,7 @@ def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
     if labels.dtype == bool:
         return labels.astype(np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise LabelImageError(
-            f"{name} must hold integer object ids (0 = background); got dtype {labels.dtype}"
-        )
+        raise LabelImageError(f"{name} must hold integer object ids (0 = background); got dtype {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise LabelImageError(f"{name} has negative ids; object ids must be >= 0 (0 = background)")
     return labels.astype(np.int64, copy=False)
@@ -125,9 +123,7 @@ def _check_pair(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndar
     true = _check_labels(true, "true labels")
     pred = _check_labels(pred, "predicted labels")
     if true.shape != pred.shape:
-        raise LabelImageError(
-            f"true and predicted labels differ in shape: {true.shape} vs {pred.shape}"
-        )
+        raise LabelImageError(f"true and predicted labels differ in shape: {true.shape} vs {pred.shape}")
     return true, pred
 
 
@@ -276,9 +272,7 @@ def _foreground_overlap(true: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
     return int(np.count_nonzero(t & p)), int(np.count_nonzero(t | p))
 
 
-def _counts(
-    iou: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _counts(iou: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n_true, n_pred = iou.shape
     tp = np.array([_matched_ious(iou, float(t)).size for t in thresholds], dtype=np.int64)
     return tp, n_pred - tp, n_true - tp
@@ -390,8 +384,9 @@ def score_set(
     return _scores(tp, fp, fn, inter, union, thresholds)
 
 
-def pooled_f1_interval(matchings: Sequence[Matching], *, n_boot: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
+def pooled_f1_interval(
+    matchings: Sequence[Matching], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Pooled F1 over fields and a percentile bootstrap interval, resampling whole fields.
 
     Fields are the unit of replication (cells of one field share its acquisition), so the interval

@@ -198,14 +198,30 @@ def segment_fields(
         for name, task in task_map.items()
     }
     # Checked above before any thread starts; the threads run when the caller first iterates.
-    return _run_pipeline(fields, task_map, plans, precision=precision, mask_device=mask_device,
-                         batch_fields=batch_fields, mask_workers=mask_workers, depth=depth,
-                         channels_last=channels_last)
+    return _run_pipeline(
+        fields,
+        task_map,
+        plans,
+        precision=precision,
+        mask_device=mask_device,
+        batch_fields=batch_fields,
+        mask_workers=mask_workers,
+        depth=depth,
+        channels_last=channels_last,
+    )
 
 
 def _run_pipeline(
-    fields: Iterable, task_map: dict[str, SegmentTask], plans: dict[str, ChannelPlan], *, precision: str,
-    mask_device, batch_fields: int, mask_workers: int, depth: int, channels_last: bool | None,
+    fields: Iterable,
+    task_map: dict[str, SegmentTask],
+    plans: dict[str, ChannelPlan],
+    *,
+    precision: str,
+    mask_device,
+    batch_fields: int,
+    mask_workers: int,
+    depth: int,
+    channels_last: bool | None,
 ) -> Iterator[FieldOutcome]:
     stop = threading.Event()
     prepared_queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -296,9 +312,7 @@ def _run_pipeline(
         masks_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare_entry(
-    index: int, item: Any, task_map: dict[str, SegmentTask], plans: dict[str, ChannelPlan]
-) -> _Entry:
+def _prepare_entry(index: int, item: Any, task_map: dict[str, SegmentTask], plans: dict[str, ChannelPlan]) -> _Entry:
     try:
         key, source = item
     except (TypeError, ValueError):
@@ -336,8 +350,7 @@ def _run_networks(
     tic = time.perf_counter()
     try:
         for name, plan in plans.items():
-            forward_fields([e.prepared[name] for e in entries], plan, channels_last=channels_last,
-                           precision=precision)
+            forward_fields([e.prepared[name] for e in entries], plan, channels_last=channels_last, precision=precision)
     except Exception as error:  # noqa: BLE001 - kept on the field that caused it
         if len(entries) == 1:
             entries[0].error = error
@@ -363,9 +376,17 @@ def _finish_entry(
             channel_maps = finish_field(entry.prepared[name], plans[name])
             timings["finish"] = time.perf_counter() - tic
             outcome.results[name] = _masks_from_channel_maps(
-                channel_maps, task.channel_models, method=task.method, flow_threshold=task.flow_threshold,
-                cellprob_threshold=task.cellprob_threshold, min_size=task.min_size, weights=task.weights,
-                fusion_params=task.fusion_params, mask_device=mask_device, timings=timings, fusion=task.fusion,
+                channel_maps,
+                task.channel_models,
+                method=task.method,
+                flow_threshold=task.flow_threshold,
+                cellprob_threshold=task.cellprob_threshold,
+                min_size=task.min_size,
+                weights=task.weights,
+                fusion_params=task.fusion_params,
+                mask_device=mask_device,
+                timings=timings,
+                fusion=task.fusion,
             )
             for stage, seconds in timings.items():
                 outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds

@@ -142,9 +142,9 @@ class PercentileNormalizer:
             )
         span = self.high - self.low
         span = np.where(span > 0, span, 1.0)
-        out = (image.astype(np.float32) - self.low[:, None, None].astype(np.float32)) / span[
-            :, None, None
-        ].astype(np.float32)
+        out = (image.astype(np.float32) - self.low[:, None, None].astype(np.float32)) / span[:, None, None].astype(
+            np.float32
+        )
         return out.astype(np.float32, copy=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -197,9 +197,7 @@ class IlluminationModel:
             "shape": list(self.flatfield.shape),
             "flatfield_min": [float(v) for v in self.flatfield.min(axis=(1, 2))],
             "flatfield_max": [float(v) for v in self.flatfield.max(axis=(1, 2))],
-            "darkfield_mean": None
-            if self.darkfield is None
-            else [float(v) for v in self.darkfield.mean(axis=(1, 2))],
+            "darkfield_mean": None if self.darkfield is None else [float(v) for v in self.darkfield.mean(axis=(1, 2))],
             "sha256": hashlib.sha256(np.ascontiguousarray(self.flatfield).tobytes()).hexdigest(),
         }
 
@@ -352,8 +350,7 @@ class PreprocessingSpec:
     def __post_init__(self) -> None:
         if self.illumination not in ("none", "gaussian", "basic", "reference"):
             raise PreprocessingError(
-                f"unknown illumination correction {self.illumination!r}; "
-                "use 'none', 'gaussian', 'basic' or 'reference'"
+                f"unknown illumination correction {self.illumination!r}; use 'none', 'gaussian', 'basic' or 'reference'"
             )
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise PreprocessingError(
@@ -392,13 +389,9 @@ class PreprocessingSpec:
         if self.illumination != "none":
             if model is None:
                 if self.illumination == "gaussian":
-                    model = estimate_flatfield(
-                        fields, self.illumination_sigma_fraction, darkfield=self.camera_offset
-                    )
+                    model = estimate_flatfield(fields, self.illumination_sigma_fraction, darkfield=self.camera_offset)
                 elif self.illumination == "basic":
-                    model = fit_basic(
-                        fields, get_darkfield=self.basic_darkfield, darkfield=self.camera_offset
-                    )
+                    model = fit_basic(fields, get_darkfield=self.basic_darkfield, darkfield=self.camera_offset)
                 else:
                     if reference is None:
                         raise PreprocessingError("illumination='reference' needs a reference flatfield image")
@@ -485,23 +478,29 @@ def illumination_from_tiff(data: bytes, method: str = "stored") -> IlluminationM
         array = array[np.newaxis]
     if array.ndim != 4 or array.shape[0] > 2:
         raise PreprocessingError(
-            f"an illumination profile is (C, Y, X), or (2, C, Y, X) with a darkfield; got {array.shape}")
+            f"an illumination profile is (C, Y, X), or (2, C, Y, X) with a darkfield; got {array.shape}"
+        )
     if not np.isfinite(array).all() or (array[0] <= 0).any():
         raise PreprocessingError("a flatfield must be finite and > 0 everywhere")
-    return IlluminationModel(flatfield=_unit_mean(array[0]),
-                             darkfield=array[1].astype(np.float32) if array.shape[0] == 2 else None, method=method)
+    return IlluminationModel(
+        flatfield=_unit_mean(array[0]),
+        darkfield=array[1].astype(np.float32) if array.shape[0] == 2 else None,
+        method=method,
+    )
 
 
 def channel_of(model: IlluminationModel, channel: int) -> IlluminationModel:
     """One channel of a multi-channel profile, as a (1, Y, X) profile."""
     return IlluminationModel(
-        flatfield=model.flatfield[channel:channel + 1],
-        darkfield=None if model.darkfield is None else model.darkfield[channel:channel + 1],
+        flatfield=model.flatfield[channel : channel + 1],
+        darkfield=None if model.darkfield is None else model.darkfield[channel : channel + 1],
         method=model.method,
     )
 
 
-def plate_percentiles(fields: Sequence[np.ndarray], lower: float = 1.0, upper: float = 99.0) -> list[tuple[float, float]]:
+def plate_percentiles(
+    fields: Sequence[np.ndarray], lower: float = 1.0, upper: float = 99.0
+) -> list[tuple[float, float]]:
     """(low, high) per channel over every field of a plate: a dim field stays dim.
 
     >>> plate_percentiles([np.full((1, 4, 4), 2.0), np.full((1, 4, 4), 6.0)], 0.0, 100.0)

@@ -96,8 +96,9 @@ def load_annotated_dirs(data_dirs: Sequence[str | Path]) -> AnnotatedSet:
     names = tuple(n for part in parts for n in part.names)
     if len(set(names)) != len(names):
         raise TrainingDataError("the same image id appears in two data folders")
-    return AnnotatedSet(names, tuple(i for part in parts for i in part.images),
-                        tuple(m for part in parts for m in part.masks))
+    return AnnotatedSet(
+        names, tuple(i for part in parts for i in part.images), tuple(m for part in parts for m in part.masks)
+    )
 
 
 #: The fixed held-out / validation split of the v3 base (ids of the 377 DSB2018 images).
@@ -120,8 +121,11 @@ def split_by_ids(data: AnnotatedSet, test_ids: Sequence[str], val_ids: Sequence[
         raise TrainingDataError("test and validation ids overlap")
     held = set(test_ids) | set(val_ids)
     train = [i for i, name in enumerate(data.names) if name not in held]
-    return BaseSplit(data.subset(train), data.subset(sorted(index[n] for n in val_ids)),
-                     data.subset(sorted(index[n] for n in test_ids)))
+    return BaseSplit(
+        data.subset(train),
+        data.subset(sorted(index[n] for n in val_ids)),
+        data.subset(sorted(index[n] for n in test_ids)),
+    )
 
 
 def rescale_annotated(image: np.ndarray, mask: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +140,9 @@ def rescale_annotated(image: np.ndarray, mask: np.ndarray, factor: float) -> tup
     return resized, labels.astype(np.int32)
 
 
-def downscaled_copies(data: AnnotatedSet, *, fraction: float = 0.5, low: float = 0.45, high: float = 0.75,
-                      seed: int = 0) -> AnnotatedSet:
+def downscaled_copies(
+    data: AnnotatedSet, *, fraction: float = 0.5, low: float = 0.45, high: float = 0.75, seed: int = 0
+) -> AnnotatedSet:
     """Shrunken copies of a random ``fraction`` of the images: small objects lose detail that the
     training rescale (objects to diam_mean) cannot restore, so the net must see such images."""
     rng = np.random.default_rng(seed)
@@ -166,8 +171,9 @@ def split_base_data(data: AnnotatedSet, *, n_test: int = 12, n_val: int = 6, see
     return BaseSplit(data.subset(train), data.subset(val), data.subset(test))
 
 
-def synthetic_training_set(n_fields: int, *, size: int = 256, seed: int = 1000,
-                           exclude: frozenset[str] = frozenset()) -> AnnotatedSet:
+def synthetic_training_set(
+    n_fields: int, *, size: int = 256, seed: int = 1000, exclude: frozenset[str] = frozenset()
+) -> AnnotatedSet:
     """Synthetic multi-reporter fields as single-channel training pairs.
 
     The channel whose signal best covers the cells is paired with the cell masks (a cytoplasmic-like
@@ -242,8 +248,14 @@ def train_base(
             train.names + extra_train.names, train.images + extra_train.images, train.masks + extra_train.masks
         )
     return finetune(
-        net, list(train.images), list(train.masks), list(split.val.images), list(split.val.masks), config,
-        on_epoch=on_epoch, on_best=on_best,
+        net,
+        list(train.images),
+        list(train.masks),
+        list(split.val.images),
+        list(split.val.masks),
+        config,
+        on_epoch=on_epoch,
+        on_best=on_best,
     )
 
 
@@ -301,8 +313,11 @@ def pretrain_base(
     data = load_annotated_dir(dsb_dir if dsb_dir is not None else default_dsb_dir())
     split = split_base_data(data, n_test=n_test, n_val=n_val, seed=seed)
     held = frozenset(split.test.names) | frozenset(split.val.names)
-    extra = (synthetic_training_set(synthetic_fields, size=synthetic_size, seed=seed + 1000, exclude=held)
-             if synthetic_fields else None)
+    extra = (
+        synthetic_training_set(synthetic_fields, size=synthetic_size, seed=seed + 1000, exclude=held)
+        if synthetic_fields
+        else None
+    )
     config = base_training_config(minutes, seed=seed, bsize=bsize)
     init_net, parent = None, None
     if init_weights is not None:
@@ -320,7 +335,11 @@ def pretrain_base(
     )
     started = time.perf_counter()
     result = train_base(
-        split, widths=widths, config=config, extra_train=extra, init_net=init_net,
+        split,
+        widths=widths,
+        config=config,
+        extra_train=extra,
+        init_net=init_net,
         on_epoch=lambda r: echo(
             f"epoch {r.epoch:3d}  train {r.train_loss:.4f}  val {r.val_loss:.4f}  {r.elapsed_s:7.1f}s"
             + ("  *best" if r.is_best else "")
@@ -328,8 +347,17 @@ def pretrain_base(
     )
     training_s = time.perf_counter() - started
     return save_base(
-        result, split, config, out_dir, name=name, version=version, widths=widths, extra_train=extra,
-        training_s=training_s, parent=parent, echo=echo,
+        result,
+        split,
+        config,
+        out_dir,
+        name=name,
+        version=version,
+        widths=widths,
+        extra_train=extra,
+        training_s=training_s,
+        parent=parent,
+        echo=echo,
     )
 
 
@@ -366,7 +394,9 @@ def save_base(
         # in reporter channels before any fine-tuning.
         heldout = synthetic_training_set(6, size=192, seed=987_654)
         metrics["heldout_synthetic_plate"] = heldout_metrics(result.net, heldout)
-        echo(f"held-out synthetic plate ({len(heldout)} channel images): {json.dumps(metrics['heldout_synthetic_plate'])}")
+        echo(
+            f"held-out synthetic plate ({len(heldout)} channel images): {json.dumps(metrics['heldout_synthetic_plate'])}"
+        )
     data_hashes = {
         "train_dsb2018": data_hash(split.train),
         "val_dsb2018": data_hash(split.val),
@@ -414,15 +444,29 @@ def save_base(
     return saved
 
 
-def fit_base_size_model(net: torch.nn.Module, train: AnnotatedSet, *, every: int = 2, samples_per_image: int = 2,
-                        diameter_range: tuple[float, float] = (8.0, 80.0), seed: int = 0):
+def fit_base_size_model(
+    net: torch.nn.Module,
+    train: AnnotatedSet,
+    *,
+    every: int = 2,
+    samples_per_image: int = 2,
+    diameter_range: tuple[float, float] = (8.0, 80.0),
+    seed: int = 0,
+):
     """The base's size model: Cellpose's style regression on every ``every``-th training image,
     each resized ``samples_per_image`` times so its objects span ``diameter_range`` (224-px crops)."""
     from app.science.training import train_size_model
 
     sub = train.subset(range(0, len(train), every))
-    return train_size_model(net, list(sub.images), list(sub.masks), diameter_range=diameter_range,
-                            samples_per_image=samples_per_image, max_side=224, seed=seed)
+    return train_size_model(
+        net,
+        list(sub.images),
+        list(sub.masks),
+        diameter_range=diameter_range,
+        samples_per_image=samples_per_image,
+        max_side=224,
+        seed=seed,
+    )
 
 
 #: The v3 recipe's two phases: (learning rate, minutes); both continue from the previous best.
@@ -443,12 +487,19 @@ def v3_training_data(seed: int = 3) -> tuple[BaseSplit, AnnotatedSet]:
 
 def v3_config(learning_rate: float, minutes: float, seed: int = 3) -> TrainingConfig:
     """Continued training: no warm-up, 160-px crops, random zoom 0.6-1.5 around objects at 30 px."""
-    return dataclasses.replace(base_training_config(minutes, seed=seed, bsize=160), learning_rate=learning_rate,
-                               warmup_epochs=0, min_epochs=3, patience=12, scale_range=(0.6, 1.5))
+    return dataclasses.replace(
+        base_training_config(minutes, seed=seed, bsize=160),
+        learning_rate=learning_rate,
+        warmup_epochs=0,
+        min_epochs=3,
+        patience=12,
+        scale_range=(0.6, 1.5),
+    )
 
 
-def continue_base_v3(init_weights: str | Path, *, checkpoint_dir: str | Path | None = None,
-                     echo: Callable[[str], None] = print) -> tuple[TrainingResult, BaseSplit, AnnotatedSet]:
+def continue_base_v3(
+    init_weights: str | Path, *, checkpoint_dir: str | Path | None = None, echo: Callable[[str], None] = print
+) -> tuple[TrainingResult, BaseSplit, AnnotatedSet]:
     """Train v3 from v2 in ``V3_PHASES`` (the run shipped as cellfuse-base-w16-v3)."""
     from safetensors.torch import save_file
 
@@ -458,12 +509,18 @@ def continue_base_v3(init_weights: str | Path, *, checkpoint_dir: str | Path | N
     net, _ = load_model(init_weights)
     result = None
     for phase, (learning_rate, minutes) in enumerate(V3_PHASES):
+
         def on_best(epoch: int, state: dict, phase: int = phase) -> None:
             if checkpoint_dir is not None:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(Path(checkpoint_dir) / f"phase{phase}.st"))
 
-        result = train_base(split, config=v3_config(learning_rate, minutes), extra_train=extra, init_net=net,
-                            on_epoch=lambda r: echo(f"epoch {r.epoch} train {r.train_loss:.4f} val {r.val_loss:.4f}"),
-                            on_best=on_best)
+        result = train_base(
+            split,
+            config=v3_config(learning_rate, minutes),
+            extra_train=extra,
+            init_net=net,
+            on_epoch=lambda r: echo(f"epoch {r.epoch} train {r.train_loss:.4f} val {r.val_loss:.4f}"),
+            on_best=on_best,
+        )
         net = result.net
     return result, split, extra

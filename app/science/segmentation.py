@@ -98,8 +98,13 @@ class _FusionChoice:
     cellprob_threshold: float
 
 
-def _check_options(method: str, weights, fusion_params, fusion: FusionParameters | dict | None = None,
-                   models: Sequence[ChannelModel] | None = None) -> _FusionChoice:
+def _check_options(
+    method: str,
+    weights,
+    fusion_params,
+    fusion: FusionParameters | dict | None = None,
+    models: Sequence[ChannelModel] | None = None,
+) -> _FusionChoice:
     """Validate a method's options; resolve fitted fusion parameters to weights for ``models``."""
     if method not in FUSION_METHODS:
         raise SegmentationInputError(f"unknown fusion method {method!r}; valid methods: {', '.join(FUSION_METHODS)}")
@@ -111,9 +116,13 @@ def _check_options(method: str, weights, fusion_params, fusion: FusionParameters
         # One channel's maps are not fused: they get the model's own threshold (Cellpose's 0.4),
         # not the one for averaged flows.
         single = models is not None and len(models) == 1
-        return _FusionChoice(None if weights is None else [float(w) for w in weights], None,
-                             "explicit weights" if weights is not None else "equal weights",
-                             models[0].own_flow_threshold if single else FUSED_FLOW_THRESHOLD, 0.0)
+        return _FusionChoice(
+            None if weights is None else [float(w) for w in weights],
+            None,
+            "explicit weights" if weights is not None else "equal weights",
+            models[0].own_flow_threshold if single else FUSED_FLOW_THRESHOLD,
+            0.0,
+        )
     if weights is not None:
         raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
     try:
@@ -121,8 +130,9 @@ def _check_options(method: str, weights, fusion_params, fusion: FusionParameters
         resolved = record.weights_for([m.name for m in models]).tolist() if models is not None else None
     except ValueError as exc:
         raise SegmentationInputError(str(exc)) from None
-    return _FusionChoice(resolved, record.confidence, f"fitted ({record.method})", record.flow_threshold,
-                         record.cellprob_threshold)
+    return _FusionChoice(
+        resolved, record.confidence, f"fitted ({record.method})", record.flow_threshold, record.cellprob_threshold
+    )
 
 
 def _as_field(image: np.ndarray, n_models: int) -> np.ndarray:
@@ -176,10 +186,15 @@ def _masks_from_channel_maps(
         timings["masks"] = time.perf_counter() - tic
         norm = [float(w) for w in (choice.weights if choice.weights is not None else [1.0] * len(models))]
         settings: dict[str, Any] = {
-            "method": method, "channels": [m.name for m in models],
-            "weights": [round(w / sum(norm), 6) for w in norm], "confidence": choice.confidence,
-            "flow_threshold": float(used_flow or 0.0), "cellprob_threshold": float(used_cellprob),
-            "diameter": diameter, "weights_source": choice.source}
+            "method": method,
+            "channels": [m.name for m in models],
+            "weights": [round(w / sum(norm), 6) for w in norm],
+            "confidence": choice.confidence,
+            "flow_threshold": float(used_flow or 0.0),
+            "cellprob_threshold": float(used_cellprob),
+            "diameter": diameter,
+            "weights_source": choice.source,
+        }
         return SegmentationResult(labels, channel_maps, fused, None, timings, settings)
 
     tic = time.perf_counter()
@@ -202,10 +217,14 @@ def _masks_from_channel_maps(
     params = {"min_size": min_size, **(fusion_params or {})}
     labels = fuse_labels(channel_labels, method, **params)
     timings["fuse"] = time.perf_counter() - tic
-    settings = {"method": method, "channels": [m.name for m in models],
-                "flow_thresholds": [float(f or 0.0) for f in channel_flows],
-                "cellprob_threshold": float(channel_cellprob), "fusion_params": params,
-                "diameters": [m.diameter for m in models]}
+    settings = {
+        "method": method,
+        "channels": [m.name for m in models],
+        "flow_thresholds": [float(f or 0.0) for f in channel_flows],
+        "cellprob_threshold": float(channel_cellprob),
+        "fusion_params": params,
+        "diameters": [m.diameter for m in models],
+    }
     return SegmentationResult(labels, channel_maps, None, channel_labels, timings, settings)
 
 
@@ -259,8 +278,16 @@ def segment_field(
     )
     timings["maps"] = time.perf_counter() - tic
     result = _masks_from_channel_maps(
-        channel_maps, models, method=method, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold,
-        min_size=min_size, weights=weights, fusion_params=fusion_params, mask_device=mask_device, timings=timings,
+        channel_maps,
+        models,
+        method=method,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold,
+        min_size=min_size,
+        weights=weights,
+        fusion_params=fusion_params,
+        mask_device=mask_device,
+        timings=timings,
         fusion=fusion,
     )
     timings["total"] = time.perf_counter() - started

@@ -103,8 +103,11 @@ class PatchNet(nn.Module):
         layers: list[nn.Module] = []
         channels = 2
         for dilation in dilations:
-            layers += [nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
             channels = width
         layers.append(nn.Conv2d(width, 1, 1))
         self.body = nn.Sequential(*layers)
@@ -178,12 +181,24 @@ def _prepare(image: np.ndarray, foreground: np.ndarray, markers: np.ndarray, dia
         indices.append(row * lx + col + offsets)
     index = torch.from_numpy(np.asarray(indices, np.int64).reshape(len(markers), patch * patch))
     background = torch.from_numpy(outside.ravel()[index.numpy()].astype(np.float32))
-    return _Image(torch.from_numpy(np.asarray(patches, np.float32).reshape(len(markers), 2, patch, patch)),
-                  index, background, ly * lx, image.shape, markers)
+    return _Image(
+        torch.from_numpy(np.asarray(patches, np.float32).reshape(len(markers), 2, patch, patch)),
+        index,
+        background,
+        ly * lx,
+        image.shape,
+        markers,
+    )
 
 
-def patch_loss(logits: torch.Tensor, index: torch.Tensor, background: torch.Tensor, padded_size: int,
-               lam: float = 1.0, beta: float = 2.0) -> torch.Tensor:
+def patch_loss(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    background: torch.Tensor,
+    padded_size: int,
+    lam: float = 1.0,
+    beta: float = 2.0,
+) -> torch.Tensor:
     """The marker-controlled loss (module docstring) of one image's (N, P, P) patch logits."""
     n = logits.shape[0]
     y = torch.sigmoid(logits.reshape(n, -1))
@@ -196,8 +211,9 @@ def patch_loss(logits: torch.Tensor, index: torch.Tensor, background: torch.Tens
     return -area + lam * cross + beta * outside
 
 
-def instances_from_patches(probabilities: torch.Tensor | np.ndarray, prepared: _Image, *, min_size: int = 15,
-                           threshold: float = 0.5) -> np.ndarray:
+def instances_from_patches(
+    probabilities: torch.Tensor | np.ndarray, prepared: _Image, *, min_size: int = 15, threshold: float = 0.5
+) -> np.ndarray:
     """Per-pixel maximum over the patches: label = the marker whose patch is most confident, if > threshold."""
     probabilities = torch.as_tensor(probabilities).reshape(len(prepared.markers), -1)
     best = torch.zeros(prepared.padded_size)
@@ -275,14 +291,16 @@ def self_train(
     marker_images = [np.asarray(m, np.float32) for m in marker_images]
     if not marker_images:
         raise SelfTrainingError("no images: give at least one nuclear-channel image")
-    foreground_images = marker_images if foreground_images is None else [np.asarray(f, np.float32)
-                                                                          for f in foreground_images]
+    foreground_images = (
+        marker_images if foreground_images is None else [np.asarray(f, np.float32) for f in foreground_images]
+    )
     if len(foreground_images) != len(marker_images):
         raise SelfTrainingError(f"{len(marker_images)} marker images but {len(foreground_images)} foreground images")
     for m, f in zip(marker_images, foreground_images):
         if m.ndim != 2 or m.shape != f.shape:
-            raise SelfTrainingError(f"marker and foreground images must be matching (Y, X) channels: "
-                                    f"{m.shape}, {f.shape}")
+            raise SelfTrainingError(
+                f"marker and foreground images must be matching (Y, X) channels: {m.shape}, {f.shape}"
+            )
     if diameter is None:
         diameter = float(np.median([estimate_diameter(m) for m in marker_images]))
     torch.manual_seed(config.seed)
@@ -291,12 +309,20 @@ def self_train(
     foregrounds, all_markers = [], []
     for marker_image, foreground_image in zip(marker_images, foreground_images):
         foreground = graphcut_foreground(foreground_image, smoothness=config.graphcut_smoothness)
-        markers = detect_markers(marker_image, diameter=diameter, threshold=config.marker_threshold,
-                                 foreground=foreground if foreground_image is marker_image else None)
+        markers = detect_markers(
+            marker_image,
+            diameter=diameter,
+            threshold=config.marker_threshold,
+            foreground=foreground if foreground_image is marker_image else None,
+        )
         if config.complete_markers:
-            markers = complete_markers(markers, graphcut_foreground(marker_image, smoothness=config.graphcut_smoothness)
-                                       if foreground_image is not marker_image else foreground,
-                                       min_area=max(config.min_size, int(0.1 * diameter**2)))
+            markers = complete_markers(
+                markers,
+                graphcut_foreground(marker_image, smoothness=config.graphcut_smoothness)
+                if foreground_image is not marker_image
+                else foreground,
+                min_area=max(config.min_size, int(0.1 * diameter**2)),
+            )
         foregrounds.append(foreground)
         all_markers.append(markers)
         prepared.append(_prepare(foreground_image, foreground, markers, diameter, patch))
@@ -314,8 +340,9 @@ def self_train(
                 if should_stop is not None and should_stop():
                     raise TrainingCancelled(f"self-training cancelled during epoch {epoch}")
                 item = trainable[i]
-                loss = patch_loss(net(item.patches), item.index, item.background, item.padded_size,
-                                  config.lam, config.beta)
+                loss = patch_loss(
+                    net(item.patches), item.index, item.background, item.padded_size, config.lam, config.beta
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -109,9 +109,7 @@ def fit_size_model(
     styles = np.asarray(styles, dtype=np.float64)
     diameters = np.asarray(diameters, dtype=np.float64)
     if styles.ndim != 2 or diameters.shape != (styles.shape[0],):
-        raise SizeModelError(
-            f"need styles (N, D) and one diameter per style; got {styles.shape} and {diameters.shape}"
-        )
+        raise SizeModelError(f"need styles (N, D) and one diameter per style; got {styles.shape} and {diameters.shape}")
     if styles.shape[0] < 2:
         raise SizeModelError("need at least 2 images (style, diameter) to fit a size model")
     if not np.all(np.isfinite(styles)) or not np.all(np.isfinite(diameters)) or np.any(diameters <= 0):
@@ -177,9 +175,7 @@ class SizeEstimate:
         }
 
 
-def estimate_diameter(
-    style: np.ndarray, size_model: SizeModel, segment: Callable[[float], np.ndarray]
-) -> SizeEstimate:
+def estimate_diameter(style: np.ndarray, size_model: SizeModel, segment: Callable[[float], np.ndarray]) -> SizeEstimate:
     """Cellpose 3's ``SizeModel.eval`` without the network: ``segment(diameter)`` returns labels.
 
     Where Cellpose falls back to ``diam_mean`` when the second pass finds nothing, this keeps the

@@ -85,21 +85,32 @@ DEFAULT_REPORTERS: tuple[ReporterSpec, ...] = (
     ReporterSpec("cyto", "cytoplasmic", absent_fraction=0.15, brightness=300.0, other_compartment=0.25),
     ReporterSpec("nuclear", "nuclear", absent_fraction=0.2, brightness=450.0, other_compartment=0.1),
     ReporterSpec("transloc", "translocating", absent_fraction=0.15, brightness=350.0),
-    ReporterSpec("puncta", "punctate", absent_fraction=0.15, brightness=250.0, spot_density=0.03,
-                 other_compartment=0.2),
+    ReporterSpec(
+        "puncta", "punctate", absent_fraction=0.15, brightness=250.0, spot_density=0.03, other_compartment=0.2
+    ),
 )
 
 
 #: Reporters for the quality benchmark's regimes (``REGIMES``): bright and expressed in nearly every
 #: cell, dim and missing in many cells, and blind to the cells.
-STRONG_CYTO = ReporterSpec("cyto_strong", "cytoplasmic", absent_fraction=0.02, brightness=900.0,
-                           expression_sigma=0.25, other_compartment=0.2)
-WEAK_CYTO = ReporterSpec("cyto_weak", "cytoplasmic", absent_fraction=0.35, brightness=40.0, expression_sigma=0.8,
-                         other_compartment=0.35)
-WEAK_TRANSLOC = ReporterSpec("transloc_weak", "translocating", absent_fraction=0.35, brightness=40.0,
-                             expression_sigma=0.8)
-WEAK_PUNCTA = ReporterSpec("puncta_weak", "punctate", absent_fraction=0.35, brightness=35.0, expression_sigma=0.8,
-                           spot_density=0.015, other_compartment=0.1)
+STRONG_CYTO = ReporterSpec(
+    "cyto_strong", "cytoplasmic", absent_fraction=0.02, brightness=900.0, expression_sigma=0.25, other_compartment=0.2
+)
+WEAK_CYTO = ReporterSpec(
+    "cyto_weak", "cytoplasmic", absent_fraction=0.35, brightness=40.0, expression_sigma=0.8, other_compartment=0.35
+)
+WEAK_TRANSLOC = ReporterSpec(
+    "transloc_weak", "translocating", absent_fraction=0.35, brightness=40.0, expression_sigma=0.8
+)
+WEAK_PUNCTA = ReporterSpec(
+    "puncta_weak",
+    "punctate",
+    absent_fraction=0.35,
+    brightness=35.0,
+    expression_sigma=0.8,
+    spot_density=0.015,
+    other_compartment=0.1,
+)
 BLIND = ReporterSpec("unrelated", "unrelated", absent_fraction=0.0, brightness=300.0)
 
 
@@ -125,8 +136,9 @@ DEFAULT_IMAGING = ImagingSpec()
 
 #: An acquisition the models never saw: a quarter of the photons, more read noise, a softer focus,
 #: stronger vignetting and haze (the same shift as the augmentation ablation).
-SHIFTED_IMAGING = ImagingSpec(exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6), vignetting=(0.5, 0.7),
-                              haze=(0.3, 0.5))
+SHIFTED_IMAGING = ImagingSpec(
+    exposure=(0.12, 0.3), read_noise=12.0, psf_sigma=(1.8, 2.6), vignetting=(0.5, 0.7), haze=(0.3, 0.5)
+)
 
 
 @dataclass(frozen=True)
@@ -147,8 +159,12 @@ REGIMES: dict[str, Regime] = {
         Regime("strong+weak", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "one strong reporter and two weak ones"),
         Regime("all-weak", (WEAK_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA), "three weak reporters"),
         Regime("one-blind", (WEAK_CYTO, WEAK_TRANSLOC, BLIND), "two weak reporters and one channel blind to the cells"),
-        Regime("shifted", (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA),
-               "strong+weak reporters; test fields dimmer, noisier and blurrier than training", SHIFTED_IMAGING),
+        Regime(
+            "shifted",
+            (STRONG_CYTO, WEAK_TRANSLOC, WEAK_PUNCTA),
+            "strong+weak reporters; test fields dimmer, noisier and blurrier than training",
+            SHIFTED_IMAGING,
+        ),
     )
 }
 
@@ -208,9 +224,7 @@ def _smooth_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator
     return noise / (noise.std() + 1e-12)
 
 
-def grow_cells(
-    nuclei: np.ndarray, rng: np.random.Generator, extent: float = 1.0
-) -> np.ndarray:
+def grow_cells(nuclei: np.ndarray, rng: np.random.Generator, extent: float = 1.0) -> np.ndarray:
     """Whole cells around nuclei: every cell contains exactly its nucleus (same id).
 
     Each cell reaches ``extent`` x its nucleus's radius (times a per-cell factor) beyond the nucleus;
@@ -227,9 +241,7 @@ def grow_cells(
     nearest = nuclei[iy, ix]
     scale = float(np.median(radius))
     # two scales of boundary noise: lobes (low frequency) and ruffles (high frequency)
-    wobble = 0.45 * _smooth_noise(nuclei.shape, 2.0 * scale, rng) + 0.2 * _smooth_noise(
-        nuclei.shape, 0.4 * scale, rng
-    )
+    wobble = 0.45 * _smooth_noise(nuclei.shape, 2.0 * scale, rng) + 0.2 * _smooth_noise(nuclei.shape, 0.4 * scale, rng)
     noisy = distance * (1.0 + 0.5 * wobble) + 0.35 * scale * wobble
     region = (noisy < reach[nearest]) | (nuclei > 0)
     cells = watershed(noisy, markers=nuclei, mask=region)
@@ -258,7 +270,7 @@ def _keep_marker_components(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray
 
 
 def _per_cell_expression(n: int, spec: ReporterSpec, rng: np.random.Generator) -> np.ndarray:
-    expression = rng.lognormal(0.0, spec.expression_sigma, n) * np.exp(-spec.expression_sigma**2 / 2)
+    expression = rng.lognormal(0.0, spec.expression_sigma, n) * np.exp(-(spec.expression_sigma**2) / 2)
     absent = rng.random(n) < spec.absent_fraction
     expression[absent] = spec.absent_level * rng.uniform(0.5, 1.5, absent.sum())
     return np.concatenate([[0.0], expression])
@@ -420,9 +432,7 @@ def make_field(
         illumination = base_illumination * (1.0 + 0.03 * _smooth_noise(nuclei.shape, 40.0, rng))
         signal = _render_reporter(spec, nuclei, cells, profile, rng)
         offset = rng.uniform(*imaging.offset)
-        channels.append(
-            _image(signal, spec.brightness * exposure, illumination, imaging, rng, psf_sigma, offset)
-        )
+        channels.append(_image(signal, spec.brightness * exposure, illumination, imaging, rng, psf_sigma, offset))
     return SyntheticField(
         image=np.stack(channels).astype(np.float32),
         channel_names=[spec.name for spec in reporters],

@@ -98,8 +98,12 @@ class TrainingConfig:
             raise TrainingDataError("min_epochs and warmup_epochs cannot be negative")
 
     def augmentation(self) -> AugmentationConfig:
-        return AugmentationConfig(bsize=self.bsize, enabled=self.augment, microscopy=self.microscopy_augment,
-                                  scale_range=tuple(self.scale_range))
+        return AugmentationConfig(
+            bsize=self.bsize,
+            enabled=self.augment,
+            microscopy=self.microscopy_augment,
+            scale_range=tuple(self.scale_range),
+        )
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -145,22 +149,41 @@ class TrainingCheckpoint:
     elapsed_s: float
 
     def as_state(self) -> dict:
-        return {"epoch": self.epoch, "model": self.model, "optimizer": self.optimizer, "best_state": self.best_state,
-                "best_loss": self.best_loss, "best_epoch": self.best_epoch,
-                "epochs_without_improvement": self.epochs_without_improvement,
-                "history": [[r.epoch, r.train_loss, r.val_loss, r.elapsed_s, r.learning_rate, r.is_best]
-                            for r in self.history],
-                "numpy_rng": self.numpy_rng, "torch_rng": self.torch_rng, "elapsed_s": self.elapsed_s}
+        return {
+            "epoch": self.epoch,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "best_state": self.best_state,
+            "best_loss": self.best_loss,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "history": [
+                [r.epoch, r.train_loss, r.val_loss, r.elapsed_s, r.learning_rate, r.is_best] for r in self.history
+            ],
+            "numpy_rng": self.numpy_rng,
+            "torch_rng": self.torch_rng,
+            "elapsed_s": self.elapsed_s,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> TrainingCheckpoint:
-        history = [EpochReport(int(e), float(t), float(v), float(s), float(lr), bool(b))
-                   for e, t, v, s, lr, b in state["history"]]
-        return cls(epoch=int(state["epoch"]), model=state["model"], optimizer=state["optimizer"],
-                   best_state=state["best_state"], best_loss=float(state["best_loss"]),
-                   best_epoch=int(state["best_epoch"]),
-                   epochs_without_improvement=int(state["epochs_without_improvement"]), history=history,
-                   numpy_rng=state["numpy_rng"], torch_rng=state["torch_rng"], elapsed_s=float(state["elapsed_s"]))
+        history = [
+            EpochReport(int(e), float(t), float(v), float(s), float(lr), bool(b))
+            for e, t, v, s, lr, b in state["history"]
+        ]
+        return cls(
+            epoch=int(state["epoch"]),
+            model=state["model"],
+            optimizer=state["optimizer"],
+            best_state=state["best_state"],
+            best_loss=float(state["best_loss"]),
+            best_epoch=int(state["best_epoch"]),
+            epochs_without_improvement=int(state["epochs_without_improvement"]),
+            history=history,
+            numpy_rng=state["numpy_rng"],
+            torch_rng=state["torch_rng"],
+            elapsed_s=float(state["elapsed_s"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -300,8 +323,9 @@ def fresh_copy(net: torch.nn.Module, device: torch.device | str | None = None) -
     Training a net after eval trips MKL-DNN, and cached nets are shared: training works on a copy.
     """
     device = module_device(net) if device is None else torch.device(device)
-    new = build_network(network_widths(net), diam_mean=float(net.diam_mean.item()), nchan=network_input_channels(net),
-                        device=device)
+    new = build_network(
+        network_widths(net), diam_mean=float(net.diam_mean.item()), nchan=network_input_channels(net), device=device
+    )
     new.load_state_dict(net.state_dict(), strict=True)
     return new
 
@@ -325,8 +349,10 @@ def _check_pairs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], what
                 f"{what} image {index} has shape {image.shape}; give single-channel (Y, X) reporter images"
             )
         if n_channels > 1 and (image.ndim != 3 or image.shape[0] != n_channels):
-            raise TrainingDataError(f"{what} image {index} has shape {image.shape}; the joint model takes "
-                                    f"{n_channels} input channels: give ({n_channels}, Y, X) fields")
+            raise TrainingDataError(
+                f"{what} image {index} has shape {image.shape}; the joint model takes "
+                f"{n_channels} input channels: give ({n_channels}, Y, X) fields"
+            )
         if mask.shape != image.shape[-2:]:
             raise TrainingDataError(f"{what} mask {index} has shape {mask.shape} but its image is {image.shape}")
         if not np.issubdtype(mask.dtype, np.integer):
@@ -358,12 +384,15 @@ def _normalise_channels(image: np.ndarray, per_image: bool = True) -> np.ndarray
 def _with_zero_channel(batch: np.ndarray, channels_last: bool = False, n_in: int = 2) -> torch.Tensor:
     """(B, C, Y, X) crops -> (B, n_in, Y, X) network input: [reporter, zeros] for the zoo's models."""
     zeros = np.zeros((batch.shape[0], 1, *batch.shape[2:]), batch.dtype)
-    stacked = torch.from_numpy(np.ascontiguousarray(np.concatenate([batch] + [zeros] * (n_in - batch.shape[1]), axis=1)))
+    stacked = torch.from_numpy(
+        np.ascontiguousarray(np.concatenate([batch] + [zeros] * (n_in - batch.shape[1]), axis=1))
+    )
     return stacked.contiguous(memory_format=torch.channels_last) if channels_last else stacked
 
 
-def _validation_crops(prepared: _PreparedSet, config: TrainingConfig,
-                      n_in: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _validation_crops(
+    prepared: _PreparedSet, config: TrainingConfig, n_in: int = 2
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, unaugmented validation crops, batched; drawn once so every epoch sees the same ones."""
     rng = np.random.default_rng(config.seed + 1)
     plain = AugmentationConfig(bsize=config.bsize, enabled=False)
@@ -461,7 +490,10 @@ class BatchPrefetcher:
                     crops, targets = [], []
                     for index in order[start : start + self._batch_size]:
                         crop, crop_targets = augment(
-                            train.images[index], train.targets[index], self._rng, self._augmentation,
+                            train.images[index],
+                            train.targets[index],
+                            self._rng,
+                            self._augmentation,
                             zoom=train.zooms[index],
                         )
                         crops.append(crop)
@@ -594,8 +626,14 @@ def finetune(
     n_train = len(train.images)
     n_batches = math.ceil(n_train / config.batch_size)
     prefetcher = BatchPrefetcher(
-        train, rng, augmentation, batch_size=config.batch_size, epochs=config.max_epochs - first_epoch,
-        channels_last=config.channels_last, pin_memory=device.type == "cuda", n_in=n_in,
+        train,
+        rng,
+        augmentation,
+        batch_size=config.batch_size,
+        epochs=config.max_epochs - first_epoch,
+        channels_last=config.channels_last,
+        pin_memory=device.type == "cuda",
+        n_in=n_in,
     )
     try:
         for epoch in range(first_epoch, config.max_epochs):
@@ -633,12 +671,21 @@ def finetune(
             history.append(report)
             if on_checkpoint is not None:
                 # The random stream as the next epoch starts (the prefetch thread runs ahead of it).
-                on_checkpoint(TrainingCheckpoint(
-                    epoch=epoch, model={k: v.detach().clone() for k, v in model.state_dict().items()},
-                    optimizer=copy.deepcopy(optimizer.state_dict()), best_state=best_state, best_loss=best_loss,
-                    best_epoch=best_epoch, epochs_without_improvement=epochs_without_improvement,
-                    history=list(history), numpy_rng=prefetcher.rng_state_before(epoch + 1 - first_epoch),
-                    torch_rng=torch.get_rng_state(), elapsed_s=time.perf_counter() - started))
+                on_checkpoint(
+                    TrainingCheckpoint(
+                        epoch=epoch,
+                        model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                        optimizer=copy.deepcopy(optimizer.state_dict()),
+                        best_state=best_state,
+                        best_loss=best_loss,
+                        best_epoch=best_epoch,
+                        epochs_without_improvement=epochs_without_improvement,
+                        history=list(history),
+                        numpy_rng=prefetcher.rng_state_before(epoch + 1 - first_epoch),
+                        torch_rng=torch.get_rng_state(),
+                        elapsed_s=time.perf_counter() - started,
+                    )
+                )
             if on_epoch is not None:
                 on_epoch(report)
             if val_batches and epochs_without_improvement >= config.patience:
@@ -706,7 +753,9 @@ def evaluate_model(
     from app.science.metrics import score_set
 
     if len(images) != len(masks) or len(images) == 0:
-        raise TrainingDataError(f"need the same, non-zero number of images and masks; got {len(images)} and {len(masks)}")
+        raise TrainingDataError(
+            f"need the same, non-zero number of images and masks; got {len(images)} and {len(masks)}"
+        )
     if diameter is None or np.isscalar(diameter):
         per_image = [diameter if diameter is not None else float(net.diam_labels.item())] * len(images)
     else:
@@ -720,8 +769,12 @@ def evaluate_model(
         maps = predict_maps(net, np.asarray(image), diameter=float(image_diameter), tile=tile)
         predicted.append(
             masks_from_maps(
-                maps, diameter=float(image_diameter), diam_mean=diam_mean, flow_threshold=flow_threshold,
-                cellprob_threshold=cellprob_threshold, min_size=min_size,
+                maps,
+                diameter=float(image_diameter),
+                diam_mean=diam_mean,
+                flow_threshold=flow_threshold,
+                cellprob_threshold=cellprob_threshold,
+                min_size=min_size,
             )
         )
     scores = score_set([np.asarray(m) for m in masks], predicted)
@@ -758,8 +811,17 @@ def run_cellpose_train_seg(
         return np.stack([np.asarray(image, np.float32), np.zeros(np.shape(image), np.float32)])
 
     # A complete normalisation dict: Cellpose mutates its module default when given a bool.
-    normalize = {"normalize": True, "norm3D": True, "invert": False, "lowhigh": None, "percentile": [1.0, 99.0],
-                 "sharpen_radius": 0, "smooth_radius": 0, "tile_norm_blocksize": 0, "tile_norm_smooth3D": 1}
+    normalize = {
+        "normalize": True,
+        "norm3D": True,
+        "invert": False,
+        "lowhigh": None,
+        "percentile": [1.0, 99.0],
+        "sharpen_radius": 0,
+        "smooth_radius": 0,
+        "tile_norm_blocksize": 0,
+        "tile_norm_smooth3D": 1,
+    }
     started = time.perf_counter()
     _, train_losses, _ = train.train_seg(
         model,
@@ -767,8 +829,14 @@ def run_cellpose_train_seg(
         train_labels=[np.asarray(m) for m in train_masks],
         test_data=[two_channel(i) for i in val_images] or None,
         test_labels=[np.asarray(m) for m in val_masks] or None,
-        batch_size=batch_size, bsize=bsize, learning_rate=learning_rate, weight_decay=weight_decay,
-        n_epochs=n_epochs, normalize=normalize, save_path=str(save_dir), model_name="cellpose_train_seg",
+        batch_size=batch_size,
+        bsize=bsize,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        n_epochs=n_epochs,
+        normalize=normalize,
+        save_path=str(save_dir),
+        model_name="cellpose_train_seg",
         min_train_masks=min_train_masks,
     )
     return time.perf_counter() - started, np.asarray(train_losses)
@@ -837,7 +905,13 @@ def estimate_image_diameter(
 
     def segment(diameter: float) -> np.ndarray:
         maps = predict_maps(net, image, diameter=diameter, tile=tile)
-        return masks_from_maps(maps, diameter=diameter, diam_mean=diam_mean, flow_threshold=flow_threshold,
-                               cellprob_threshold=cellprob_threshold, min_size=min_size)
+        return masks_from_maps(
+            maps,
+            diameter=diameter,
+            diam_mean=diam_mean,
+            flow_threshold=flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            min_size=min_size,
+        )
 
     return estimate_diameter(style, size_model, segment)

@@ -132,7 +132,9 @@ def _json_default(value: Any) -> Any:
 
 def _check_architecture(architecture: dict[str, Any]) -> None:
     if architecture.get("type") != ARCHITECTURE_TYPE:
-        raise WeightsError(f"unsupported architecture type {architecture.get('type')!r}; expected {ARCHITECTURE_TYPE!r}")
+        raise WeightsError(
+            f"unsupported architecture type {architecture.get('type')!r}; expected {ARCHITECTURE_TYPE!r}"
+        )
     widths = architecture.get("widths")
     if not isinstance(widths, (list, tuple)) or len(widths) < 2 or not all(int(w) > 0 for w in widths):
         raise WeightsError(f"architecture widths must be a list of positive integers, got {widths!r}")
@@ -256,6 +258,7 @@ def check_keys_exactly(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
         if tuple(state[name].shape) != tuple(expected[name].shape)
     )
     if missing or unexpected or misshapen:
+
         def show(items: list[str]) -> str:
             return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
@@ -307,7 +310,10 @@ def load_model(
         if card_path is not None:
             card = ModelCard.from_json(card_path.read_text())
     sha256 = file_sha256(weights_path)
-    for expected, source in ((expected_sha256, "the expected sha256"), (card.weights_sha256 if card else None, "its card")):
+    for expected, source in (
+        (expected_sha256, "the expected sha256"),
+        (card.weights_sha256 if card else None, "its card"),
+    ):
         if expected is not None and expected.lower() != sha256:
             raise WeightsIntegrityError(
                 f"{weights_path.name} has sha256 {sha256} but {source} says {expected}: the file is corrupted "
@@ -320,8 +326,12 @@ def load_model(
     net = _network_from_state(state, card.widths if card is not None else None, device)
     if card is None:
         card = ModelCard(
-            name=weights_path.stem, version="unknown", architecture=architecture_of(net),
-            diam_mean=float(net.diam_mean.item()), diameter=float(net.diam_labels.item()), weights_sha256=sha256,
+            name=weights_path.stem,
+            version="unknown",
+            architecture=architecture_of(net),
+            diam_mean=float(net.diam_mean.item()),
+            diameter=float(net.diam_labels.item()),
+            weights_sha256=sha256,
         )
     elif abs(float(net.diam_mean.item()) - float(card.diam_mean)) > 1e-4:
         raise WeightsMismatchError(
@@ -365,5 +375,7 @@ def import_cellpose_file(path: str | Path, *, device: torch.device | str | None 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path.name} does not hold a state dict of tensors")
     if "W2" in state:
-        raise CellposeCompatibilityError(f"{path.name} is a Cellpose 4 (Cellpose-SAM) model; CellFuse uses Cellpose 3 CPnets")
+        raise CellposeCompatibilityError(
+            f"{path.name} is a Cellpose 4 (Cellpose-SAM) model; CellFuse uses Cellpose 3 CPnets"
+        )
     return _network_from_state(state, device=device)

@@ -29,8 +29,16 @@ from tests.service.workflow import CELL_LINE, small_plate, upload_dataset
 
 CHROMIUM = Path(os.environ.get("CELLFUSE_TEST_CHROMIUM", "/usr/bin/chromium"))
 BROWSER_REQUIRED = os.environ.get("CELLFUSE_TEST_BROWSER", "").lower() == "required"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 #: As small as a model gets while still being a real fine-tune through the API.
@@ -79,8 +87,9 @@ def serve(folder: Path, role: str = "admin") -> Iterator[LiveServer]:
     # The worker imports torch and Cellpose; start it first so that it warms up while the API starts.
     worker = start_worker(settings, folder / "worker.log")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
@@ -130,8 +139,11 @@ def register_base(api: CellFuseClient, name: str = "random-full-width") -> str:
 
     torch.manual_seed(0)
     weights = save({k: v.contiguous() for k, v in build_network(FULL_WIDTHS).state_dict().items()})
-    response = api.http.post("/api/v1/base-models", data={"name": name, "diam_mean": "30"},
-                             files={"weights": ("base.safetensors", weights, "application/octet-stream")})
+    response = api.http.post(
+        "/api/v1/base-models",
+        data={"name": name, "diam_mean": "30"},
+        files={"weights": ("base.safetensors", weights, "application/octet-stream")},
+    )
     assert response.status_code == 201, response.text
     return name
 
@@ -162,9 +174,13 @@ def zoo_jobs(live_server) -> ZooJobs:
     channels = list(fields[0].channel_names)
     ds = upload_dataset(api, fields, splits=SPLITS)
     # Submitted together: the worker runs them one after the other without a round trip between.
-    jobs = [api.submit("finetune", {"dataset_id": ds["id"], "reporter": r, "object": o, "base": base,
-                                    "params": TINY_TRAINING})
-            for r in channels for o in ("nuclei", "cells")]
+    jobs = [
+        api.submit(
+            "finetune", {"dataset_id": ds["id"], "reporter": r, "object": o, "base": base, "params": TINY_TRAINING}
+        )
+        for r in channels
+        for o in ("nuclei", "cells")
+    ]
     return ZooJobs(channels, ds["id"], [job["id"] for job in jobs])
 
 
@@ -209,8 +225,9 @@ class ConsoleErrors(list):
 
 
 def open_page(browser, live_server, width: int = 1280, height: int = 900):
-    context = browser.new_context(base_url=live_server.base_url, viewport={"width": width, "height": height},
-                                  accept_downloads=True)
+    context = browser.new_context(
+        base_url=live_server.base_url, viewport={"width": width, "height": height}, accept_downloads=True
+    )
     context.set_default_timeout(15_000)
     page = context.new_page()
     errors = ConsoleErrors()
@@ -258,5 +275,16 @@ def no_horizontal_overflow(page) -> Overflow:
     return result
 
 
-__all__ = ["ARTIFACTS", "CELL_LINE", "SHIPPED_BASE", "LiveServer", "TinyZoo", "ZooJobs", "enter_key", "make_key",
-           "no_horizontal_overflow", "open_page", "serve"]
+__all__ = [
+    "ARTIFACTS",
+    "CELL_LINE",
+    "SHIPPED_BASE",
+    "LiveServer",
+    "TinyZoo",
+    "ZooJobs",
+    "enter_key",
+    "make_key",
+    "no_horizontal_overflow",
+    "open_page",
+    "serve",
+]

@@ -52,8 +52,9 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     waiting = api.submit("noop", {"steps": 50, "step_seconds": 0.1})
     page.click("nav [data-tab='jobs']")
     rows = page.locator("#jobs-body tr.job-row")
-    page.wait_for_function("n => document.querySelectorAll('#jobs-body tr.job-row').length >= n",
-                           arg=len(zoo_jobs.job_ids) + 1)
+    page.wait_for_function(
+        "n => document.querySelectorAll('#jobs-body tr.job-row').length >= n", arg=len(zoo_jobs.job_ids) + 1
+    )
     finetunes = page.locator("#jobs-body tr.job-row", has_text="fine-tuning")
     assert "fine-tuning" in page.inner_text("#jobs-body")
     noop_row = page.locator(f"#jobs-body tr[data-job='{waiting['id']}']")
@@ -70,8 +71,11 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         statuses = finetunes.locator(".badge").all_inner_texts()
-        seen_progress.update(page.locator(f"#jobs-body tr[data-job='{moving['id']}'] .progress").evaluate_all(
-            "bars => bars.map(b => b.getAttribute('aria-valuenow'))"))
+        seen_progress.update(
+            page.locator(f"#jobs-body tr[data-job='{moving['id']}'] .progress").evaluate_all(
+                "bars => bars.map(b => b.getAttribute('aria-valuenow'))"
+            )
+        )
         moving_done = moving_row.count() and moving_row.locator(".badge").inner_text() == "succeeded"
         if statuses.count("succeeded") >= len(zoo_jobs.job_ids) and moving_done:
             break
@@ -90,8 +94,9 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
     page.reload()
     page.wait_for_selector("#conn-state:has-text('connected')")
     field = small_plate(1, size=128, n_channels=2, seed=41)[0]
-    page.set_input_files("#seg-files", files=[{"name": "B02-field1.ome.tif", "mimeType": "image/tiff",
-                                               "buffer": field_tiff(field)}])
+    page.set_input_files(
+        "#seg-files", files=[{"name": "B02-field1.ome.tif", "mimeType": "image/tiff", "buffer": field_tiff(field)}]
+    )
     # The channel count and the reporters come from the file's OME-XML channel names.
     page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
     assert page.input_value("#seg-n-channels") == "2"
@@ -139,8 +144,9 @@ def test_segment_a_tiff_through_the_page(page, live_server, tiny_zoo):
 def test_a_bad_upload_shows_the_problem_detail(page, live_server, tiny_zoo):
     page.console_errors.expect("status of 422", "status of 401")  # the refused upload and the wrong key
     enter_key(page, live_server.key)
-    page.set_input_files("#seg-files", files=[{"name": "notes.txt", "mimeType": "text/plain",
-                                               "buffer": b"plate map, not an image"}])
+    page.set_input_files(
+        "#seg-files", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"plate map, not an image"}]
+    )
     page.wait_for_selector("#seg-file-info:has-text('does not look like a TIFF')")
     _choose_channels(page, tiny_zoo.channels)
     page.select_option("#seg-cell-line", CELL_LINE)
@@ -179,8 +185,11 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
     rows.nth(1).click()
     curve = page.locator("#curve svg.curve")
     curve.wait_for()
-    version = next(v for v in live_server.client().get("/api/v1/models")
-                   if v["id"] == int(rows.nth(1).get_attribute("data-version")))
+    version = next(
+        v
+        for v in live_server.client().get("/api/v1/models")
+        if v["id"] == int(rows.nth(1).get_attribute("data-version"))
+    )
     n_epochs = len(version["training_curve"])
     assert n_epochs >= 1
     assert curve.locator("circle.series-train").count() == n_epochs
@@ -191,8 +200,10 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
     # An alias and a hand-chosen channel set show up after a refresh.
     api = live_server.client()
     nuclear_nuclei = next(v for v in api.get("/api/v1/models") if v["object"] == "nuclei")
-    api.put(f"/api/v1/aliases/{CELL_LINE}/{nuclear_nuclei['reporter']}/nuclei/production",
-            {"version_id": nuclear_nuclei["id"]})
+    api.put(
+        f"/api/v1/aliases/{CELL_LINE}/{nuclear_nuclei['reporter']}/nuclei/production",
+        {"version_id": nuclear_nuclei["id"]},
+    )
     api.put(f"/api/v1/channel-sets/{CELL_LINE}/nuclei", {"channels": tiny_zoo.channels[:1]})
     page.click("#zoo-refresh")
     page.locator("#aliases-body", has_text="production").wait_for()

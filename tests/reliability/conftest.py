@@ -68,9 +68,25 @@ class OwnRedis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_port(self.port)
 
     def kill(self) -> None:
@@ -120,8 +136,7 @@ class OwnPostgres:
     def init(self) -> None:
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
-        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-sync")
+        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         self.start()
         from sqlalchemy import create_engine, text
 
@@ -132,8 +147,9 @@ class OwnPostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.datadir), "-o", options, "-l", str(self.root / "pg.log"),
-                  "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl", "-D", str(self.datadir), "-o", options, "-l", str(self.root / "pg.log"), "-w", "-t", "60", "start"
+        )
         wait_port(self.port)
 
     def stop(self, mode: str = "immediate") -> None:
@@ -180,6 +196,9 @@ def seed_minimal_zoo(client, splits: tuple[str, ...] = ("train", "val", "test"))
     image = image_to_tiff_bytes(np.ones((1, 16, 16), np.uint16))
     mask = labels_to_tiff_bytes(np.eye(16, dtype=np.int32))
     for split in splits:
-        response = client.post("/api/v1/datasets/1/images", data={"split": split},
-                               files={"image": ("a.tif", image), "nuclei": ("n.tif", mask)})
+        response = client.post(
+            "/api/v1/datasets/1/images",
+            data={"split": split},
+            files={"image": ("a.tif", image), "nuclei": ("n.tif", mask)},
+        )
         assert response.status_code == 201, response.text

@@ -27,8 +27,12 @@ def _concrete(path: str) -> str:
 
 
 def _operations(app) -> list[tuple[str, str]]:
-    return [(path, method) for path, item in app.openapi()["paths"].items() for method in item
-            if method in ("get", "post", "put", "patch", "delete")]
+    return [
+        (path, method)
+        for path, item in app.openapi()["paths"].items()
+        for method in item
+        if method in ("get", "post", "put", "patch", "delete")
+    ]
 
 
 def test_every_operation_needs_a_key_except_health_ready_docs_and_pages(embedded_settings):
@@ -61,15 +65,28 @@ def test_every_operation_needs_a_key_except_health_ready_docs_and_pages(embedded
         assert client.get(path).status_code == 200
     # The web page (hidden from the schema) is public but serves only its static files.
     web_dir = Path(__file__).resolve().parents[2] / "app" / "api" / "web"
-    pages = ["/", "/favicon.ico"] + [f"/static/{p.relative_to(web_dir).as_posix()}" for p in web_dir.rglob("*")
-                                     if p.is_file() and p.suffix in (".js", ".css", ".svg")] if web_dir.is_dir() else []
+    pages = (
+        ["/", "/favicon.ico"]
+        + [
+            f"/static/{p.relative_to(web_dir).as_posix()}"
+            for p in web_dir.rglob("*")
+            if p.is_file() and p.suffix in (".js", ".css", ".svg")
+        ]
+        if web_dir.is_dir()
+        else []
+    )
     for page in pages:
         response = client.get(page)
         assert response.status_code == 200, page
         assert response.headers["content-type"].startswith(STATIC_CONTENT), (page, response.headers)
         assert admin_key not in response.text
-    for trick in ("/static/..%2Fmain.py", "/static/%2E%2E%2F%2E%2E%2Fsettings.py", "/static/.hidden.js",
-                  "/static/..%5Cmain.py", "/static/app.js%00.py"):
+    for trick in (
+        "/static/..%2Fmain.py",
+        "/static/%2E%2E%2F%2E%2E%2Fsettings.py",
+        "/static/.hidden.js",
+        "/static/..%5Cmain.py",
+        "/static/app.js%00.py",
+    ):
         assert client.get(trick).status_code in (404, 422), trick
     # Nothing outside the schema answers with data either (a hidden route would show up here).
     for probe in ("/api", "/api/v1", "/api/v1/", "/api/v1/admin", "/api/v1/keys/1", "/admin"):
@@ -86,22 +103,25 @@ def test_the_key_header_only_counts_as_a_key(embedded_settings):
     assert client.get("/api/v1/jobs", headers={"X-API-Key": key}).status_code == 200
 
 
-@pytest.mark.parametrize(("role", "method", "path", "body"), [
-    ("instrument", "POST", "/api/v1/datasets", {"name": "d", "cell_line": "x", "channels": ["a"]}),
-    ("instrument", "POST", "/api/v1/jobs/finetune", {"dataset_id": 1, "reporter": "a", "object": "nuclei"}),
-    ("instrument", "PUT", "/api/v1/aliases/L/R/nuclei/production", {"version_id": 1}),
-    ("instrument", "POST", "/api/v1/cell-lines", {"name": "x"}),
-    ("instrument", "POST", "/api/v1/jobs/evaluate", {"dataset_id": 1}),
-    ("instrument", "GET", "/api/v1/datasets", None),
-    ("instrument", "GET", "/api/v1/keys", None),
-    ("scientist", "PUT", "/api/v1/aliases/L/R/nuclei/production", {"version_id": 1}),
-    ("scientist", "POST", "/api/v1/base-models", None),
-    ("scientist", "PUT", "/api/v1/channel-sets/L/nuclei", {"channels": ["a"]}),
-    ("scientist", "POST", "/api/v1/models/1/archive", None),
-    ("scientist", "GET", "/api/v1/keys", None),
-    ("scientist", "POST", "/api/v1/keys", {"name": "mine", "role": "admin"}),
-    ("scientist", "POST", "/api/v1/keys/1/revoke", None),
-])
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body"),
+    [
+        ("instrument", "POST", "/api/v1/datasets", {"name": "d", "cell_line": "x", "channels": ["a"]}),
+        ("instrument", "POST", "/api/v1/jobs/finetune", {"dataset_id": 1, "reporter": "a", "object": "nuclei"}),
+        ("instrument", "PUT", "/api/v1/aliases/L/R/nuclei/production", {"version_id": 1}),
+        ("instrument", "POST", "/api/v1/cell-lines", {"name": "x"}),
+        ("instrument", "POST", "/api/v1/jobs/evaluate", {"dataset_id": 1}),
+        ("instrument", "GET", "/api/v1/datasets", None),
+        ("instrument", "GET", "/api/v1/keys", None),
+        ("scientist", "PUT", "/api/v1/aliases/L/R/nuclei/production", {"version_id": 1}),
+        ("scientist", "POST", "/api/v1/base-models", None),
+        ("scientist", "PUT", "/api/v1/channel-sets/L/nuclei", {"channels": ["a"]}),
+        ("scientist", "POST", "/api/v1/models/1/archive", None),
+        ("scientist", "GET", "/api/v1/keys", None),
+        ("scientist", "POST", "/api/v1/keys", {"name": "mine", "role": "admin"}),
+        ("scientist", "POST", "/api/v1/keys/1/revoke", None),
+    ],
+)
 def test_roles_are_enforced(embedded_settings, role, method, path, body):
     client, _ = make_client(embedded_settings, role=role)
     kwargs = {"json": body} if body is not None else {}

@@ -77,8 +77,10 @@ def test_burst_on_the_embedded_default_drains_fast_with_no_duplicates(tmp_path, 
         time.sleep(0.5)
     drained_s = time.monotonic() - started
     rate = done / drained_s
-    print(f"\nembedded burst: {BURST} noop jobs submitted in {submitted_s:.1f} s, {done} done after "
-          f"{drained_s:.1f} s = {rate:.1f} jobs/s; {_broker_messages(settings)} broker messages")
+    print(
+        f"\nembedded burst: {BURST} noop jobs submitted in {submitted_s:.1f} s, {done} done after "
+        f"{drained_s:.1f} s = {rate:.1f} jobs/s; {_broker_messages(settings)} broker messages"
+    )
     assert done == BURST, worker.log()[-3000:]
     with factory() as session:
         attempts = session.scalars(select(Job.attempts)).all()

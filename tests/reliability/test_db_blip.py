@@ -18,8 +18,9 @@ from tests.service.conftest import wait_for_job
 @pytest.mark.slow
 def test_postgresql_restart_mid_finetune_does_not_restart_training(tmp_path, own_postgres, worker_factory):
     # The heartbeat may lapse for longer than the outage before the reaper takes the job away.
-    settings = Settings(data_dir=tmp_path / "data", database_url=own_postgres.url,
-                        **{**FAST_JOB_TIMINGS, "job_stale_after_s": 40.0})
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=own_postgres.url, **{**FAST_JOB_TIMINGS, "job_stale_after_s": 40.0}
+    )
     upgrade(settings.resolved_database_url)
     settings.resolved_data_dir.mkdir(parents=True)  # the embedded broker's file lives there
     worker = worker_factory(settings)

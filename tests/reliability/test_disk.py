@@ -34,8 +34,11 @@ def tiny_filesystem(path: Path, size_kb: int, monkeypatch, *, read_only: bool = 
     """Mount a ``size_kb`` tmpfs on ``path`` (or simulate ENOSPC/EROFS when mounting is impossible)."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size_kb}k" + (",ro" if read_only else "")
-    mounted = _can_mount() and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                              capture_output=True).returncode == 0
+    mounted = (
+        _can_mount()
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode
+        == 0
+    )
     if not mounted:
         code = errno.EROFS if read_only else errno.ENOSPC
         real_fsync = os.fsync

@@ -22,8 +22,13 @@ def _assert_common(response) -> None:
 def test_page_has_a_csp_that_allows_only_its_own_files(embedded_settings):
     client, _ = make_client(embedded_settings, run_reaper=False)
     client.headers.pop("X-API-Key")
-    for path in ("/", "/docs", "/static/js/main.js", "/static/style.css",
-                 "/static/vendor/openseadragon/openseadragon.min.js"):
+    for path in (
+        "/",
+        "/docs",
+        "/static/js/main.js",
+        "/static/style.css",
+        "/static/vendor/openseadragon/openseadragon.min.js",
+    ):
         response = client.get(path)
         assert response.status_code == 200
         _assert_common(response)
@@ -40,8 +45,13 @@ def test_page_has_a_csp_that_allows_only_its_own_files(embedded_settings):
 
 def test_api_answers_and_refusals_carry_the_headers(embedded_settings):
     client, _ = make_client(embedded_settings, run_reaper=False)
-    for response in (client.get("/api/v1/jobs"), client.get("/api/v1/jobs", headers={"X-API-Key": "cf_x"}),
-                     client.get("/health"), client.get("/ready"), client.get("/api/v1/nothing-here")):
+    for response in (
+        client.get("/api/v1/jobs"),
+        client.get("/api/v1/jobs", headers={"X-API-Key": "cf_x"}),
+        client.get("/health"),
+        client.get("/ready"),
+        client.get("/api/v1/nothing-here"),
+    ):
         _assert_common(response)
         assert response.headers["content-security-policy"].startswith("default-src 'none'")
     docs = client.get("/redoc")  # ReDoc's inline bootstrap: framed never, but no CSP to break it
@@ -65,8 +75,10 @@ def test_listings_are_paged_with_a_total(embedded_settings):
         assert client.post("/api/v1/cell-lines", json={"name": f"L{i}"}).status_code == 201
         assert client.post("/api/v1/reporters", json={"name": f"R{i}"}).status_code == 201
     for i in range(3):
-        assert client.post("/api/v1/datasets", json={"name": f"d{i}", "cell_line": "L0",
-                                                     "channels": ["R0"]}).status_code == 201
+        assert (
+            client.post("/api/v1/datasets", json={"name": f"d{i}", "cell_line": "L0", "channels": ["R0"]}).status_code
+            == 201
+        )
     for path, total in (("/api/v1/cell-lines", 7), ("/api/v1/reporters", 7), ("/api/v1/datasets", 3)):
         first = client.get(path, params={"limit": 2})
         assert first.status_code == 200 and len(first.json()) == 2 and first.headers["x-total-count"] == str(total)
@@ -84,13 +96,16 @@ def test_listings_are_paged_with_a_total(embedded_settings):
     assert params["limit"]["schema"]["maximum"] == 500 and "X-Total-Count" in params["limit"]["description"]
 
 
-@pytest.mark.parametrize("role,steps,seconds,ok", [
-    ("instrument", 1000, 60, False),  # 16.7 hours
-    ("instrument", 10, 31, False),
-    ("instrument", 10, 30, True),
-    ("scientist", 100, 36, True),
-    ("scientist", 100, 37, False),
-])
+@pytest.mark.parametrize(
+    "role,steps,seconds,ok",
+    [
+        ("instrument", 1000, 60, False),  # 16.7 hours
+        ("instrument", 10, 31, False),
+        ("instrument", 10, 30, True),
+        ("scientist", 100, 36, True),
+        ("scientist", 100, 37, False),
+    ],
+)
 def test_noop_duration_is_bounded_per_role(embedded_settings, role, steps, seconds, ok):
     client, _ = make_client(embedded_settings, role=role, run_reaper=False)
     response = client.post("/api/v1/jobs/noop", json={"steps": steps, "step_seconds": seconds})

@@ -21,8 +21,9 @@ PROBLEM = "application/problem+json"
 BIG = 400 * 1024 * 1024
 
 
-def call_asgi(app, method: str, path: str, headers: dict[str, str], body_chunks: int = 400,
-              chunk: bytes = b"x" * (1 << 20)) -> tuple[int, dict[str, str], bytes, int]:
+def call_asgi(
+    app, method: str, path: str, headers: dict[str, str], body_chunks: int = 400, chunk: bytes = b"x" * (1 << 20)
+) -> tuple[int, dict[str, str], bytes, int]:
     """One request straight into the ASGI app; -> (status, headers, body, body bytes the app pulled)."""
     pulled = 0
     sent_chunks = 0
@@ -43,10 +44,21 @@ def call_asgi(app, method: str, path: str, headers: dict[str, str], body_chunks:
         elif message["type"] == "http.response.body":
             out["body"] += message.get("body", b"")
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
 
     async def main():
         await asyncio.wait_for(app(scope, receive, send), timeout=60)
@@ -55,12 +67,15 @@ def call_asgi(app, method: str, path: str, headers: dict[str, str], body_chunks:
     return out["status"], out["headers"], out["body"], pulled
 
 
-@pytest.mark.parametrize("path,content_type", [
-    ("/api/v1/datasets/1/images", "multipart/form-data; boundary=abc"),
-    ("/api/v1/base-models", "multipart/form-data; boundary=abc"),
-    ("/api/v1/jobs/segment", "multipart/form-data; boundary=abc"),
-    ("/api/v1/datasets", "application/json"),
-])
+@pytest.mark.parametrize(
+    "path,content_type",
+    [
+        ("/api/v1/datasets/1/images", "multipart/form-data; boundary=abc"),
+        ("/api/v1/base-models", "multipart/form-data; boundary=abc"),
+        ("/api/v1/jobs/segment", "multipart/form-data; boundary=abc"),
+        ("/api/v1/datasets", "application/json"),
+    ],
+)
 @pytest.mark.parametrize("key", [None, "cf_not-a-key", "\x7fbad"])
 def test_unauthenticated_body_is_refused_before_a_byte_is_read(embedded_settings, path, content_type, key):
     app = create_app(embedded_settings, run_reaper=False)
@@ -78,8 +93,9 @@ def test_unauthenticated_body_is_refused_before_a_byte_is_read(embedded_settings
 
 
 def test_upload_slots_and_bytes_in_flight(tmp_path):
-    settings = make_embedded_settings(tmp_path, max_concurrent_uploads=2, max_uploads_per_key=1,
-                                      max_upload_bytes_in_flight=3 * 1024 * 1024)
+    settings = make_embedded_settings(
+        tmp_path, max_concurrent_uploads=2, max_uploads_per_key=1, max_upload_bytes_in_flight=3 * 1024 * 1024
+    )
     client, key = make_client(settings, run_reaper=False)
     _, key2 = make_client(settings, run_reaper=False)
     app = client.app
@@ -92,28 +108,34 @@ def test_upload_slots_and_bytes_in_flight(tmp_path):
     multipart = {"content-type": "multipart/form-data; boundary=abc"}
     # One upload of key 1 in progress: key 1's second is a 429, key 2's is admitted.
     assert budget.admit(1, 10) is None
-    status, headers, body, pulled = call_asgi(app, "POST", "/api/v1/datasets/1/images",
-                                              {**multipart, "content-length": "1000", "x-api-key": key})
+    status, headers, body, pulled = call_asgi(
+        app, "POST", "/api/v1/datasets/1/images", {**multipart, "content-length": "1000", "x-api-key": key}
+    )
     assert status == 429 and headers["retry-after"] and pulled == 0, body
     # Bytes in flight: 2 MB declared on top of 2 MB held is past the 3 MB budget -> 503.
     budget.bytes = 2 * 1024 * 1024
-    status, headers, body, pulled = call_asgi(app, "POST", "/api/v1/datasets/1/images",
-                                              {**multipart, "content-length": str(2 * 1024 * 1024),
-                                               "x-api-key": key2})
+    status, headers, body, pulled = call_asgi(
+        app,
+        "POST",
+        "/api/v1/datasets/1/images",
+        {**multipart, "content-length": str(2 * 1024 * 1024), "x-api-key": key2},
+    )
     assert status == 503 and headers["retry-after"] and pulled == 0, body
     assert b"retry shortly" in body
     budget.bytes = 10
     # Both slots taken: 503 for anyone.
     assert budget.admit(99, 0) is None
-    status, headers, _, pulled = call_asgi(app, "POST", "/api/v1/datasets/1/images",
-                                           {**multipart, "content-length": "1000", "x-api-key": key2})
+    status, headers, _, pulled = call_asgi(
+        app, "POST", "/api/v1/datasets/1/images", {**multipart, "content-length": "1000", "x-api-key": key2}
+    )
     assert status == 503 and pulled == 0
     budget.release(1, 10)
     budget.release(99, 0)
     assert (budget.uploads, budget.bytes, budget.per_key) == (0, 0, {})
     # A chunked body is charged as it arrives and cut off past the budget.
-    status, headers, _, pulled = call_asgi(app, "POST", "/api/v1/datasets",
-                                           {"content-type": "application/json", "x-api-key": key2}, body_chunks=10)
+    status, headers, _, pulled = call_asgi(
+        app, "POST", "/api/v1/datasets", {"content-type": "application/json", "x-api-key": key2}, body_chunks=10
+    )
     assert status == 503 and pulled <= 4 * 1024 * 1024
     assert (budget.uploads, budget.bytes) == (0, 0)  # released after the request
     # Small JSON bodies are not uploads and pass.
@@ -140,18 +162,39 @@ def test_anonymous_400mb_upload_to_a_real_server_costs_no_memory_or_temp_space(t
     env["TMPDIR"] = str(spool)  # where multipart parsing would spool the body
     port = free_port()
     log = (tmp_path / "api.log").open("wb")
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--port",
-                            str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
+    api = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.api.main:create_app",
+            "--factory",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_port(port, 60)
         rss_before = _rss_kb(api.pid)
         results = []
-        for path, content_type in (("/api/v1/datasets/1/images", "multipart/form-data; boundary=abc"),
-                                   ("/api/v1/datasets", "application/json")):
+        for path, content_type in (
+            ("/api/v1/datasets/1/images", "multipart/form-data; boundary=abc"),
+            ("/api/v1/datasets", "application/json"),
+        ):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-                              f"Content-Length: {BIG}\r\n\r\n").encode())
+                sock.sendall(
+                    (
+                        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                        f"Content-Length: {BIG}\r\n\r\n"
+                    ).encode()
+                )
                 sock.setblocking(False)
                 sent, chunk, reply = 0, b"x" * (1 << 20), b""
                 deadline = time.monotonic() + 30

@@ -58,26 +58,29 @@ def test_unstorable_json_is_a_422_naming_the_field_and_commits_nothing(any_db_se
         listing = client.get("/api/v1/datasets")
         assert listing.status_code == 200 and listing.json() == [], case
     # A sensible nested acquisition is stored and read back.
-    good = {"microscope": {"objective": {"magnification": 40, "na": 0.95}}, "pixel_size_um": 0.16,
-            "note": "é ✓ 𝄞"}
-    response = client.post("/api/v1/datasets", json={"name": "d", "cell_line": "L", "channels": ["R"],
-                                                    "acquisition": good})
+    good = {"microscope": {"objective": {"magnification": 40, "na": 0.95}}, "pixel_size_um": 0.16, "note": "é ✓ 𝄞"}
+    response = client.post(
+        "/api/v1/datasets", json={"name": "d", "cell_line": "L", "channels": ["R"], "acquisition": good}
+    )
     assert response.status_code == 201, response.text
     assert client.get("/api/v1/datasets").json()[0]["acquisition"] == good
 
 
-@pytest.mark.parametrize("method,path,body,field", [
-    ("POST", "/api/v1/cell-lines", '{"name": "X", "species": "a\\u0000"}', "species"),
-    ("POST", "/api/v1/cell-lines", '{"name": "X", "tissue": "\\ud800"}', "tissue"),
-    ("POST", "/api/v1/reporters", '{"name": "X", "notes": "\\u0000"}', "notes"),
-    ("POST", "/api/v1/keys", '{"name": "k\\u0000", "role": "instrument"}', "name"),
-    ("PUT", "/api/v1/aliases/L/R/nuclei/production", '{"version_id": 1, "reason": "x\\u0000"}', "reason"),
-    ("PUT", "/api/v1/aliases/L/R/nuclei/production", '{"version_id": 1, "reason": "\\udc00"}', "reason"),
-    ("GET", "/api/v1/models?cell_line=%00", None, "query.cell_line"),
-    ("GET", "/api/v1/resolve?cell_line=L&channels=R%00", None, "query.channels"),
-    ("GET", "/api/v1/aliases?cell_line=a%00b", None, "query.cell_line"),
-    ("PUT", "/api/v1/channel-sets/L%00/nuclei", '{"channels": ["R"]}', "path.cell_line"),
-])
+@pytest.mark.parametrize(
+    "method,path,body,field",
+    [
+        ("POST", "/api/v1/cell-lines", '{"name": "X", "species": "a\\u0000"}', "species"),
+        ("POST", "/api/v1/cell-lines", '{"name": "X", "tissue": "\\ud800"}', "tissue"),
+        ("POST", "/api/v1/reporters", '{"name": "X", "notes": "\\u0000"}', "notes"),
+        ("POST", "/api/v1/keys", '{"name": "k\\u0000", "role": "instrument"}', "name"),
+        ("PUT", "/api/v1/aliases/L/R/nuclei/production", '{"version_id": 1, "reason": "x\\u0000"}', "reason"),
+        ("PUT", "/api/v1/aliases/L/R/nuclei/production", '{"version_id": 1, "reason": "\\udc00"}', "reason"),
+        ("GET", "/api/v1/models?cell_line=%00", None, "query.cell_line"),
+        ("GET", "/api/v1/resolve?cell_line=L&channels=R%00", None, "query.channels"),
+        ("GET", "/api/v1/aliases?cell_line=a%00b", None, "query.cell_line"),
+        ("PUT", "/api/v1/channel-sets/L%00/nuclei", '{"channels": ["R"]}', "path.cell_line"),
+    ],
+)
 def test_nul_and_surrogates_anywhere_are_a_422(any_db_settings, method, path, body, field):
     client, _ = make_client(any_db_settings, run_reaper=False)
     response = client.request(method, path, content=body, headers=JSON if body else {})

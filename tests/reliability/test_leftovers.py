@@ -57,8 +57,9 @@ def test_uint64_mask_ids_that_would_wrap_are_refused(embedded_settings):
         mask[2:5, 2:5] = top
         buffer = io.BytesIO()
         tifffile.imwrite(buffer, mask)
-        response = client.post("/api/v1/datasets/1/images", files={"image": ("a.tif", image),
-                                                                    "nuclei": ("m.tif", buffer.getvalue())})
+        response = client.post(
+            "/api/v1/datasets/1/images", files={"image": ("a.tif", image), "nuclei": ("m.tif", buffer.getvalue())}
+        )
         if ok:
             assert response.status_code == 201, response.text
         else:
@@ -67,8 +68,9 @@ def test_uint64_mask_ids_that_would_wrap_are_refused(embedded_settings):
     assert len(client.get("/api/v1/datasets/1").json()["images"]) == 1
 
 
-@pytest.mark.parametrize("shape,ok", [((1, 1, 1), False), ((1, 15, 64), False), ((1, 64, 8), False),
-                                      ((1, 16, 16), True)])
+@pytest.mark.parametrize(
+    "shape,ok", [((1, 1, 1), False), ((1, 15, 64), False), ((1, 64, 8), False), ((1, 16, 16), True)]
+)
 def test_tiny_fields_are_refused_at_upload_with_the_minimum(embedded_settings, shape, ok):
     client, _ = make_client(embedded_settings, run_reaper=False)
     seed_minimal_zoo(client, splits=())
@@ -88,8 +90,16 @@ def test_a_cancelled_job_says_its_results_are_partial(embedded_settings):
     factory = session_factory(embedded_settings.resolved_database_url)
     with factory() as session:  # a segmentation cancelled after its first field: one result stored
         assert jobs.claim(session, job_id, "w")
-        session.add(JobResult(job_id=job_id, name="A01-1/nuclei.tif", kind="nuclei_mask", media_type="image/tiff",
-                              sha256="0" * 64, size_bytes=1))
+        session.add(
+            JobResult(
+                job_id=job_id,
+                name="A01-1/nuclei.tif",
+                kind="nuclei_mask",
+                media_type="image/tiff",
+                sha256="0" * 64,
+                size_bytes=1,
+            )
+        )
         session.commit()
         jobs.finish(session, job_id, jobs.JobStatus.CANCELLED, error="cancelled by request", worker="w")
     job = client.get(f"/api/v1/jobs/{job_id}").json()

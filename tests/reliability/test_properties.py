@@ -68,9 +68,11 @@ VALID_TIFFS = _valid_tiffs()
 
 
 @BOUNDED
-@given(st.sampled_from(range(len(VALID_TIFFS))),
-       st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=12),
-       st.integers(0, 100))
+@given(
+    st.sampled_from(range(len(VALID_TIFFS))),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=12),
+    st.integers(0, 100),
+)
 def test_reader_on_corrupted_valid_tiffs(which, flips, truncate_percent):
     """Flip bytes anywhere in real TIFFs (headers, tags, compressed strips) and cut them short."""
     data = bytearray(VALID_TIFFS[which])
@@ -81,8 +83,20 @@ def test_reader_on_corrupted_valid_tiffs(which, flips, truncate_percent):
     _read_both(bytes(data))
 
 
-DTYPES = [np.uint8, np.uint16, np.uint32, np.int8, np.int16, np.int32, np.int64, np.float16, np.float32,
-          np.float64, np.bool_, np.complex64]
+DTYPES = [
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.bool_,
+    np.complex64,
+]
 
 
 @st.composite
@@ -102,8 +116,19 @@ def small_arrays(draw) -> np.ndarray:
 
 
 @BOUNDED
-@given(small_arrays(), st.sampled_from([{}, {"imagej": True}, {"ome": True}, {"compression": "zlib"},
-                                         {"photometric": "minisblack"}, {"planarconfig": "separate"}]))
+@given(
+    small_arrays(),
+    st.sampled_from(
+        [
+            {},
+            {"imagej": True},
+            {"ome": True},
+            {"compression": "zlib"},
+            {"photometric": "minisblack"},
+            {"planarconfig": "separate"},
+        ]
+    ),
+)
 def test_reader_on_arbitrary_small_arrays_written_as_tiff(array, options):
     try:
         data = _imwrite(array, **options)
@@ -140,7 +165,10 @@ def test_repeated_axis_letters_are_an_image_read_error():
 # ------------------------------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
@@ -196,9 +224,17 @@ ENDPOINTS: dict[type[BaseModel], tuple[str, str]] = {
 
 
 def test_every_request_schema_is_covered():
-    request_models = {obj for obj in vars(schemas).values()
-                      if isinstance(obj, type) and issubclass(obj, schemas.StrictModel) and obj is not schemas.StrictModel}
-    nested = {schemas.FinetuneParams, schemas.SegmentParams, schemas.SegmentRequest, schemas.FieldMeta}  # inside others / a form field
+    request_models = {
+        obj
+        for obj in vars(schemas).values()
+        if isinstance(obj, type) and issubclass(obj, schemas.StrictModel) and obj is not schemas.StrictModel
+    }
+    nested = {
+        schemas.FinetuneParams,
+        schemas.SegmentParams,
+        schemas.SegmentRequest,
+        schemas.FieldMeta,
+    }  # inside others / a form field
     assert request_models - nested <= set(ENDPOINTS), request_models - nested - set(ENDPOINTS)
 
 
@@ -239,8 +275,11 @@ def test_random_segment_requests_never_cause_a_server_error(seeded_client):
     @given(body=_for_model(schemas.SegmentRequest) | JSON, raw=st.booleans(), text=st.text(max_size=50))
     def run(body, raw, text):
         request = text if raw else json.dumps(body)
-        _check(seeded_client.post("/api/v1/jobs/segment", data={"request": request},
-                                  files={"files": ("f.tif", tiff, "image/tiff")}))
+        _check(
+            seeded_client.post(
+                "/api/v1/jobs/segment", data={"request": request}, files={"files": ("f.tif", tiff, "image/tiff")}
+            )
+        )
 
     run()
 
@@ -248,9 +287,13 @@ def test_random_segment_requests_never_cause_a_server_error(seeded_client):
 @pytest.mark.slow
 def test_non_json_bodies_are_problems(seeded_client):
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(raw=st.binary(max_size=300), content_type=st.sampled_from(
-        ["application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=x", ""]),
-        endpoint=st.sampled_from(sorted(ENDPOINTS.values())))
+    @given(
+        raw=st.binary(max_size=300),
+        content_type=st.sampled_from(
+            ["application/json", "text/plain", "multipart/form-data", "multipart/form-data; boundary=x", ""]
+        ),
+        endpoint=st.sampled_from(sorted(ENDPOINTS.values())),
+    )
     def run(raw, content_type, endpoint):
         method, path = endpoint
         _check(seeded_client.request(method, path, content=raw, headers={"content-type": content_type}))
@@ -264,5 +307,7 @@ def test_a_reader_bug_on_an_upload_is_a_422_not_a_500(seeded_client):
     response = seeded_client.post("/api/v1/datasets/1/images", files={"image": ("odd.tif", data)})
     assert response.status_code == 422 and "odd.tif" in response.json()["detail"]
     good = image_to_tiff_bytes(np.ones((1, 16, 16), np.uint16))
-    response = seeded_client.post("/api/v1/datasets/1/images", files={"image": ("a.tif", good), "nuclei": ("m.tif", data)})
+    response = seeded_client.post(
+        "/api/v1/datasets/1/images", files={"image": ("a.tif", good), "nuclei": ("m.tif", data)}
+    )
     assert response.status_code == 422 and "mask" in response.json()["detail"]

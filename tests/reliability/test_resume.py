@@ -33,9 +33,18 @@ def test_segmentation_rerun_skips_the_fields_already_finished(embedded_settings)
     factory = session_factory(embedded_settings.resolved_database_url)
     with factory() as session:  # a ready zoo version (the tiny base's weights) for the one reporter
         base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
-        session.add(ModelVersion(cell_line_id=session.scalar(select(CellLine.id)), object="nuclei", version=1,
-                                 reporter_id=session.scalar(select(Reporter.id)), status="ready",
-                                 weights_sha256=base.weights_sha256, card=base.card, diameter=17.0))
+        session.add(
+            ModelVersion(
+                cell_line_id=session.scalar(select(CellLine.id)),
+                object="nuclei",
+                version=1,
+                reporter_id=session.scalar(select(Reporter.id)),
+                status="ready",
+                weights_sha256=base.weights_sha256,
+                card=base.card,
+                diameter=17.0,
+            )
+        )
         session.commit()
     response = client.post("/api/v1/jobs/segment-dataset", json={"dataset_id": ds["id"], "objects": ["nuclei"]})
     assert response.status_code == 202, response.text
@@ -59,7 +68,9 @@ def test_segmentation_rerun_skips_the_fields_already_finished(embedded_settings)
         run_job(job_id, dies_at_the_third_field, embedded_settings, worker="first")
     with factory() as session:
         first_results = {r.name: r.sha256 for r in session.scalars(select(JobResult).where(JobResult.job_id == job_id))}
-        actions = jobs.reap_stale_jobs(session, stale_after_s=0, resend_after_s=1e9, now=utcnow() + timedelta(seconds=1))
+        actions = jobs.reap_stale_jobs(
+            session, stale_after_s=0, resend_after_s=1e9, now=utcnow() + timedelta(seconds=1)
+        )
         assert [a.action for a in actions] == ["requeued"]
     finished_first = {name.split("/")[0] for name in first_results if "/" in name}
     assert len(finished_first) == 2

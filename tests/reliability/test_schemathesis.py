@@ -22,8 +22,12 @@ from tests.service.conftest import FAST_JOB_TIMINGS, PG_ADMIN_URL, require_servi
 
 ADMIN_KEY: dict[str, str] = {}
 DATA_DIR: list[str] = []
-HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
-          HealthCheck.function_scoped_fixture]
+HEALTH = [
+    HealthCheck.too_slow,
+    HealthCheck.filter_too_much,
+    HealthCheck.data_too_large,
+    HealthCheck.function_scoped_fixture,
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,9 @@ def pg_module_url():
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory, pg_module_url):
-    cfg = Settings(data_dir=tmp_path_factory.mktemp("schemathesis") / "data", database_url=pg_module_url,
-                   **FAST_JOB_TIMINGS)
+    cfg = Settings(
+        data_dir=tmp_path_factory.mktemp("schemathesis") / "data", database_url=pg_module_url, **FAST_JOB_TIMINGS
+    )
     upgrade(cfg.resolved_database_url)
     cfg.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     client, key = make_client(cfg, run_reaper=False)

@@ -53,14 +53,12 @@ def _one_result_each(settings: Settings, job_ids: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.services
 def test_redis_killed_with_jobs_queued_and_running_loses_no_job(tmp_path, pg_url, own_redis, worker_factory):
-    settings = Settings(data_dir=tmp_path / "data", database_url=pg_url, broker_url=own_redis.url,
-                        **FAST_JOB_TIMINGS)
+    settings = Settings(data_dir=tmp_path / "data", database_url=pg_url, broker_url=own_redis.url, **FAST_JOB_TIMINGS)
     upgrade(settings.resolved_database_url)
     worker = worker_factory(settings)
     with _live_client(settings) as client:
         running = client.post("/api/v1/jobs/noop", json={"steps": 20, "step_seconds": 0.2}).json()["id"]
-        queued = [client.post("/api/v1/jobs/noop", json={"steps": 1, "step_seconds": 0}).json()["id"]
-                  for _ in range(3)]
+        queued = [client.post("/api/v1/jobs/noop", json={"steps": 1, "step_seconds": 0}).json()["id"] for _ in range(3)]
         wait_for_job(client, running, statuses=("running",), timeout=60)
 
         own_redis.kill()  # SIGKILL; it keeps nothing on disk: every queued message is gone
@@ -92,8 +90,9 @@ def test_redis_killed_with_jobs_queued_and_running_loses_no_job(tmp_path, pg_url
 @pytest.mark.slow
 @pytest.mark.services
 def test_postgresql_restart_is_survived_by_api_and_worker(tmp_path, own_postgres, redis_url, worker_factory):
-    settings = Settings(data_dir=tmp_path / "data", database_url=own_postgres.url, broker_url=redis_url,
-                        **FAST_JOB_TIMINGS)
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=own_postgres.url, broker_url=redis_url, **FAST_JOB_TIMINGS
+    )
     upgrade(settings.resolved_database_url)
     worker = worker_factory(settings)
     with _live_client(settings) as client:

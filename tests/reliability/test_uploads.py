@@ -116,8 +116,9 @@ def test_request_body_limit_refuses_before_reading(tmp_path):
             sent.append(1)
             yield b"x" * 1000
 
-    response = client.post(f"/api/v1/datasets/{ds}/images", content=chunks(),
-                           headers={"content-type": "multipart/form-data; boundary=abc"})
+    response = client.post(
+        f"/api/v1/datasets/{ds}/images", content=chunks(), headers={"content-type": "multipart/form-data; boundary=abc"}
+    )
     assert response.status_code == 413 and response.json()["limit_bytes"] == 10_000
     assert _blob_files(settings) == []
     # Small requests still pass.
@@ -131,8 +132,15 @@ def test_file_names_are_never_paths(embedded_settings):
     mask = labels_to_tiff_bytes(np.ones((16, 16), np.int32))
     data_dir = embedded_settings.resolved_data_dir
     before = {p for p in data_dir.parent.rglob("*")}
-    for evil in ("../../etc/passwd", "..\\..\\windows\\system32\\x.tif", "/etc/shadow", "a/../../../b.tif",
-                 "<script>alert(1)</script>.tif", "x\r\nSet-Cookie: a=b.tif", "\x00.tif"):
+    for evil in (
+        "../../etc/passwd",
+        "..\\..\\windows\\system32\\x.tif",
+        "/etc/shadow",
+        "a/../../../b.tif",
+        "<script>alert(1)</script>.tif",
+        "x\r\nSet-Cookie: a=b.tif",
+        "\x00.tif",
+    ):
         response = _upload(client, ds, image, filename=evil, nuclei=mask)
         assert response.status_code == 201, (evil, response.text)
         row = response.json()
@@ -148,9 +156,26 @@ def test_file_names_are_never_paths(embedded_settings):
     assert not Path("/etc/passwd.tif").exists()
 
 
-@pytest.mark.parametrize("name", ["../x", "a/../../b", "/etc/passwd", "a/b/c", "", "a\\b", "..", ".",
-                                  "x" * 101, "a//b", "é.csv", "a\x00b",
-                                  "a.csv\n", "a/.", "./a"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../x",
+        "a/../../b",
+        "/etc/passwd",
+        "a/b/c",
+        "",
+        "a\\b",
+        "..",
+        ".",
+        "x" * 101,
+        "a//b",
+        "é.csv",
+        "a\x00b",
+        "a.csv\n",
+        "a/.",
+        "./a",
+    ],
+)
 def test_result_names_cannot_escape_the_job_folder(name):
     with pytest.raises(ValueError):
         check_result_name(name)

@@ -32,8 +32,13 @@ def _submit_finetune(client) -> str:
     base = register_tiny_base(api)
     fields = small_plate(4, size=64)
     ds = upload_dataset(api, fields, splits=SPLITS)
-    body = {"dataset_id": ds["id"], "reporter": fields[0].channel_names[0], "object": "nuclei", "base": base,
-            "params": TRAINING}
+    body = {
+        "dataset_id": ds["id"],
+        "reporter": fields[0].channel_names[0],
+        "object": "nuclei",
+        "base": base,
+        "params": TRAINING,
+    }
     response = client.post("/api/v1/jobs/finetune", json=body)
     assert response.status_code == 202, response.text
     return response.json()["id"]

@@ -58,9 +58,9 @@ def disc_trained_net(widths: tuple[int, ...] = bb.FULL_WIDTHS) -> torch.nn.Modul
         pairs = [disc_field((64, 64), 5, seed) for seed in range(3)]
         x = torch.from_numpy(np.stack([np.stack([normalize99(i), np.zeros_like(i)]) for i, _ in pairs]))
         targets = torch.from_numpy(
-            np.stack(
-                [np.concatenate([(lab > 0)[None], dynamics.masks_to_flows(lab)]) for _, lab in pairs]
-            ).astype(np.float32)
+            np.stack([np.concatenate([(lab > 0)[None], dynamics.masks_to_flows(lab)]) for _, lab in pairs]).astype(
+                np.float32
+            )
         )
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.005, weight_decay=1e-5)
         net.train()

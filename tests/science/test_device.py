@@ -66,6 +66,7 @@ def test_model_cache_is_lru_by_bytes_and_keyed_by_device():
         def load():
             loads.append(name)
             return name
+
         return load
 
     cache = ModelCache(max_bytes=250)

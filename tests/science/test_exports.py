@@ -118,7 +118,11 @@ def test_empty_labels_give_a_header_only_csv(field) -> None:
 
 def test_channel_names_are_sanitised_and_unique() -> None:
     assert column_names(["GFP", "Alexa 647", "p-ERK/β", "GFP", "  "]) == [
-        "GFP", "Alexa_647", "p_ERK", "GFP_2", "channel_4",
+        "GFP",
+        "Alexa_647",
+        "p_ERK",
+        "GFP_2",
+        "channel_4",
     ]
 
 

@@ -80,9 +80,9 @@ def test_patch_loss_rewards_area_and_penalises_overlap_and_background():
         logits = torch.from_numpy(np.where(masks, 6.0, -6.0).astype(np.float32))
         return float(patch_loss(logits, prepared.index, prepared.background, prepared.padded_size))
 
-    own = np.stack([np.pad(labels == i, 18)[m[0]: m[0] + 37, m[1]: m[1] + 37] for i, m in zip((1, 2), markers)])
+    own = np.stack([np.pad(labels == i, 18)[m[0] : m[0] + 37, m[1] : m[1] + 37] for i, m in zip((1, 2), markers)])
     nothing = np.zeros_like(own)
-    both = np.stack([np.pad(labels > 0, 18)[m[0]: m[0] + 37, m[1]: m[1] + 37] for m in markers])
+    both = np.stack([np.pad(labels > 0, 18)[m[0] : m[0] + 37, m[1] : m[1] + 37] for m in markers])
     everything = np.ones_like(own)
     assert loss_of(own) < loss_of(nothing)  # covering foreground pays
     assert loss_of(own) < loss_of(both)  # claiming the neighbour's pixels costs
@@ -118,8 +118,10 @@ def test_isl_pretraining_learns_the_stain_and_keeps_the_best_checkpoint():
     torch.set_num_threads(1)
     labels = [discs(centres=((20 + 10 * s, 30), (60, 40 + 8 * s), (40, 70))) for s in range(4)]
     # the source is a blurred "reporter" that shows the same objects dimmer and inverted in texture
-    sources = [np.float32(50 + 200 * (m > 0)) + np.random.default_rng(s).normal(0, 30, m.shape).astype(np.float32)
-               for s, m in enumerate(labels)]
+    sources = [
+        np.float32(50 + 200 * (m > 0)) + np.random.default_rng(s).normal(0, 30, m.shape).astype(np.float32)
+        for s, m in enumerate(labels)
+    ]
     stains = [stain_of(m, s) for s, m in enumerate(labels)]
     config = ISLConfig(bsize=64, batch_size=4, max_epochs=12, min_epochs=2, patience=4, learning_rate=0.005)
     result = pretrain_isl(sources[:3], stains[:3], sources[3:], stains[3:], config, widths=(8, 16, 32, 64))
@@ -132,8 +134,14 @@ def test_isl_pretraining_learns_the_stain_and_keeps_the_best_checkpoint():
     # the result is an ordinary CPnet: it is the init of a fine-tune
     from app.science.training import TrainingConfig, finetune
 
-    tuned = finetune(result.net, sources[:2], labels[:2], [], [],
-                     TrainingConfig(max_epochs=1, min_epochs=0, batch_size=2, bsize=64, min_train_masks=1))
+    tuned = finetune(
+        result.net,
+        sources[:2],
+        labels[:2],
+        [],
+        [],
+        TrainingConfig(max_epochs=1, min_epochs=0, batch_size=2, bsize=64, min_train_masks=1),
+    )
     assert set(tuned.net.state_dict()) == set(result.net.state_dict())
 
 
@@ -151,10 +159,16 @@ def test_isl_smoke_on_a_real_cell_painting_field():
         pytest.skip("the BBBC022 crop is not in ../shared/data on this machine")
     torch.set_num_threads(1)
     field = tifffile.imread(BBBC022).astype(np.float32)  # (3, 395, 695)
-    tiles = [field[:, :192, x: x + 192] for x in (0, 192, 384)]
+    tiles = [field[:, :192, x : x + 192] for x in (0, 192, 384)]
     config = ISLConfig(bsize=96, batch_size=4, max_epochs=4, min_epochs=1, patience=3, learning_rate=0.005)
-    result = pretrain_isl([t[1:] for t in tiles[:2]], [t[0] for t in tiles[:2]], [tiles[2][1:]], [tiles[2][0]],
-                          config, widths=(8, 16, 32, 64))
+    result = pretrain_isl(
+        [t[1:] for t in tiles[:2]],
+        [t[0] for t in tiles[:2]],
+        [tiles[2][1:]],
+        [tiles[2][0]],
+        config,
+        widths=(8, 16, 32, 64),
+    )
     assert len(result.history) >= 1 and np.isfinite(result.best_val_loss)
     assert result.best_val_loss <= result.history[0].val_loss
     assert -1.0 <= result.val_correlation <= 1.0

@@ -170,8 +170,7 @@ def test_empty_and_non_tiff_and_corrupt_input(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="no such file"):
         read_image(tmp_path / "missing.tif")
     # a valid header whose compressed pixel data is garbage
-    blob = bytearray(_tiff(np.random.default_rng(0).integers(0, 60000, (64, 64)).astype(np.uint16),
-                           compression="zlib"))
+    blob = bytearray(_tiff(np.random.default_rng(0).integers(0, 60000, (64, 64)).astype(np.uint16), compression="zlib"))
     start = blob.index(b"\x78")  # zlib stream header follows the 8-byte TIFF header
     blob[start : start + 200] = bytes(range(200))
     with pytest.raises(ImageReadError, match="corrupt|not a readable"):

@@ -188,8 +188,7 @@ def _perturb(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A plausible bad prediction: eroded, dilated, dropped, merged and spurious objects."""
     pred = np.zeros_like(labels)
     ids = np.arange(1, labels.max() + 1)
-    action = rng.choice(["keep", "erode", "dilate", "drop", "shift"], size=ids.size,
-                        p=[0.35, 0.2, 0.2, 0.1, 0.15])
+    action = rng.choice(["keep", "erode", "dilate", "drop", "shift"], size=ids.size, p=[0.35, 0.2, 0.2, 0.1, 0.15])
     for obj, what in zip(ids, action, strict=True):
         region = labels == obj
         if what == "erode":

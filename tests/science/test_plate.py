@@ -76,8 +76,10 @@ def test_several_tasks_per_field_pick_their_channels():
     model = base_model()
     field = real_fields(1)[0]
     plate = np.stack([field[0], field[1], field[0]])
-    tasks = {"nuclei": SegmentTask((model,), channels=(0,)),
-             "cells": SegmentTask((model, model), channels=(1, 2), method="voting")}
+    tasks = {
+        "nuclei": SegmentTask((model,), channels=(0,)),
+        "cells": SegmentTask((model, model), channels=(1, 2), method="voting"),
+    }
     (outcome,) = list(segment_fields([("w1", plate)], tasks))
     assert set(outcome.results) == {"nuclei", "cells"}
     alone = segment_field(plate[[0]], [model])
@@ -116,8 +118,10 @@ def test_bf16_masks_agree_with_fp32():
     model = base_model()
     fields = real_fields(3)
     fp32 = [o.result.labels for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model])]
-    bf16 = [o.result.labels for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model],
-                                                    precision="bf16")]
+    bf16 = [
+        o.result.labels
+        for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model], precision="bf16")
+    ]
     f1 = [match(a, b).f1 for a, b in zip(fp32, bf16) if a.max()]
     assert f1 and np.mean(f1) >= 0.95
 

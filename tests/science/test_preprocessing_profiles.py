@@ -24,8 +24,9 @@ def test_a_profile_round_trips_through_its_tiff():
     assert one.flatfield.shape == (1, 16, 24) and np.allclose(one.flatfield[0], flat[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.float32), np.full((8, 8), np.nan, np.float32),
-                                 np.ones((3, 2, 8, 8), np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((8, 8), np.float32), np.full((8, 8), np.nan, np.float32), np.ones((3, 2, 8, 8), np.float32)]
+)
 def test_a_flatfield_that_cannot_be_one_is_refused(bad):
     import io
 
@@ -42,6 +43,6 @@ def test_a_flatfield_that_cannot_be_one_is_refused(bad):
 def test_plate_percentiles_keep_a_dim_field_dim():
     bright, dim = np.full((1, 8, 8), 1000.0), np.full((1, 8, 8), 100.0)
     bright[0, 0, 0] = 0.0
-    (low, high), = plate_percentiles([bright, dim], 0.0, 100.0)
+    ((low, high),) = plate_percentiles([bright, dim], 0.0, 100.0)
     assert (low, high) == (0.0, 1000.0)
     assert (dim[0] - low).max() / (high - low) == pytest.approx(0.1)

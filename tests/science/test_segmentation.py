@@ -77,8 +77,14 @@ def test_fitted_fusion_parameters_are_applied_and_recorded():
     models = [ChannelModel(net, diameter=20.0, diam_mean=30.0, name=name) for net, name in zip(nets, ("a", "b"))]
     field = np.stack([disc_field((48, 64), 4, seed=s)[0] for s in (1, 2)])
     # the record lists channels in another order: weights follow the names
-    record = {"method": "weights", "channels": ["b", "a"], "weights": [0.0, 1.0], "flow_threshold": 0.5,
-              "cellprob_threshold": -1.0, "confidence": None}
+    record = {
+        "method": "weights",
+        "channels": ["b", "a"],
+        "weights": [0.0, 1.0],
+        "flow_threshold": 0.5,
+        "cellprob_threshold": -1.0,
+        "confidence": None,
+    }
     fused = segment_field(field, models, fusion=record, min_size=5)
     alone = segment_field(field[:1], models[:1], flow_threshold=0.5, cellprob_threshold=-1.0, min_size=5)
     np.testing.assert_array_equal(fused.labels, alone.labels)
@@ -121,13 +127,15 @@ def test_a_single_channel_gets_its_own_flow_threshold_not_the_fused_one():
     net = build_network((8, 16, 32, 64))
     plain = segment_field(np.zeros((1, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a")])
     assert plain.settings["flow_threshold"] == 0.4 != FUSED_FLOW_THRESHOLD
-    stored = segment_field(np.zeros((1, 64, 64), np.float32),
-                           [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.55)])
+    stored = segment_field(np.zeros((1, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.55)])
     assert stored.settings["flow_threshold"] == 0.55
-    two = segment_field(np.zeros((2, 64, 64), np.float32),
-                        [ChannelModel(net, 30.0, 30.0, "a"), ChannelModel(net, 30.0, 30.0, "b")])
+    two = segment_field(
+        np.zeros((2, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a"), ChannelModel(net, 30.0, 30.0, "b")]
+    )
     assert two.settings["flow_threshold"] == FUSED_FLOW_THRESHOLD
-    voting = segment_field(np.zeros((2, 64, 64), np.float32),
-                           [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.3), ChannelModel(net, 30.0, 30.0, "b")],
-                           method="voting")
+    voting = segment_field(
+        np.zeros((2, 64, 64), np.float32),
+        [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.3), ChannelModel(net, 30.0, 30.0, "b")],
+        method="voting",
+    )
     assert voting.settings["flow_thresholds"] == [0.3, 0.4]

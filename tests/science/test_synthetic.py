@@ -44,7 +44,12 @@ def test_shapes_dtypes_and_metadata(plate: list[SyntheticField]) -> None:
         assert f.channel_names == [r.name for r in DEFAULT_REPORTERS]
         assert np.all(f.image >= 0) and np.all(f.image == np.rint(f.image))  # camera counts
     assert [(f.well, f.field) for f in plate] == [
-        ("A01", 0), ("A01", 1), ("A02", 0), ("A02", 1), ("A03", 0), ("A03", 1)
+        ("A01", 0),
+        ("A01", 1),
+        ("A02", 0),
+        ("A02", 1),
+        ("A03", 0),
+        ("A03", 1),
     ]
     images, nuclei, cells = plate_to_arrays(plate)
     assert images.shape == (6, 4, 256, 256) and nuclei.shape == cells.shape == (6, 256, 256)
@@ -199,8 +204,12 @@ def test_regimes_render_their_reporters_and_the_blind_channel_ignores_cells() ->
     # the (weak) cell reporter is brighter in cells; the blind one is as often brighter as dimmer there
     assert min(contrasts) > 1.0 and np.median(contrasts) > 1.1
     assert 0.8 < np.median(blind_contrasts) < 1.25 and min(blind_contrasts) < 1.0 < max(blind_contrasts)
-    strong, weak = (make_plate(2, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[k]
-                    for k in (0, 1))
+    strong, weak = (
+        make_plate(2, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[k] for k in (0, 1)
+    )
     assert np.percentile(strong, 99) - np.median(strong) > 5 * (np.percentile(weak, 99) - np.median(weak))
     dim = make_plate(1, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters, imaging=SHIFTED_IMAGING)[0]
-    assert dim.image[0].mean() < make_plate(1, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[0].mean()
+    assert (
+        dim.image[0].mean()
+        < make_plate(1, size=128, seed=5, reporters=REGIMES["strong+weak"].reporters)[0].image[0].mean()
+    )

@@ -44,7 +44,11 @@ def disc_field(seed: int, size: int = 96, radius: tuple[int, int] = (6, 10), n: 
         labels[disc] = placed
         if placed == n:
             break
-    image = 0.1 + contrast * (labels > 0) * rng.uniform(0.5, 1.0, size=placed + 1)[labels] + rng.normal(0, 0.05, labels.shape)
+    image = (
+        0.1
+        + contrast * (labels > 0) * rng.uniform(0.5, 1.0, size=placed + 1)[labels]
+        + rng.normal(0, 0.05, labels.shape)
+    )
     return image.astype(np.float32), labels
 
 
@@ -54,8 +58,18 @@ def disc_set(seeds, **kwargs):
 
 
 def tiny_config(**overrides) -> TrainingConfig:
-    fields = dict(bsize=64, batch_size=4, max_epochs=6, min_epochs=0, patience=50, warmup_epochs=1,
-                  learning_rate=0.01, min_train_masks=1, val_crops_per_image=1, seed=0)
+    fields = dict(
+        bsize=64,
+        batch_size=4,
+        max_epochs=6,
+        min_epochs=0,
+        patience=50,
+        warmup_epochs=1,
+        learning_rate=0.01,
+        min_train_masks=1,
+        val_crops_per_image=1,
+        seed=0,
+    )
     fields.update(overrides)
     return TrainingConfig(**fields)
 
@@ -232,8 +246,9 @@ def test_should_stop_cancels_between_steps():
 
     epochs = []
     with pytest.raises(TrainingCancelled, match="epoch 1"):
-        finetune(build_network(TINY), images, masks, [], [], tiny_config(), on_epoch=epochs.append,
-                 should_stop=should_stop)
+        finetune(
+            build_network(TINY), images, masks, [], [], tiny_config(), on_epoch=epochs.append, should_stop=should_stop
+        )
     assert len(epochs) == 1 and len(calls) == 4
 
 
@@ -269,7 +284,9 @@ def test_base_split_is_disjoint_and_seeded(tmp_path):
     assert len(data) == 10 and data.masks[0].dtype == np.int32
     split = split_base_data(data, n_test=3, n_val=2, seed=0)
     names = [set(part.names) for part in (split.train, split.val, split.test)]
-    assert [len(n) for n in names] == [5, 2, 3] and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert [len(n) for n in names] == [5, 2, 3] and not (
+        names[0] & names[1] or names[0] & names[2] or names[1] & names[2]
+    )
     assert split_base_data(data, n_test=3, n_val=2, seed=0).test.names == split.test.names
     (tmp_path / "labels" / "im3.tif").unlink()
     with pytest.raises(TrainingDataError, match="no label image"):
@@ -291,14 +308,24 @@ def test_finetuning_the_shipped_base_beats_the_base_on_a_synthetic_reporter():
     channel = fields[0].channel_names.index("transloc")
     images = [f.image[channel] for f in fields]
     nuclei = [f.nuclei for f in fields]
-    config = TrainingConfig(bsize=128, batch_size=4, max_epochs=20, min_epochs=20, warmup_epochs=1,
-                            learning_rate=0.002, min_train_masks=1, val_crops_per_image=2, seed=0)
+    config = TrainingConfig(
+        bsize=128,
+        batch_size=4,
+        max_epochs=20,
+        min_epochs=20,
+        warmup_epochs=1,
+        learning_rate=0.002,
+        min_train_masks=1,
+        val_crops_per_image=2,
+        seed=0,
+    )
     tuned = finetune(base, images[:8], nuclei[:8], images[8:9], nuclei[8:9], config)
     test_images, test_masks = images[9:], nuclei[9:]
     # The base gets its best shot: the better of the mean and mean + 1 sd training diameters.
     base_f1 = max(evaluate_model(base, test_images, test_masks, d).scores.f1 for d in training_diameters(nuclei[:8]))
     tuned_f1 = evaluate_model(tuned.net, test_images, test_masks, tuned.diameter).scores.f1
     assert tuned_f1 > base_f1 + 0.05, (base_f1, tuned_f1)
+
 
 def test_size_model_from_a_network_fits_its_styles():
     from app.science.training import predict_diameter, train_size_model
@@ -316,8 +343,9 @@ def test_training_benchmark_runs_both_loops_on_tiny_settings():
     from app.benchmarks.training import run_training_benchmark
 
     lines = []
-    result = run_training_benchmark(echo=lines.append, widths=TINY, n_train=4, n_val=1, epochs=1, batch_size=4,
-                                    bsize=64, memory=False)
+    result = run_training_benchmark(
+        echo=lines.append, widths=TINY, n_train=4, n_val=1, epochs=1, batch_size=4, bsize=64, memory=False
+    )
     assert result["ours_samples_per_s"] > 0 and result["cellpose_samples_per_s"] > 0
     # Wall times are rounded to 10 ms in the record, so the ratio agrees only roughly.
     assert result["speedup"] == pytest.approx(result["cellpose_wall_s"] / result["ours_wall_s"], rel=0.1)
@@ -337,7 +365,9 @@ def test_joint_model_takes_all_channels_and_trains_on_fields():
     assert bb.network_input_channels(joint) == 3 and bb.network_widths(joint) == bb.HALF_WIDTHS
     first = joint.state_dict()["downsample.down.res_down_0.conv.conv_0.2.weight"]
     assert first.shape[1] == 3
-    torch.testing.assert_close(first[:, 1], base.state_dict()["downsample.down.res_down_0.conv.conv_0.2.weight"][:, 0] / 3)
+    torch.testing.assert_close(
+        first[:, 1], base.state_dict()["downsample.down.res_down_0.conv.conv_0.2.weight"][:, 0] / 3
+    )
     # a field whose three channels are the same image: the inflated net sees what the base sees
     image, labels = disc_field((64, 64), 4, seed=5)
     maps_joint = bb.predict_maps_joint(joint, np.stack([image] * 3), diameter=30.0)
@@ -346,8 +376,9 @@ def test_joint_model_takes_all_channels_and_trains_on_fields():
     np.testing.assert_allclose(maps_joint.maps, maps_base.maps, atol=1e-3)
     fields = [np.stack([disc_field((64, 64), 4, seed=s)[0]] * 3) for s in range(3)]
     masks = [disc_field((64, 64), 4, seed=s)[1] for s in range(3)]
-    config = TrainingConfig(max_epochs=1, min_epochs=0, batch_size=2, bsize=48, min_train_masks=1,
-                            microscopy_augment=False)
+    config = TrainingConfig(
+        max_epochs=1, min_epochs=0, batch_size=2, bsize=48, min_train_masks=1, microscopy_augment=False
+    )
     result = finetune(joint, fields[:2], masks[:2], fields[2:], masks[2:], config, joint=True)
     assert bb.network_input_channels(result.net) == 3 and len(result.history) == 1
     with pytest.raises(ValueError, match="input channels"):
@@ -366,8 +397,9 @@ def test_prefetched_batches_draw_the_rng_as_the_serial_loop_did():
     config = tiny_config(batch_size=2)
     prepared = training._prepare(images, masks, 30.0, config)
     augmentation = config.augmentation()
-    prefetcher = training.BatchPrefetcher(prepared, np.random.default_rng(3), augmentation, batch_size=2,
-                                          epochs=2, channels_last=False)
+    prefetcher = training.BatchPrefetcher(
+        prepared, np.random.default_rng(3), augmentation, batch_size=2, epochs=2, channels_last=False
+    )
     try:
         got = [x.numpy() for _ in range(2) for x, _y in prefetcher.batches(3)]
     finally:
@@ -377,8 +409,10 @@ def test_prefetched_batches_draw_the_rng_as_the_serial_loop_did():
     for _ in range(2):
         order = rng.permutation(5)
         for start in range(0, 5, 2):
-            crops = [augment(prepared.images[i], prepared.targets[i], rng, augmentation, zoom=prepared.zooms[i])[0]
-                     for i in order[start:start + 2]]
+            crops = [
+                augment(prepared.images[i], prepared.targets[i], rng, augmentation, zoom=prepared.zooms[i])[0]
+                for i in order[start : start + 2]
+            ]
             expected.append(np.stack(crops))
     assert len(got) == len(expected) == 6
     for a, b in zip(got, expected):
@@ -408,8 +442,9 @@ def test_reduced_precision_training_learns_like_fp32(device):
     val_images, val_masks = disc_set(range(100, 102))
     config = tiny_config(max_epochs=8)
     fp32 = finetune(build_network(TINY), images, masks, val_images, val_masks, config, device=device)
-    low = finetune(build_network(TINY), images, masks, val_images, val_masks, config, device=device,
-                   precision=precision)
+    low = finetune(
+        build_network(TINY), images, masks, val_images, val_masks, config, device=device, precision=precision
+    )
     assert low.precision == precision
     first, last = low.history[0].train_loss, low.history[-1].train_loss
     assert last < 0.8 * first

@@ -42,8 +42,16 @@ def test_resumed_training_equals_an_uninterrupted_run():
     checkpoint = TrainingCheckpoint.from_state(state)
     assert checkpoint.epoch == 2 and [r.epoch for r in checkpoint.history] == [0, 1, 2]
     epochs_run = []
-    resumed = finetune(net, images, masks, val_images, val_masks, config, resume_from=checkpoint,
-                       on_epoch=lambda r: epochs_run.append(r.epoch))
+    resumed = finetune(
+        net,
+        images,
+        masks,
+        val_images,
+        val_masks,
+        config,
+        resume_from=checkpoint,
+        on_epoch=lambda r: epochs_run.append(r.epoch),
+    )
     assert epochs_run == [3, 4]  # only the epochs after the checkpoint ran again
     assert [r.epoch for r in resumed.history] == [0, 1, 2, 3, 4]
     assert [r.train_loss for r in resumed.history] == pytest.approx([r.train_loss for r in whole.history], rel=1e-5)

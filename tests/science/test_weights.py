@@ -46,8 +46,16 @@ def _trained_looking(widths=TINY, seed=0, diam_mean=30.0) -> torch.nn.Module:
 
 
 def _card(net, **overrides) -> ModelCard:
-    fields = dict(name="hela-tfeb-nuclei", version="v3", architecture=architecture_of(net), diameter=17.25,
-                  reporter="TFEB-GFP", cell_line="HeLa", object="nuclei", metrics={"f1@0.5": 0.8})
+    fields = dict(
+        name="hela-tfeb-nuclei",
+        version="v3",
+        architecture=architecture_of(net),
+        diameter=17.25,
+        reporter="TFEB-GFP",
+        cell_line="HeLa",
+        object="nuclei",
+        metrics={"f1@0.5": 0.8},
+    )
     fields.update(overrides)
     return ModelCard(**fields)
 
@@ -188,12 +196,26 @@ def test_exported_file_loads_in_cellpose_with_identical_outputs(tmp_path):
     path = export_cellpose(net, tmp_path / "cellfuse_export")
     x = np.random.default_rng(0).random((1, 2, 64, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    env = {**os.environ, "CELLPOSE_LOCAL_MODELS_PATH": str(tmp_path / "cellpose_models"),
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "CELLPOSE_LOCAL_MODELS_PATH": str(tmp_path / "cellpose_models"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     done = subprocess.run(
-        [sys.executable, "-c", _CELLPOSE_CHECK, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
-         str(tmp_path / "s.npy")],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            _CELLPOSE_CHECK,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+            str(tmp_path / "s.npy"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     diam_mean, diam_labels = map(float, done.stdout.split()[-2:])

@@ -34,8 +34,7 @@ PG_ADMIN_URL = os.environ.get("CELLFUSE_TEST_PG_URL", "postgresql+psycopg://post
 REDIS_BASE_URL = os.environ.get("CELLFUSE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 #: Fast timings so that fault tests finish in seconds.
-FAST_JOB_TIMINGS = dict(job_heartbeat_s=0.5, job_stale_after_s=4.0, reaper_interval_s=0.5,
-                        job_resend_after_s=6.0)
+FAST_JOB_TIMINGS = dict(job_heartbeat_s=0.5, job_stale_after_s=4.0, reaper_interval_s=0.5, job_resend_after_s=6.0)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -57,19 +56,21 @@ def require_service(name: str, host: str, port: int) -> None:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFUSE_")}
-    env.update({
-        "CELLFUSE_DATA_DIR": str(settings.resolved_data_dir),
-        "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
-        "CELLFUSE_BROKER_URL": settings.resolved_broker_url,
-        "CELLFUSE_JOB_HEARTBEAT_S": str(settings.job_heartbeat_s),
-        "CELLFUSE_JOB_STALE_AFTER_S": str(settings.job_stale_after_s),
-        "CELLFUSE_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
-        "CELLFUSE_JOB_RESEND_AFTER_S": str(settings.job_resend_after_s),
-        "CELLFUSE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
-        "CELLFUSE_CHECKPOINT_INTERVAL_S": str(settings.checkpoint_interval_s),
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    })
+    env.update(
+        {
+            "CELLFUSE_DATA_DIR": str(settings.resolved_data_dir),
+            "CELLFUSE_DATABASE_URL": settings.resolved_database_url,
+            "CELLFUSE_BROKER_URL": settings.resolved_broker_url,
+            "CELLFUSE_JOB_HEARTBEAT_S": str(settings.job_heartbeat_s),
+            "CELLFUSE_JOB_STALE_AFTER_S": str(settings.job_stale_after_s),
+            "CELLFUSE_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
+            "CELLFUSE_JOB_RESEND_AFTER_S": str(settings.job_resend_after_s),
+            "CELLFUSE_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
+            "CELLFUSE_CHECKPOINT_INTERVAL_S": str(settings.checkpoint_interval_s),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     # Every other setting a test changed reaches the worker too (e.g. segment_block_pixels).
     import json as _json
 
@@ -140,8 +141,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def services_settings(tmp_path, pg_url, redis_url) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", database_url=pg_url, broker_url=redis_url,
-                        **FAST_JOB_TIMINGS)
+    settings = Settings(data_dir=tmp_path / "data", database_url=pg_url, broker_url=redis_url, **FAST_JOB_TIMINGS)
     upgrade(settings.resolved_database_url)
     return settings
 
@@ -166,14 +166,34 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def start_worker(settings: Settings, log_path: Path, queues: str = "gpu,cpu",
-                 timeout: float = 90.0) -> WorkerProcess:
+def start_worker(settings: Settings, log_path: Path, queues: str = "gpu,cpu", timeout: float = 90.0) -> WorkerProcess:
     log_file = log_path.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker", "-Q", queues,
-         "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
-         "--without-mingle", "--without-heartbeat", "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
-        cwd=REPO_ROOT, env=settings_env(settings), stdout=log_file, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app:celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+        ],
+        cwd=REPO_ROOT,
+        env=settings_env(settings),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     worker = WorkerProcess(proc, log_path)
@@ -214,8 +234,9 @@ def make_client(settings: Settings, *, role: str = "admin", run_reaper: bool = T
     return client, key
 
 
-def wait_for_job(client: TestClient, job_id: str, statuses=("succeeded", "failed", "cancelled"),
-                 timeout: float = 120.0) -> dict:
+def wait_for_job(
+    client: TestClient, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 120.0
+) -> dict:
     deadline = time.monotonic() + timeout
     body: dict = {}
     while time.monotonic() < deadline:

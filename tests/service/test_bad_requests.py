@@ -41,8 +41,11 @@ def _assert_problem(response, status: int, *words: str) -> dict:
 
 
 def _segment(client, request: dict, files: list[tuple[str, bytes]]):
-    return client.post("/api/v1/jobs/segment", data={"request": json.dumps(request)},
-                       files=[("files", (n, d, "image/tiff")) for n, d in files])
+    return client.post(
+        "/api/v1/jobs/segment",
+        data={"request": json.dumps(request)},
+        files=[("files", (n, d, "image/tiff")) for n, d in files],
+    )
 
 
 def _nothing_written(settings, client, blobs_before: set[str], jobs_before: int) -> None:
@@ -53,8 +56,9 @@ def _nothing_written(settings, client, blobs_before: set[str], jobs_before: int)
 def test_unknown_cell_line_is_404(setup):
     settings, client, api, fields, _ = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
-    response = _segment(client, {"cell_line": "NoSuchLine", "channels": fields[0].channel_names},
-                        [("f.tif", field_tiff(fields[0]))])
+    response = _segment(
+        client, {"cell_line": "NoSuchLine", "channels": fields[0].channel_names}, [("f.tif", field_tiff(fields[0]))]
+    )
     _assert_problem(response, 404, "NoSuchLine")
     _nothing_written(settings, client, blobs, jobs)
 
@@ -63,8 +67,9 @@ def test_channel_count_not_matching_the_map_is_422(setup):
     settings, client, api, fields, ds = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
     one_channel = image_to_tiff_bytes(fields[0].image[:1].astype(np.uint16))
-    response = client.post(f"/api/v1/datasets/{ds['id']}/images",
-                           files=[("image", ("one.tif", one_channel, "image/tiff"))])
+    response = client.post(
+        f"/api/v1/datasets/{ds['id']}/images", files=[("image", ("one.tif", one_channel, "image/tiff"))]
+    )
     _assert_problem(response, 422, "1 channel", "maps 2")
     assert len(client.get(f"/api/v1/datasets/{ds['id']}").json()["images"]) == 3
     _nothing_written(settings, client, blobs, jobs)
@@ -74,8 +79,9 @@ def test_corrupt_tiff_is_422_naming_the_file(setup):
     settings, client, api, fields, ds = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
     corrupt = field_tiff(fields[0])[:300]
-    response = client.post(f"/api/v1/datasets/{ds['id']}/images",
-                           files=[("image", ("broken.tif", corrupt, "image/tiff"))])
+    response = client.post(
+        f"/api/v1/datasets/{ds['id']}/images", files=[("image", ("broken.tif", corrupt, "image/tiff"))]
+    )
     body = _assert_problem(response, 422, "broken.tif")
     assert body["type"].endswith("invalid-image")
     _nothing_written(settings, client, blobs, jobs)
@@ -85,9 +91,13 @@ def test_mask_of_the_wrong_size_is_refused_and_the_image_not_stored(setup):
     settings, client, api, fields, ds = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
     new_image = image_to_tiff_bytes((fields[0].image + 1).astype(np.uint16))
-    response = client.post(f"/api/v1/datasets/{ds['id']}/images",
-                           files=[("image", ("new.tif", new_image, "image/tiff")),
-                                  ("nuclei", ("m.tif", labels_to_tiff_bytes(np.zeros((10, 10), np.int32)), "image/tiff"))])
+    response = client.post(
+        f"/api/v1/datasets/{ds['id']}/images",
+        files=[
+            ("image", ("new.tif", new_image, "image/tiff")),
+            ("nuclei", ("m.tif", labels_to_tiff_bytes(np.zeros((10, 10), np.int32)), "image/tiff")),
+        ],
+    )
     _assert_problem(response, 422, "mask")
     _nothing_written(settings, client, blobs, jobs)
 
@@ -96,8 +106,9 @@ def test_oversized_upload_is_413(setup):
     settings, client, api, fields, ds = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
     big = np.random.default_rng(0).integers(0, 65535, size=(2, 400, 400), dtype=np.uint16)
-    response = client.post(f"/api/v1/datasets/{ds['id']}/images",
-                           files=[("image", ("big.tif", image_to_tiff_bytes(big), "image/tiff"))])
+    response = client.post(
+        f"/api/v1/datasets/{ds['id']}/images", files=[("image", ("big.tif", image_to_tiff_bytes(big), "image/tiff"))]
+    )
     _assert_problem(response, 413)
     _nothing_written(settings, client, blobs, jobs)
 
@@ -106,8 +117,11 @@ def test_missing_model_for_a_requested_channel_is_422(setup):
     settings, client, api, fields, _ = setup
     blobs, jobs = _blob_files(settings), client.get("/api/v1/jobs").json()["total"]
     channels = fields[0].channel_names
-    response = _segment(client, {"cell_line": CELL_LINE, "channels": channels, "objects": ["nuclei"]},
-                        [("f.tif", field_tiff(fields[0]))])
+    response = _segment(
+        client,
+        {"cell_line": CELL_LINE, "channels": channels, "objects": ["nuclei"]},
+        [("f.tif", field_tiff(fields[0]))],
+    )
     body = _assert_problem(response, 422, "no nuclei model", channels[0])
     assert body["missing"] == channels
     _nothing_written(settings, client, blobs, jobs)
@@ -115,25 +129,34 @@ def test_missing_model_for_a_requested_channel_is_422(setup):
 
 def test_unknown_channel_in_use_channels_is_422(setup):
     settings, client, api, fields, _ = setup
-    response = _segment(client, {"cell_line": CELL_LINE, "channels": fields[0].channel_names,
-                                 "use_channels": ["GFP-nope"]}, [("f.tif", field_tiff(fields[0]))])
+    response = _segment(
+        client,
+        {"cell_line": CELL_LINE, "channels": fields[0].channel_names, "use_channels": ["GFP-nope"]},
+        [("f.tif", field_tiff(fields[0]))],
+    )
     _assert_problem(response, 422, "GFP-nope")
 
 
 def test_malformed_segment_request_json_is_422(setup):
     settings, client, api, fields, _ = setup
-    response = client.post("/api/v1/jobs/segment", data={"request": "{not json"},
-                           files=[("files", ("f.tif", field_tiff(fields[0]), "image/tiff"))])
+    response = client.post(
+        "/api/v1/jobs/segment",
+        data={"request": "{not json"},
+        files=[("files", ("f.tif", field_tiff(fields[0]), "image/tiff"))],
+    )
     _assert_problem(response, 422)
 
 
 def test_finetune_on_unknown_reporter_and_unknown_base(setup):
     settings, client, api, fields, ds = setup
-    response = client.post("/api/v1/jobs/finetune", json={"dataset_id": ds["id"], "reporter": "nope",
-                                                          "object": "nuclei"})
+    response = client.post(
+        "/api/v1/jobs/finetune", json={"dataset_id": ds["id"], "reporter": "nope", "object": "nuclei"}
+    )
     _assert_problem(response, 422, "nope")
-    response = client.post("/api/v1/jobs/finetune", json={"dataset_id": ds["id"], "object": "nuclei",
-                                                          "reporter": fields[0].channel_names[0], "base": "ghost"})
+    response = client.post(
+        "/api/v1/jobs/finetune",
+        json={"dataset_id": ds["id"], "object": "nuclei", "reporter": fields[0].channel_names[0], "base": "ghost"},
+    )
     _assert_problem(response, 404, "ghost")
     response = client.post("/api/v1/jobs/finetune", json={"dataset_id": 999, "object": "nuclei", "reporter": "x"})
     _assert_problem(response, 404, "999")

@@ -48,7 +48,7 @@ def test_compose_commands_exist_in_the_cli():
 def test_compose_environment_names_real_settings():
     fields = {f"CELLFUSE_{name.upper()}" for name in Settings.model_fields}
     for service in _compose()["services"].values():
-        for key in (service.get("environment") or {}):
+        for key in service.get("environment") or {}:
             if key.startswith("CELLFUSE_"):
                 assert key in fields, key
 
@@ -120,8 +120,9 @@ def test_worker_health_reports_a_fresh_worker_on_this_host_only(tmp_path, monkey
         assert runner.invoke(cli, ["worker-health"]).exit_code == 1  # no worker at all
         host = socket.gethostname()
         with session_factory(url)() as session:
-            session.add(WorkerHeartbeat(name=f"{host}:1", queues=["gpu"], info={},
-                                        last_seen=utcnow() - timedelta(seconds=300)))
+            session.add(
+                WorkerHeartbeat(name=f"{host}:1", queues=["gpu"], info={}, last_seen=utcnow() - timedelta(seconds=300))
+            )
             session.add(WorkerHeartbeat(name=f"other-{host}:2", queues=["gpu"], info={}, last_seen=utcnow()))
             session.commit()
         stale = runner.invoke(cli, ["worker-health", "--max-age", "60"])

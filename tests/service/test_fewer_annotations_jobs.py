@@ -29,8 +29,18 @@ def test_pretrain_isl_then_self_train_over_http(embedded_settings, worker_factor
     ds = upload_dataset(api, fields)
 
     # ISL: cyto -> nuclear stain, no masks read; the result is a base model with its card.
-    job = api.run("pretrain-isl", {"dataset_id": ds["id"], "source_channels": ["cyto"], "target_channel": "nuclear",
-                                   "name": "isl-tiny", "init_base": tiny, "params": TINY_ISL}, timeout=300)
+    job = api.run(
+        "pretrain-isl",
+        {
+            "dataset_id": ds["id"],
+            "source_channels": ["cyto"],
+            "target_channel": "nuclear",
+            "name": "isl-tiny",
+            "init_base": tiny,
+            "params": TINY_ISL,
+        },
+        timeout=300,
+    )
     assert job["summary"]["training_curve"] and job["summary"]["name"] == "isl-tiny"
     bases = {b["name"]: b for b in api.get("/api/v1/base-models")}
     card = bases["isl-tiny"]["card"]
@@ -40,18 +50,41 @@ def test_pretrain_isl_then_self_train_over_http(embedded_settings, worker_factor
     assert card["data"]["source_channels"] == ["cyto"] and card["data"]["target_channel"] == "nuclear"
     assert any(r["name"] == "model/card.json" for r in job["results"])
     # The same name again is a conflict; a fine-tune accepts the ISL model as its base.
-    again = _problem(lambda: api.submit("pretrain-isl", {"dataset_id": ds["id"], "source_channels": ["cyto"],
-                                                         "target_channel": "nuclear", "name": "isl-tiny"}))
+    again = _problem(
+        lambda: api.submit(
+            "pretrain-isl",
+            {"dataset_id": ds["id"], "source_channels": ["cyto"], "target_channel": "nuclear", "name": "isl-tiny"},
+        )
+    )
     assert again.status == 409
-    tuned = api.run("finetune", {"dataset_id": ds["id"], "reporter": "cyto", "object": "nuclei", "base": "isl-tiny",
-                                 "params": {**TINY_TRAINING, "n_train": 4, "n_val": 1, "n_test": 1}}, timeout=300)
+    tuned = api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": "cyto",
+            "object": "nuclei",
+            "base": "isl-tiny",
+            "params": {**TINY_TRAINING, "n_train": 4, "n_val": 1, "n_test": 1},
+        },
+        timeout=300,
+    )
     version = api.get(f"/api/v1/models/{tuned['summary']['model_version_id']}")
     assert version["base_model"] == "isl-tiny" and version["pseudo_labelled"] is False
 
     # Self-training: markers from the nuclear stain, a cyto-reporter nuclei model with zero annotations.
-    job = api.run("self-train", {"dataset_id": ds["id"], "reporter": "cyto", "object": "nuclei",
-                                 "marker_channel": "nuclear", "base": tiny,
-                                 "self_train": {"epochs": 3}, "params": TINY_TRAINING}, timeout=300)
+    job = api.run(
+        "self-train",
+        {
+            "dataset_id": ds["id"],
+            "reporter": "cyto",
+            "object": "nuclei",
+            "marker_channel": "nuclear",
+            "base": tiny,
+            "self_train": {"epochs": 3},
+            "params": TINY_TRAINING,
+        },
+        timeout=300,
+    )
     summary = job["summary"]
     assert summary["pseudo_labelled"] is True and sum(summary["objects_per_image"]) > 0
     pseudo = [r for r in job["results"] if r["kind"] == "pseudo_labels"]
@@ -67,13 +100,24 @@ def test_pretrain_isl_then_self_train_over_http(embedded_settings, worker_factor
     # Refusals before any job exists.
     body = {"dataset_id": ds["id"], "reporter": "cyto", "object": "nuclei"}
     assert _problem(lambda: api.submit("self-train", body)).status == 422  # no marker source
-    assert _problem(lambda: api.submit("self-train", {**body, "marker_channel": "nuclear",
-                                                      "marker_isl_model": "isl-tiny"})).status == 422
+    assert (
+        _problem(
+            lambda: api.submit("self-train", {**body, "marker_channel": "nuclear", "marker_isl_model": "isl-tiny"})
+        ).status
+        == 422
+    )
     not_isl = _problem(lambda: api.submit("self-train", {**body, "marker_isl_model": tiny}))
     assert not_isl.status == 422 and "not an ISL model" in not_isl.problem["detail"]
     assert _problem(lambda: api.submit("self-train", {**body, "marker_channel": "dapi"})).status == 422
-    assert _problem(lambda: api.submit("pretrain-isl", {"dataset_id": ds["id"], "source_channels": ["nuclear"],
-                                                        "target_channel": "nuclear", "name": "x"})).status == 422
+    assert (
+        _problem(
+            lambda: api.submit(
+                "pretrain-isl",
+                {"dataset_id": ds["id"], "source_channels": ["nuclear"], "target_channel": "nuclear", "name": "x"},
+            )
+        ).status
+        == 422
+    )
 
 
 @pytest.mark.slow
@@ -83,9 +127,17 @@ def test_pretrain_isl_can_be_cancelled_between_epochs(embedded_settings, worker_
     api = CellFuseClient(client)
     tiny = register_tiny_base(api)
     ds = upload_dataset(api, small_plate(4, size=96))
-    job = api.submit("pretrain-isl", {"dataset_id": ds["id"], "source_channels": ["cyto"],
-                                      "target_channel": "nuclear", "name": "isl-cancelled", "init_base": tiny,
-                                      "params": {**TINY_ISL, "max_epochs": 2000, "patience": 1000}})
+    job = api.submit(
+        "pretrain-isl",
+        {
+            "dataset_id": ds["id"],
+            "source_channels": ["cyto"],
+            "target_channel": "nuclear",
+            "name": "isl-cancelled",
+            "init_base": tiny,
+            "params": {**TINY_ISL, "max_epochs": 2000, "patience": 1000},
+        },
+    )
     deadline_job = wait_for_job(client, job["id"], statuses=("running",), timeout=120)
     assert deadline_job["status"] == "running"
     for _ in range(240):  # wait until an epoch has been reported

@@ -8,8 +8,9 @@ from tests.service.conftest import REPO_ROOT
 
 def _modules_after(import_stmt: str) -> set[str]:
     code = f"import sys; {import_stmt}; print('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
     return {line.split(".")[0] for line in out.stdout.split()}
 
 
@@ -24,8 +25,9 @@ def test_science_core_imports_no_framework_and_nothing_else_from_app():
     modules = sorted(p.stem for p in (REPO_ROOT / "app" / "science").glob("*.py") if p.stem != "__init__")
     stmt = "; ".join(f"import app.science.{m}" for m in modules)
     code = f"import sys; {stmt}; print('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True, timeout=180).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=180
+    ).stdout.split()
     assert {"numpy", "torch", "cellpose"} <= {name.split(".")[0] for name in out}
     for framework in ("fastapi", "celery", "sqlalchemy", "starlette", "kombu", "pydantic_settings"):
         assert framework not in {name.split(".")[0] for name in out}, framework
@@ -36,6 +38,8 @@ def test_science_core_imports_no_framework_and_nothing_else_from_app():
 
 def test_light_science_modules_do_not_import_torch():
     """The API validates uploads and writes exports with these: they must stay torch-free."""
-    loaded = _modules_after("import app.science.imageio, app.science.metrics, app.science.synthetic, "
-                            "app.science.exports, app.science.flow_fusion")
+    loaded = _modules_after(
+        "import app.science.imageio, app.science.metrics, app.science.synthetic, "
+        "app.science.exports, app.science.flow_fusion"
+    )
     assert "numpy" in loaded and "torch" not in loaded and "cellpose" not in loaded

@@ -28,7 +28,6 @@ from workers.pipelines.common import evaluation_set_identity
 from workers.runner import run_job
 
 
-
 def _tiff(array: np.ndarray, **kwargs) -> bytes:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, array, **kwargs)
@@ -39,7 +38,9 @@ def _tiff(array: np.ndarray, **kwargs) -> bytes:
 
 
 def test_fields_zero_and_one_of_a_well_get_distinct_names():
-    req = SegmentRequest(cell_line="x", channels=["a"], fields=[{"well": "A06", "field": 0}, {"well": "A06", "field": 1}])
+    req = SegmentRequest(
+        cell_line="x", channels=["a"], fields=[{"well": "A06", "field": 0}, {"well": "A06", "field": 1}]
+    )
     assert _uploaded_field_names(req, 2) == ["A06-0", "A06-1"]
 
 
@@ -52,10 +53,17 @@ def test_a_plate_naming_one_field_twice_is_refused_before_anything_is_stored(emb
     client, _ = make_client(embedded_settings)
     client.post("/api/v1/cell-lines", json={"name": "HeLa"})
     client.post("/api/v1/reporters", json={"name": "GFP"})
-    request = {"cell_line": "HeLa", "channels": ["GFP"], "fields": [{"well": "B2", "field": 1}, {"well": "B2", "field": 1}]}
+    request = {
+        "cell_line": "HeLa",
+        "channels": ["GFP"],
+        "fields": [{"well": "B2", "field": 1}, {"well": "B2", "field": 1}],
+    }
     tiff = _tiff(np.zeros((32, 32), np.uint16))
-    response = client.post("/api/v1/jobs/segment", data={"request": SegmentRequest(**request).model_dump_json()},
-                           files=[("files", ("a.tif", tiff, "image/tiff")), ("files", ("b.tif", tiff, "image/tiff"))])
+    response = client.post(
+        "/api/v1/jobs/segment",
+        data={"request": SegmentRequest(**request).model_dump_json()},
+        files=[("files", ("a.tif", tiff, "image/tiff")), ("files", ("b.tif", tiff, "image/tiff"))],
+    )
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["type"].endswith("duplicate-fields") and "B2" in body["detail"], body
@@ -63,7 +71,9 @@ def test_a_plate_naming_one_field_twice_is_refused_before_anything_is_stored(emb
 
 
 def test_sanitised_names_that_clash_are_refused():
-    req = SegmentRequest(cell_line="x", channels=["a"], fields=[{"well": "A 1", "field": 1}, {"well": "A_1", "field": 1}])
+    req = SegmentRequest(
+        cell_line="x", channels=["a"], fields=[{"well": "A 1", "field": 1}, {"well": "A_1", "field": 1}]
+    )
     from app.api.errors import Problem
 
     with pytest.raises(Problem) as caught:
@@ -79,8 +89,11 @@ def test_a_misspelt_alias_is_a_422_not_the_latest_models(embedded_settings):
     client.post("/api/v1/cell-lines", json={"name": "HeLa"})
     client.post("/api/v1/reporters", json={"name": "GFP"})
     request = SegmentRequest(cell_line="HeLa", channels=["GFP"], alias="prodution")
-    response = client.post("/api/v1/jobs/segment", data={"request": request.model_dump_json()},
-                           files=[("files", ("a.tif", _tiff(np.zeros((32, 32), np.uint16)), "image/tiff"))])
+    response = client.post(
+        "/api/v1/jobs/segment",
+        data={"request": request.model_dump_json()},
+        files=[("files", ("a.tif", _tiff(np.zeros((32, 32), np.uint16)), "image/tiff"))],
+    )
     assert response.status_code == 422, response.text
     assert response.json()["type"].endswith("unknown-alias")
     assert "prodution" in response.json()["detail"]
@@ -139,14 +152,20 @@ def test_a_fine_tune_that_loses_the_version_number_race_takes_the_next(embedded_
         line, reporter = CellLine(name="L"), Reporter(name="R")
         session.add_all([line, reporter])
         session.commit()
-        session.add(ModelVersion(cell_line_id=line.id, reporter_id=reporter.id, object="nuclei", version=1,
-                                 status="training"))
+        session.add(
+            ModelVersion(cell_line_id=line.id, reporter_id=reporter.id, object="nuclei", version=1, status="training")
+        )
         session.commit()
         stale = iter([1])  # the first read happened before the other fine-tune committed version 1
         real = zoo.next_version_number
         monkeypatch.setattr(zoo, "next_version_number", lambda *a: next(stale, None) or real(*a))
-        version = finetune._create_version(SimpleNamespace(session=session), cell_line_id=line.id,
-                                           reporter_id=reporter.id, object="nuclei", status="training")
+        version = finetune._create_version(
+            SimpleNamespace(session=session),
+            cell_line_id=line.id,
+            reporter_id=reporter.id,
+            object="nuclei",
+            status="training",
+        )
         assert version.version == 2
 
 
@@ -220,8 +239,9 @@ def test_a_deleted_reporter_fails_the_fine_tune_with_a_clear_reason(embedded_set
     with session_factory(embedded_settings.resolved_database_url)() as session:
         session.delete(session.scalar(select(Reporter).where(Reporter.name == reporter)))
         session.commit()
-    params = FinetuneJob(dataset_id=ds["id"], reporter=reporter, object="nuclei", base="cellfuse-base",
-                         cell_line=ds["cell_line"]).model_dump(mode="json")
+    params = FinetuneJob(
+        dataset_id=ds["id"], reporter=reporter, object="nuclei", base="cellfuse-base", cell_line=ds["cell_line"]
+    ).model_dump(mode="json")
     job_id = _queued_job(embedded_settings, "finetune", params)
     assert run_job(job_id, pipeline_for("finetune"), embedded_settings, worker="w1") == "failed"
     with session_factory(embedded_settings.resolved_database_url)() as session:

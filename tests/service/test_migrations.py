@@ -6,9 +6,22 @@ from sqlalchemy import inspect
 from app.db import Base, make_engine
 from app.migrations import current_revision, downgrade, upgrade
 
-CORE_TABLES = {"cell_lines", "reporters", "datasets", "dataset_images", "base_models", "model_versions",
-               "model_aliases", "alias_moves", "channel_sets", "jobs", "job_results", "api_keys",
-               "worker_heartbeats", "evaluations"}
+CORE_TABLES = {
+    "cell_lines",
+    "reporters",
+    "datasets",
+    "dataset_images",
+    "base_models",
+    "model_versions",
+    "model_aliases",
+    "alias_moves",
+    "channel_sets",
+    "jobs",
+    "job_results",
+    "api_keys",
+    "worker_heartbeats",
+    "evaluations",
+}
 
 
 def _tables(url: str) -> set[str]:

@@ -52,8 +52,17 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
     channels = fields[0].channel_names
     ds = upload_dataset(api, fields, splits=["train", "train", "train", "train", "val", "test", "test", "val"])
 
-    job = api.run("finetune", {"dataset_id": ds["id"], "reporter": channels[0], "object": "nuclei", "base": base,
-                               "params": {**TINY_TRAINING, "preprocessing": RECIPE}}, timeout=300)
+    job = api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": channels[0],
+            "object": "nuclei",
+            "base": base,
+            "params": {**TINY_TRAINING, "preprocessing": RECIPE},
+        },
+        timeout=300,
+    )
     assert job["status"] == "succeeded", job
     version = api.get(f"/api/v1/models/{job['summary']['model_version_id']}")
     recorded = version["card"]["data"]["preprocessing"]
@@ -64,17 +73,26 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
     assert training_profile["source"] == "estimated" and training_profile["dataset_id"] == ds["id"]
     assert training_profile["channels"] == [channels[0]] and training_profile["inputs"]["fields"] == 8
     # The estimated flat-field follows the shading: darker corners than centre.
-    flat_min, flat_max = training_profile["summary"]["flatfield_min"][0], training_profile["summary"]["flatfield_max"][0]
+    flat_min, flat_max = (
+        training_profile["summary"]["flatfield_min"][0],
+        training_profile["summary"]["flatfield_max"][0],
+    )
     assert flat_max / flat_min > 1.5
     preview = client.get(f"/api/v1/illumination-profiles/{training_profile['id']}/preview.png")
     assert preview.status_code == 200 and preview.content[:4] == b"\x89PNG"
 
     # A new, dimmer plate: the request names no preprocessing; the model's recipe is applied.
     plate = shaded(small_plate(6, seed=11), gain=0.5)
-    request = {"cell_line": CELL_LINE, "channels": channels, "objects": ["nuclei"], "use_channels": [channels[0]],
-               "fields": [{"well": "C01", "field": i} for i in range(6)]}
-    job = api.wait(api.submit_segment(request, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate)])["id"],
-                   timeout=300)
+    request = {
+        "cell_line": CELL_LINE,
+        "channels": channels,
+        "objects": ["nuclei"],
+        "use_channels": [channels[0]],
+        "fields": [{"well": "C01", "field": i} for i in range(6)],
+    }
+    job = api.wait(
+        api.submit_segment(request, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate)])["id"], timeout=300
+    )
     assert job["status"] == "succeeded", job
     used = _provenance(api, job)["preprocessing"]["nuclei"][channels[0]]
     assert used["recipe_source"] == "model card" and used["recipe"] == recorded["recipe"]
@@ -85,8 +103,9 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
 
     # Two fields cannot carry a profile of their own: the model's training profile is used.
     small = {**request, "fields": request["fields"][:2]}
-    job = api.wait(api.submit_segment(small, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])["id"],
-                   timeout=300)
+    job = api.wait(
+        api.submit_segment(small, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])["id"], timeout=300
+    )
     assert job["status"] == "succeeded", job
     used = _provenance(api, job)["preprocessing"]["nuclei"][channels[0]]
     assert used["illumination_profile"]["id"] == training_profile["id"]
@@ -94,8 +113,9 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
 
     # An override is recorded as such.
     override = {**small, "params": {"preprocessing": {"normalization": "per-image"}}}
-    job = api.wait(api.submit_segment(override, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])["id"],
-                   timeout=300)
+    job = api.wait(
+        api.submit_segment(override, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])["id"], timeout=300
+    )
     provenance = _provenance(api, job)
     assert provenance["preprocessing_override"] is True
     assert provenance["preprocessing"]["nuclei"][channels[0]]["recipe_source"] == "request"
@@ -107,21 +127,29 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
         api.submit_segment(too_small, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])
     assert refused.value.status == 422 and refused.value.problem["type"].endswith("plate-too-small-for-profile")
 
-    wrong_size = client.post("/api/v1/illumination-profiles", data={"name": "slide", "channels": channels[0]},
-                             files={"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones((64, 64), np.float32)),
-                                                  "image/tiff")})
+    wrong_size = client.post(
+        "/api/v1/illumination-profiles",
+        data={"name": "slide", "channels": channels[0]},
+        files={"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones((64, 64), np.float32)), "image/tiff")},
+    )
     assert wrong_size.status_code == 201, wrong_size.text
-    profile_request = {**small, "params": {"preprocessing": {"illumination": "profile",
-                                                             "profile_id": wrong_size.json()["id"]}}}
+    profile_request = {
+        **small,
+        "params": {"preprocessing": {"illumination": "profile", "profile_id": wrong_size.json()["id"]}},
+    }
     with pytest.raises(ApiError) as refused:
         api.submit_segment(profile_request, [(f"f{i}.tif", _tiff(f)) for i, f in enumerate(plate[:2])])
     assert refused.value.status == 422 and refused.value.problem["type"].endswith("profile-shape-mismatch")
 
-    mismatch = client.post("/api/v1/illumination-profiles", data={"name": "slide", "channels": "a,b"},
-                           files={"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones((64, 64), np.float32)),
-                                                "image/tiff")})
+    mismatch = client.post(
+        "/api/v1/illumination-profiles",
+        data={"name": "slide", "channels": "a,b"},
+        files={"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones((64, 64), np.float32)), "image/tiff")},
+    )
     assert mismatch.status_code == 422 and mismatch.json()["type"].endswith("profile-channel-mismatch")
-    negative = client.post("/api/v1/illumination-profiles", data={"name": "slide", "channels": "a"},
-                           files={"flatfield": ("flat.tif", image_to_tiff_bytes(-np.ones((64, 64), np.float32)),
-                                                "image/tiff")})
+    negative = client.post(
+        "/api/v1/illumination-profiles",
+        data={"name": "slide", "channels": "a"},
+        files={"flatfield": ("flat.tif", image_to_tiff_bytes(-np.ones((64, 64), np.float32)), "image/tiff")},
+    )
     assert negative.status_code == 422 and negative.json()["type"].endswith("invalid-profile")

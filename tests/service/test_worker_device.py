@@ -69,8 +69,14 @@ def test_prefork_parent_never_touches_cuda_and_pool_processes_resolve_the_device
     probe_log = tmp_path / "cuda-calls.jsonl"
     env = {**settings_env(embedded_settings), "CUDA_PROBE_LOG": str(probe_log), "CELLFUSE_DEVICE": "auto"}
     out = (tmp_path / "worker.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", PROBED_WORKER], cwd=REPO_ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBED_WORKER],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     factory = session_factory(embedded_settings.resolved_database_url)
     try:
         deadline = time.monotonic() + 120
@@ -101,8 +107,14 @@ def test_prefork_parent_never_touches_cuda_and_pool_processes_resolve_the_device
 def test_one_worker_process_per_gpu_each_with_its_own_device(embedded_settings, tmp_path):
     env = {**settings_env(embedded_settings), "CELLFUSE_WORKER_CONCURRENCY": "1"}
     out = (tmp_path / "group.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--gpus", "cpu,cpu"], cwd=REPO_ROOT, env=env,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--gpus", "cpu,cpu"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     factory = session_factory(embedded_settings.resolved_database_url)
     try:
         rows: list[WorkerHeartbeat] = []

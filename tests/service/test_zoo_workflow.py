@@ -28,8 +28,17 @@ SPLITS = ["train", "train", "train", "train", "val", "test", "test", "val"]
 
 
 def _finetune(api: CellFuseClient, ds: dict, reporter: str, obj: str, base: str, seed: int = 0) -> dict:
-    job = api.run("finetune", {"dataset_id": ds["id"], "reporter": reporter, "object": obj, "base": base,
-                               "params": {**TINY_TRAINING, "seed": seed}}, timeout=300)
+    job = api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": reporter,
+            "object": obj,
+            "base": base,
+            "params": {**TINY_TRAINING, "seed": seed},
+        },
+        timeout=300,
+    )
     assert job["summary"]["training_curve"], job
     return api.get(f"/api/v1/models/{job['summary']['model_version_id']}")
 
@@ -77,10 +86,16 @@ def run_workflow(settings, worker_factory) -> None:
 
     # Segment a plate of two uploaded fields, with Flow Fusion and with STAPLE.
     plate = small_plate(2, seed=99)
-    request = {"cell_line": CELL_LINE, "channels": channels, "use_channels": channels,
-               "fields": [{"well": "B03", "field": 1}, {"well": "B03", "field": 2}]}
+    request = {
+        "cell_line": CELL_LINE,
+        "channels": channels,
+        "use_channels": channels,
+        "fields": [{"well": "B03", "field": 1}, {"well": "B03", "field": 2}],
+    }
     for method in ("flow_fusion", "staple"):
-        job = api.submit_segment({**request, "method": method}, [(f"f{i}.tif", field_tiff(f)) for i, f in enumerate(plate)])
+        job = api.submit_segment(
+            {**request, "method": method}, [(f"f{i}.tif", field_tiff(f)) for i, f in enumerate(plate)]
+        )
         job = api.wait(job["id"], timeout=300)
         assert job["status"] == "succeeded", job
         assert job["summary"]["fields_done"] == 2 and job["summary"]["fields_failed"] == 0
@@ -107,23 +122,29 @@ def run_workflow(settings, worker_factory) -> None:
     local = settings.resolved_data_dir.parent / "local-fields"
     local.mkdir(exist_ok=True)
     (local / "B04-1.tif").write_bytes(field_tiff(plate[0]))
-    job, written = segment_files(api, [local / "B04-1.tif"], {**request, "fields": [{"well": "B04", "field": 1}]},
-                                 local / "out")
+    job, written = segment_files(
+        api, [local / "B04-1.tif"], {**request, "fields": [{"well": "B04", "field": 1}]}, local / "out"
+    )
     assert {p.relative_to(local / "out" / job["id"]).as_posix() for p in written} == {r["name"] for r in job["results"]}
-    assert np.array_equal(tiff_to_array((local / "out" / job["id"] / "B04-1" / "nuclei.tif").read_bytes()),
-                          tiff_to_array(api.download(next(r["url"] for r in job["results"]
-                                                          if r["name"] == "B04-1/nuclei.tif"))))
+    assert np.array_equal(
+        tiff_to_array((local / "out" / job["id"] / "B04-1" / "nuclei.tif").read_bytes()),
+        tiff_to_array(api.download(next(r["url"] for r in job["results"] if r["name"] == "B04-1/nuclei.tif"))),
+    )
 
     # Segmenting a dataset gives metrics against its masks; evaluations are stored.
     # (with per-image diameters from the size models)
-    job = api.run("segment-dataset", {"dataset_id": ds["id"], "split": "test", "use_channels": channels,
-                                      "params": {"estimate_diameter": True}})
+    job = api.run(
+        "segment-dataset",
+        {"dataset_id": ds["id"], "split": "test", "use_channels": channels, "params": {"estimate_diameter": True}},
+    )
     assert set(job["summary"]["metrics"]) == {"nuclei", "cells"}
     assert first["card"]["size_model"]["n_train"] == 4
     evaluation = api.run("evaluate", {"dataset_id": ds["id"], "split": "test", "model_version_id": first["id"]})
     assert 0.0 <= evaluation["summary"]["metrics"]["f1"] <= 1.0
-    fused = api.run("evaluate", {"dataset_id": ds["id"], "split": "test", "object": "nuclei",
-                                 "use_channels": channels, "method": "voting"})
+    fused = api.run(
+        "evaluate",
+        {"dataset_id": ds["id"], "split": "test", "object": "nuclei", "use_channels": channels, "method": "voting"},
+    )
     assert fused["summary"]["fusion"]["method"] == "voting"
     metrics_url = next(r["url"] for r in fused["results"] if r["name"] == "metrics.json")
     assert json.loads(api.download(metrics_url))["metrics"] == fused["summary"]["metrics"]

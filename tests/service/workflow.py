@@ -27,8 +27,11 @@ def tiny_base_weights(seed: int = 0) -> bytes:
 
 
 def register_tiny_base(client: CellFuseClient, name: str = "tiny-random") -> str:
-    response = client.http.post("/api/v1/base-models", data={"name": name, "diam_mean": "30"},
-                                files={"weights": ("tiny.safetensors", tiny_base_weights(), "application/octet-stream")})
+    response = client.http.post(
+        "/api/v1/base-models",
+        data={"name": name, "diam_mean": "30"},
+        files={"weights": ("tiny.safetensors", tiny_base_weights(), "application/octet-stream")},
+    )
     assert response.status_code == 201, response.text
     return name
 
@@ -44,9 +47,15 @@ def upload_dataset(client: CellFuseClient, fields, *, name: str = "plate-1", spl
         client.ensure_reporter(reporter, localisation=reporter)
     ds = client.create_dataset(name, CELL_LINE, channels, acquisition={"objective": "20x"})
     for i, f in enumerate(fields):
-        client.add_image(ds["id"], image_to_tiff_bytes(f.image.astype(np.uint16), channels),
-                         nuclei_tiff=labels_to_tiff_bytes(f.nuclei), cells_tiff=labels_to_tiff_bytes(f.cells),
-                         well=f.well, field=f.field, split=splits[i] if splits else None)
+        client.add_image(
+            ds["id"],
+            image_to_tiff_bytes(f.image.astype(np.uint16), channels),
+            nuclei_tiff=labels_to_tiff_bytes(f.nuclei),
+            cells_tiff=labels_to_tiff_bytes(f.cells),
+            well=f.well,
+            field=f.field,
+            split=splits[i] if splits else None,
+        )
     return client.get(f"/api/v1/datasets/{ds['id']}")
 
 

@@ -68,8 +68,9 @@ class LabelledImage:
     digest: str
 
 
-def load_labelled(ctx: JobContext, rows: list[DatasetImage], obj: str,
-                  on_image: Callable[[int], None] | None = None) -> list[LabelledImage]:
+def load_labelled(
+    ctx: JobContext, rows: list[DatasetImage], obj: str, on_image: Callable[[int], None] | None = None
+) -> list[LabelledImage]:
     from app.science.imageio import content_digest
 
     out = []
@@ -117,8 +118,9 @@ def load_weights(ctx: JobContext, sha256: str, card: dict[str, Any], source: str
     cellpose_file = source == "cellpose" or card.get("format") == "cellpose-state-dict"
     # A Cellpose file's diam_mean comes from its card, so the card's value is part of what is cached.
     key = f"{sha256}:diam_mean={float(card.get('diam_mean', 30.0))}" if cellpose_file else sha256
-    return compute.cache.get_or_load(key, compute.device,
-                                     lambda: _load_weights_now(ctx, sha256, card, cellpose_file, compute.device))
+    return compute.cache.get_or_load(
+        key, compute.device, lambda: _load_weights_now(ctx, sha256, card, cellpose_file, compute.device)
+    )
 
 
 def _load_weights_now(ctx: JobContext, sha256: str, card: dict[str, Any], cellpose_file: bool, device) -> Any:
@@ -126,25 +128,35 @@ def _load_weights_now(ctx: JobContext, sha256: str, card: dict[str, Any], cellpo
 
     path = ctx.blobs.path_for(sha256)
     if not path.is_file():
-        raise JobFailed(f"the weights of {card.get('name', 'the model')} ({sha256[:12]}…) are not in the "
-                        "data directory")
+        raise JobFailed(
+            f"the weights of {card.get('name', 'the model')} ({sha256[:12]}…) are not in the data directory"
+        )
     if cellpose_file:
         if weights.file_sha256(path) != sha256:
             raise JobFailed(f"the weights of {card.get('name')} do not match their sha256")
         net = weights.import_cellpose_file(path, device=device)
         net.diam_mean.data[:] = float(card.get("diam_mean", 30.0))
         return net
-    net, _card = weights.load_model(path, card=weights.ModelCard.from_dict(_card_for_loading(card)),
-                                    expected_sha256=sha256, device=device)
+    net, _card = weights.load_model(
+        path, card=weights.ModelCard.from_dict(_card_for_loading(card)), expected_sha256=sha256, device=device
+    )
     return net
 
 
 def _card_for_loading(card: dict[str, Any]) -> dict[str, Any]:
     if "architecture" in card:
         return card
-    return {**card, "name": card.get("name", "upload"), "version": card.get("version", "upload"),
-            "architecture": {"type": "cellpose-cpnet", "widths": card.get("widths", [32, 64, 128, 256]),
-                             "nchan": 2, "nout": 3}}
+    return {
+        **card,
+        "name": card.get("name", "upload"),
+        "version": card.get("version", "upload"),
+        "architecture": {
+            "type": "cellpose-cpnet",
+            "widths": card.get("widths", [32, 64, 128, 256]),
+            "nchan": 2,
+            "nout": 3,
+        },
+    }
 
 
 def model_version(ctx: JobContext, version_id: int) -> ModelVersion:
@@ -162,10 +174,13 @@ def load_version(ctx: JobContext, version_id: int, cache: dict[int, LoadedModel]
         version = model_version(ctx, version_id)
         net = load_weights(ctx, version.weights_sha256, version.card or {}, "zoo")
         reporter = version.reporter.name if version.reporter is not None else "deleted reporter"
-        cache[version_id] = LoadedModel(net=net, diameter=float(version.diameter or 30.0),
-                                        diam_mean=float(net.diam_mean.item()),
-                                        name=f"{reporter}/{version.object}/v{version.version}",
-                                        weights_sha256=version.weights_sha256)
+        cache[version_id] = LoadedModel(
+            net=net,
+            diameter=float(version.diameter or 30.0),
+            diam_mean=float(net.diam_mean.item()),
+            name=f"{reporter}/{version.object}/v{version.version}",
+            weights_sha256=version.weights_sha256,
+        )
     return cache[version_id]
 
 
@@ -193,14 +208,29 @@ def inference_options(ctx: JobContext) -> dict[str, Any]:
 # --- evaluations --------------------------------------------------------------------------------
 
 
-def record_evaluation(ctx: JobContext, dataset_id: int, split: str, metrics: dict[str, Any],
-                      test_set: str, *, model_version_id: int | None = None,
-                      fusion: dict[str, Any] | None = None) -> None:
-    row = ctx.session.scalar(select(Evaluation).where(Evaluation.job_id == ctx.job_id,
-                                                      Evaluation.model_version_id == model_version_id))
+def record_evaluation(
+    ctx: JobContext,
+    dataset_id: int,
+    split: str,
+    metrics: dict[str, Any],
+    test_set: str,
+    *,
+    model_version_id: int | None = None,
+    fusion: dict[str, Any] | None = None,
+) -> None:
+    row = ctx.session.scalar(
+        select(Evaluation).where(Evaluation.job_id == ctx.job_id, Evaluation.model_version_id == model_version_id)
+    )
     if row is None:
-        row = Evaluation(job_id=ctx.job_id, model_version_id=model_version_id, dataset_id=dataset_id, split=split,
-                         test_set_sha256=test_set, metrics=metrics, fusion=fusion)
+        row = Evaluation(
+            job_id=ctx.job_id,
+            model_version_id=model_version_id,
+            dataset_id=dataset_id,
+            split=split,
+            test_set_sha256=test_set,
+            metrics=metrics,
+            fusion=fusion,
+        )
         ctx.session.add(row)
     else:
         row.metrics, row.fusion, row.test_set_sha256 = metrics, fusion, test_set
@@ -216,15 +246,24 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedMod
     models = []
     for name in plan.channels:
         loaded = load_version(ctx, plan.models[name], cache)
-        models.append(ChannelModel(net=loaded.net, diameter=loaded.diameter, diam_mean=loaded.diam_mean,
-                                   name=name))
+        models.append(ChannelModel(net=loaded.net, diameter=loaded.diameter, diam_mean=loaded.diam_mean, name=name))
     return models
 
 
-def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan, method: str,
-                   seg: SegmentParams, cache: dict[int, LoadedModel], used: dict | None = None, *,
-                   obj: str | None = None, prep: PlatePreprocessing | None = None,
-                   styles_out: dict[str, list[float]] | None = None) -> np.ndarray:
+def segment_object(
+    ctx: JobContext,
+    image,
+    channels: list[str],
+    plan: ObjectPlan,
+    method: str,
+    seg: SegmentParams,
+    cache: dict[int, LoadedModel],
+    used: dict | None = None,
+    *,
+    obj: str | None = None,
+    prep: PlatePreprocessing | None = None,
+    styles_out: dict[str, list[float]] | None = None,
+) -> np.ndarray:
     """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
 
     With ``prep`` (and ``obj``), each channel first goes through its model's preprocessing recipe
@@ -248,11 +287,15 @@ def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan
 
         view = _ChannelSubset(image, indices)
         block = int(ctx.settings.segment_block_pixels**0.5)
-        blocked = segment_blocked(view, models, block_size=max(64, block // 2),
-                                  memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
-                                  flow_threshold=seg.flow_threshold,
-                                  cellprob_threshold=seg.cellprob_threshold if seg.cellprob_threshold is not None
-                                  else 0.0, min_size=seg.min_size)
+        blocked = segment_blocked(
+            view,
+            models,
+            block_size=max(64, block // 2),
+            memory_budget_bytes=ctx.settings.segment_memory_budget_mb << 20,
+            flow_threshold=seg.flow_threshold,
+            cellprob_threshold=seg.cellprob_threshold if seg.cellprob_threshold is not None else 0.0,
+            min_size=seg.min_size,
+        )
         styles, labels = blocked.styles, np.asarray(blocked.labels)
         if used is not None:
             used.update({"blocked": True, **blocked.stats})
@@ -267,10 +310,18 @@ def segment_object(ctx: JobContext, image, channels: list[str], plan: ObjectPlan
             if estimated is not None:
                 models = [replace(m, diameter=estimated) for m in models]
         fusion = plan.fusion if method == "flow_fusion" else None
-        result = segment_field(inputs, models, method=method, flow_threshold=seg.flow_threshold,
-                               cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                               normalizations=normalizations, checkpoint=lambda: ctx.progress(), fusion=fusion,
-                               **inference_options(ctx))
+        result = segment_field(
+            inputs,
+            models,
+            method=method,
+            flow_threshold=seg.flow_threshold,
+            cellprob_threshold=seg.cellprob_threshold,
+            min_size=seg.min_size,
+            normalizations=normalizations,
+            checkpoint=lambda: ctx.progress(),
+            fusion=fusion,
+            **inference_options(ctx),
+        )
         if used is not None:
             used.update(result.settings)
             if fusion is not None:
@@ -297,8 +348,9 @@ class _ChannelSubset:
         return block[key[0]] if key and key[0] != slice(None) else block
 
 
-def estimate_diameter(ctx: JobContext, image: np.ndarray, plan: ObjectPlan,
-                      cache: dict[int, LoadedModel]) -> float | None:
+def estimate_diameter(
+    ctx: JobContext, image: np.ndarray, plan: ObjectPlan, cache: dict[int, LoadedModel]
+) -> float | None:
     """Per-image diameter from the channels' size models (Cellpose 3's SizeModel), averaged."""
     from app.science.backbone import predict_maps
     from app.science.size_model import SizeModel

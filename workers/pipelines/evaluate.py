@@ -32,8 +32,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
     p = ctx.params_as(EvaluateJob)
     obj = p.object
     ds, rows = labelled_split(ctx, p.dataset_id, p.split, obj)
-    items = load_labelled(ctx, rows, obj, on_image=lambda i: ctx.progress(
-        f"loading image {i + 1} of {len(rows)}", 0.1 * i / len(rows)))
+    items = load_labelled(
+        ctx, rows, obj, on_image=lambda i: ctx.progress(f"loading image {i + 1} of {len(rows)}", 0.1 * i / len(rows))
+    )
     cache: dict[int, LoadedModel] = {}
     options = inference_options(ctx)
     preds = []
@@ -45,10 +46,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
         channel = ds.channels.index(p.reporter)
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
-            maps = predict_maps(loaded.net, it.image[channel].astype("float32"), diameter=loaded.diameter, tile=False,
-                                precision=options["precision"])
-            preds.append(masks_from_maps(maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean,
-                                         device=options["mask_device"]))
+            maps = predict_maps(
+                loaded.net,
+                it.image[channel].astype("float32"),
+                diameter=loaded.diameter,
+                tile=False,
+                precision=options["precision"],
+            )
+            preds.append(
+                masks_from_maps(
+                    maps.maps, diameter=loaded.diameter, diam_mean=loaded.diam_mean, device=options["mask_device"]
+                )
+            )
     else:
         if p.plan is None or p.method is None:
             raise JobFailed("this evaluation names neither a model version nor a fusion plan")
@@ -58,13 +67,33 @@ def run(ctx: JobContext) -> dict[str, Any]:
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
             preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, SegmentParams(), cache, used))
         # What was applied (weights, thresholds, their source): the same for every image of the split.
-        fusion = {"cell_line": ds.cell_line.name, "object": obj, "channels": plan.channels,
-                  "method": p.method, "models": plan.models, "settings": used}
+        fusion = {
+            "cell_line": ds.cell_line.name,
+            "object": obj,
+            "channels": plan.channels,
+            "method": p.method,
+            "models": plan.models,
+            "settings": used,
+        }
     metrics = score_set([it.mask for it in items], preds).as_dict()
-    record_evaluation(ctx, ds.id, p.split, metrics, evaluation_set_identity(it.digest for it in items),
-                      model_version_id=p.model_version_id, fusion=fusion)
-    body = {"dataset_id": ds.id, "split": p.split, "object": obj, "n_images": len(items),
-            "model_version_id": p.model_version_id, "fusion": fusion, "metrics": metrics,
-            "compute": compute_provenance(ctx)}
+    record_evaluation(
+        ctx,
+        ds.id,
+        p.split,
+        metrics,
+        evaluation_set_identity(it.digest for it in items),
+        model_version_id=p.model_version_id,
+        fusion=fusion,
+    )
+    body = {
+        "dataset_id": ds.id,
+        "split": p.split,
+        "object": obj,
+        "n_images": len(items),
+        "model_version_id": p.model_version_id,
+        "fusion": fusion,
+        "metrics": metrics,
+        "compute": compute_provenance(ctx),
+    }
     ctx.add_result("metrics.json", json.dumps(body, indent=2).encode(), kind="metrics", media_type="application/json")
     return body

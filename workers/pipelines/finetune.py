@@ -92,8 +92,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         labelled = [im for im in ds.images if mask_sha(im, obj)]
         _assign_splits(ctx, labelled, tp)
         for name in ("train", "val", "test"):
-            splits[name] = load_labelled(ctx, [im for im in labelled if im.split == name], obj,
-                                         on_image=lambda _i: ctx.progress())
+            splits[name] = load_labelled(
+                ctx, [im for im in labelled if im.split == name], obj, on_image=lambda _i: ctx.progress()
+            )
         if not splits["train"]:
             raise JobFailed("no training images: every labelled image is in the validation or test split")
 
@@ -104,8 +105,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         # The recipe is fitted on every image of the dataset (labelled or not), as on a plate.
         loaded = {it.row.id: it.image for items in splits.values() for it in items}
         planes = [(loaded[im.id] if im.id in loaded else read_field(ctx, im.image_sha256))[channel] for im in ds.images]
-        prepare, preprocessing_record, prenormalised = dataset_preprocessing(ctx, tp.preprocessing, p.reporter,
-                                                                             planes, ds.id)
+        prepare, preprocessing_record, prenormalised = dataset_preprocessing(
+            ctx, tp.preprocessing, p.reporter, planes, ds.id
+        )
 
     def channel_of(items: list[LabelledImage]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return [prepare(it.image[channel]) for it in items], [it.mask for it in items]
@@ -128,25 +130,43 @@ def run(ctx: JobContext) -> dict[str, Any]:
     version = ctx.session.scalar(select(ModelVersion).where(ModelVersion.job_id == ctx.job_id))
     if version is None:
         version = _create_version(
-            ctx, cell_line_id=ds.cell_line_id, reporter_id=reporter.id, object=obj, status="training",
-            base_model_id=base_row.id if base_row else None, parent_version_id=parent.id if parent else None,
-            dataset_id=ds.id, job_id=ctx.job_id, training_params=tp.model_dump(mode="json"))
+            ctx,
+            cell_line_id=ds.cell_line_id,
+            reporter_id=reporter.id,
+            object=obj,
+            status="training",
+            base_model_id=base_row.id if base_row else None,
+            parent_version_id=parent.id if parent else None,
+            dataset_id=ds.id,
+            job_id=ctx.job_id,
+            training_params=tp.model_dump(mode="json"),
+        )
     else:
         version.status, version.training_curve = "training", []
         ctx.session.commit()
 
     overrides = {k: getattr(tp, k) for k in ("learning_rate", "weight_decay") if getattr(tp, k) is not None}
-    config = TrainingConfig(max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs),
-                            patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize,
-                            augment=tp.augment, microscopy_augment=tp.microscopy_augment, seed=tp.seed,
-                            flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
-                            normalize_per_image=not prenormalised, **overrides)
+    config = TrainingConfig(
+        max_epochs=tp.max_epochs,
+        min_epochs=min(tp.min_epochs, tp.max_epochs),
+        patience=tp.patience,
+        batch_size=tp.batch_size,
+        bsize=tp.bsize,
+        augment=tp.augment,
+        microscopy_augment=tp.microscopy_augment,
+        seed=tp.seed,
+        flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
+        normalize_per_image=not prenormalised,
+        **overrides,
+    )
     resume_from = _load_checkpoint(ctx)
     curve: list[dict[str, Any]] = [_curve_point(r) for r in resume_from.history] if resume_from else []
     if resume_from is not None:
-        ctx.progress(f"training: resuming after epoch {resume_from.epoch} (its checkpoint)", force=True,
-                     summary={"training_curve": curve, "model_version_id": version.id,
-                              "resumed_after_epoch": resume_from.epoch})
+        ctx.progress(
+            f"training: resuming after epoch {resume_from.epoch} (its checkpoint)",
+            force=True,
+            summary={"training_curve": curve, "model_version_id": version.id, "resumed_after_epoch": resume_from.epoch},
+        )
     resumed = {"resumed_after_epoch": resume_from.epoch} if resume_from is not None else {}
     last_saved = [time.monotonic()]
 
@@ -158,17 +178,28 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     def on_epoch(report) -> None:
         curve.append(_curve_point(report))
-        ctx.progress(f"training: epoch {report.epoch} of at most {config.max_epochs}",
-                     0.05 + 0.8 * min(1.0, report.epoch / config.max_epochs),
-                     summary={"training_curve": curve, "model_version_id": version.id, **resumed}, force=True)
+        ctx.progress(
+            f"training: epoch {report.epoch} of at most {config.max_epochs}",
+            0.05 + 0.8 * min(1.0, report.epoch / config.max_epochs),
+            summary={"training_curve": curve, "model_version_id": version.id, **resumed},
+            force=True,
+        )
 
     try:
         with ctx.stage("training", 0.05):
             compute = worker_compute(ctx.settings)
-            result = finetune(base_net, *by_split["train"], *by_split["val"], config, on_epoch=on_epoch,
-                              should_stop=ctx.cancel_requested, on_checkpoint=on_checkpoint,
-                              resume_from=resume_from, device=compute.device,
-                              precision=compute.training_precision)
+            result = finetune(
+                base_net,
+                *by_split["train"],
+                *by_split["val"],
+                config,
+                on_epoch=on_epoch,
+                should_stop=ctx.cancel_requested,
+                on_checkpoint=on_checkpoint,
+                resume_from=resume_from,
+                device=compute.device,
+                precision=compute.training_precision,
+            )
     except TrainingCancelled:
         from app.jobs import JobCancelled
 
@@ -180,13 +211,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
         size_model = _fit_size_model(result, by_split["train"], prenormalised)
     with ctx.stage("evaluating on the test split", 0.9):
         test_images, test_masks = by_split["test"]
-        metrics = (_score_single(result.net, test_images, test_masks, result.diameter, prenormalised,
-                                 **inference_options(ctx))
-                   if test_images else {})
+        metrics = (
+            _score_single(result.net, test_images, test_masks, result.diameter, prenormalised, **inference_options(ctx))
+            if test_images
+            else {}
+        )
 
     with ctx.stage("style reference", 0.95):
-        extra = {"style_reference": _style_reference(result, by_split["train"][0] + by_split["val"][0],
-                                                     prenormalised)}
+        extra = {"style_reference": _style_reference(result, by_split["train"][0] + by_split["val"][0], prenormalised)}
         if weights.network_widths(result.net) == weights.FULL_WIDTHS:
             # Cellpose's own file for scientists who run Cellpose directly (full-width nets only).
             exported = weights.export_cellpose(result.net, ctx.folder.path / "model" / "cellpose_model")
@@ -194,22 +226,39 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
-            name=f"{ds.cell_line.name}-{p.reporter}-{obj}", version=str(version.version),
-            architecture=weights.architecture_of(result.net), diameter=float(result.diameter),
-            reporter=p.reporter, cell_line=ds.cell_line.name, object=obj,
-            training={**config.to_dict(), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                      "n_train": result.n_train, "n_val": result.n_val, "device": result.device,
-                      "precision": result.precision, "device_name": compute.device_name},
+            name=f"{ds.cell_line.name}-{p.reporter}-{obj}",
+            version=str(version.version),
+            architecture=weights.architecture_of(result.net),
+            diameter=float(result.diameter),
+            reporter=p.reporter,
+            cell_line=ds.cell_line.name,
+            object=obj,
+            training={
+                **config.to_dict(),
+                "best_epoch": result.best_epoch,
+                "stop_reason": result.stop_reason,
+                "n_train": result.n_train,
+                "n_val": result.n_val,
+                "device": result.device,
+                "precision": result.precision,
+                "device_name": compute.device_name,
+            },
             data={"dataset_id": ds.id, "channel_index": channel, "preprocessing": preprocessing_record},
             data_hashes={name: evaluation_set_identity(it.digest for it in splits[name]) for name in ("train", "test")},
-            metrics={"test": metrics}, library_versions=library_versions(), parent=base_name,
-            size_model=size_model, extra=extra)
+            metrics={"test": metrics},
+            library_versions=library_versions(),
+            parent=base_name,
+            size_model=size_model,
+            extra=extra,
+        )
         saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
         weights_blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
-        ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card",
-                       media_type="application/json")
-        ctx.add_result("training_curve.json", json.dumps(curve).encode(), kind="training_curve",
-                       media_type="application/json")
+        ctx.add_result(
+            "model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json"
+        )
+        ctx.add_result(
+            "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
+        )
         version.weights_sha256 = weights_blob.sha256
         version.card = saved.card.to_dict()
         version.diameter = float(result.diameter)
@@ -217,21 +266,37 @@ def run(ctx: JobContext) -> dict[str, Any]:
         version.training_curve = curve
         version.status = "ready"
         if splits["test"]:
-            record_evaluation(ctx, ds.id, "test", metrics, evaluation_set_identity(it.digest for it in splits["test"]),
-                              model_version_id=version.id)
+            record_evaluation(
+                ctx,
+                ds.id,
+                "test",
+                metrics,
+                evaluation_set_identity(it.digest for it in splits["test"]),
+                model_version_id=version.id,
+            )
         ctx.session.commit()
-    return {"model_version_id": version.id, "version": version.version, "best_epoch": result.best_epoch,
-            "stop_reason": result.stop_reason, "test_metrics": metrics, "diameter": result.diameter,
-            "training_curve": curve, **resumed}
+    return {
+        "model_version_id": version.id,
+        "version": version.version,
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "test_metrics": metrics,
+        "diameter": result.diameter,
+        "training_curve": curve,
+        **resumed,
+    }
 
 
 CHECKPOINT_FILE = "finetune.pt"
 
 
 def _curve_point(report) -> dict[str, Any]:
-    return {"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
-            "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
-            "elapsed_s": round(float(report.elapsed_s), 2)}
+    return {
+        "epoch": report.epoch,
+        "train_loss": round(float(report.train_loss), 5),
+        "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
+        "elapsed_s": round(float(report.elapsed_s), 2),
+    }
 
 
 def _save_checkpoint(ctx: JobContext, checkpoint) -> None:
@@ -279,8 +344,9 @@ def _input_normalization(prenormalised: bool):
     return Normalization(low=0.0, high=1.0) if prenormalised else Normalization()
 
 
-def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
-                    prenormalised: bool = False) -> dict[str, Any] | None:
+def _fit_size_model(
+    result, train: tuple[list[np.ndarray], list[np.ndarray]], prenormalised: bool = False
+) -> dict[str, Any] | None:
     from app.science.backbone import predict_maps
     from app.science.size_model import SizeModelError, fit_size_model
     from app.science.training import image_diameters
@@ -291,8 +357,9 @@ def _fit_size_model(result, train: tuple[list[np.ndarray], list[np.ndarray]],
     # Styles at the image's own scale (no rescaling), as at inference when the diameter is unknown.
     raw_scale = float(result.net.diam_mean.item())
     norm = _input_normalization(prenormalised)
-    styles = np.stack([predict_maps(result.net, im, diameter=raw_scale, normalization=norm, tile=False).style
-                       for im in images])
+    styles = np.stack(
+        [predict_maps(result.net, im, diameter=raw_scale, normalization=norm, tile=False).style for im in images]
+    )
     diameters = image_diameters(masks)
     try:
         return fit_size_model(styles, diameters, diam_mean=float(result.net.diam_mean.item())).to_dict()
@@ -310,20 +377,38 @@ def _style_reference(result, images: list[np.ndarray], prenormalised: bool = Fal
     if not images:
         return None
     norm = _input_normalization(prenormalised)
-    styles = [predict_maps_multi([result.net], im[np.newaxis], diameter=[float(result.diameter)],
-                                 normalizations=norm)[0].style for im in images]
+    styles = [
+        predict_maps_multi([result.net], im[np.newaxis], diameter=[float(result.diameter)], normalizations=norm)[
+            0
+        ].style
+        for im in images
+    ]
     return style_reference(styles)
 
 
-def _score_single(net, images: list[np.ndarray], masks: list[np.ndarray], diameter: float,
-                  prenormalised: bool = False, *, precision: str = "fp32", mask_device=None) -> dict[str, Any]:
+def _score_single(
+    net,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    diameter: float,
+    prenormalised: bool = False,
+    *,
+    precision: str = "fp32",
+    mask_device=None,
+) -> dict[str, Any]:
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import score_set
 
     preds = []
     diam_mean = float(net.diam_mean.item())
     for image in images:
-        maps = predict_maps(net, image, diameter=diameter, normalization=_input_normalization(prenormalised),
-                            tile=False, precision=precision)
+        maps = predict_maps(
+            net,
+            image,
+            diameter=diameter,
+            normalization=_input_normalization(prenormalised),
+            tile=False,
+            precision=precision,
+        )
         preds.append(masks_from_maps(maps.maps, diameter=diameter, diam_mean=diam_mean, device=mask_device))
     return score_set(masks, preds).as_dict()

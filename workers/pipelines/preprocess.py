@@ -42,21 +42,34 @@ def load_profile(ctx: JobContext, profile_id: int, channel_name: str, shape: tup
     if row is None:
         raise JobFailed(f"illumination profile {profile_id} no longer exists")
     if channel_name not in row.channels:
-        raise JobFailed(f"illumination profile {profile_id} has no channel {channel_name!r} "
-                        f"(it has {', '.join(row.channels)})")
+        raise JobFailed(
+            f"illumination profile {profile_id} has no channel {channel_name!r} (it has {', '.join(row.channels)})"
+        )
     if (row.height, row.width) != tuple(shape):
-        raise JobFailed(f"illumination profile {profile_id} is {row.height}×{row.width} but the fields are "
-                        f"{shape[0]}×{shape[1]}")
+        raise JobFailed(
+            f"illumination profile {profile_id} is {row.height}×{row.width} but the fields are {shape[0]}×{shape[1]}"
+        )
     try:
         model = illumination_from_tiff(ctx.blobs.read_bytes(row.blob_sha256), method=row.method)
     except (KeyError, PreprocessingError) as exc:
         raise JobFailed(f"illumination profile {profile_id} cannot be read: {exc}") from None
-    return channel_of(model, row.channels.index(channel_name)), {"id": row.id, "sha256": row.blob_sha256,
-                                                                  "source": row.source, "method": row.method}
+    return channel_of(model, row.channels.index(channel_name)), {
+        "id": row.id,
+        "sha256": row.blob_sha256,
+        "source": row.source,
+        "method": row.method,
+    }
 
 
-def estimate_profiles(ctx: JobContext, channel_stacks: dict[str, list[np.ndarray]], *, darkfield: bool,
-                      name: str, inputs: dict[str, Any], dataset_id: int | None = None):
+def estimate_profiles(
+    ctx: JobContext,
+    channel_stacks: dict[str, list[np.ndarray]],
+    *,
+    darkfield: bool,
+    name: str,
+    inputs: dict[str, Any],
+    dataset_id: int | None = None,
+):
     """BaSiC per channel over the given single-channel fields; stored as one profile row.
 
     -> ({channel: (1, Y, X) IlluminationModel}, reference for provenance)
@@ -69,20 +82,25 @@ def estimate_profiles(ctx: JobContext, channel_stacks: dict[str, list[np.ndarray
     )
 
     names = sorted(channel_stacks)
-    earlier = ctx.session.scalar(select(IlluminationProfile).where(
-        IlluminationProfile.job_id == ctx.job_id, IlluminationProfile.name == name))
+    earlier = ctx.session.scalar(
+        select(IlluminationProfile).where(IlluminationProfile.job_id == ctx.job_id, IlluminationProfile.name == name)
+    )
     if earlier is not None and earlier.channels == names:  # a re-run of this job: the same profile
         from app.science.preprocessing import channel_of, illumination_from_tiff
 
         stored = illumination_from_tiff(ctx.blobs.read_bytes(earlier.blob_sha256), method=earlier.method)
-        return ({channel: channel_of(stored, k) for k, channel in enumerate(names)},
-                {"id": earlier.id, "sha256": earlier.blob_sha256, "source": "estimated", "method": earlier.method})
+        return (
+            {channel: channel_of(stored, k) for k, channel in enumerate(names)},
+            {"id": earlier.id, "sha256": earlier.blob_sha256, "source": "estimated", "method": earlier.method},
+        )
     flats, darks, models = [], [], {}
     for channel in names:
         fields = channel_stacks[channel]
         if len({f.shape for f in fields}) != 1:
-            raise JobFailed(f"per-plate illumination correction needs fields of one size; channel {channel!r} has "
-                            f"{sorted({f.shape for f in fields})}")
+            raise JobFailed(
+                f"per-plate illumination correction needs fields of one size; channel {channel!r} has "
+                f"{sorted({f.shape for f in fields})}"
+            )
         if len(fields) > MAX_PROFILE_FIELDS:
             pick = np.random.default_rng(0).choice(len(fields), MAX_PROFILE_FIELDS, replace=False)
             fields = [fields[i] for i in sorted(pick)]
@@ -93,13 +111,25 @@ def estimate_profiles(ctx: JobContext, channel_stacks: dict[str, list[np.ndarray
         models[channel] = model
         flats.append(model.flatfield[0])
         darks.append(model.darkfield[0] if model.darkfield is not None else np.zeros_like(model.flatfield[0]))
-    stacked = IlluminationModel(flatfield=np.stack(flats),
-                                darkfield=np.stack(darks) if darkfield else None, method="basic")
+    stacked = IlluminationModel(
+        flatfield=np.stack(flats), darkfield=np.stack(darks) if darkfield else None, method="basic"
+    )
     blob = ctx.blobs.put_bytes(illumination_to_tiff(stacked))
     height, width = stacked.flatfield.shape[1:]
-    row = IlluminationProfile(name=name, source="estimated", method="basic", channels=names, height=int(height),
-                              width=int(width), has_darkfield=darkfield, blob_sha256=blob.sha256, inputs=inputs,
-                              summary=stacked.summary(), dataset_id=dataset_id, job_id=ctx.job_id)
+    row = IlluminationProfile(
+        name=name,
+        source="estimated",
+        method="basic",
+        channels=names,
+        height=int(height),
+        width=int(width),
+        has_darkfield=darkfield,
+        blob_sha256=blob.sha256,
+        inputs=inputs,
+        summary=stacked.summary(),
+        dataset_id=dataset_id,
+        job_id=ctx.job_id,
+    )
     ctx.session.add(row)
     ctx.session.commit()
     return models, {"id": row.id, "sha256": blob.sha256, "source": "estimated", "method": "basic"}
@@ -116,9 +146,12 @@ class ChannelPrep:
     percentiles: tuple[float, float] | None = None
 
     def record(self) -> dict[str, Any]:
-        return {"recipe": self.recipe.model_dump(mode="json"), "recipe_source": self.recipe_source,
-                "illumination_profile": self.profile_ref,
-                "percentiles": None if self.percentiles is None else list(self.percentiles)}
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "recipe_source": self.recipe_source,
+            "illumination_profile": self.profile_ref,
+            "percentiles": None if self.percentiles is None else list(self.percentiles),
+        }
 
 
 @dataclass
@@ -141,8 +174,11 @@ class PlatePreprocessing:
             if prep.percentiles is not None and prep.percentiles[1] > prep.percentiles[0]:
                 norms.append(Normalization(low=prep.percentiles[0], high=prep.percentiles[1]))
             else:
-                norms.append(Normalization(lower_percentile=prep.recipe.lower_percentile,
-                                           upper_percentile=prep.recipe.upper_percentile))
+                norms.append(
+                    Normalization(
+                        lower_percentile=prep.recipe.lower_percentile, upper_percentile=prep.recipe.upper_percentile
+                    )
+                )
         return np.stack(stack), norms
 
     def record(self) -> dict[str, dict[str, Any]]:
@@ -152,19 +188,28 @@ class PlatePreprocessing:
         return out
 
 
-def plan_plate_preprocessing(ctx: JobContext, versions: dict[str, dict[str, ModelVersion]],
-                             override: PreprocessingRecipe | None, n_fields: int,
-                             read_fields: Callable[[], Iterable[np.ndarray]], channels: list[str],
-                             on_progress: Callable[[str], None]) -> PlatePreprocessing:
+def plan_plate_preprocessing(
+    ctx: JobContext,
+    versions: dict[str, dict[str, ModelVersion]],
+    override: PreprocessingRecipe | None,
+    n_fields: int,
+    read_fields: Callable[[], Iterable[np.ndarray]],
+    channels: list[str],
+    on_progress: Callable[[str], None],
+) -> PlatePreprocessing:
     """Fit what the recipes of a plate's channel models need on the plate itself.
 
     ``versions``: object -> channel -> the model version used; ``read_fields`` yields the raw
     (C, Y, X) fields (read once more here, so a 96-field plate is not held in memory twice).
     """
-    preps = {(obj, name): ChannelPrep(override or recipe_of(v), "request" if override else "model card")
-             for obj, by_channel in versions.items() for name, v in by_channel.items()}
-    need_basic = {name: prep.recipe.darkfield for (_obj, name), prep in preps.items()
-                  if prep.recipe.illumination == "per-plate"}
+    preps = {
+        (obj, name): ChannelPrep(override or recipe_of(v), "request" if override else "model card")
+        for obj, by_channel in versions.items()
+        for name, v in by_channel.items()
+    }
+    need_basic = {
+        name: prep.recipe.darkfield for (_obj, name), prep in preps.items() if prep.recipe.illumination == "per-plate"
+    }
     need_percentiles = any(prep.recipe.normalization == "per-plate" for prep in preps.values())
     if not need_basic and not need_percentiles and not any(p.recipe.illumination == "profile" for p in preps.values()):
         return PlatePreprocessing(preps)
@@ -186,8 +231,12 @@ def plan_plate_preprocessing(ctx: JobContext, versions: dict[str, dict[str, Mode
         if n_fields >= MIN_PROFILE_FIELDS:
             on_progress(f"preprocessing: estimating illumination profiles ({', '.join(sorted(need_basic))})")
             models, ref = estimate_profiles(
-                ctx, {name: stacks[name] for name in need_basic}, darkfield=any(need_basic.values()),
-                name=f"plate of job {ctx.job_id}", inputs={"fields": n_fields, "channels": sorted(need_basic)})
+                ctx,
+                {name: stacks[name] for name in need_basic},
+                darkfield=any(need_basic.values()),
+                name=f"plate of job {ctx.job_id}",
+                inputs={"fields": n_fields, "channels": sorted(need_basic)},
+            )
             estimated = {name: (model, ref) for name, model in models.items()}
     for (obj, name), prep in preps.items():
         if prep.recipe.illumination == "per-plate":
@@ -196,10 +245,12 @@ def plan_plate_preprocessing(ctx: JobContext, versions: dict[str, dict[str, Mode
             else:  # a plate too small to estimate on: the profile the model was trained with
                 trained = training_profile_id(versions[obj][name])
                 if trained is None or shape is None:
-                    raise JobFailed(f"the {obj} model of {name!r} corrects illumination per plate, but this plate has "
-                                    f"{n_fields} field(s) (at least {MIN_PROFILE_FIELDS} are needed to estimate a "
-                                    "profile) and the model has no training profile; send more fields or give "
-                                    "preprocessing.illumination='profile' with an uploaded flat-field")
+                    raise JobFailed(
+                        f"the {obj} model of {name!r} corrects illumination per plate, but this plate has "
+                        f"{n_fields} field(s) (at least {MIN_PROFILE_FIELDS} are needed to estimate a "
+                        "profile) and the model has no training profile; send more fields or give "
+                        "preprocessing.illumination='profile' with an uploaded flat-field"
+                    )
                 prep.profile, prep.profile_ref = load_profile(ctx, trained, name, shape)
                 prep.profile_ref = {**prep.profile_ref, "used_because": "plate too small to estimate"}
         elif prep.recipe.illumination == "profile":
@@ -212,14 +263,15 @@ def plan_plate_preprocessing(ctx: JobContext, versions: dict[str, dict[str, Mode
             planes = stacks[name]
             if prep.profile is not None:
                 planes = [prep.profile.apply(p[np.newaxis])[0] for p in planes]
-            prep.percentiles = plate_percentiles([p[np.newaxis] for p in planes], prep.recipe.lower_percentile,
-                                                 prep.recipe.upper_percentile)[0]
+            prep.percentiles = plate_percentiles(
+                [p[np.newaxis] for p in planes], prep.recipe.lower_percentile, prep.recipe.upper_percentile
+            )[0]
     return PlatePreprocessing(preps)
 
 
-def dataset_preprocessing(ctx: JobContext, recipe: PreprocessingRecipe, channel_name: str,
-                          planes: list[np.ndarray], dataset_id: int) -> tuple[Callable[[np.ndarray], np.ndarray],
-                                                                              dict[str, Any], bool]:
+def dataset_preprocessing(
+    ctx: JobContext, recipe: PreprocessingRecipe, channel_name: str, planes: list[np.ndarray], dataset_id: int
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any], bool]:
     """Fit a fine-tune's recipe on all of its dataset's images of one channel.
 
     -> (prepare: raw (Y, X) plane -> network-ready float32 plane, the card record, whether the
@@ -230,12 +282,18 @@ def dataset_preprocessing(ctx: JobContext, recipe: PreprocessingRecipe, channel_
     profile, ref = None, None
     if recipe.illumination == "per-plate":
         if len(planes) < MIN_PROFILE_FIELDS:
-            raise JobFailed(f"the dataset has {len(planes)} image(s); per-plate illumination correction needs at "
-                            f"least {MIN_PROFILE_FIELDS} to estimate a profile")
-        models, ref = estimate_profiles(ctx, {channel_name: planes}, darkfield=recipe.darkfield,
-                                        name=f"dataset {dataset_id} ({channel_name})",
-                                        inputs={"fields": len(planes), "dataset_id": dataset_id},
-                                        dataset_id=dataset_id)
+            raise JobFailed(
+                f"the dataset has {len(planes)} image(s); per-plate illumination correction needs at "
+                f"least {MIN_PROFILE_FIELDS} to estimate a profile"
+            )
+        models, ref = estimate_profiles(
+            ctx,
+            {channel_name: planes},
+            darkfield=recipe.darkfield,
+            name=f"dataset {dataset_id} ({channel_name})",
+            inputs={"fields": len(planes), "dataset_id": dataset_id},
+            dataset_id=dataset_id,
+        )
         profile = models[channel_name]
     elif recipe.illumination == "profile":
         profile, ref = load_profile(ctx, recipe.profile_id, channel_name, planes[0].shape)
@@ -246,8 +304,9 @@ def dataset_preprocessing(ctx: JobContext, recipe: PreprocessingRecipe, channel_
 
     percentiles = None
     if recipe.normalization == "per-plate":
-        percentiles = plate_percentiles([correct(p)[np.newaxis] for p in planes], recipe.lower_percentile,
-                                        recipe.upper_percentile)[0]
+        percentiles = plate_percentiles(
+            [correct(p)[np.newaxis] for p in planes], recipe.lower_percentile, recipe.upper_percentile
+        )[0]
     low, high = percentiles if percentiles is not None else (0.0, 1.0)
     span = high - low if high > low else 1.0
 
@@ -255,6 +314,9 @@ def dataset_preprocessing(ctx: JobContext, recipe: PreprocessingRecipe, channel_
         corrected = correct(plane)
         return corrected if percentiles is None else ((corrected - low) / span).astype(np.float32)
 
-    record = {"recipe": recipe.model_dump(mode="json"), "illumination_profile": ref,
-              "percentiles": None if percentiles is None else list(percentiles)}
+    record = {
+        "recipe": recipe.model_dump(mode="json"),
+        "illumination_profile": ref,
+        "percentiles": None if percentiles is None else list(percentiles),
+    }
     return prepare, record, percentiles is not None

@@ -57,8 +57,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
             raise JobFailed("no training images left after the validation split")
 
         def pairs(indices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-            return ([fields[i][sources_idx].astype(np.float32) for i in indices],
-                    [fields[i][target_idx].astype(np.float32) for i in indices])
+            return (
+                [fields[i][sources_idx].astype(np.float32) for i in indices],
+                [fields[i][target_idx].astype(np.float32) for i in indices],
+            )
 
         train, val = pairs(train_rows), pairs(val_rows)
         diameter = tp.diameter or float(np.median([estimate_diameter(t) for t in train[1]]))
@@ -71,27 +73,50 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 raise JobFailed(f"base model {p.init_base!r} is no longer registered")
             init_net, init_name = load_weights(ctx, row.weights_sha256, row.card or {}, row.source), row.name
 
-    config = ISLConfig(learning_rate=tp.learning_rate, batch_size=tp.batch_size, bsize=tp.bsize,
-                       max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs), patience=tp.patience,
-                       crops_per_pair=tp.crops_per_pair, seed=tp.seed)
+    config = ISLConfig(
+        learning_rate=tp.learning_rate,
+        batch_size=tp.batch_size,
+        bsize=tp.bsize,
+        max_epochs=tp.max_epochs,
+        min_epochs=min(tp.min_epochs, tp.max_epochs),
+        patience=tp.patience,
+        crops_per_pair=tp.crops_per_pair,
+        seed=tp.seed,
+    )
     curve: list[dict[str, Any]] = []
 
     def number(value: float) -> float | None:
         return None if math.isnan(value) else round(float(value), 5)
 
     def on_epoch(report) -> None:
-        curve.append({"epoch": report.epoch, "train_loss": number(report.train_loss),
-                      "val_loss": number(report.val_loss), "val_correlation": number(report.val_correlation),
-                      "elapsed_s": round(report.elapsed_s, 2)})
-        ctx.progress(f"ISL pretext: epoch {report.epoch} of at most {config.max_epochs}",
-                     0.05 + 0.85 * min(1.0, (report.epoch + 1) / config.max_epochs),
-                     summary={"training_curve": curve}, force=True)
+        curve.append(
+            {
+                "epoch": report.epoch,
+                "train_loss": number(report.train_loss),
+                "val_loss": number(report.val_loss),
+                "val_correlation": number(report.val_correlation),
+                "elapsed_s": round(report.elapsed_s, 2),
+            }
+        )
+        ctx.progress(
+            f"ISL pretext: epoch {report.epoch} of at most {config.max_epochs}",
+            0.05 + 0.85 * min(1.0, (report.epoch + 1) / config.max_epochs),
+            summary={"training_curve": curve},
+            force=True,
+        )
 
     try:
         with ctx.stage("training", 0.05):
-            result = pretrain_isl(*train, *val, config, init_net=init_net,
-                                  widths=FULL_WIDTHS if tp.widths == "full" else HALF_WIDTHS,
-                                  diameter=diameter, on_epoch=on_epoch, should_stop=ctx.cancel_requested)
+            result = pretrain_isl(
+                *train,
+                *val,
+                config,
+                init_net=init_net,
+                widths=FULL_WIDTHS if tp.widths == "full" else HALF_WIDTHS,
+                diameter=diameter,
+                on_epoch=on_epoch,
+                should_stop=ctx.cancel_requested,
+            )
     except TrainingCancelled:
         from app.jobs import JobCancelled
 
@@ -100,23 +125,45 @@ def run(ctx: JobContext) -> dict[str, Any]:
     with ctx.stage("saving", 0.95):
         metrics = {"pretext_val_l1": number(result.best_val_loss), "val_correlation": number(result.val_correlation)}
         card = weights.ModelCard(
-            name=p.name, version="1", architecture=weights.architecture_of(result.net), diameter=float(diameter),
-            reporter="any (ISL-pretrained)", object="nuclei",
-            training={**config.to_dict(), "pretext": "in-silico labelling", "job_id": ctx.job_id,
-                      "loss": "L1 on the cell-probability output map", "target_scale": TARGET_LOGIT_SCALE,
-                      "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                      "epochs_run": len(result.history), "n_train_pairs": result.n_train, "n_val_pairs": result.n_val,
-                      "from": init_name or "random initialisation",
-                      "method": "Bonte et al. 2024, in-silico labelling pretraining"},
-            data={"dataset_id": ds.id, "source_channels": p.source_channels, "target_channel": p.target_channel,
-                  "train_images": [rows[i].id for i in train_rows], "val_images": [rows[i].id for i in val_rows]},
-            metrics=metrics, library_versions=library_versions(), parent=init_name)
+            name=p.name,
+            version="1",
+            architecture=weights.architecture_of(result.net),
+            diameter=float(diameter),
+            reporter="any (ISL-pretrained)",
+            object="nuclei",
+            training={
+                **config.to_dict(),
+                "pretext": "in-silico labelling",
+                "job_id": ctx.job_id,
+                "loss": "L1 on the cell-probability output map",
+                "target_scale": TARGET_LOGIT_SCALE,
+                "best_epoch": result.best_epoch,
+                "stop_reason": result.stop_reason,
+                "epochs_run": len(result.history),
+                "n_train_pairs": result.n_train,
+                "n_val_pairs": result.n_val,
+                "from": init_name or "random initialisation",
+                "method": "Bonte et al. 2024, in-silico labelling pretraining",
+            },
+            data={
+                "dataset_id": ds.id,
+                "source_channels": p.source_channels,
+                "target_channel": p.target_channel,
+                "train_images": [rows[i].id for i in train_rows],
+                "val_images": [rows[i].id for i in val_rows],
+            },
+            metrics=metrics,
+            library_versions=library_versions(),
+            parent=init_name,
+        )
         saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
         blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
-        ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card",
-                       media_type="application/json")
-        ctx.add_result("training_curve.json", json.dumps(curve).encode(), kind="training_curve",
-                       media_type="application/json")
+        ctx.add_result(
+            "model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json"
+        )
+        ctx.add_result(
+            "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
+        )
         card_dict = {**saved.card.to_dict(), "training_curve": curve}
         if existing is None:
             existing = BaseModel(name=p.name, source="isl", weights_sha256=blob.sha256, card=card_dict)
@@ -124,5 +171,12 @@ def run(ctx: JobContext) -> dict[str, Any]:
         else:
             existing.weights_sha256, existing.card = blob.sha256, card_dict
         ctx.session.commit()
-    return {"base_model_id": existing.id, "name": p.name, "best_epoch": result.best_epoch,
-            "stop_reason": result.stop_reason, "metrics": metrics, "diameter": diameter, "training_curve": curve}
+    return {
+        "base_model_id": existing.id,
+        "name": p.name,
+        "best_epoch": result.best_epoch,
+        "stop_reason": result.stop_reason,
+        "metrics": metrics,
+        "diameter": diameter,
+        "training_curve": curve,
+    }

@@ -46,19 +46,37 @@ def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -
     models = {}
     for obj, plan in p.plan.items():
         versions = {name: model_version(ctx, vid) for name, vid in plan.models.items()}
-        models[obj] = {name: {"model_version_id": v.id, "weights_sha256": v.weights_sha256, "diameter": v.diameter}
-                       for name, v in versions.items()}
-    return {"job_id": ctx.job_id, "cell_line": p.cell_line, "channels": p.channels, "method": p.method,
-            "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
-            "fusion": {obj: {"parameters": plan.fusion if p.method == "flow_fusion" else None,
-                             "source": (plan.fusion_source if plan.fusion and p.method == "flow_fusion"
-                                        else "defaults (equal weights)" if p.method == "flow_fusion" else None)}
-                       for obj, plan in p.plan.items()},
-            "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
-            "models": models, "preprocessing": preprocessing,
-            "preprocessing_override": p.params.preprocessing is not None,
-            "parameters": p.params.model_dump(mode="json"), "library_versions": library_versions(),
-            "compute": compute_provenance(ctx)}
+        models[obj] = {
+            name: {"model_version_id": v.id, "weights_sha256": v.weights_sha256, "diameter": v.diameter}
+            for name, v in versions.items()
+        }
+    return {
+        "job_id": ctx.job_id,
+        "cell_line": p.cell_line,
+        "channels": p.channels,
+        "method": p.method,
+        "fused_channels": {obj: plan.channels for obj, plan in p.plan.items()},
+        "fusion": {
+            obj: {
+                "parameters": plan.fusion if p.method == "flow_fusion" else None,
+                "source": (
+                    plan.fusion_source
+                    if plan.fusion and p.method == "flow_fusion"
+                    else "defaults (equal weights)"
+                    if p.method == "flow_fusion"
+                    else None
+                ),
+            }
+            for obj, plan in p.plan.items()
+        },
+        "channel_source": {obj: plan.channel_source for obj, plan in p.plan.items()},
+        "models": models,
+        "preprocessing": preprocessing,
+        "preprocessing_override": p.params.preprocessing is not None,
+        "parameters": p.params.model_dump(mode="json"),
+        "library_versions": library_versions(),
+        "compute": compute_provenance(ctx),
+    }
 
 
 def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, Any]]:
@@ -102,10 +120,16 @@ def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, 
         if seg.diameter:
             models = [replace(m, diameter=float(seg.diameter)) for m in models]
         _inputs, norms = prep.inputs(obj, plan.channels, sample, p.channels)
-        tasks[obj] = SegmentTask(tuple(models), channels=tuple(range(offset, offset + len(plan.channels))),
-                                 method=p.method, normalizations=tuple(norms), flow_threshold=seg.flow_threshold,
-                                 cellprob_threshold=seg.cellprob_threshold, min_size=seg.min_size,
-                                 fusion=plan.fusion if p.method == "flow_fusion" else None)
+        tasks[obj] = SegmentTask(
+            tuple(models),
+            channels=tuple(range(offset, offset + len(plan.channels))),
+            method=p.method,
+            normalizations=tuple(norms),
+            flow_threshold=seg.flow_threshold,
+            cellprob_threshold=seg.cellprob_threshold,
+            min_size=seg.min_size,
+            fusion=plan.fusion if p.method == "flow_fusion" else None,
+        )
         offset += len(plan.channels)
     return tasks
 
@@ -120,8 +144,9 @@ def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarr
     return np.concatenate(stacks)
 
 
-def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list,
-                    plate, zarr_fields: dict) -> Iterator[tuple]:
+def _field_outcomes(
+    ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list, plate, zarr_fields: dict
+) -> Iterator[tuple]:
     """(field, image, labels per object, error or None, seconds, settings used per object, style
     vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
 
@@ -134,8 +159,12 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
     seg = p.params
     n_fields = len(p.fields)
     index_of = {f.name: i for i, f in enumerate(p.fields)}
-    one_at_a_time = ((seg.estimate_diameter and not seg.diameter) or ctx.settings.segment_route == "per_field"
-                     or plate is not None or not fields)
+    one_at_a_time = (
+        (seg.estimate_diameter and not seg.diameter)
+        or ctx.settings.segment_route == "per_field"
+        or plate is not None
+        or not fields
+    )
     if one_at_a_time:
         for field in fields:
             index = index_of[field.name]
@@ -150,12 +179,25 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
                 image = _zarr_image(ctx, plate, zf) if zf is not None else read_field(ctx, field.image_sha256)
                 labels: dict[str, np.ndarray] = {}
                 for k, obj in enumerate(p.objects):
-                    ctx.progress(f"field {index + 1} of {n_fields} ({field.name}): {obj}",
-                                 (index + k / len(p.objects)) / n_fields)
+                    ctx.progress(
+                        f"field {index + 1} of {n_fields} ({field.name}): {obj}",
+                        (index + k / len(p.objects)) / n_fields,
+                    )
                     settings[obj] = {}
                     object_styles: dict[str, list[float]] = {}
-                    labels[obj] = segment_object(ctx, image, p.channels, p.plan[obj], p.method, seg, cache,
-                                                 settings[obj], obj=obj, prep=prep, styles_out=object_styles)
+                    labels[obj] = segment_object(
+                        ctx,
+                        image,
+                        p.channels,
+                        p.plan[obj],
+                        p.method,
+                        seg,
+                        cache,
+                        settings[obj],
+                        obj=obj,
+                        prep=prep,
+                        styles_out=object_styles,
+                    )
                     styles.update({f"{obj}:{channel}": style for channel, style in object_styles.items()})
             except JobCancelled:
                 raise
@@ -172,9 +214,13 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
     tasks = _tasks(ctx, p, cache, prep, first)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
-    engine = segment_fields(((field, partial(reader, field.image_sha256)) for field in fields), tasks,
-                            precision=compute.precision, mask_device=compute.device,
-                            batch_fields=compute.plate_batch_fields or None)
+    engine = segment_fields(
+        ((field, partial(reader, field.image_sha256)) for field in fields),
+        tasks,
+        precision=compute.precision,
+        mask_device=compute.device,
+        batch_fields=compute.plate_batch_fields or None,
+    )
     with closing(engine):
         for outcome in engine:
             field = outcome.key
@@ -182,9 +228,11 @@ def _field_outcomes(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             labels = {obj: result.labels for obj, result in outcome.results.items()}
             settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
-            styles = {f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
-                      for obj, result in outcome.results.items()
-                      for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)}
+            styles = {
+                f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
+                for obj, result in outcome.results.items()
+                for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)
+            }
             image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
             yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
 
@@ -221,16 +269,23 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     from workers.pipelines.preprocess import plan_plate_preprocessing
 
-    versions = {obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
-                for obj, plan in p.plan.items() if obj in p.objects}
+    versions = {
+        obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
+        for obj, plan in p.plan.items()
+        if obj in p.objects
+    }
     with ctx.stage("preprocessing", 0.0):
         prep = plan_plate_preprocessing(
-            ctx, versions, seg.preprocessing, len(p.fields),
-            lambda: (read_any(f) for f in p.fields), p.channels,
-            on_progress=lambda stage: ctx.progress(stage, 0.0, force=True))
+            ctx,
+            versions,
+            seg.preprocessing,
+            len(p.fields),
+            lambda: (read_any(f) for f in p.fields),
+            p.channels,
+            on_progress=lambda stage: ctx.progress(stage, 0.0, force=True),
+        )
     provenance = _provenance(ctx, p, prep.record())  # written at the end, with the plate's QC
-    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate,
-                               zarr_fields)
+    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate, zarr_fields)
     for field in p.fields:
         name = field.name
         if name in finished:
@@ -254,31 +309,61 @@ def run(ctx: JobContext) -> dict[str, Any]:
                         image = np.asarray(image[:, :, :], dtype=np.float32)  # small enough to measure
                     else:  # a stitched well beyond the pixel limit: labels and QC counts only
                         qc_fields.append(_qc_row(name, field.well, labels, styles, None))
-                        done.append({"field": name, "well": field.well, "field_number": field.field,
-                                     "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                                     "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": {},
-                                     "blocked": True, "settings": settings})
+                        done.append(
+                            {
+                                "field": name,
+                                "well": field.well,
+                                "field_number": field.field,
+                                "objects": {o: int(lab.max()) for o, lab in labels.items()},
+                                "seconds": round(seconds + time.perf_counter() - started, 2),
+                                "metrics": {},
+                                "blocked": True,
+                                "settings": settings,
+                            }
+                        )
                         continue
             qc_fields.append(_qc_row(name, field.well, labels, styles, image))
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
-                ctx.add_result(f"{name}/{obj}.tif", labels_to_tiff_bytes(lab), kind=f"{obj}_mask",
-                               media_type="image/tiff", meta={"field": name, "objects": int(lab.max())})
-                ctx.add_result(f"{name}/{obj}_rois.zip", exports.imagej_rois_zip(lab, prefix=obj),
-                               kind=f"{obj}_rois", media_type="application/zip", meta={"field": name})
+                ctx.add_result(
+                    f"{name}/{obj}.tif",
+                    labels_to_tiff_bytes(lab),
+                    kind=f"{obj}_mask",
+                    media_type="image/tiff",
+                    meta={"field": name, "objects": int(lab.max())},
+                )
+                ctx.add_result(
+                    f"{name}/{obj}_rois.zip",
+                    exports.imagej_rois_zip(lab, prefix=obj),
+                    kind=f"{obj}_rois",
+                    media_type="application/zip",
+                    meta={"field": name},
+                )
             base = nuclei if nuclei is not None else cells
             rows = exports.measure_cells(base, cells if nuclei is not None else None, image, p.channels)
             table = exports.measurements_csv(rows, columns=exports.measurement_columns(p.channels))
-            ctx.add_result(f"{name}/measurements.csv", table, kind="measurements",
-                           media_type="text/csv", meta={"field": name, "rows": len(rows)})
+            ctx.add_result(
+                f"{name}/measurements.csv",
+                table,
+                kind="measurements",
+                media_type="text/csv",
+                meta={"field": name, "rows": len(rows)},
+            )
             if zf is not None:
                 well_rows.setdefault(zf.well_path, []).extend({"field": zf.index, **row} for row in rows)
             preview_channel = min(seg.preview_channel, image.shape[0] - 1)
-            ctx.add_result(f"{name}/overlay.png",
-                           exports.overlay_png(image, nuclei if nuclei is not None else np.zeros_like(cells),
-                                               cells if cells is not None else np.zeros_like(nuclei),
-                                               channel=preview_channel),
-                           kind="overlay", media_type="image/png", meta={"field": name})
+            ctx.add_result(
+                f"{name}/overlay.png",
+                exports.overlay_png(
+                    image,
+                    nuclei if nuclei is not None else np.zeros_like(cells),
+                    cells if cells is not None else np.zeros_like(nuclei),
+                    channel=preview_channel,
+                ),
+                kind="overlay",
+                media_type="image/png",
+                meta={"field": name},
+            )
             field_metrics = {}
             image_row = ctx.session.get(DatasetImage, field.dataset_image_id) if field.dataset_image_id else None
             if image_row is not None:
@@ -289,12 +374,24 @@ def run(ctx: JobContext) -> dict[str, Any]:
                         truths[obj].append(truth)
                         preds[obj].append(lab)
             if field_metrics:
-                ctx.add_result(f"{name}/metrics.json", json.dumps(field_metrics, indent=2).encode(), kind="metrics",
-                               media_type="application/json", meta={"field": name})
-            done.append({"field": name, "well": field.well, "field_number": field.field,
-                         "objects": {o: int(lab.max()) for o, lab in labels.items()},
-                         "seconds": round(seconds + time.perf_counter() - started, 2), "metrics": field_metrics,
-                         "settings": settings})
+                ctx.add_result(
+                    f"{name}/metrics.json",
+                    json.dumps(field_metrics, indent=2).encode(),
+                    kind="metrics",
+                    media_type="application/json",
+                    meta={"field": name},
+                )
+            done.append(
+                {
+                    "field": name,
+                    "well": field.well,
+                    "field_number": field.field,
+                    "objects": {o: int(lab.max()) for o, lab in labels.items()},
+                    "seconds": round(seconds + time.perf_counter() - started, 2),
+                    "metrics": field_metrics,
+                    "settings": settings,
+                }
+            )
             _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
         except JobCancelled:
             raise
@@ -310,27 +407,51 @@ def run(ctx: JobContext) -> dict[str, Any]:
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
     qc = _plate_qc(ctx, p, qc_fields)  # (fields resumed from an earlier attempt are not in it)
     provenance["qc"] = qc
-    ctx.add_result("provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance",
-                   media_type="application/json")
+    ctx.add_result(
+        "provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance", media_type="application/json"
+    )
     ctx.add_result("qc.json", json.dumps(qc, indent=2).encode(), kind="qc", media_type="application/json")
     zarr_outputs = _finish_plate(ctx, p, plate, well_rows) if plate is not None else None
-    summary = {"fields_done": len(done), "fields_failed": len(failed), "failed_fields": failed, "fields": done,
-               "method": p.method, "fused_channels": provenance["fused_channels"], "metrics": pooled,
-               "fields_resumed": len(finished), "precision": provenance["compute"]["precision"],
-               "qc": {k: qc[k] for k in ("flagged_fields", "drifted_channels", "summary")},
-               "qc_field_stats": [{"field": f["field"], "stats": f["stats"]} for f in qc_fields]}
+    summary = {
+        "fields_done": len(done),
+        "fields_failed": len(failed),
+        "failed_fields": failed,
+        "fields": done,
+        "method": p.method,
+        "fused_channels": provenance["fused_channels"],
+        "metrics": pooled,
+        "fields_resumed": len(finished),
+        "precision": provenance["compute"]["precision"],
+        "qc": {k: qc[k] for k in ("flagged_fields", "drifted_channels", "summary")},
+        "qc_field_stats": [{"field": f["field"], "stats": f["stats"]} for f in qc_fields],
+    }
     if zarr_outputs is not None:
         summary["ome_zarr"] = zarr_outputs
     if qc["flags"]:
         from app.webhooks import emit_safely
 
-        emit_safely(ctx.session, "plate.qc_flagged",
-                    {"job_id": ctx.job_id, "plate": p.plate, "cell_line": p.cell_line, "flags": qc["flags"][:100],
-                     "flagged_fields": qc["flagged_fields"], "drifted_channels": qc["drifted_channels"],
-                     "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
-                    owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
-    ctx.add_result("metrics.json", json.dumps({"method": p.method, "pooled": pooled, "fields": done},
-                                              indent=2).encode(), kind="metrics", media_type="application/json")
+        emit_safely(
+            ctx.session,
+            "plate.qc_flagged",
+            {
+                "job_id": ctx.job_id,
+                "plate": p.plate,
+                "cell_line": p.cell_line,
+                "flags": qc["flags"][:100],
+                "flagged_fields": qc["flagged_fields"],
+                "drifted_channels": qc["drifted_channels"],
+                "links": {"job": f"/api/v1/jobs/{ctx.job_id}"},
+            },
+            owner_key_id=owner,
+            job_id=ctx.job_id,
+            plate=p.plate,
+        )
+    ctx.add_result(
+        "metrics.json",
+        json.dumps({"method": p.method, "pooled": pooled, "fields": done}, indent=2).encode(),
+        kind="metrics",
+        media_type="application/json",
+    )
     return summary
 
 
@@ -366,8 +487,7 @@ def _open_plate(ctx: JobContext, p: SegmentJob):
     except OmeZarrError as exc:
         raise JobFailed(f"the OME-Zarr plate cannot be read: {exc}") from exc
     if plate.channel_names != src.channel_names:
-        raise JobFailed(f"the plate's channels changed since submission: {plate.channel_names} != "
-                        f"{src.channel_names}")
+        raise JobFailed(f"the plate's channels changed since submission: {plate.channel_names} != {src.channel_names}")
     return plate
 
 
@@ -381,18 +501,29 @@ def _zarr_image(ctx: JobContext, plate, zf, *, in_memory: bool = False):
     return np.asarray(view[:, :, :], dtype=np.float32)
 
 
-def _write_zarr_labels(ctx: JobContext, p: SegmentJob, plate, zf, obj: str, labels: np.ndarray,
-                       provenance: dict[str, Any]) -> None:
+def _write_zarr_labels(
+    ctx: JobContext, p: SegmentJob, plate, zf, obj: str, labels: np.ndarray, provenance: dict[str, Any]
+) -> None:
     from app.science.ome_zarr_io import write_labels
 
     seg = p.params
-    source = {"cellfuse": {
-        "job_id": ctx.job_id, "object": obj, "method": p.method, "cell_line": p.cell_line,
-        "channels": p.plan[obj].channels, "models": provenance["models"][obj],
-        "thresholds": {"flow_threshold": seg.flow_threshold, "cellprob_threshold": seg.cellprob_threshold,
-                       "min_size": seg.min_size},
-        "diameter": seg.diameter or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
-        "library_versions": provenance["library_versions"]}}
+    source = {
+        "cellfuse": {
+            "job_id": ctx.job_id,
+            "object": obj,
+            "method": p.method,
+            "cell_line": p.cell_line,
+            "channels": p.plan[obj].channels,
+            "models": provenance["models"][obj],
+            "thresholds": {
+                "flow_threshold": seg.flow_threshold,
+                "cellprob_threshold": seg.cellprob_threshold,
+                "min_size": seg.min_size,
+            },
+            "diameter": seg.diameter or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
+            "library_versions": provenance["library_versions"],
+        }
+    }
     write_labels(plate, zf, obj, labels, source)
 
 
@@ -406,8 +537,13 @@ def _finish_plate(ctx: JobContext, p: SegmentJob, plate, well_rows: dict[str, li
         data = exports.measurements_csv(rows, columns=columns)
         tables.append(write_well_table(plate, well_path, "measurements", data))
         row, column = well_path.split("/")
-        ctx.add_result(f"{well_name(row, column)}/well_measurements.csv", data, kind="measurements",
-                       media_type="text/csv", meta={"well": well_name(row, column), "rows": len(rows)})
+        ctx.add_result(
+            f"{well_name(row, column)}/well_measurements.csv",
+            data,
+            kind="measurements",
+            media_type="text/csv",
+            meta={"well": well_name(row, column), "rows": len(rows)},
+        )
     out = {"version": plate.version, "labels": list(p.objects), "tables": tables}
     if p.ome_zarr.zip_sha256:
         from app.zipped_plates import zip_folder
@@ -422,12 +558,17 @@ def _finish_plate(ctx: JobContext, p: SegmentJob, plate, well_rows: dict[str, li
     return out
 
 
-def _qc_row(name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]],
-            image: np.ndarray | None) -> dict:
+def _qc_row(
+    name: str, well: str | None, labels: dict[str, np.ndarray], styles: dict[str, list[float]], image: np.ndarray | None
+) -> dict:
     from app.science.plate_qc import field_stats
 
-    return {"field": name, "well": well, "stats": {obj: field_stats(lab, image) for obj, lab in labels.items()},
-            "styles": styles}
+    return {
+        "field": name,
+        "well": well,
+        "stats": {obj: field_stats(lab, image) for obj, lab in labels.items()},
+        "styles": styles,
+    }
 
 
 def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -> dict[str, Any]:
@@ -438,9 +579,12 @@ def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -
     from app.science.plate_qc import plate_qc
 
     history: dict[str, dict[str, list[float]]] = {}
-    past = ctx.session.scalars(select(Job).where(Job.kind == "segment", Job.status == "succeeded",
-                                                 Job.id != ctx.job_id).order_by(Job.finished_at.desc())
-                               .limit(200)).all()
+    past = ctx.session.scalars(
+        select(Job)
+        .where(Job.kind == "segment", Job.status == "succeeded", Job.id != ctx.job_id)
+        .order_by(Job.finished_at.desc())
+        .limit(200)
+    ).all()
     for job in past:
         if (job.params or {}).get("cell_line") != p.cell_line:
             continue
@@ -461,8 +605,19 @@ def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -
 def _field_failed_event(ctx: JobContext, p: SegmentJob, owner: int | None, field, error: str) -> None:
     from app.webhooks import emit_safely
 
-    emit_safely(ctx.session, "plate.field_failed",
-                {"job_id": ctx.job_id, "plate": p.plate, "field": field.name, "well": field.well,
-                 "field_number": field.field, "error": error, "links": {"job": f"/api/v1/jobs/{ctx.job_id}"}},
-                owner_key_id=owner, job_id=ctx.job_id, plate=p.plate)
-
+    emit_safely(
+        ctx.session,
+        "plate.field_failed",
+        {
+            "job_id": ctx.job_id,
+            "plate": p.plate,
+            "field": field.name,
+            "well": field.well,
+            "field_number": field.field,
+            "error": error,
+            "links": {"job": f"/api/v1/jobs/{ctx.job_id}"},
+        },
+        owner_key_id=owner,
+        job_id=ctx.job_id,
+        plate=p.plate,
+    )

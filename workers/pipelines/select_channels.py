@@ -36,8 +36,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
     from app.science.segmentation import ChannelModel
 
     loaded = [load_version(ctx, plan.models[name], cache) for name in plan.channels]
-    models = [ChannelModel(net=m.net, diameter=m.diameter, diam_mean=m.diam_mean, name=name)
-              for m, name in zip(loaded, plan.channels, strict=True)]
+    models = [
+        ChannelModel(net=m.net, diameter=m.diameter, diam_mean=m.diam_mean, name=name)
+        for m, name in zip(loaded, plan.channels, strict=True)
+    ]
     diameter, diam_mean = reconstruction_size(models)
     indices = [ds.channels.index(name) for name in plan.channels]
     maps_per_image, truths = [], []
@@ -45,14 +47,20 @@ def run(ctx: JobContext) -> dict[str, Any]:
     for i, it in enumerate(items):
         ctx.progress(f"network maps for image {i + 1} of {len(items)}", 0.6 * i / len(items))
         image = it.image[indices].astype(np.float32)
-        maps_per_image.append(predict_maps_multi([m.net for m in models], image,
-                                                 diameter=[m.diameter for m in models],
-                                                 checkpoint=lambda: ctx.progress(),
-                                                 precision=inference_options(ctx)["precision"]))
+        maps_per_image.append(
+            predict_maps_multi(
+                [m.net for m in models],
+                image,
+                diameter=[m.diameter for m in models],
+                checkpoint=lambda: ctx.progress(),
+                precision=inference_options(ctx)["precision"],
+            )
+        )
         truths.append(it.mask)
     ctx.progress(f"scoring {2 ** len(indices) - 1} channel subsets", 0.6)
-    ranking = rank_channel_subsets(maps_per_image, truths, plan.channels, diameter=diameter, diam_mean=diam_mean,
-                                   method=p.method, metric=p.metric)
+    ranking = rank_channel_subsets(
+        maps_per_image, truths, plan.channels, diameter=diameter, diam_mean=diam_mean, method=p.method, metric=p.metric
+    )
     ranking_rows = [_subset_row(r) for r in ranking]
     chosen = list(choose_channel_set(ranking))
     fusion = None
@@ -60,26 +68,47 @@ def run(ctx: JobContext) -> dict[str, Any]:
         ctx.progress(f"fitting Flow Fusion for {' + '.join(chosen)}", 0.8)
         picked = [plan.channels.index(name) for name in chosen]
         sub_diameter, sub_diam_mean = reconstruction_size([models[k] for k in picked])
-        record = fit_fusion_parameters([[maps[k] for k in picked] for maps in maps_per_image], truths, chosen,
-                                       diameter=sub_diameter, diam_mean=sub_diam_mean)
+        record = fit_fusion_parameters(
+            [[maps[k] for k in picked] for maps in maps_per_image],
+            truths,
+            chosen,
+            diameter=sub_diameter,
+            diam_mean=sub_diam_mean,
+        )
         fusion = record.to_dict()
         # Fitted for these model versions: segmentation uses it only while they are the ones resolved.
         fusion["models"] = {name: plan.models[name] for name in chosen}
         fusion["split"] = p.split
     row = ctx.session.scalar(select(ChannelSet).where(ChannelSet.job_id == ctx.job_id))
     if row is None:
-        row = ChannelSet(cell_line_id=ds.cell_line_id, object=obj, method=p.method, ranking=ranking_rows,
-                         chosen=chosen, dataset_id=ds.id, job_id=ctx.job_id, fusion_parameters=fusion)
+        row = ChannelSet(
+            cell_line_id=ds.cell_line_id,
+            object=obj,
+            method=p.method,
+            ranking=ranking_rows,
+            chosen=chosen,
+            dataset_id=ds.id,
+            job_id=ctx.job_id,
+            fusion_parameters=fusion,
+        )
         ctx.session.add(row)
     else:
         row.ranking, row.chosen, row.fusion_parameters = ranking_rows, chosen, fusion
     ctx.session.commit()
-    body = {"cell_line": ds.cell_line.name, "object": obj, "method": p.method, "metric": p.metric,
-            "chosen": chosen, "ranking": ranking_rows, "fusion_parameters": fusion,
-            "selection_rule": "the smallest subset within noise of the best (the best's F1 higher in < 90 % of "
-                              "paired bootstrap resamples of the fields)"}
-    ctx.add_result("channel_ranking.json", json.dumps(body, indent=2).encode(), kind="metrics",
-                   media_type="application/json")
+    body = {
+        "cell_line": ds.cell_line.name,
+        "object": obj,
+        "method": p.method,
+        "metric": p.metric,
+        "chosen": chosen,
+        "ranking": ranking_rows,
+        "fusion_parameters": fusion,
+        "selection_rule": "the smallest subset within noise of the best (the best's F1 higher in < 90 % of "
+        "paired bootstrap resamples of the fields)",
+    }
+    ctx.add_result(
+        "channel_ranking.json", json.dumps(body, indent=2).encode(), kind="metrics", media_type="application/json"
+    )
     return body
 
 

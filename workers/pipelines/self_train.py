@@ -87,36 +87,65 @@ def run(ctx: JobContext) -> dict[str, Any]:
             for image in channel(p.marker_source_channel):
                 marker_images.append(predict_stain(isl_net, image, diameter=isl_diameter))
                 ctx.progress()
-            marker_origin = {"isl_model": isl_row.name, "isl_weights_sha256": isl_row.weights_sha256,
-                             "source_channel": p.marker_source_channel}
+            marker_origin = {
+                "isl_model": isl_row.name,
+                "isl_weights_sha256": isl_row.weights_sha256,
+                "source_channel": p.marker_source_channel,
+            }
         # With ISL markers, the predicted nuclear map is also the nuclei's foreground by default.
-        predicted_foreground = p.marker_isl_model and p.object == "nuclei" and \
-            p.foreground_channel == p.marker_source_channel
-        foreground_images = marker_images if predicted_foreground or p.foreground_channel == p.marker_channel \
+        predicted_foreground = (
+            p.marker_isl_model and p.object == "nuclei" and p.foreground_channel == p.marker_source_channel
+        )
+        foreground_images = (
+            marker_images
+            if predicted_foreground or p.foreground_channel == p.marker_channel
             else channel(p.foreground_channel)
+        )
 
-    config = SelfTrainConfig(epochs=st.epochs, patch_scale=st.patch_scale, lam=st.lam, beta=st.beta,
-                             learning_rate=st.learning_rate, seed=st.seed)
+    config = SelfTrainConfig(
+        epochs=st.epochs,
+        patch_scale=st.patch_scale,
+        lam=st.lam,
+        beta=st.beta,
+        learning_rate=st.learning_rate,
+        seed=st.seed,
+    )
 
     def on_self_epoch(report) -> None:
-        ctx.progress(f"pseudo-labelling: epoch {report.epoch} of {config.epochs}",
-                     0.05 + 0.3 * (report.epoch + 1) / config.epochs, force=True)
+        ctx.progress(
+            f"pseudo-labelling: epoch {report.epoch} of {config.epochs}",
+            0.05 + 0.3 * (report.epoch + 1) / config.epochs,
+            force=True,
+        )
 
     try:
         with ctx.stage("pseudo-labelling", 0.05):
-            pseudo = self_train(marker_images, foreground_images, diameter=st.diameter, config=config,
-                                on_epoch=on_self_epoch, should_stop=ctx.cancel_requested)
+            pseudo = self_train(
+                marker_images,
+                foreground_images,
+                diameter=st.diameter,
+                config=config,
+                on_epoch=on_self_epoch,
+                should_stop=ctx.cancel_requested,
+            )
     except TrainingCancelled:
         raise _cancelled(ctx, None) from None
     counts = [int(len(np.unique(lab)) - 1) for lab in pseudo.labels]
     with ctx.stage("storing pseudo-labels", 0.36):
         for row, labels in zip(rows, pseudo.labels):
-            ctx.add_result(f"pseudo_labels/image-{row.id}.tif", labels_to_tiff_bytes(labels), kind="pseudo_labels",
-                           media_type="image/tiff", meta={"dataset_image_id": row.id, "objects": int(labels.max())})
+            ctx.add_result(
+                f"pseudo_labels/image-{row.id}.tif",
+                labels_to_tiff_bytes(labels),
+                kind="pseudo_labels",
+                media_type="image/tiff",
+                meta={"dataset_image_id": row.id, "objects": int(labels.max())},
+            )
     usable = [i for i, c in enumerate(counts) if c > 0]
     if len(usable) < 2:
-        raise JobFailed(f"self-training found objects in only {len(usable)} image(s) (markers per image: "
-                        f"{[len(m) for m in pseudo.markers]}); check the marker channel and the diameter")
+        raise JobFailed(
+            f"self-training found objects in only {len(usable)} image(s) (markers per image: "
+            f"{[len(m) for m in pseudo.markers]}); check the marker channel and the diameter"
+        )
     order = np.random.default_rng(tp.seed).permutation(usable)
     n_val = max(1, round(0.2 * len(order)))
     val_idx, train_idx = sorted(int(i) for i in order[:n_val]), sorted(int(i) for i in order[n_val:])
@@ -124,7 +153,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         from workers.pipelines.preprocess import dataset_preprocessing
 
         prepare, preprocessing_record, prenormalised = dataset_preprocessing(
-            ctx, tp.preprocessing, p.reporter, channel(p.reporter), ds.id)
+            ctx, tp.preprocessing, p.reporter, channel(p.reporter), ds.id
+        )
         reporter_images = [prepare(image) for image in channel(p.reporter)]
 
     with ctx.stage("loading base model", 0.38):
@@ -139,76 +169,142 @@ def run(ctx: JobContext) -> dict[str, Any]:
             base_net = load_weights(ctx, base_row.weights_sha256, base_row.card or {}, base_row.source)
             base_name = base_row.name
 
-    training_params = {"finetune": tp.model_dump(mode="json"), "self_train": st.model_dump(mode="json"),
-                       "markers": marker_origin, "foreground_channel": p.foreground_channel}
+    training_params = {
+        "finetune": tp.model_dump(mode="json"),
+        "self_train": st.model_dump(mode="json"),
+        "markers": marker_origin,
+        "foreground_channel": p.foreground_channel,
+    }
     version = ctx.session.scalar(select(ModelVersion).where(ModelVersion.job_id == ctx.job_id))
     if version is None:
         version = _create_version(
-            ctx, cell_line_id=ds.cell_line_id, reporter_id=reporter.id, object=p.object, status="training",
-            base_model_id=base_row.id if base_row else None, parent_version_id=parent.id if parent else None,
-            dataset_id=ds.id, job_id=ctx.job_id, training_params=training_params, pseudo_labelled=True)
+            ctx,
+            cell_line_id=ds.cell_line_id,
+            reporter_id=reporter.id,
+            object=p.object,
+            status="training",
+            base_model_id=base_row.id if base_row else None,
+            parent_version_id=parent.id if parent else None,
+            dataset_id=ds.id,
+            job_id=ctx.job_id,
+            training_params=training_params,
+            pseudo_labelled=True,
+        )
     else:
         version.status, version.training_curve, version.pseudo_labelled = "training", [], True
         ctx.session.commit()
 
     overrides = {k: getattr(tp, k) for k in ("learning_rate", "weight_decay") if getattr(tp, k) is not None}
-    train_config = TrainingConfig(max_epochs=tp.max_epochs, min_epochs=min(tp.min_epochs, tp.max_epochs),
-                                  patience=tp.patience, batch_size=tp.batch_size, bsize=tp.bsize, augment=tp.augment,
-                                  microscopy_augment=tp.microscopy_augment, seed=tp.seed, min_train_masks=1,
-                                  flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
-                                  normalize_per_image=not prenormalised, **overrides)
+    train_config = TrainingConfig(
+        max_epochs=tp.max_epochs,
+        min_epochs=min(tp.min_epochs, tp.max_epochs),
+        patience=tp.patience,
+        batch_size=tp.batch_size,
+        bsize=tp.bsize,
+        augment=tp.augment,
+        microscopy_augment=tp.microscopy_augment,
+        seed=tp.seed,
+        min_train_masks=1,
+        flow_cache_dir=str(ctx.settings.resolved_data_dir / "flow-cache"),
+        normalize_per_image=not prenormalised,
+        **overrides,
+    )
     curve: list[dict[str, Any]] = []
 
     def on_epoch(report) -> None:
-        curve.append({"epoch": report.epoch, "train_loss": round(float(report.train_loss), 5),
-                      "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
-                      "elapsed_s": round(float(report.elapsed_s), 2)})
-        ctx.progress(f"fine-tuning on pseudo-labels: epoch {report.epoch} of at most {train_config.max_epochs}",
-                     0.4 + 0.5 * min(1.0, (report.epoch + 1) / train_config.max_epochs),
-                     summary={"training_curve": curve, "model_version_id": version.id}, force=True)
+        curve.append(
+            {
+                "epoch": report.epoch,
+                "train_loss": round(float(report.train_loss), 5),
+                "val_loss": None if np.isnan(report.val_loss) else round(float(report.val_loss), 5),
+                "elapsed_s": round(float(report.elapsed_s), 2),
+            }
+        )
+        ctx.progress(
+            f"fine-tuning on pseudo-labels: epoch {report.epoch} of at most {train_config.max_epochs}",
+            0.4 + 0.5 * min(1.0, (report.epoch + 1) / train_config.max_epochs),
+            summary={"training_curve": curve, "model_version_id": version.id},
+            force=True,
+        )
 
     try:
         with ctx.stage("fine-tuning on pseudo-labels", 0.4):
-            result = finetune(base_net, [reporter_images[i] for i in train_idx], [pseudo.labels[i] for i in train_idx],
-                              [reporter_images[i] for i in val_idx], [pseudo.labels[i] for i in val_idx],
-                              train_config, on_epoch=on_epoch, should_stop=ctx.cancel_requested)
+            result = finetune(
+                base_net,
+                [reporter_images[i] for i in train_idx],
+                [pseudo.labels[i] for i in train_idx],
+                [reporter_images[i] for i in val_idx],
+                [pseudo.labels[i] for i in val_idx],
+                train_config,
+                on_epoch=on_epoch,
+                should_stop=ctx.cancel_requested,
+            )
     except TrainingCancelled:
         raise _cancelled(ctx, version) from None
 
     with ctx.stage("size model and scoring", 0.92):
-        size_model = _fit_size_model(result, ([reporter_images[i] for i in train_idx],
-                                              [pseudo.labels[i] for i in train_idx]), prenormalised)
-        annotated = [(i, read_mask(ctx, mask_sha(row, p.object))) for i, row in enumerate(rows)
-                     if mask_sha(row, p.object)]
+        size_model = _fit_size_model(
+            result, ([reporter_images[i] for i in train_idx], [pseudo.labels[i] for i in train_idx]), prenormalised
+        )
+        annotated = [
+            (i, read_mask(ctx, mask_sha(row, p.object))) for i, row in enumerate(rows) if mask_sha(row, p.object)
+        ]
         metrics: dict[str, Any] = {}
         if annotated:  # annotations were never read before this point
-            metrics = _score_single(result.net, [reporter_images[i] for i, _ in annotated],
-                                    [m for _, m in annotated], result.diameter, prenormalised)
+            metrics = _score_single(
+                result.net,
+                [reporter_images[i] for i, _ in annotated],
+                [m for _, m in annotated],
+                result.diameter,
+                prenormalised,
+            )
             metrics["against"] = "the dataset's annotations (unused in training)"
 
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
-            name=f"{ds.cell_line.name}-{p.reporter}-{p.object}", version=str(version.version),
-            architecture=weights.architecture_of(result.net), diameter=float(result.diameter),
-            reporter=p.reporter, cell_line=ds.cell_line.name, object=p.object,
-            training={**train_config.to_dict(), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-                      "n_train": result.n_train, "n_val": result.n_val, "pseudo_labelled": True,
-                      "self_training": {**config.to_dict(), "diameter": pseudo.diameter,
-                                        "markers_per_image": [len(m) for m in pseudo.markers],
-                                        "objects_per_image": counts,
-                                        "method": "marker-controlled patch loss after Din & Yu, Sci. Rep. 2021"},
-                      "markers": marker_origin},
-            data={"dataset_id": ds.id, "channel_index": ds.channels.index(p.reporter),
-                  "preprocessing": preprocessing_record,
-                  "labels": "pseudo-labels from self-training (no human annotation)"},
-            metrics={"annotated": metrics} if metrics else {}, library_versions=library_versions(), parent=base_name,
-            size_model=size_model, extra={"pseudo_labelled": True})
+            name=f"{ds.cell_line.name}-{p.reporter}-{p.object}",
+            version=str(version.version),
+            architecture=weights.architecture_of(result.net),
+            diameter=float(result.diameter),
+            reporter=p.reporter,
+            cell_line=ds.cell_line.name,
+            object=p.object,
+            training={
+                **train_config.to_dict(),
+                "best_epoch": result.best_epoch,
+                "stop_reason": result.stop_reason,
+                "n_train": result.n_train,
+                "n_val": result.n_val,
+                "pseudo_labelled": True,
+                "self_training": {
+                    **config.to_dict(),
+                    "diameter": pseudo.diameter,
+                    "markers_per_image": [len(m) for m in pseudo.markers],
+                    "objects_per_image": counts,
+                    "method": "marker-controlled patch loss after Din & Yu, Sci. Rep. 2021",
+                },
+                "markers": marker_origin,
+            },
+            data={
+                "dataset_id": ds.id,
+                "channel_index": ds.channels.index(p.reporter),
+                "preprocessing": preprocessing_record,
+                "labels": "pseudo-labels from self-training (no human annotation)",
+            },
+            metrics={"annotated": metrics} if metrics else {},
+            library_versions=library_versions(),
+            parent=base_name,
+            size_model=size_model,
+            extra={"pseudo_labelled": True},
+        )
         saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
         blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
-        ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card",
-                       media_type="application/json")
-        ctx.add_result("training_curve.json", json.dumps(curve).encode(), kind="training_curve",
-                       media_type="application/json")
+        ctx.add_result(
+            "model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json"
+        )
+        ctx.add_result(
+            "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
+        )
         version.weights_sha256 = blob.sha256
         version.card = saved.card.to_dict()
         version.diameter = float(result.diameter)
@@ -216,6 +312,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
         version.training_curve = curve
         version.status = "ready"
         ctx.session.commit()
-    return {"model_version_id": version.id, "version": version.version, "pseudo_labelled": True,
-            "objects_per_image": counts, "markers": marker_origin, "best_epoch": result.best_epoch,
-            "annotated_metrics": metrics, "diameter": result.diameter, "training_curve": curve}
+    return {
+        "model_version_id": version.id,
+        "version": version.version,
+        "pseudo_labelled": True,
+        "objects_per_image": counts,
+        "markers": marker_origin,
+        "best_epoch": result.best_epoch,
+        "annotated_metrics": metrics,
+        "diameter": result.diameter,
+        "training_curve": curve,
+    }

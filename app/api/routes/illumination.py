@@ -48,8 +48,9 @@ def profile_by_id(session, profile_id: int) -> IlluminationProfile:
 
 
 @router.get("", response_model=list[IlluminationProfileOut], summary="Illumination profiles, newest first")
-def list_profiles(session: SessionDep, _principal: InstrumentDep,
-                  limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[IlluminationProfile]:
+def list_profiles(
+    session: SessionDep, _principal: InstrumentDep, limit: Annotated[int, Query(ge=1, le=500)] = 100
+) -> list[IlluminationProfile]:
     return list(session.scalars(select(IlluminationProfile).order_by(IlluminationProfile.id.desc()).limit(limit)))
 
 
@@ -58,14 +59,22 @@ def get_profile(profile_id: IdPath, session: SessionDep, _principal: InstrumentD
     return profile_by_id(session, profile_id)
 
 
-@router.post("", response_model=IlluminationProfileOut, status_code=201,
-             summary="Upload a measured flat-field (e.g. a uniform dye slide): TIFF (C, Y, X) or (Y, X)")
-def upload_profile(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, _principal: ScientistDep,
-                   name: Annotated[str, Form(min_length=1, max_length=200)],
-                   channels: Annotated[str, Form(description="reporter names, comma-separated, one per plane")],
-                   flatfield: Annotated[UploadFile, File(description="float or integer TIFF, > 0 everywhere")],
-                   darkfield: Annotated[UploadFile | None, File(description="optional, same shape")] = None,
-                   ) -> IlluminationProfile:
+@router.post(
+    "",
+    response_model=IlluminationProfileOut,
+    status_code=201,
+    summary="Upload a measured flat-field (e.g. a uniform dye slide): TIFF (C, Y, X) or (Y, X)",
+)
+def upload_profile(
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+    _principal: ScientistDep,
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    channels: Annotated[str, Form(description="reporter names, comma-separated, one per plane")],
+    flatfield: Annotated[UploadFile, File(description="float or integer TIFF, > 0 everywhere")],
+    darkfield: Annotated[UploadFile | None, File(description="optional, same shape")] = None,
+) -> IlluminationProfile:
     from app.science.preprocessing import (
         IlluminationModel,
         PreprocessingError,
@@ -84,14 +93,27 @@ def upload_profile(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
     except PreprocessingError as exc:
         raise Problem(422, f"{display_name(flatfield.filename)}: {exc}", slug="invalid-profile") from None
     if model.flatfield.shape[0] != len(names):
-        raise Problem(422, f"the flat-field has {model.flatfield.shape[0]} plane(s) but 'channels' names "
-                      f"{len(names)} ({', '.join(names)})", slug="profile-channel-mismatch")
+        raise Problem(
+            422,
+            f"the flat-field has {model.flatfield.shape[0]} plane(s) but 'channels' names "
+            f"{len(names)} ({', '.join(names)})",
+            slug="profile-channel-mismatch",
+        )
     stored = IlluminationModel(flatfield=model.flatfield, darkfield=dark, method="reference")
     blob = blobs.put_bytes(illumination_to_tiff(stored))
     height, width = model.flatfield.shape[1:]
-    row = IlluminationProfile(name=name, source="uploaded", method="reference", channels=names, height=int(height),
-                              width=int(width), has_darkfield=dark is not None, blob_sha256=blob.sha256,
-                              inputs={"filename": display_name(flatfield.filename)}, summary=stored.summary())
+    row = IlluminationProfile(
+        name=name,
+        source="uploaded",
+        method="reference",
+        channels=names,
+        height=int(height),
+        width=int(width),
+        has_darkfield=dark is not None,
+        blob_sha256=blob.sha256,
+        inputs={"filename": display_name(flatfield.filename)},
+        summary=stored.summary(),
+    )
     session.add(row)
     session.commit()
     return row
@@ -112,10 +134,19 @@ def _darkfield(data: bytes) -> np.ndarray:
     return array[np.newaxis] if array.ndim == 2 else array
 
 
-@router.get("/{profile_id}/preview.png", summary="A channel's flat-field as a greyscale PNG (for the page)",
-            response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def preview_profile(profile_id: IdPath, session: SessionDep, blobs: BlobsDep, _principal: InstrumentDep,
-                    channel: Annotated[int, Query(ge=0, le=15)] = 0) -> Response:
+@router.get(
+    "/{profile_id}/preview.png",
+    summary="A channel's flat-field as a greyscale PNG (for the page)",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def preview_profile(
+    profile_id: IdPath,
+    session: SessionDep,
+    blobs: BlobsDep,
+    _principal: InstrumentDep,
+    channel: Annotated[int, Query(ge=0, le=15)] = 0,
+) -> Response:
     from PIL import Image
 
     from app.science.preprocessing import illumination_from_tiff

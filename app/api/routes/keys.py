@@ -19,15 +19,17 @@ def list_keys(session: SessionDep, _: AdminDep) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
-@router.post("", response_model=ApiKeyCreatedOut, status_code=201,
-             summary="Create an API key; the key is in this response only")
+@router.post(
+    "", response_model=ApiKeyCreatedOut, status_code=201, summary="Create an API key; the key is in this response only"
+)
 def create_api_key(body: ApiKeyIn, session: SessionDep, _: AdminDep) -> ApiKeyCreatedOut:
     row, key = create_key(session, body.name, body.role)
     return ApiKeyCreatedOut(**ApiKeyOut.model_validate(row).model_dump(), key=key)
 
 
-@router.post("/{key_id}/revoke", response_model=ApiKeyOut,
-             summary="Revoke a key; it stops working with the next request")
+@router.post(
+    "/{key_id}/revoke", response_model=ApiKeyOut, summary="Revoke a key; it stops working with the next request"
+)
 def revoke_api_key(key_id: IdPath, session: SessionDep, _: AdminDep) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
@@ -35,12 +37,16 @@ def revoke_api_key(key_id: IdPath, session: SessionDep, _: AdminDep) -> ApiKey:
     if row.revoked_at is None:
         if row.role == "admin":
             # Revoking the last admin key would lock everyone out of key management.
-            active_admins = session.scalar(
-                select(func.count()).select_from(ApiKey)
-                .where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))) or 0
+            active_admins = (
+                session.scalar(
+                    select(func.count()).select_from(ApiKey).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+                )
+                or 0
+            )
             if active_admins <= 1:
-                raise Problem(409, "this is the last active admin key; create another admin key first",
-                              slug="last-admin-key")
+                raise Problem(
+                    409, "this is the last active admin key; create another admin key first", slug="last-admin-key"
+                )
         row.revoked_at = utcnow()
         session.commit()
     return row

@@ -55,8 +55,11 @@ def _check_disk(settings: Settings) -> dict:
     except OSError as exc:
         return {"ok": False, "error": f"the data directory cannot be read ({exc.strerror})"}
     if free < settings.min_free_disk_bytes:
-        return {"ok": False, "free_bytes": free,
-                "error": "the data disk is full (or nearly): uploads and jobs will fail until space is freed"}
+        return {
+            "ok": False,
+            "free_bytes": free,
+            "error": "the data disk is full (or nearly): uploads and jobs will fail until space is freed",
+        }
     return {"ok": True, "free_bytes": free}
 
 
@@ -73,13 +76,20 @@ def _is_admin(session, key: str | None) -> bool:
     return principal is not None and principal.has_role("admin")
 
 
-@router.get("/ready", response_model=ReadyOut, response_model_exclude_none=True,
-            summary="Readiness: database, broker, workers, data disk (details for admin keys)",
-            description="Public callers get the status only; with an admin key in X-API-Key the answer "
-                        "also holds each check (workers with host:pid, the disk's free space) and versions.",
-            responses={503: {"description": "Not ready", "model": ReadyOut}})
-def ready(session: SessionDep, settings: SettingsDep,
-          key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None):
+@router.get(
+    "/ready",
+    response_model=ReadyOut,
+    response_model_exclude_none=True,
+    summary="Readiness: database, broker, workers, data disk (details for admin keys)",
+    description="Public callers get the status only; with an admin key in X-API-Key the answer "
+    "also holds each check (workers with host:pid, the disk's free space) and versions.",
+    responses={503: {"description": "Not ready", "model": ReadyOut}},
+)
+def ready(
+    session: SessionDep,
+    settings: SettingsDep,
+    key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
+):
     checks: dict = {}
     try:
         session.execute(text("SELECT 1"))
@@ -96,8 +106,10 @@ def ready(session: SessionDep, settings: SettingsDep,
             if as_utc(w.last_seen) >= fresh_after:
                 workers.append({"name": w.name, "queues": w.queues, **(w.info or {})})
     checks["workers"] = {"ok": bool(workers), "count": len(workers), "workers": workers}
-    checks["gpu"] = {"present": any(w.get("gpu") for w in workers),
-                     "devices": sorted({w.get("gpu_name") for w in workers if w.get("gpu_name")})}
+    checks["gpu"] = {
+        "present": any(w.get("gpu") for w in workers),
+        "devices": sorted({w.get("gpu_name") for w in workers if w.get("gpu_name")}),
+    }
     ok = all(checks[name]["ok"] for name in ("database", "broker", "disk", "workers"))
     body = ReadyOut(status="ready" if ok else "not ready")
     if checks["database"]["ok"] and _is_admin(session, key):

@@ -51,8 +51,15 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
-def _accepted(session: Session, settings: Settings, kind: str, params: JobParams, principal: Principal,
-              idempotency_key: str | None, response: Response) -> JobOut:
+def _accepted(
+    session: Session,
+    settings: Settings,
+    kind: str,
+    params: JobParams,
+    principal: Principal,
+    idempotency_key: str | None,
+    response: Response,
+) -> JobOut:
     job, created = submit_job(session, settings, kind, params.model_dump(mode="json"), principal, idempotency_key)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     if not created:
@@ -65,14 +72,24 @@ def _check_subset(use: list[str] | None, channels: list[str]) -> None:
         return
     unknown = [c for c in use if c not in channels]
     if unknown:
-        raise Problem(422, f"channel(s) {', '.join(unknown)} are not among this image's channels "
-                      f"({', '.join(channels)})", slug="unknown-channel")
+        raise Problem(
+            422,
+            f"channel(s) {', '.join(unknown)} are not among this image's channels ({', '.join(channels)})",
+            slug="unknown-channel",
+        )
     if len(set(use)) != len(use):
         raise Problem(422, "use_channels lists a channel twice", slug="duplicate-channels")
 
 
-def plan_models(session: Session, line: CellLine, channels: list[str], objects: list[str],
-                use_channels: list[str] | None, alias: str, learned_fusion: bool = True) -> dict[str, ObjectPlan]:
+def plan_models(
+    session: Session,
+    line: CellLine,
+    channels: list[str],
+    objects: list[str],
+    use_channels: list[str] | None,
+    alias: str,
+    learned_fusion: bool = True,
+) -> dict[str, ObjectPlan]:
     """Per object: the channels to fuse and the model version per channel. Missing models and
     unknown aliases are a 422. With ``learned_fusion`` the fusion parameters the zoo fitted for
     exactly this channel set and these model versions come along (``zoo.fitted_fusion``)."""
@@ -90,13 +107,19 @@ def plan_models(session: Session, line: CellLine, channels: list[str], objects: 
                 use = list(channels)
         res = zoo.resolve_models(session, line, use, obj, alias)
         if res.missing:
-            raise Problem(422, f"no {obj} model for reporter(s) {', '.join(res.missing)} on cell line "
-                          f"{line.name!r}; fine-tune one or leave the channel out (use_channels)",
-                          slug="missing-model", missing=res.missing, object=obj)
+            raise Problem(
+                422,
+                f"no {obj} model for reporter(s) {', '.join(res.missing)} on cell line "
+                f"{line.name!r}; fine-tune one or leave the channel out (use_channels)",
+                slug="missing-model",
+                missing=res.missing,
+                object=obj,
+            )
         models = {name: res.models[name].id for name in use}
         fusion, fusion_source = zoo.fitted_fusion(session, line.id, obj, models) if learned_fusion else (None, None)
-        plan[obj] = ObjectPlan(channels=use, channel_source=how, models=models, fusion=fusion,
-                               fusion_source=fusion_source)
+        plan[obj] = ObjectPlan(
+            channels=use, channel_source=how, models=models, fusion=fusion, fusion_source=fusion_source
+        )
     return plan
 
 
@@ -122,14 +145,27 @@ def _resolve_base(session: Session, base: str) -> str:
 
 def _check_channel(ds: Dataset, name: str | None, what: str) -> None:
     if name is not None and name not in ds.channels:
-        raise Problem(422, f"{what} {name!r} is not a channel of dataset {ds.id} (it has {', '.join(ds.channels)})",
-                      slug="unknown-channel")
+        raise Problem(
+            422,
+            f"{what} {name!r} is not a channel of dataset {ds.id} (it has {', '.join(ds.channels)})",
+            slug="unknown-channel",
+        )
 
 
-@router.post("/pretrain-isl", response_model=JobOut, status_code=202,
-             summary="In-silico-labelling pretraining: a base model that predicts a stain from other channels")
-def submit_pretrain_isl(body: PretrainISLIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
-                        response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/pretrain-isl",
+    response_model=JobOut,
+    status_code=202,
+    summary="In-silico-labelling pretraining: a base model that predicts a stain from other channels",
+)
+def submit_pretrain_isl(
+    body: PretrainISLIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     from sqlalchemy import select
 
     from app.models import BaseModel
@@ -143,50 +179,97 @@ def submit_pretrain_isl(body: PretrainISLIn, session: SessionDep, settings: Sett
     if len(set(body.source_channels)) != len(body.source_channels):
         raise Problem(422, "source_channels lists a channel twice", slug="duplicate-channels")
     if len(ds.images) < 2:
-        raise Problem(422, f"dataset {ds.id} has {len(ds.images)} image(s); ISL pretraining needs at least 2 "
-                      "(training and validation)", slug="too-few-images")
+        raise Problem(
+            422,
+            f"dataset {ds.id} has {len(ds.images)} image(s); ISL pretraining needs at least 2 "
+            "(training and validation)",
+            slug="too-few-images",
+        )
     if session.scalar(select(BaseModel).where(BaseModel.name == body.name)) is not None:
-        raise Problem(409, f"a base model named {body.name!r} already exists; choose another name",
-                      slug="base-model-exists")
+        raise Problem(
+            409, f"a base model named {body.name!r} already exists; choose another name", slug="base-model-exists"
+        )
     init = zoo.base_model_by_name(session, body.init_base).name if body.init_base else None
-    params = PretrainISLJob(dataset_id=ds.id, source_channels=body.source_channels, target_channel=body.target_channel,
-                            name=body.name, init_base=init, params=body.params)
+    params = PretrainISLJob(
+        dataset_id=ds.id,
+        source_channels=body.source_channels,
+        target_channel=body.target_channel,
+        name=body.name,
+        init_base=init,
+        params=body.params,
+    )
     return _accepted(session, settings, "pretrain_isl", params, principal, idempotency_key, response)
 
 
-@router.post("/self-train", response_model=JobOut, status_code=202,
-             summary="Annotation-free training: pseudo-labels from nucleus markers, then a fine-tune")
-def submit_self_train(body: SelfTrainIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
-                      response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/self-train",
+    response_model=JobOut,
+    status_code=202,
+    summary="Annotation-free training: pseudo-labels from nucleus markers, then a fine-tune",
+)
+def submit_self_train(
+    body: SelfTrainIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
     _check_channel(ds, body.reporter, "reporter")
     zoo.reporter_by_name(session, body.reporter)
     if (body.marker_channel is None) == (body.marker_isl_model is None):
-        raise Problem(422, "give exactly one marker source: marker_channel (a nuclear stain channel) or "
-                      "marker_isl_model (an ISL base model that predicts it)", slug="marker-source")
+        raise Problem(
+            422,
+            "give exactly one marker source: marker_channel (a nuclear stain channel) or "
+            "marker_isl_model (an ISL base model that predicts it)",
+            slug="marker-source",
+        )
     _check_channel(ds, body.marker_channel, "marker channel")
     source = body.marker_source_channel or (body.reporter if body.marker_isl_model else None)
     _check_channel(ds, source, "marker source channel")
     if body.marker_isl_model is not None:
         isl = zoo.base_model_by_name(session, body.marker_isl_model)
         if (isl.card or {}).get("training", {}).get("pretext") != "in-silico labelling":
-            raise Problem(422, f"base model {isl.name!r} is not an ISL model (made by a pretrain-isl job)",
-                          slug="not-an-isl-model")
-    foreground = body.foreground_channel or (body.marker_channel or source if body.object == "nuclei"
-                                             else body.reporter)
+            raise Problem(
+                422,
+                f"base model {isl.name!r} is not an ISL model (made by a pretrain-isl job)",
+                slug="not-an-isl-model",
+            )
+    foreground = body.foreground_channel or (
+        body.marker_channel or source if body.object == "nuclei" else body.reporter
+    )
     _check_channel(ds, foreground, "foreground channel")
     if len(ds.images) < 3:
-        raise Problem(422, f"dataset {ds.id} has {len(ds.images)} image(s); self-training needs at least 3 "
-                      "(training, validation, test)", slug="too-few-images")
-    params = SelfTrainJob(dataset_id=ds.id, reporter=body.reporter, object=body.object, cell_line=ds.cell_line.name,
-                          base=_resolve_base(session, body.base), marker_channel=body.marker_channel,
-                          marker_isl_model=body.marker_isl_model, marker_source_channel=source,
-                          foreground_channel=foreground, self_train=body.self_train, params=body.params)
+        raise Problem(
+            422,
+            f"dataset {ds.id} has {len(ds.images)} image(s); self-training needs at least 3 "
+            "(training, validation, test)",
+            slug="too-few-images",
+        )
+    params = SelfTrainJob(
+        dataset_id=ds.id,
+        reporter=body.reporter,
+        object=body.object,
+        cell_line=ds.cell_line.name,
+        base=_resolve_base(session, body.base),
+        marker_channel=body.marker_channel,
+        marker_isl_model=body.marker_isl_model,
+        marker_source_channel=source,
+        foreground_channel=foreground,
+        self_train=body.self_train,
+        params=body.params,
+    )
     return _accepted(session, settings, "self_train", params, principal, idempotency_key, response)
 
 
-def check_preprocessing(session: Session, plan: dict[str, ObjectPlan], override: PreprocessingRecipe | None,
-                        n_fields: int, shapes: set[tuple[int, int]]) -> None:
+def check_preprocessing(
+    session: Session,
+    plan: dict[str, ObjectPlan],
+    override: PreprocessingRecipe | None,
+    n_fields: int,
+    shapes: set[tuple[int, int]],
+) -> None:
     """Refuse, before the job exists, what preprocessing could not do on this plate: a stored
     profile of the wrong size or without the channel, or a plate too small to estimate a profile on
     (unless the model has a training profile of the right size to fall back on)."""
@@ -202,10 +285,15 @@ def check_preprocessing(session: Session, plan: dict[str, ObjectPlan], override:
                 trained = None if override else training_profile_from_card(card)
                 if trained is None or _profile_shape(session, trained.get("id")) not in shapes or len(shapes) != 1:
                     whose = "the request's recipe" if override else f"the {obj} model of {name!r}"
-                    raise Problem(422, f"{whose} corrects illumination per plate, but the plate has {n_fields} "
-                                  f"field(s); at least {MIN_PROFILE_FIELDS} are needed to estimate a profile. Send "
-                                  "more fields, or upload a flat-field and use preprocessing.illumination='profile'",
-                                  slug="plate-too-small-for-profile", fields=n_fields, minimum=MIN_PROFILE_FIELDS)
+                    raise Problem(
+                        422,
+                        f"{whose} corrects illumination per plate, but the plate has {n_fields} "
+                        f"field(s); at least {MIN_PROFILE_FIELDS} are needed to estimate a profile. Send "
+                        "more fields, or upload a flat-field and use preprocessing.illumination='profile'",
+                        slug="plate-too-small-for-profile",
+                        fields=n_fields,
+                        minimum=MIN_PROFILE_FIELDS,
+                    )
 
 
 def _profile_shape(session: Session, profile_id: int | None) -> tuple[int, int] | None:
@@ -218,32 +306,60 @@ def _check_profile(session: Session, profile_id: int | None, channel: str, shape
     if row is None:
         raise Problem(422, f"there is no illumination profile {profile_id}", slug="unknown-profile")
     if channel not in row.channels:
-        raise Problem(422, f"illumination profile {row.id} has no channel {channel!r} (it has "
-                      f"{', '.join(row.channels)})", slug="profile-channel-mismatch")
+        raise Problem(
+            422,
+            f"illumination profile {row.id} has no channel {channel!r} (it has {', '.join(row.channels)})",
+            slug="profile-channel-mismatch",
+        )
     wrong = sorted(s for s in shapes if s != (row.height, row.width))
     if wrong:
-        raise Problem(422, f"illumination profile {row.id} is {row.height}×{row.width} but the fields are "
-                      f"{', '.join(f'{h}×{w}' for h, w in wrong)}: a profile corrects fields of its own size",
-                      slug="profile-shape-mismatch")
+        raise Problem(
+            422,
+            f"illumination profile {row.id} is {row.height}×{row.width} but the fields are "
+            f"{', '.join(f'{h}×{w}' for h, w in wrong)}: a profile corrects fields of its own size",
+            slug="profile-shape-mismatch",
+        )
 
 
-@router.post("/finetune", response_model=JobOut, status_code=202,
-             summary="Fine-tune a model for one (cell line, reporter, object) on a dataset")
-def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
-                    response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/finetune",
+    response_model=JobOut,
+    status_code=202,
+    summary="Fine-tune a model for one (cell line, reporter, object) on a dataset",
+)
+def submit_finetune(
+    body: FinetuneIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     max_epochs = settings.max_finetune_epochs.get(principal.role, 0)
     if body.params.max_epochs > max_epochs:
-        raise Problem(422, f"a {principal.role} key may fine-tune for at most {max_epochs} epochs "
-                      f"(max_epochs {body.params.max_epochs})", slug="job-too-long", limit_epochs=max_epochs)
+        raise Problem(
+            422,
+            f"a {principal.role} key may fine-tune for at most {max_epochs} epochs "
+            f"(max_epochs {body.params.max_epochs})",
+            slug="job-too-long",
+            limit_epochs=max_epochs,
+        )
     ds = zoo.dataset_by_id(session, body.dataset_id)
     if body.reporter not in ds.channels:
-        raise Problem(422, f"dataset {ds.id} has no channel {body.reporter!r} (it has {', '.join(ds.channels)})",
-                      slug="unknown-channel")
+        raise Problem(
+            422,
+            f"dataset {ds.id} has no channel {body.reporter!r} (it has {', '.join(ds.channels)})",
+            slug="unknown-channel",
+        )
     mask_attr = "nuclei_sha256" if body.object == "nuclei" else "cells_sha256"
     labelled = sum(1 for im in ds.images if getattr(im, mask_attr))
     if labelled < 3:
-        raise Problem(422, f"dataset {ds.id} has {labelled} image(s) with {body.object} masks; fine-tuning "
-                      "needs at least 3 (training, validation, test)", slug="too-few-labelled-images")
+        raise Problem(
+            422,
+            f"dataset {ds.id} has {labelled} image(s) with {body.object} masks; fine-tuning "
+            "needs at least 3 (training, validation, test)",
+            slug="too-few-labelled-images",
+        )
     base = body.base
     if base.startswith("version:"):
         number = base.split(":", 1)[1].strip()
@@ -269,31 +385,57 @@ def submit_finetune(body: FinetuneIn, session: SessionDep, settings: SettingsDep
         from app.science.preprocessing import MIN_PROFILE_FIELDS
 
         if len(ds.images) < MIN_PROFILE_FIELDS or len(shapes) != 1:
-            raise Problem(422, f"per-plate illumination correction estimates a profile from the dataset's images: it "
-                          f"needs at least {MIN_PROFILE_FIELDS} images of one size; dataset {ds.id} has "
-                          f"{len(ds.images)} image(s) of {len(shapes)} size(s)", slug="plate-too-small-for-profile")
-    params = FinetuneJob(dataset_id=ds.id, reporter=body.reporter, object=body.object, base=base,
-                         cell_line=ds.cell_line.name, params=body.params)
+            raise Problem(
+                422,
+                f"per-plate illumination correction estimates a profile from the dataset's images: it "
+                f"needs at least {MIN_PROFILE_FIELDS} images of one size; dataset {ds.id} has "
+                f"{len(ds.images)} image(s) of {len(shapes)} size(s)",
+                slug="plate-too-small-for-profile",
+            )
+    params = FinetuneJob(
+        dataset_id=ds.id,
+        reporter=body.reporter,
+        object=body.object,
+        base=base,
+        cell_line=ds.cell_line.name,
+        params=body.params,
+    )
     return _accepted(session, settings, "finetune", params, principal, idempotency_key, response)
 
 
-@router.post("/segment", response_model=JobOut, status_code=202,
-             summary="Segment uploaded fields (a plate: one file per field) with Flow Fusion or a baseline")
-def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, principal: InstrumentDep,
-                   response: Response,
-                   request: Annotated[str, Form(description="JSON: SegmentRequest", max_length=200_000)],
-                   files: Annotated[list[UploadFile], File(description="one TIFF/OME-TIFF per field")],
-                   idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/segment",
+    response_model=JobOut,
+    status_code=202,
+    summary="Segment uploaded fields (a plate: one file per field) with Flow Fusion or a baseline",
+)
+def submit_segment(
+    session: SessionDep,
+    settings: SettingsDep,
+    blobs: BlobsDep,
+    principal: InstrumentDep,
+    response: Response,
+    request: Annotated[str, Form(description="JSON: SegmentRequest", max_length=200_000)],
+    files: Annotated[list[UploadFile], File(description="one TIFF/OME-TIFF per field")],
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     try:
         req = SegmentRequest.model_validate_json(request)
     except ValidationError as exc:
         errors = [{"location": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        raise Problem(422, "the segmentation request is not valid: " +
-                      "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5]),
-                      slug="validation-error", errors=errors)
+        raise Problem(
+            422,
+            "the segmentation request is not valid: "
+            + "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5]),
+            slug="validation-error",
+            errors=errors,
+        )
     if req.fields and len(req.fields) != len(files):
-        raise Problem(422, f"'fields' describes {len(req.fields)} field(s) but {len(files)} file(s) were sent",
-                      slug="fields-mismatch")
+        raise Problem(
+            422,
+            f"'fields' describes {len(req.fields)} field(s) but {len(files)} file(s) were sent",
+            slug="fields-mismatch",
+        )
     names = _uploaded_field_names(req, len(files))
     shapes: list = []
     line = zoo.cell_line_by_name(session, req.cell_line)
@@ -302,25 +444,48 @@ def submit_segment(session: SessionDep, settings: SettingsDep, blobs: BlobsDep, 
         zoo.reporter_by_name(session, name)
     if len(set(req.channels)) != len(req.channels):
         raise Problem(422, "each channel needs its own name; the request lists one twice", slug="duplicate-channels")
-    plan = plan_models(session, line, req.channels, list(req.objects), req.use_channels, req.alias,
-                       req.params.learned_fusion)
+    plan = plan_models(
+        session, line, req.channels, list(req.objects), req.use_channels, req.alias, req.params.learned_fusion
+    )
     loaded = []
     for index, upload in enumerate(files):
         # Validated from its spooled file; only one field's pixels are in memory at a time.
         image = load_image([upload], settings.max_upload_bytes, settings.max_image_pixels)
         (n_channels, *field_shape), image.data = image.data.shape, None
         if n_channels != len(req.channels):
-            raise Problem(422, f"{image.filename} has {n_channels} channel(s) but the request maps "
-                          f"{len(req.channels)} ({', '.join(req.channels)})", slug="channel-count-mismatch")
+            raise Problem(
+                422,
+                f"{image.filename} has {n_channels} channel(s) but the request maps "
+                f"{len(req.channels)} ({', '.join(req.channels)})",
+                slug="channel-count-mismatch",
+            )
         meta = req.fields[index] if req.fields else None
         shapes.append(tuple(field_shape))
-        loaded.append((image, {"name": names[index], "well": meta.well if meta else None,
-                               "field": meta.field if meta else None, "filename": image.filename}))
+        loaded.append(
+            (
+                image,
+                {
+                    "name": names[index],
+                    "well": meta.well if meta else None,
+                    "field": meta.field if meta else None,
+                    "filename": image.filename,
+                },
+            )
+        )
     check_preprocessing(session, plan, req.params.preprocessing, len(files), set(shapes))
     # All files are valid: only now store them (streamed from the spooled files).
     fields = [FieldSpec(image_sha256=image.store(blobs).sha256, **meta) for image, meta in loaded]
-    params = SegmentJob(cell_line=line.name, channels=req.channels, objects=list(req.objects), method=req.method,
-                        alias=req.alias, plate=req.plate, plan=plan, fields=fields, params=req.params)
+    params = SegmentJob(
+        cell_line=line.name,
+        channels=req.channels,
+        objects=list(req.objects),
+        method=req.method,
+        alias=req.alias,
+        plate=req.plate,
+        plan=plan,
+        fields=fields,
+        params=req.params,
+    )
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
 
 
@@ -354,8 +519,14 @@ def _uploaded_field_names(req: SegmentRequest, n_files: int) -> list[str]:
             duplicates.append(f"well {key[0]!r} field {key[1]} (files {seen[key] + 1} and {i + 1})")
         seen.setdefault(key, i)
     if duplicates:
-        raise Problem(422, "the plate names the same field more than once: " + "; ".join(duplicates) +
-                      "; give every file its own {well, field}", slug="duplicate-fields", duplicates=duplicates)
+        raise Problem(
+            422,
+            "the plate names the same field more than once: "
+            + "; ".join(duplicates)
+            + "; give every file its own {well, field}",
+            slug="duplicate-fields",
+            duplicates=duplicates,
+        )
     names = [field_name(well, field) for well, field in keys]
     _refuse_name_collisions(names, [f"well {w!r} field {f}" for w, f in keys])
     return names
@@ -368,28 +539,64 @@ def _refuse_name_collisions(names: list[str], described: list[str]) -> None:
     clashes = {name: whats for name, whats in by_name.items() if len(whats) > 1}
     if clashes:
         detail = "; ".join(f"{' and '.join(whats)} would both be stored as {name!r}" for name, whats in clashes.items())
-        raise Problem(422, f"field names clash after making them safe for file names: {detail}; rename the wells",
-                      slug="duplicate-fields", duplicates=list(clashes))
+        raise Problem(
+            422,
+            f"field names clash after making them safe for file names: {detail}; rename the wells",
+            slug="duplicate-fields",
+            duplicates=list(clashes),
+        )
 
 
-@router.post("/segment-dataset", response_model=JobOut, status_code=202,
-             summary="Segment the images of a dataset (with metrics against its masks)")
-def submit_segment_dataset(body: SegmentDatasetIn, session: SessionDep, settings: SettingsDep,
-                           principal: ScientistDep, response: Response,
-                           idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/segment-dataset",
+    response_model=JobOut,
+    status_code=202,
+    summary="Segment the images of a dataset (with metrics against its masks)",
+)
+def submit_segment_dataset(
+    body: SegmentDatasetIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
-    plan = plan_models(session, ds.cell_line, ds.channels, list(body.objects), body.use_channels, body.alias,
-                       body.params.learned_fusion)
+    plan = plan_models(
+        session,
+        ds.cell_line,
+        ds.channels,
+        list(body.objects),
+        body.use_channels,
+        body.alias,
+        body.params.learned_fusion,
+    )
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
     check_preprocessing(session, plan, body.params.preprocessing, len(images), {(im.height, im.width) for im in images})
-    fields = [FieldSpec(name=name, well=im.well, field=im.field, filename=im.filename,
-                        image_sha256=im.image_sha256, dataset_image_id=im.id)
-              for name, im in zip(_dataset_field_names(images), images, strict=True)]
-    params = SegmentJob(cell_line=ds.cell_line.name, channels=ds.channels, objects=list(body.objects),
-                        method=body.method, alias=body.alias, plan=plan, fields=fields, dataset_id=ds.id,
-                        params=body.params)
+    fields = [
+        FieldSpec(
+            name=name,
+            well=im.well,
+            field=im.field,
+            filename=im.filename,
+            image_sha256=im.image_sha256,
+            dataset_image_id=im.id,
+        )
+        for name, im in zip(_dataset_field_names(images), images, strict=True)
+    ]
+    params = SegmentJob(
+        cell_line=ds.cell_line.name,
+        channels=ds.channels,
+        objects=list(body.objects),
+        method=body.method,
+        alias=body.alias,
+        plan=plan,
+        fields=fields,
+        dataset_id=ds.id,
+        params=body.params,
+    )
     return _accepted(session, settings, "segment", params, principal, idempotency_key, response)
 
 
@@ -406,10 +613,20 @@ def _dataset_field_names(images: list) -> list[str]:
     return names
 
 
-@router.post("/evaluate", response_model=JobOut, status_code=202,
-             summary="Evaluate a model version, or a fusion setting, on a labelled dataset")
-def submit_evaluate(body: EvaluateIn, session: SessionDep, settings: SettingsDep, principal: ScientistDep,
-                    response: Response, idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/evaluate",
+    response_model=JobOut,
+    status_code=202,
+    summary="Evaluate a model version, or a fusion setting, on a labelled dataset",
+)
+def submit_evaluate(
+    body: EvaluateIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     ds: Dataset = zoo.dataset_by_id(session, body.dataset_id)
     params: EvaluateJob
     if body.model_version_id is not None:
@@ -417,14 +634,23 @@ def submit_evaluate(body: EvaluateIn, session: SessionDep, settings: SettingsDep
         if version.status not in ("ready", "archived"):
             raise Problem(409, f"model version {version.id} is {version.status}", slug="version-not-ready")
         if version.reporter.name not in ds.channels:
-            raise Problem(422, f"dataset {ds.id} has no channel for reporter {version.reporter.name!r}",
-                          slug="unknown-channel")
-        params = EvaluateJob(dataset_id=ds.id, split=body.split, model_version_id=version.id, object=version.object,
-                             reporter=version.reporter.name)
+            raise Problem(
+                422, f"dataset {ds.id} has no channel for reporter {version.reporter.name!r}", slug="unknown-channel"
+            )
+        params = EvaluateJob(
+            dataset_id=ds.id,
+            split=body.split,
+            model_version_id=version.id,
+            object=version.object,
+            reporter=version.reporter.name,
+        )
     else:
         if body.object is None:
-            raise Problem(422, "give either model_version_id, or object (with optional use_channels and method)",
-                          slug="evaluate-target-missing")
+            raise Problem(
+                422,
+                "give either model_version_id, or object (with optional use_channels and method)",
+                slug="evaluate-target-missing",
+            )
         plan = plan_models(session, ds.cell_line, ds.channels, [body.object], body.use_channels, body.alias)
         params = EvaluateJob(dataset_id=ds.id, split=body.split, object=body.object, method=body.method, plan=plan)
     _check_split_labelled(ds, body.split, params.object)
@@ -434,18 +660,32 @@ def submit_evaluate(body: EvaluateIn, session: SessionDep, settings: SettingsDep
 def _check_split_labelled(ds: Dataset, split: str, obj: str) -> None:
     attr = "nuclei_sha256" if obj == "nuclei" else "cells_sha256"
     if not any(im.split == split and getattr(im, attr) for im in ds.images):
-        raise Problem(422, f"dataset {ds.id} has no {obj}-labelled images in split {split!r}; "
-                      "assign splits when uploading or run a fine-tune first", slug="empty-split")
+        raise Problem(
+            422,
+            f"dataset {ds.id} has no {obj}-labelled images in split {split!r}; "
+            "assign splits when uploading or run a fine-tune first",
+            slug="empty-split",
+        )
 
 
-@router.post("/select-channels", response_model=JobOut, status_code=202,
-             summary="Rank every channel subset for a (cell line, object) and store the best")
-def submit_select_channels(body: SelectChannelsIn, session: SessionDep, settings: SettingsDep,
-                           principal: ScientistDep, response: Response,
-                           idempotency_key: IdempotencyKey = None) -> JobOut:
+@router.post(
+    "/select-channels",
+    response_model=JobOut,
+    status_code=202,
+    summary="Rank every channel subset for a (cell line, object) and store the best",
+)
+def submit_select_channels(
+    body: SelectChannelsIn,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: ScientistDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
-    plan = plan_models(session, ds.cell_line, ds.channels, [body.object], list(ds.channels), body.alias,
-                       learned_fusion=False)
+    plan = plan_models(
+        session, ds.cell_line, ds.channels, [body.object], list(ds.channels), body.alias, learned_fusion=False
+    )
     _check_split_labelled(ds, body.split, body.object)
     params = SelectChannelsJob(**body.model_dump(), plan=plan, cell_line=ds.cell_line.name)
     return _accepted(session, settings, "select_channels", params, principal, idempotency_key, response)
