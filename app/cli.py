@@ -408,7 +408,7 @@ def bench_ablation(max_epochs: int = 30) -> None:
 @bench_cli.command("few-shot")
 def bench_few_shot(
     small: Annotated[bool, typer.Option("--small", help="a smoke-test size")] = False,
-    dataset: Annotated[list[str], typer.Option(help="synthetic and/or dsb2018")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="synthetic and/or dsb2018")] = None,
 ) -> None:
     """F1 / mAP against the number of annotated images: random, shipped base, ISL init, self-trained."""
     from app.benchmarks.few_shot import run_few_shot_benchmark

@@ -445,8 +445,8 @@ def prepare_field(image: np.ndarray, plan: ChannelPlan) -> PreparedField:
     # would return a view and the in-place normalisation would overwrite the caller's field.
     stack = np.array(image.transpose(1, 2, 0), dtype=np.float32, order="C", copy=True)
     for norm in dict.fromkeys(plan.norms):
-        idx = [c for c in range(k) if plan.norms[c] == norm]
-        stack[..., idx] = _normalize_channels(np.ascontiguousarray(stack[..., idx]), norm)
+        same = [c for c in range(k) if plan.norms[c] == norm]
+        stack[..., same] = _normalize_channels(np.ascontiguousarray(stack[..., same]), norm)
     padded_groups, pads_groups = [], []
     for idx in plan.groups:
         rescale = plan.rescales[idx[0]]

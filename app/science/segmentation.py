@@ -115,12 +115,11 @@ def _check_options(
     if fusion is None:
         # One channel's maps are not fused: they get the model's own threshold (Cellpose's 0.4),
         # not the one for averaged flows.
-        single = models is not None and len(models) == 1
         return _FusionChoice(
             None if weights is None else [float(w) for w in weights],
             None,
             "explicit weights" if weights is not None else "equal weights",
-            models[0].own_flow_threshold if single else FUSED_FLOW_THRESHOLD,
+            models[0].own_flow_threshold if models is not None and len(models) == 1 else FUSED_FLOW_THRESHOLD,
             0.0,
         )
     if weights is not None:

@@ -847,13 +847,21 @@ def train_size_model(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
     *,
-    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5),
+    scales: Sequence[float] | None = None,
+    diameter_range: tuple[float, float] | None = None,
+    samples_per_image: int = 3,
+    max_side: int = 448,
     ridge: float = 1.0,
+    seed: int = 0,
 ):
     """Cellpose 3's ``train_size`` for a trained net: style vectors of each image resized by a few
     factors (net run at its own scale, i.e. no diameter rescale) regressed on log(diameter x factor).
 
-    Returns a ``size_model.SizeModel``; ``predict_diameter`` applies it to a new image.
+    ``scales``: fixed resize factors per image. ``diameter_range`` (instead): ``samples_per_image``
+    resizes per image whose object diameters are drawn log-uniformly in that range (e.g. 8-80 px),
+    each from a random crop no larger than ``max_side`` pixels after resizing (bounded cost, as
+    Cellpose fits on crops). Returns a ``size_model.SizeModel``; ``estimate_image_diameter``
+    applies it with Cellpose's second pass.
     """
     import cv2
 
@@ -863,21 +871,37 @@ def train_size_model(
     _check_pairs(images, masks, "size-model")
     if len(images) == 0:
         raise TrainingDataError("need at least one annotated image to fit a size model")
+    if scales is None and diameter_range is None:
+        scales = (0.5, 0.75, 1.0, 1.25, 1.5)
+    rng = np.random.default_rng(seed)
     diam_mean = float(net.diam_mean.item())
     net.eval()
     styles, diameters = [], []
     for image, diameter in zip(images, image_diameters(masks)):
         image = np.asarray(image, np.float32)
-        for scale in scales:
-            size = (max(16, round(image.shape[1] * scale)), max(16, round(image.shape[0] * scale)))
-            resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        if scales is not None:
+            factors = list(scales)
+        else:
+            low, high = np.log(diameter_range[0]), np.log(diameter_range[1])
+            factors = [float(np.exp(rng.uniform(low, high)) / diameter) for _ in range(samples_per_image)]
+        for factor in factors:
+            crop = image
+            if diameter_range is not None:
+                side = max(16, int(max_side / factor))
+                y0 = int(rng.integers(0, max(1, image.shape[0] - side + 1)))
+                x0 = int(rng.integers(0, max(1, image.shape[1] - side + 1)))
+                crop = image[y0 : y0 + side, x0 : x0 + side]
+            size = (max(16, round(crop.shape[1] * factor)), max(16, round(crop.shape[0] * factor)))
+            interpolation = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+            resized = cv2.resize(crop, size, interpolation=interpolation)
             styles.append(predict_maps(net, resized, diameter=diam_mean).style)
-            diameters.append(diameter * size[1] / image.shape[0])
+            diameters.append(diameter * size[1] / crop.shape[0])
     return fit_size_model(np.stack(styles), np.asarray(diameters), ridge=ridge, diam_mean=diam_mean)
 
 
 def predict_diameter(net: torch.nn.Module, size_model, image: np.ndarray) -> float:
-    """Object diameter (pixels) of one (Y, X) image from the net's style vector and a size model."""
+    """Object diameter (pixels) of one (Y, X) image from the net's style vector and a size model
+    (the first pass only; ``estimate_image_diameter`` adds Cellpose's second pass)."""
     from app.science.backbone import predict_maps
 
     style = predict_maps(net, np.asarray(image, np.float32), diameter=float(net.diam_mean.item())).style

@@ -222,7 +222,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         if weights.network_widths(result.net) == weights.FULL_WIDTHS:
             # Cellpose's own file for scientists who run Cellpose directly (full-width nets only).
             exported = weights.export_cellpose(result.net, ctx.folder.path / "model" / "cellpose_model")
-            extra["cellpose_weights_sha256"] = ctx.blobs.put_bytes(exported.read_bytes()).sha256  # type: ignore[assignment]
+            extra["cellpose_weights_sha256"] = ctx.blobs.put_bytes(exported.read_bytes()).sha256
 
     with ctx.stage("saving", 0.97):
         card = weights.ModelCard(
