@@ -43,3 +43,20 @@ def test_light_science_modules_do_not_import_torch():
         "app.science.exports, app.science.flow_fusion"
     )
     assert "numpy" in loaded and "torch" not in loaded and "cellpose" not in loaded
+
+
+def test_no_module_under_app_imports_workers():
+    """The producer side lives in app/ (app.queue); workers/ depends on app/, never the reverse."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO_ROOT)}: {n}" for n in names if n.split(".")[0] == "workers"]
+    assert len(list((REPO_ROOT / "app").rglob("*.py"))) > 50  # the walk really saw the package
+    assert offenders == []
