@@ -73,7 +73,7 @@ def test_wheel_ships_migrations_and_web_page_and_migrates_outside_the_repo(tmp_p
         "app/_alembic/script.py.mako",
         "app/_alembic/alembic.ini",
         "app/api/web/index.html",
-        "app/api/web/app.js",
+        "app/api/web/js/api.js",
     } <= names
     assert any(n.startswith("models_zoo/weights/") and n.endswith(".safetensors") for n in names)
 

@@ -5,6 +5,7 @@ nor temporary space."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def call_asgi(
     async def main():
         await asyncio.wait_for(app(scope, receive, send), timeout=60)
 
-    asyncio.run(main())
+    # On a thread of its own: a session-wide Playwright (browser tests) keeps an event loop running
+    # in the main thread, where asyncio.run() refuses to start.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, main()).result()
     return out["status"], out["headers"], out["body"], pulled
 
 

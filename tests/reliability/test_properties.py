@@ -220,6 +220,8 @@ ENDPOINTS: dict[type[BaseModel], tuple[str, str]] = {
     schemas.EvaluateIn: ("POST", "/api/v1/jobs/evaluate"),
     schemas.SelectChannelsIn: ("POST", "/api/v1/jobs/select-channels"),
     schemas.ApiKeyIn: ("POST", "/api/v1/keys"),
+    schemas.PretrainISLIn: ("POST", "/api/v1/jobs/pretrain-isl"),
+    schemas.SelfTrainIn: ("POST", "/api/v1/jobs/self-train"),
 }
 
 
@@ -234,6 +236,8 @@ def test_every_request_schema_is_covered():
         schemas.SegmentParams,
         schemas.SegmentRequest,
         schemas.FieldMeta,
+        schemas.ISLParams,
+        schemas.SelfTrainParams,
     }  # inside others / a form field
     assert request_models - nested <= set(ENDPOINTS), request_models - nested - set(ENDPOINTS)
 

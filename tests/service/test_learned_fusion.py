@@ -71,7 +71,8 @@ def test_select_channels_stores_fusion_parameters_and_segmentation_applies_them(
         timeout=300,
     )
     used = job["summary"]["fields"][0]["settings"]["nuclei"]
-    assert used["weights_source"] == "equal weights" and used["flow_threshold"] == 0.7
+    # (a one-channel set is not fused: its own maps get Cellpose's 0.4, not the fused 0.7)
+    assert used["weights_source"] == "equal weights" and used["flow_threshold"] == (0.7 if len(chosen) > 1 else 0.4)
     assert used["weights"] == pytest.approx([1 / len(chosen)] * len(chosen), abs=1e-5)
 
     # A newer model for a channel of the set makes the fitted weights stale: they are not applied.

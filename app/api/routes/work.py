@@ -439,7 +439,9 @@ def submit_segment(
     names = _uploaded_field_names(req, len(files))
     shapes: list = []
     line = zoo.cell_line_by_name(session, req.cell_line)
-    # A channel that is not fused (e.g. brightfield) is only carried along: it need not be a reporter.
+    # A fused channel must be one of the image's (a 422 naming it); a channel that is not fused (e.g.
+    # brightfield) is only carried along: it need not be a registered reporter.
+    _check_subset(req.use_channels, req.channels)
     for name in req.channels if req.use_channels is None else req.use_channels:
         zoo.reporter_by_name(session, name)
     if len(set(req.channels)) != len(req.channels):
