@@ -366,3 +366,26 @@ def estimate_diameter(
         style = predict_maps(loaded.net, image[k].astype(np.float32), diameter=loaded.diam_mean, tile=False).style
         estimates.append(float(SizeModel.from_dict(size_params).predict(style)))
     return float(np.mean(estimates)) if estimates else None
+
+
+def store_trained_version(
+    ctx: JobContext, version: ModelVersion, net, card, curve: list, metrics: dict, diameter: float
+) -> None:
+    """Save a trained net with its card, publish card and curve as results, and mark the version ready
+    (the caller commits)."""
+    import json
+
+    from app.science import weights
+
+    saved = weights.save_model(net, card, ctx.folder.path / "model", "model")
+    blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
+    ctx.add_result("model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json")
+    ctx.add_result(
+        "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
+    )
+    version.weights_sha256 = blob.sha256
+    version.card = saved.card.to_dict()
+    version.diameter = float(diameter)
+    version.test_metrics = metrics
+    version.training_curve = curve
+    version.status = "ready"

@@ -8,7 +8,6 @@ numbers are allocated under the table's unique constraint, so two concurrent fin
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from app.job_params import FinetuneJob, FinetuneParams
 from app.models import BaseModel, Dataset, DatasetImage, ModelVersion, Reporter
 from workers.pipelines.common import (
+    store_trained_version,
     LabelledImage,
     inference_options,
     library_versions,
@@ -251,20 +251,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             size_model=size_model,
             extra=extra,
         )
-        saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
-        weights_blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
-        ctx.add_result(
-            "model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json"
-        )
-        ctx.add_result(
-            "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
-        )
-        version.weights_sha256 = weights_blob.sha256
-        version.card = saved.card.to_dict()
-        version.diameter = float(result.diameter)
-        version.test_metrics = metrics
-        version.training_curve = curve
-        version.status = "ready"
+        store_trained_version(ctx, version, result.net, card, curve, metrics, result.diameter)
         if splits["test"]:
             record_evaluation(
                 ctx,

@@ -9,7 +9,6 @@ of the dataset do carry annotations of the object, the model is scored against t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from sqlalchemy import select
 from app.job_params import SelfTrainJob
 from app.models import BaseModel, Dataset, ModelVersion, Reporter
 from workers.pipelines.common import (
+    store_trained_version,
     library_versions,
     load_version,
     load_weights,
@@ -297,20 +297,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             size_model=size_model,
             extra={"pseudo_labelled": True},
         )
-        saved = weights.save_model(result.net, card, ctx.folder.path / "model", "model")
-        blob = ctx.blobs.put_bytes(saved.weights_path.read_bytes())
-        ctx.add_result(
-            "model/card.json", saved.card_path.read_bytes(), kind="model_card", media_type="application/json"
-        )
-        ctx.add_result(
-            "training_curve.json", json.dumps(curve).encode(), kind="training_curve", media_type="application/json"
-        )
-        version.weights_sha256 = blob.sha256
-        version.card = saved.card.to_dict()
-        version.diameter = float(result.diameter)
-        version.test_metrics = metrics
-        version.training_curve = curve
-        version.status = "ready"
+        store_trained_version(ctx, version, result.net, card, curve, metrics, result.diameter)
         ctx.session.commit()
     return {
         "model_version_id": version.id,
