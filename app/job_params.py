@@ -13,10 +13,11 @@ True
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from app.vocabulary import (
@@ -89,6 +90,22 @@ class StrictModel(BaseModel):
 
 
 # --- parameters a client sets (also part of the API's request bodies) -------------------------
+
+#: An object diameter in pixels (a request's, a field's).
+Diameter = Annotated[float, Field(gt=0, le=1000)]
+EstimateLiteral = Literal["per-plate", "per-field", "off"]
+
+
+def given_diameter(value: float | Mapping[Any, float] | None, obj: str) -> float | None:
+    """A diameter given for every object (a number) or per object (a dict), for ``obj``.
+
+    >>> given_diameter(20.0, "cells"), given_diameter({"nuclei": 9.5}, "nuclei"), given_diameter(None, "nuclei")
+    (20.0, 9.5, None)
+    """
+    if isinstance(value, Mapping):
+        found = value.get(obj)
+        return None if found is None else float(found)
+    return None if value is None else float(value)
 
 
 class PreprocessingRecipe(StrictModel):
@@ -163,16 +180,43 @@ class SegmentParams(StrictModel):
         "for this channel set by select-channels, when the zoo has them",
     )
     min_size: int = Field(default=15, ge=0, le=100_000)
-    diameter: float | None = Field(
-        default=None, gt=0, le=1000, description="object diameter in pixels; default: the models' training diameter"
+    diameter: Diameter | dict[ObjectLiteral, Diameter] | None = Field(
+        default=None,
+        description="object diameter in pixels, for every object or per object ({'nuclei': 12, 'cells': 30}); "
+        "default: estimated with the models' size models (estimate_diameter)",
     )
-    estimate_diameter: bool = Field(default=False, description="estimate it per image with the size models")
+    estimate_diameter: EstimateLiteral | None = Field(
+        default=None,
+        description="without a diameter: 'per-plate' (one two-pass size-model estimate from up to 3 fields, "
+        "the default for plates), 'per-field' (each field its own; the default for datasets and evaluations) "
+        "or 'off' (the models' training diameters). true/false mean per-field/off.",
+    )
     preview_channel: int = Field(default=0, ge=0, le=15)
     preprocessing: PreprocessingRecipe | None = Field(
         default=None,
         description="default: each channel's model's own recipe (from its card); given here, it "
         "overrides every channel's and the override is recorded",
     )
+
+    @field_validator("estimate_diameter", mode="before")
+    @classmethod
+    def _legacy_flag(cls, value: Any) -> Any:
+        # Requests from before the three modes sent a flag.
+        if isinstance(value, bool):
+            return "per-field" if value else "off"
+        return value
+
+    def diameter_for(self, obj: str) -> float | None:
+        """The request's diameter for ``obj`` (None: not given).
+
+        >>> SegmentParams(diameter={"nuclei": 12}).diameter_for("cells") is None
+        True
+        """
+        return given_diameter(self.diameter, obj)
+
+    def estimation(self, default: str) -> str:
+        """How a missing diameter is found: the request's mode, else ``default`` for this kind of job."""
+        return self.estimate_diameter or default
 
 
 class ISLParams(StrictModel):
@@ -224,11 +268,21 @@ class ObjectPlan(StrictModel):
 
     channels: list[str]
     channel_source: str
+    #: Channel -> zoo model version id...
     models: dict[str, int]
+    #: ...or channel -> base model id (a base model segmenting directly: zero-shot).
+    base_models: dict[str, int] = Field(default_factory=dict)
     #: Fitted fusion parameters (``flow_fusion.FusionParameters`` as a dict) for exactly these
     #: channels and model versions, from the zoo's channel set; None: equal weights.
     fusion: dict | None = None
     fusion_source: str | None = None
+
+    @model_validator(mode="after")
+    def _one_model_per_channel(self) -> ObjectPlan:
+        for name in self.channels:
+            if (name in self.models) == (name in self.base_models):
+                raise ValueError(f"channel {name!r} needs exactly one model (a zoo version or a base model)")
+        return self
 
 
 class FieldSpec(StrictModel):
@@ -242,6 +296,8 @@ class FieldSpec(StrictModel):
     dataset_image_id: int | None = None
     # A field of an OME-Zarr plate: its image group, relative to the plate root.
     zarr_path: str | None = None
+    #: The diameter the request gave for this field (overrides the request-wide one).
+    diameter: Diameter | dict[ObjectLiteral, Diameter] | None = None
 
 
 class OmeZarrSource(StrictModel):
@@ -299,6 +355,7 @@ class EvaluateJob(JobParams):
     # ...or a fusion of the plan's channels.
     method: MethodLiteral | None = None
     plan: dict[str, ObjectPlan] | None = None
+    params: SegmentParams = Field(default_factory=SegmentParams)
 
 
 class SelectChannelsJob(JobParams):

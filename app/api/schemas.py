@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Literal, overload
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.job_params import (
+    Diameter,
     FinetuneParams,
     ISLParams,
     NoopJob,
@@ -28,6 +29,19 @@ from app.vocabulary import (
 #: Row ids are 32-bit in PostgreSQL; a larger number can name nothing (and must not reach the driver).
 MAX_ID = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._+()/-]{0,119}$"
+#: Which model segments a channel: "zoo" (the cell line's fine-tuned version, the default), "base"
+#: (the newest shipped base, zero-shot), "base:<name>" (a registered base) or "version:<id>".
+ModelChoice = Annotated[
+    str,
+    Field(
+        pattern=r"^(zoo|base|base:[A-Za-z0-9][A-Za-z0-9 ._+()/:-]{0,119}|version:[0-9]{1,10})$",
+        examples=["zoo", "base", "base:cellfuse-base-w16:v3", "version:12"],
+    ),
+]
+MODEL_DESCRIPTION = (
+    "model for every fused channel: 'zoo' (default), 'base' (the shipped base, zero-shot), "
+    "'base:<name>' or 'version:<id>'"
+)
 
 
 @overload
@@ -323,6 +337,9 @@ class SelfTrainIn(StrictModel):
 class FieldMeta(StrictModel):
     well: str | None = Field(default=None, max_length=60)
     field: int | None = Field(default=None, ge=0, le=100_000)
+    diameter: Diameter | dict[ObjectLiteral, Diameter] | None = Field(
+        default=None, description="this field's object diameter in pixels (overrides params.diameter)"
+    )
 
 
 class SegmentRequest(StrictModel):
@@ -334,6 +351,10 @@ class SegmentRequest(StrictModel):
         default=None, max_length=8, description="channels to fuse; default: the zoo's chosen set"
     )
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    model: ModelChoice = Field(default="zoo", description=MODEL_DESCRIPTION)
+    models: dict[str, ModelChoice] | None = Field(
+        default=None, max_length=8, description="per channel, overriding 'model' (e.g. {'DAPI': 'base'})"
+    )
     plate: str | None = Field(default=None, max_length=120)
     fields: list[FieldMeta] = Field(
         default_factory=list, max_length=1536, description="per uploaded file: {well, field}"
@@ -348,6 +369,8 @@ class SegmentDatasetIn(StrictModel):
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    model: ModelChoice = Field(default="zoo", description=MODEL_DESCRIPTION)
+    models: dict[str, ModelChoice] | None = Field(default=None, max_length=8)
     params: SegmentParams = Field(default_factory=SegmentParams)
 
 
@@ -359,6 +382,11 @@ class EvaluateIn(StrictModel):
     use_channels: list[str] | None = Field(default=None, max_length=8)
     method: MethodLiteral = "flow_fusion"
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    model: ModelChoice = Field(default="zoo", description=MODEL_DESCRIPTION)
+    models: dict[str, ModelChoice] | None = Field(default=None, max_length=8)
+    params: SegmentParams = Field(
+        default_factory=SegmentParams, description="diameter and thresholds (fusion or base evaluations)"
+    )
 
 
 class SelectChannelsIn(StrictModel):

@@ -917,18 +917,21 @@ def estimate_image_diameter(
     cellprob_threshold: float = 0.0,
     min_size: int = 15,
     tile: bool = True,
+    normalization=None,
 ):
     """Cellpose 3's ``SizeModel.eval`` for one (Y, X) image: the style regression's diameter, then
-    the median diameter of the masks segmented at it. Returns a ``size_model.SizeEstimate``."""
-    from app.science.backbone import masks_from_maps, predict_maps
+    the median diameter of the masks segmented at it. Returns a ``size_model.SizeEstimate``.
+    ``normalization`` (a ``backbone.Normalization``): default Cellpose's per-image percentiles."""
+    from app.science.backbone import Normalization, masks_from_maps, predict_maps
     from app.science.size_model import estimate_diameter
 
     image = np.asarray(image, np.float32)
+    norm = normalization if normalization is not None else Normalization()
     diam_mean = float(net.diam_mean.item())
-    style = predict_maps(net, image, diameter=diam_mean, tile=tile).style
+    style = predict_maps(net, image, diameter=diam_mean, tile=tile, normalization=norm).style
 
     def segment(diameter: float) -> np.ndarray:
-        maps = predict_maps(net, image, diameter=diameter, tile=tile)
+        maps = predict_maps(net, image, diameter=diameter, tile=tile, normalization=norm)
         return masks_from_maps(
             maps,
             diameter=diameter,

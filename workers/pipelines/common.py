@@ -169,19 +169,83 @@ def model_version(ctx: JobContext, version_id: int) -> ModelVersion:
     return version
 
 
-def load_version(ctx: JobContext, version_id: int, cache: dict[int, LoadedModel]) -> LoadedModel:
-    if version_id not in cache:
-        version = model_version(ctx, version_id)
-        net = load_weights(ctx, version.weights_sha256, version.card or {}, "zoo")
-        reporter = version.reporter.name if version.reporter is not None else "deleted reporter"
-        cache[version_id] = LoadedModel(
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a channel's network comes from: a zoo version, or a base model segmenting directly
+    (zero-shot). ``diameter`` is the size it was trained at; ``card`` carries its size model and
+    preprocessing recipe."""
+
+    kind: str  # "zoo" | "base"
+    id: int
+    weights_sha256: str
+    card: dict[str, Any]
+    diameter: float
+    label: str
+    weights_format: str  # what load_weights needs: "zoo", or a base model's source
+
+    @property
+    def size_model(self) -> dict[str, Any] | None:
+        return (self.card or {}).get("size_model") or None
+
+    def provenance(self) -> dict[str, Any]:
+        key = {"model_version_id": self.id} if self.kind == "zoo" else {"base_model": self.label}
+        return {**key, "weights_sha256": self.weights_sha256, "diameter": self.diameter}
+
+
+def zoo_source(ctx: JobContext, version_id: int) -> ModelSource:
+    version = model_version(ctx, version_id)
+    reporter = version.reporter.name if version.reporter is not None else "deleted reporter"
+    return ModelSource(
+        kind="zoo",
+        id=version.id,
+        weights_sha256=str(version.weights_sha256),
+        card=version.card or {},
+        diameter=float(version.diameter or 30.0),
+        label=f"{reporter}/{version.object}/v{version.version}",
+        weights_format="zoo",
+    )
+
+
+def base_source(ctx: JobContext, base_id: int) -> ModelSource:
+    from app.models import BaseModel
+
+    row = ctx.session.get(BaseModel, base_id)
+    if row is None:
+        raise JobFailed(f"base model {base_id} no longer exists")
+    card = row.card or {}
+    return ModelSource(
+        kind="base",
+        id=row.id,
+        weights_sha256=row.weights_sha256,
+        card=card,
+        diameter=float(card.get("diameter") or card.get("diam_mean") or 30.0),
+        label=row.name,
+        weights_format=row.source,
+    )
+
+
+def model_source(ctx: JobContext, plan: ObjectPlan, channel: str) -> ModelSource:
+    if channel in plan.base_models:
+        return base_source(ctx, plan.base_models[channel])
+    return zoo_source(ctx, plan.models[channel])
+
+
+def load_source(ctx: JobContext, source: ModelSource, cache: dict[Any, LoadedModel]) -> LoadedModel:
+    key = (source.kind, source.id)
+    if key not in cache:
+        net = load_weights(ctx, source.weights_sha256, source.card, source.weights_format)
+        cache[key] = LoadedModel(
             net=net,
-            diameter=float(version.diameter or 30.0),
+            diameter=source.diameter,
             diam_mean=float(net.diam_mean.item()),
-            name=f"{reporter}/{version.object}/v{version.version}",
-            weights_sha256=version.weights_sha256,
+            name=source.label,
+            weights_sha256=source.weights_sha256,
         )
-    return cache[version_id]
+    return cache[key]
+
+
+def load_version(ctx: JobContext, version_id: int, cache: dict[Any, LoadedModel]) -> LoadedModel:
+    return load_source(ctx, zoo_source(ctx, version_id), cache)
 
 
 def library_versions() -> dict[str, str]:
@@ -240,14 +304,79 @@ def record_evaluation(
 # --- segmentation of one object -------------------------------------------------------------------
 
 
-def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[int, LoadedModel]):
+def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[Any, LoadedModel]):
     from app.science.segmentation import ChannelModel
 
     models = []
     for name in plan.channels:
-        loaded = load_version(ctx, plan.models[name], cache)
+        loaded = load_source(ctx, model_source(ctx, plan, name), cache)
         models.append(ChannelModel(net=loaded.net, diameter=loaded.diameter, diam_mean=loaded.diam_mean, name=name))
     return models
+
+
+@dataclass(frozen=True)
+class DiameterChoice:
+    """The diameter an object of a field is segmented at, and where it came from: "field" (the
+    request's, for this field), "request", "plate estimate" / "field estimate" (the size models'
+    two-pass estimate) or "model default" (the models' training diameters; ``value`` None)."""
+
+    value: float | None
+    source: str
+    estimate: dict[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"diameter_source": self.source}
+        if self.estimate is not None:
+            out["diameter_estimate"] = self.estimate
+        return out
+
+
+def given_diameter_choice(seg: SegmentParams, obj: str, field_diameter=None) -> DiameterChoice | None:
+    """A diameter the request gave (for this field first), or None when it must be found."""
+    from app.job_params import given_diameter
+
+    per_field = given_diameter(field_diameter, obj)
+    if per_field is not None:
+        return DiameterChoice(per_field, "field")
+    request = seg.diameter_for(obj)
+    return None if request is None else DiameterChoice(request, "request")
+
+
+def estimate_object_diameter(
+    ctx: JobContext,
+    inputs: np.ndarray,
+    plan: ObjectPlan,
+    cache: dict[Any, LoadedModel],
+    seg: SegmentParams,
+    normalizations=None,
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """Cellpose 3's two-pass size estimate (style regression, then the median diameter of the masks
+    found at it) from each fused channel's size model, combined over channels (median of those that
+    found objects, ``size_model.combine_estimates``). ``inputs``: the plan's channels, (K, Y, X).
+    Returns (diameter or None when no channel's model has a size model, per-channel records)."""
+    from app.science.size_model import SizeModel, combine_estimates
+    from app.science.training import estimate_image_diameter
+
+    estimates, records = [], []
+    for k, name in enumerate(plan.channels):
+        source = model_source(ctx, plan, name)
+        if not source.size_model:
+            records.append({"channel": name, "size_model": False})
+            continue
+        loaded = load_source(ctx, source, cache)
+        estimate = estimate_image_diameter(
+            loaded.net,
+            SizeModel.from_dict(source.size_model),
+            inputs[k],
+            flow_threshold=0.4,
+            min_size=seg.min_size,
+            tile=False,
+            normalization=None if normalizations is None else normalizations[k],
+        )
+        estimates.append(estimate)
+        records.append({"channel": name, **estimate.to_dict()})
+        ctx.progress()
+    return combine_estimates(estimates), records
 
 
 def segment_object(
@@ -257,12 +386,13 @@ def segment_object(
     plan: ObjectPlan,
     method: str,
     seg: SegmentParams,
-    cache: dict[int, LoadedModel],
+    cache: dict[Any, LoadedModel],
     used: dict | None = None,
     *,
     obj: str | None = None,
     prep: PlatePreprocessing | None = None,
     styles_out: dict[str, list[float]] | None = None,
+    diameter: DiameterChoice | None = None,
 ) -> np.ndarray:
     """Instance labels of one object in a (C, Y, X) field; cancellation is checked between channels.
 
@@ -274,14 +404,19 @@ def segment_object(
     array such as an OME-Zarr field) is segmented in overlapping blocks (``app.science.blocked``),
     with one field-wide normalisation and equal fusion weights (the recipe and the fitted fusion
     need the whole field in memory). ``styles_out`` receives each fused channel's style vector.
+
+    ``diameter``: what the caller decided (a field's or the request's diameter, a plate estimate);
+    None: the request's diameter, else (estimate_diameter "per-field", or "per-plate" without a
+    caller's estimate) this field's own size-model estimate, else the models' training diameters.
     """
     from app.science.segmentation import segment_field
 
     models = channel_models(ctx, plan, cache)
     indices = [channels.index(name) for name in plan.channels]
     large = image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels
-    if seg.diameter:
-        models = [replace(m, diameter=float(seg.diameter)) for m in models]
+    choice = diameter or given_diameter_choice(seg, obj or "")
+    if choice is not None and choice.value is not None:
+        models = [replace(m, diameter=float(choice.value)) for m in models]
     if large and method == "flow_fusion":
         from app.science.blocked import segment_blocked
 
@@ -298,16 +433,21 @@ def segment_object(
         )
         styles, labels = blocked.styles, np.asarray(blocked.labels)
         if used is not None:
-            used.update({"blocked": True, **blocked.stats})
+            used.update({"blocked": True, **blocked.stats, "diameter": models[0].diameter})
+            # A field larger than memory is not estimated: the request's diameter or the models'.
+            used.update((choice or DiameterChoice(None, "model default")).record())
     else:
         image = np.asarray(image)
         if prep is not None and obj is not None:
             inputs, normalizations = prep.inputs(obj, plan.channels, image, channels)
         else:
             inputs, normalizations = image[indices], None
-        if not seg.diameter and seg.estimate_diameter:
-            estimated = estimate_diameter(ctx, inputs, plan, cache)
-            if estimated is not None:
+        if choice is None and seg.estimation("per-field") != "off":
+            estimated, records = estimate_object_diameter(ctx, inputs, plan, cache, seg, normalizations)
+            if estimated is None:
+                choice = DiameterChoice(None, "model default (no size model)")
+            else:
+                choice = DiameterChoice(estimated, "field estimate", {"channels": records})
                 models = [replace(m, diameter=estimated) for m in models]
         fusion = plan.fusion if method == "flow_fusion" else None
         result = segment_field(
@@ -324,6 +464,7 @@ def segment_object(
         )
         if used is not None:
             used.update(result.settings)
+            used.update((choice or DiameterChoice(None, "model default")).record())
             if fusion is not None:
                 used["weights_source"] = plan.fusion_source or used.get("weights_source")
         styles, labels = [m.style for m in result.channel_maps], result.labels
@@ -346,26 +487,6 @@ class _ChannelSubset:
         rest = key[1:] if len(key) > 1 else ()
         block = np.stack([np.asarray(self.image[(c, *rest)]) for c in self.indices])
         return block[key[0]] if key and key[0] != slice(None) else block
-
-
-def estimate_diameter(
-    ctx: JobContext, image: np.ndarray, plan: ObjectPlan, cache: dict[int, LoadedModel]
-) -> float | None:
-    """Per-image diameter from the channels' size models (Cellpose 3's SizeModel), averaged."""
-    from app.science.backbone import predict_maps
-    from app.science.size_model import SizeModel
-
-    estimates = []
-    for k, name in enumerate(plan.channels):
-        version = model_version(ctx, plan.models[name])
-        size_params = (version.card or {}).get("size_model")
-        if not size_params:
-            continue
-        loaded = load_version(ctx, version.id, cache)
-        # fp32: the size model was fitted on fp32 styles.
-        style = predict_maps(loaded.net, image[k].astype(np.float32), diameter=loaded.diam_mean, tile=False).style
-        estimates.append(float(SizeModel.from_dict(size_params).predict(style)))
-    return float(np.mean(estimates)) if estimates else None
 
 
 def store_trained_version(

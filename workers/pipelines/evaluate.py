@@ -25,7 +25,6 @@ from workers.runner import JobContext, JobFailed
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
-    from app.job_params import SegmentParams
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import score_set
 
@@ -35,7 +34,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     items = load_labelled(
         ctx, rows, obj, on_image=lambda i: ctx.progress(f"loading image {i + 1} of {len(rows)}", 0.1 * i / len(rows))
     )
-    cache: dict[int, LoadedModel] = {}
+    cache: dict[Any, LoadedModel] = {}
     options = inference_options(ctx)
     preds = []
     fusion = None
@@ -63,9 +62,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
             raise JobFailed("this evaluation names neither a model version nor a fusion plan")
         plan = p.plan[obj]
         used: dict = {}
+        diameters: list[dict] = []
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
-            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, SegmentParams(), cache, used))
+            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, p.params, cache, used, obj=obj))
+            diameters.append({"image": it.row.id, **{k: used.get(k) for k in ("diameter", "diameter_source")}})
         # What was applied (weights, thresholds, their source): the same for every image of the split.
         fusion = {
             "cell_line": ds.cell_line.name,
@@ -73,7 +74,10 @@ def run(ctx: JobContext) -> dict[str, Any]:
             "channels": plan.channels,
             "method": p.method,
             "models": plan.models,
+            "base_models": plan.base_models,
             "settings": used,
+            # Each image may be segmented at its own (estimated) diameter.
+            "diameters": diameters,
         }
     metrics = score_set([it.mask for it in items], preds).as_dict()
     record_evaluation(

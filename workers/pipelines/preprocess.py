@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from sqlalchemy import select
 
 from app.job_params import PreprocessingRecipe, recipe_from_card, training_profile_from_card
-from app.models import IlluminationProfile, ModelVersion
+from app.models import IlluminationProfile
 from workers.runner import JobContext, JobFailed
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,18 @@ log = logging.getLogger(__name__)
 MAX_PROFILE_FIELDS = 64
 
 
-def recipe_of(version: ModelVersion) -> PreprocessingRecipe:
+class CardedModel(Protocol):
+    """A channel's model as preprocessing sees it: a zoo version or a base model, by its card."""
+
+    @property
+    def card(self) -> dict[str, Any] | None: ...
+
+
+def recipe_of(version: CardedModel) -> PreprocessingRecipe:
     return recipe_from_card(version.card)
 
 
-def training_profile_id(version: ModelVersion) -> int | None:
+def training_profile_id(version: CardedModel) -> int | None:
     return (training_profile_from_card(version.card) or {}).get("id")
 
 
@@ -190,7 +197,7 @@ class PlatePreprocessing:
 
 def plan_plate_preprocessing(
     ctx: JobContext,
-    versions: dict[str, dict[str, ModelVersion]],
+    versions: dict[str, dict[str, CardedModel]],
     override: PreprocessingRecipe | None,
     n_fields: int,
     read_fields: Callable[[], Iterable[np.ndarray]],

@@ -27,12 +27,15 @@ from app.job_params import SegmentJob
 from app.models import DatasetImage
 from workers.compute import worker_compute
 from workers.pipelines.common import (
+    DiameterChoice,
     LoadedModel,
     channel_models,
     compute_provenance,
+    estimate_object_diameter,
+    given_diameter_choice,
     library_versions,
     mask_sha,
-    model_version,
+    model_source,
     read_field,
     read_mask,
     segment_object,
@@ -43,13 +46,10 @@ log = logging.getLogger(__name__)
 
 
 def _provenance(ctx: JobContext, p: SegmentJob, preprocessing: dict[str, Any]) -> dict[str, Any]:
-    models = {}
-    for obj, plan in p.plan.items():
-        versions = {name: model_version(ctx, vid) for name, vid in plan.models.items()}
-        models[obj] = {
-            name: {"model_version_id": v.id, "weights_sha256": v.weights_sha256, "diameter": v.diameter}
-            for name, v in versions.items()
-        }
+    models = {
+        obj: {name: model_source(ctx, plan, name).provenance() for name in plan.channels}
+        for obj, plan in p.plan.items()
+    }
     return {
         "job_id": ctx.job_id,
         "cell_line": p.cell_line,
@@ -107,9 +107,17 @@ def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: l
         log.warning("could not record field %s of job %s as finished", name, ctx.job_id, exc_info=True)
 
 
-def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, sample: np.ndarray):
+def _tasks(
+    ctx: JobContext,
+    p: SegmentJob,
+    cache: dict[Any, LoadedModel],
+    prep,
+    sample: np.ndarray,
+    diameters: dict[str, DiameterChoice],
+):
     """One SegmentTask per object over the stacked inputs ``_plate_inputs`` makes, with the
-    request's method and thresholds and the preprocessing's (plate-constant) normalisations."""
+    request's method and thresholds, the plate's diameter per object and the preprocessing's
+    (plate-constant) normalisations."""
     from app.science.plate import SegmentTask
 
     seg = p.params
@@ -117,8 +125,9 @@ def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, 
     for obj in p.objects:
         plan = p.plan[obj]
         models = channel_models(ctx, plan, cache)
-        if seg.diameter:
-            models = [replace(m, diameter=float(seg.diameter)) for m in models]
+        value = diameters[obj].value
+        if value is not None:
+            models = [replace(m, diameter=float(value)) for m in models]
         _inputs, norms = prep.inputs(obj, plan.channels, sample, p.channels)
         tasks[obj] = SegmentTask(
             tuple(models),
@@ -144,23 +153,86 @@ def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarr
     return np.concatenate(stacks)
 
 
+def _estimation_mode(p: SegmentJob) -> str:
+    """Without a diameter: a plate's fields share one magnification, so one estimate serves them all;
+    a dataset's images may not (public sets mix magnifications), so each gets its own."""
+    return p.params.estimation("per-field" if p.dataset_id is not None else "per-plate")
+
+
+def _plate_diameters(ctx: JobContext, p: SegmentJob, cache, prep, read_any) -> dict[str, DiameterChoice | None]:
+    """Per object, the diameter every field uses unless it gives its own: the request's; or, with
+    estimate_diameter "per-plate", the median of the two-pass size-model estimates of up to three
+    fields (first, middle, last: the same ones on a re-run); "model default" when off or when no
+    fused channel's model has a size model. None: each field is estimated on its own."""
+    seg, mode = p.params, _estimation_mode(p)
+    out: dict[str, DiameterChoice | None] = {}
+    picks = sorted({0, len(p.fields) // 2, len(p.fields) - 1}) if p.fields else []
+    samples: list[tuple[str, np.ndarray]] | None = None
+    for obj in p.objects:
+        given = given_diameter_choice(seg, obj)
+        if given is not None:
+            out[obj] = given
+        elif mode == "off":
+            out[obj] = DiameterChoice(None, "model default")
+        elif mode == "per-field":
+            out[obj] = None
+        else:
+            if samples is None:
+                samples = []
+                for i in picks:
+                    try:
+                        image = read_any(p.fields[i])
+                    except Exception:  # noqa: BLE001 - a field that cannot be read fails on its own later
+                        log.warning("diameter estimate: field %s unreadable", p.fields[i].name, exc_info=True)
+                        continue
+                    if image.shape[-2] * image.shape[-1] <= ctx.settings.segment_block_pixels:
+                        samples.append((p.fields[i].name, image))
+            values, per_field = [], []
+            plan = p.plan[obj]
+            for name, image in samples:
+                inputs, norms = prep.inputs(obj, plan.channels, image, p.channels)
+                value, records = estimate_object_diameter(ctx, inputs, plan, cache, seg, norms)
+                if value is not None:
+                    values.append(value)
+                per_field.append({"field": name, "diameter": value, "channels": records})
+            if values:
+                estimate = {"fields": per_field, "median_of": len(values)}
+                out[obj] = DiameterChoice(float(np.median(values)), "plate estimate", estimate)
+            else:
+                out[obj] = DiameterChoice(None, "model default (no size model)")
+    return out
+
+
+def _field_diameters(p: SegmentJob, field, plate_diameters: dict[str, DiameterChoice | None]):
+    """Per object, the field's own diameter (from the request) or the plate's choice."""
+    return {obj: given_diameter_choice(p.params, obj, field.diameter) or plate_diameters[obj] for obj in p.objects}
+
+
 def _field_outcomes(
-    ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list, plate, zarr_fields: dict
+    ctx: JobContext,
+    p: SegmentJob,
+    cache: dict[Any, LoadedModel],
+    prep,
+    fields: list,
+    plate,
+    zarr_fields: dict,
+    plate_diameters: dict[str, DiameterChoice | None],
 ) -> Iterator[tuple]:
     """(field, image, labels per object, error or None, seconds, settings used per object, style
     vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
 
     The plate route (``app.science.plate.segment_fields``): fields read and corrected on a thread,
     batched through each channel model, masks reconstructed beside the network, while this thread
-    writes the previous field's results. A per-image diameter estimate changes the models per field,
-    and OME-Zarr fields may be lazy and larger than memory, so those keep the one-field-at-a-time
-    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``, the default).
+    writes the previous field's results. A per-field diameter (given or estimated) changes the
+    models per field, and OME-Zarr fields may be lazy and larger than memory, so those keep the
+    one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
     """
     seg = p.params
     n_fields = len(p.fields)
     index_of = {f.name: i for i, f in enumerate(p.fields)}
     one_at_a_time = (
-        (seg.estimate_diameter and not seg.diameter)
+        any(choice is None for choice in plate_diameters.values())
+        or any(f.diameter is not None for f in fields)
         or ctx.settings.segment_route == "per_field"
         or plate is not None
         or not fields
@@ -172,6 +244,7 @@ def _field_outcomes(
             started = time.perf_counter()
             settings: dict[str, dict[str, Any]] = {}
             styles: dict[str, list[float]] = {}
+            diameters = _field_diameters(p, field, plate_diameters)
             zf = zarr_fields.get(field.zarr_path) if field.zarr_path else None
             try:
                 if field.zarr_path and zf is None:
@@ -197,6 +270,7 @@ def _field_outcomes(
                         obj=obj,
                         prep=prep,
                         styles_out=object_styles,
+                        diameter=diameters[obj],
                     )
                     styles.update({f"{obj}:{channel}": style for channel, style in object_styles.items()})
             except JobCancelled:
@@ -211,7 +285,8 @@ def _field_outcomes(
 
     compute = worker_compute(ctx.settings)
     first = read_field(ctx, fields[0].image_sha256)
-    tasks = _tasks(ctx, p, cache, prep, first)
+    fixed = {obj: choice for obj, choice in plate_diameters.items() if choice is not None}
+    tasks = _tasks(ctx, p, cache, prep, first, fixed)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
     engine = segment_fields(
@@ -227,7 +302,7 @@ def _field_outcomes(
             index = index_of[field.name]
             ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
             labels = {obj: result.labels for obj, result in outcome.results.items()}
-            settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
+            settings = {obj: {**result.settings, **fixed[obj].record()} for obj, result in outcome.results.items()}
             styles = {
                 f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
                 for obj, result in outcome.results.items()
@@ -245,7 +320,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     p = ctx.params_as(SegmentJob)
     seg = p.params
-    cache: dict[int, LoadedModel] = {}
+    cache: dict[Any, LoadedModel] = {}
     done: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     truths: dict[str, list[np.ndarray]] = {obj: [] for obj in p.objects}
@@ -270,7 +345,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     from workers.pipelines.preprocess import plan_plate_preprocessing
 
     versions = {
-        obj: {name: model_version(ctx, vid) for name, vid in plan.models.items()}
+        obj: {name: model_source(ctx, plan, name) for name in plan.channels}
         for obj, plan in p.plan.items()
         if obj in p.objects
     }
@@ -284,8 +359,15 @@ def run(ctx: JobContext) -> dict[str, Any]:
             p.channels,
             on_progress=lambda stage: ctx.progress(stage, 0.0, force=True),
         )
+    with ctx.stage("diameter", 0.0):
+        plate_diameters = _plate_diameters(ctx, p, cache, prep, read_any)
     provenance = _provenance(ctx, p, prep.record())  # written at the end, with the plate's QC
-    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate, zarr_fields)
+    provenance["diameters"] = {
+        obj: {"mode": _estimation_mode(p), **(choice.record() if choice else {}), "value": choice and choice.value}
+        for obj, choice in plate_diameters.items()
+    }
+    remaining = [f for f in p.fields if f.name not in finished]
+    outcomes = _field_outcomes(ctx, p, cache, prep, remaining, plate, zarr_fields, plate_diameters)
     for field in p.fields:
         name = field.name
         if name in finished:
@@ -303,7 +385,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
                 raise error
             if zf is not None:
                 for obj, lab in labels.items():
-                    _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance)
+                    _write_zarr_labels(ctx, p, plate, zf, obj, lab, provenance, settings.get(obj) or {})
                 if not isinstance(image, np.ndarray):
                     if int(np.prod(image.shape)) <= ctx.settings.max_image_pixels:
                         image = np.asarray(image[:, :, :], dtype=np.float32)  # small enough to measure
@@ -502,7 +584,14 @@ def _zarr_image(ctx: JobContext, plate, zf, *, in_memory: bool = False):
 
 
 def _write_zarr_labels(
-    ctx: JobContext, p: SegmentJob, plate, zf, obj: str, labels: np.ndarray, provenance: dict[str, Any]
+    ctx: JobContext,
+    p: SegmentJob,
+    plate,
+    zf,
+    obj: str,
+    labels: np.ndarray,
+    provenance: dict[str, Any],
+    used: dict[str, Any],
 ) -> None:
     from app.science.ome_zarr_io import write_labels
 
@@ -515,12 +604,14 @@ def _write_zarr_labels(
             "cell_line": p.cell_line,
             "channels": p.plan[obj].channels,
             "models": provenance["models"][obj],
+            # What this field was actually segmented with (``segment_object``'s record).
             "thresholds": {
-                "flow_threshold": seg.flow_threshold,
-                "cellprob_threshold": seg.cellprob_threshold,
+                "flow_threshold": used.get("flow_threshold", seg.flow_threshold),
+                "cellprob_threshold": used.get("cellprob_threshold", seg.cellprob_threshold),
                 "min_size": seg.min_size,
             },
-            "diameter": seg.diameter or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
+            "diameter": used.get("diameter") or {n: m["diameter"] for n, m in provenance["models"][obj].items()},
+            "diameter_source": used.get("diameter_source"),
             "library_versions": provenance["library_versions"],
         }
     }
@@ -594,8 +685,8 @@ def _plate_qc(ctx: JobContext, p: SegmentJob, qc_fields: list[dict[str, Any]]) -
                     history.setdefault(obj, {}).setdefault(metric, []).append(float(value))
     references = {}
     for obj, plan in p.plan.items():
-        for name, version_id in plan.models.items():
-            card = model_version(ctx, version_id).card or {}
+        for name in plan.channels:
+            card = model_source(ctx, plan, name).card
             ref = card.get("style_reference") or (card.get("extra") or {}).get("style_reference")
             if ref:
                 references[f"{obj}:{name}"] = ref

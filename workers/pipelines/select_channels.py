@@ -32,7 +32,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     obj = p.object
     ds, rows = labelled_split(ctx, p.dataset_id, p.split, obj)
     plan = p.plan[obj]
-    cache: dict[int, LoadedModel] = {}
+    cache: dict[Any, LoadedModel] = {}
     from app.science.segmentation import ChannelModel
 
     loaded = [load_version(ctx, plan.models[name], cache) for name in plan.channels]

@@ -15,7 +15,7 @@ from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, SessionDep, SettingsDep
 from app.api.errors import Problem
 from app.api.routes.work import _accepted, field_name, plan_models
-from app.api.schemas import JobOut
+from app.api.schemas import MODEL_DESCRIPTION, JobOut, ModelChoice
 from app.api.uploads import read_upload
 from app.job_params import FieldSpec, OmeZarrSource, SegmentJob, SegmentParams, StrictModel
 from app.settings import Settings
@@ -42,6 +42,8 @@ class OmeZarrSegmentRequest(StrictModel):
     method: MethodLiteral = "flow_fusion"
     use_channels: list[str] | None = Field(default=None, max_length=8)
     alias: str = Field(default=DEFAULT_ALIAS, max_length=60)
+    model: ModelChoice = Field(default="zoo", description=MODEL_DESCRIPTION)
+    models: dict[str, ModelChoice] | None = Field(default=None, max_length=8, description="per reporter")
     plate: str | None = Field(default=None, max_length=120, description="plate name; default: the plate's own")
     params: SegmentParams = Field(default_factory=SegmentParams)
 
@@ -150,6 +152,8 @@ def submit_segment_ome_zarr(
     reporters = [req.channel_map.get(name, name) for name in info.channel_names]
     unknown = []
     for name in reporters:
+        if (req.models or {}).get(name, req.model) != "zoo":  # a base model needs no registered reporter
+            continue
         try:
             zoo.reporter_by_name(session, name)
         except zoo.NotFound:
@@ -162,7 +166,17 @@ def submit_segment_ome_zarr(
             slug="unknown-channel",
             channels=info.channel_names,
         )
-    plan = plan_models(session, line, reporters, list(req.objects), req.use_channels, req.alias)
+    plan = plan_models(
+        session,
+        line,
+        reporters,
+        list(req.objects),
+        req.use_channels,
+        req.alias,
+        req.params.learned_fusion,
+        model=req.model,
+        models=req.models,
+    )
     plate_name = req.plate or info.name
     fields = [
         FieldSpec(name=field_name(f.well, f.index), well=f.well, field=f.index, zarr_path=f.path) for f in info.fields

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import zoo
@@ -89,11 +90,26 @@ def plan_models(
     use_channels: list[str] | None,
     alias: str,
     learned_fusion: bool = True,
+    *,
+    model: str = "zoo",
+    models: dict[str, str] | None = None,
 ) -> dict[str, ObjectPlan]:
-    """Per object: the channels to fuse and the model version per channel. Missing models and
-    unknown aliases are a 422. With ``learned_fusion`` the fusion parameters the zoo fitted for
-    exactly this channel set and these model versions come along (``zoo.fitted_fusion``)."""
+    """Per object: the channels to fuse and the model per channel. Missing models and unknown
+    aliases are a 422. With ``learned_fusion`` the fusion parameters the zoo fitted for exactly this
+    channel set and these model versions come along (``zoo.fitted_fusion``).
+
+    ``model`` (every channel) and ``models`` (per channel) choose where a channel's model comes
+    from: "zoo" (the cell line's version for the reporter and object), "base" / "base:<name>" (a
+    base model segmenting directly, zero-shot) or "version:<id>" (one zoo version, by id).
+    """
     _check_subset(use_channels, channels)
+    unknown = sorted(set(models or {}) - set(channels))
+    if unknown:
+        raise Problem(
+            422,
+            f"'models' names channel(s) {', '.join(unknown)} that are not among the image's ({', '.join(channels)})",
+            slug="unknown-channel",
+        )
     zoo.check_alias(session, line, alias)
     plan: dict[str, ObjectPlan] = {}
     for obj in objects:
@@ -105,22 +121,65 @@ def plan_models(
             how = "zoo channel set" if use else "all channels"
             if not use:
                 use = list(channels)
-        res = zoo.resolve_models(session, line, use, obj, alias)
+        choice = {name: (models or {}).get(name, model) for name in use}
+        from_zoo = [name for name in use if choice[name] == "zoo"]
+        res = zoo.resolve_models(session, line, from_zoo, obj, alias)
         if res.missing:
             raise Problem(
                 422,
                 f"no {obj} model for reporter(s) {', '.join(res.missing)} on cell line "
-                f"{line.name!r}; fine-tune one or leave the channel out (use_channels)",
+                f"{line.name!r}; fine-tune one, leave the channel out (use_channels) or segment it "
+                'with a base model ("model": "base")',
                 slug="missing-model",
                 missing=res.missing,
                 object=obj,
             )
-        models = {name: res.models[name].id for name in use}
-        fusion, fusion_source = zoo.fitted_fusion(session, line.id, obj, models) if learned_fusion else (None, None)
+        versions = {name: res.models[name].id for name in from_zoo}
+        bases: dict[str, int] = {}
+        for name in use:
+            if choice[name].startswith("version:"):
+                versions[name] = _ready_version(session, choice[name], obj).id
+            elif choice[name] != "zoo":
+                bases[name] = _base_for_choice(session, choice[name]).id
+        fitted = learned_fusion and not bases
+        fusion, fusion_source = zoo.fitted_fusion(session, line.id, obj, versions) if fitted else (None, None)
         plan[obj] = ObjectPlan(
-            channels=use, channel_source=how, models=models, fusion=fusion, fusion_source=fusion_source
+            channels=use,
+            channel_source=how,
+            models=versions,
+            base_models=bases,
+            fusion=fusion,
+            fusion_source=fusion_source,
         )
     return plan
+
+
+def _ready_version(session: Session, choice: str, obj: str) -> ModelVersion:
+    version = zoo.model_version_by_id(session, int(choice.split(":", 1)[1]))
+    if version.status not in ("ready", "archived") or version.weights_sha256 is None:
+        raise Problem(409, f"model version {version.id} is {version.status}", slug="version-not-ready")
+    if version.object != obj:
+        raise Problem(
+            422, f"model version {version.id} segments {version.object}, not {obj}", slug="wrong-object-model"
+        )
+    return version
+
+
+def _base_for_choice(session: Session, choice: str):
+    """'base' is the newest shipped base; 'base:<name>' a registered one (422 when there is none)."""
+    from app.models import BaseModel
+
+    if choice == "base":
+        newest = session.scalar(select(BaseModel).where(BaseModel.source == "shipped").order_by(BaseModel.id.desc()))
+        if newest is None:
+            raise Problem(422, "no shipped base model is registered", slug="no-base-model")
+        return newest
+    name = choice.split(":", 1)[1]
+    row = session.scalar(select(BaseModel).where(BaseModel.name == name))
+    if row is None:
+        names = ", ".join(session.scalars(select(BaseModel.name)).all()) or "none registered"
+        raise Problem(422, f"no base model named {name!r} (available: {names})", slug="unknown-base-model")
+    return row
 
 
 def _resolve_base(session: Session, base: str) -> str:
@@ -443,11 +502,20 @@ def submit_segment(
     # brightfield) is only carried along: it need not be a registered reporter.
     _check_subset(req.use_channels, req.channels)
     for name in req.channels if req.use_channels is None else req.use_channels:
-        zoo.reporter_by_name(session, name)
+        if (req.models or {}).get(name, req.model) == "zoo":  # a base model needs no registered reporter
+            zoo.reporter_by_name(session, name)
     if len(set(req.channels)) != len(req.channels):
         raise Problem(422, "each channel needs its own name; the request lists one twice", slug="duplicate-channels")
     plan = plan_models(
-        session, line, req.channels, list(req.objects), req.use_channels, req.alias, req.params.learned_fusion
+        session,
+        line,
+        req.channels,
+        list(req.objects),
+        req.use_channels,
+        req.alias,
+        req.params.learned_fusion,
+        model=req.model,
+        models=req.models,
     )
     loaded = []
     for index, upload in enumerate(files):
@@ -470,6 +538,7 @@ def submit_segment(
                     "name": names[index],
                     "well": meta.well if meta else None,
                     "field": meta.field if meta else None,
+                    "diameter": meta.diameter if meta else None,
                     "filename": image.filename,
                 },
             )
@@ -572,6 +641,8 @@ def submit_segment_dataset(
         body.use_channels,
         body.alias,
         body.params.learned_fusion,
+        model=body.model,
+        models=body.models,
     )
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
@@ -650,11 +721,23 @@ def submit_evaluate(
         if body.object is None:
             raise Problem(
                 422,
-                "give either model_version_id, or object (with optional use_channels and method)",
+                "give either model_version_id, or object (with optional use_channels, method and model)",
                 slug="evaluate-target-missing",
             )
-        plan = plan_models(session, ds.cell_line, ds.channels, [body.object], body.use_channels, body.alias)
-        params = EvaluateJob(dataset_id=ds.id, split=body.split, object=body.object, method=body.method, plan=plan)
+        plan = plan_models(
+            session,
+            ds.cell_line,
+            ds.channels,
+            [body.object],
+            body.use_channels,
+            body.alias,
+            body.params.learned_fusion,
+            model=body.model,
+            models=body.models,
+        )
+        params = EvaluateJob(
+            dataset_id=ds.id, split=body.split, object=body.object, method=body.method, plan=plan, params=body.params
+        )
     _check_split_labelled(ds, body.split, params.object)
     return _accepted(session, settings, "evaluate", params, principal, idempotency_key, response)
 
