@@ -537,6 +537,16 @@ def segment(
     ] = "flow_fusion",
     objects: Annotated[str, typer.Option(help="nuclei, cells or both")] = "nuclei,cells",
     use_channels: Annotated[str, typer.Option(help="channels to fuse (default: the zoo's chosen set)")] = "",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="zoo (fine-tuned, default) | base (the shipped base, zero-shot) | base:<name> | version:<id>"
+        ),
+    ] = "zoo",
+    diameter: Annotated[float, typer.Option(help="object diameter in pixels (default: estimated)", min=0)] = 0.0,
+    estimate_diameter: Annotated[
+        str, typer.Option(help="without --diameter: per-plate | per-field | off")
+    ] = "per-plate",
     url: Annotated[str, typer.Option(help="CellFuse server")] = "http://127.0.0.1:8000",
     api_key: Annotated[str, typer.Option(envvar="CELLFUSE_API_KEY", help="API key")] = "",
     out: Annotated[Path, typer.Option(help="folder for the downloaded results")] = Path("cellfuse-results"),
@@ -554,6 +564,8 @@ def segment(
         "channels": [c.strip() for c in channels.split(",") if c.strip()],
         "objects": [o.strip() for o in objects.split(",") if o.strip()],
         "method": method,
+        "model": model,
+        "params": {"estimate_diameter": estimate_diameter, **({"diameter": diameter} if diameter > 0 else {})},
     }
     if use_channels:
         request["use_channels"] = [c.strip() for c in use_channels.split(",") if c.strip()]

@@ -198,6 +198,30 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         page.screenshot(path=str(ARTIFACTS / "web-lab-job-1600px.png"), full_page=True)
         assert not page.console_errors.unexpected(), page.console_errors.unexpected()
         job_hash = page.evaluate("() => location.hash")
+
+        # 5b. The same plate zero-shot: the shipped base model, its size model estimating the diameter.
+        page.click("nav [data-tab='segment']")
+        page.set_input_files(
+            "#seg-files",
+            files=[
+                {"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)}
+                for n, f in zip(names, plate, strict=True)
+            ],
+        )
+        page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+        page.select_option("#seg-cell-line", LINE)
+        page.select_option("#seg-model", "base")
+        page.set_checked("#segment-form input[value='cells']", False)
+        page.set_checked("#seg-zoo-channels", False)
+        page.set_checked(f"input[data-fuse='{channels.index('cyto')}']", False)
+        before = page.evaluate("() => location.hash")
+        page.click("#seg-submit")
+        assert _wait_job_page(page, before) == "succeeded", page.inner_text("#job-detail")
+        zero_shot = api.job(page.evaluate("() => location.hash.split('/').pop()"))
+        used = zero_shot["summary"]["fields"][0]["settings"]["nuclei"]
+        assert used["diameter_source"] == "plate estimate" and used["diameter"] > 0
+        assert zero_shot["params"]["plan"]["nuclei"]["base_models"]
+        assert not page.console_errors.unexpected(), page.console_errors.unexpected()
     finally:
         context.close()
 

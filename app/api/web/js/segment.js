@@ -288,7 +288,10 @@ export function buildSegmentRequest() {
   const zooChooses = $("seg-zoo-channels").checked;
   const fileNames = channelNamesFromFile();
   // A channel without a reporter is fine when it is not fused: it goes under the file's name for it.
-  const missing = chosen.map((c, i) => (c || (!zooChooses && !fuse[i]) ? null : i + 1)).filter((i) => i !== null);
+  const model = $("seg-model").value;
+  // A base model needs no registered reporter: unnamed channels go under the file's names.
+  const missing = model !== "zoo" ? [] :
+    chosen.map((c, i) => (c || (!zooChooses && !fuse[i]) ? null : i + 1)).filter((i) => i !== null);
   if (missing.length) {
     throw new ApiError("Channels without a reporter", `choose the reporter of channel(s) ${missing.join(", ")}` +
       (zooChooses ? ", or untick 'let the zoo choose' and leave those channels unticked" : ", or untick them"));
@@ -299,7 +302,8 @@ export function buildSegmentRequest() {
   const objects = [...document.querySelectorAll("#segment-form input[name=objects]:checked")].map((c) => c.value);
   if (!objects.length) throw new ApiError("Nothing to find", "tick nuclei, whole cells, or both");
   const request = {cell_line: cellLine, channels, objects, method: $("seg-method").value,
-    alias: $("seg-alias").value || "production", params: {}};
+    alias: $("seg-alias").value || "production", model,
+    params: {estimate_diameter: $("seg-estimate-diameter").value}};
   if (!zooChooses) {
     const use = channels.filter((_c, i) => fuse[i]);
     if (!use.length) throw new ApiError("No channel to fuse", "tick at least one channel to fuse");
