@@ -423,13 +423,24 @@ def bench_quality(
     obj: Annotated[str, typer.Option("--object", help="nuclei or cells")] = "cells",
     seed: int = 7,
     json_out: Annotated[str, typer.Option("--json", help="also write the results here")] = "",
+    zero_shot_images: Annotated[
+        int, typer.Option(help="held-out DSB2018 images for the zero-shot rows (0: none; default 16, 2 --small)")
+    ] = -1,
 ) -> None:
-    """Learned Flow Fusion vs each channel, equal weights, label fusion and a joint K-channel model."""
+    """Learned Flow Fusion vs each channel, equal weights, label fusion and a joint K-channel model;
+    then the shipped base zero-shot on rescaled held-out DSB2018 nuclei."""
     import json
 
     from app.benchmarks.quality import run_quality_benchmark
 
-    result = run_quality_benchmark(small=small, regimes=regime or None, obj=obj, seed=seed, echo=typer.echo)
+    result = run_quality_benchmark(
+        small=small,
+        regimes=regime or None,
+        obj=obj,
+        seed=seed,
+        zero_shot_images=None if zero_shot_images < 0 else zero_shot_images,
+        echo=typer.echo,
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2, default=float))
 

@@ -33,6 +33,20 @@ def test_quality_benchmark_smoke_runs_every_row_with_intervals():
         assert 0.0 <= low <= row["f1"] <= high <= 1.0
     assert summary["fusion"]["method"] in ("equal", "weights", "per_pixel")
     assert lines[-1].startswith("quality bench finished")
+    # The zero-shot rows: the shipped base on 2 held-out DSB2018 images (when the checkout has them).
+    from app.science.pretrain import default_dsb_dirs
+
+    if all(d.is_dir() for d in default_dsb_dirs()):
+        zero_shot = result["zero_shot"]
+        assert [(r["rescale"], r["diameter"]) for r in zero_shot] == [
+            (0.5, "estimated"),
+            (0.5, "true"),
+            (2.0, "estimated"),
+            (2.0, "true"),
+        ]
+        assert all(r["n_images"] == 2 and r["ci_low"] <= r["f1"] <= r["ci_high"] for r in zero_shot)
+    else:
+        assert result["zero_shot"] is None and any(line.startswith("zero-shot rows skipped") for line in lines)
 
 
 @pytest.mark.slow

@@ -287,8 +287,12 @@ def run_quality_benchmark(
     regimes: Sequence[str] | None = None,
     obj: str = "cells",
     seed: int = 7,
+    zero_shot_images: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
+    """Every regime's table, then the zero-shot rows: the shipped base on its held-out DSB2018
+    images rescaled 0.5x-2x, diameters estimated by its size model (and, for reference, the true
+    ones). ``zero_shot_images``: how many held-out images (default 16; 2 with ``small``; 0 skips)."""
     import torch
 
     from app.science.synthetic import REGIMES, make_plate
@@ -341,8 +345,30 @@ def run_quality_benchmark(
             f"{rows[v['best_single']]['f1']:.3f} | {v['learned_minus_best_single']:+.3f} | "
             f"{'yes' if v['at_or_above_best_single'] else 'NO'} | {'yes' if v['above_every_label_fusion'] else 'NO'} |"
         )
+    n_zero_shot = (2 if small else 16) if zero_shot_images is None else zero_shot_images
+    zero_shot = _zero_shot_rows(n_zero_shot, small, echo) if n_zero_shot > 0 else None
     echo(f"quality bench finished in {time.perf_counter() - started:.0f} s")
-    return {"object": obj, "size": size.__dict__, "seed": seed, "regimes": results}
+    return {"object": obj, "size": size.__dict__, "seed": seed, "regimes": results, "zero_shot": zero_shot}
+
+
+def _zero_shot_rows(n_images: int, small: bool, echo) -> list[dict] | None:
+    """``benchmarks.zero_shot`` on the shipped base; None (said so) when the DSB2018 images of the
+    development checkout are not there (they are not part of the package)."""
+    from app.benchmarks.zero_shot import RESCALES, run_zero_shot_benchmark
+
+    echo("")
+    echo("### zero-shot: the shipped base, its held-out DSB2018 nuclei, diameters estimated (true for reference)")
+    try:
+        return run_zero_shot_benchmark(
+            rescales=(0.5, 2.0) if small else RESCALES,
+            modes=("estimated", "true"),
+            limit=n_images,
+            n_boot=200 if small else 2000,
+            echo=echo,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        echo(f"zero-shot rows skipped: {exc}")
+        return None
 
 
 def _print_regime(name: str, summary: dict, echo) -> None:
