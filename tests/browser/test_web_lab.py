@@ -35,6 +35,16 @@ def empty_server(tmp_path_factory):
         yield server
 
 
+def _choose_plate_files(page, names: list[str], fields) -> None:
+    page.set_input_files(
+        "#seg-files",
+        files=[
+            {"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)} for n, f in zip(names, fields, strict=True)
+        ],
+    )
+    page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+
+
 def _wait_job_page(page, before: str, timeout_s: float = 240) -> str:
     """Wait on the job page that the page opened after a submit until the job ends; -> its status."""
     page.wait_for_function(
@@ -173,14 +183,7 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
         page.click("nav [data-tab='segment']")
         plate = fields[len(SPLITS) :]
         names = [f"{w}-field1.ome.tif" for w in ("C04", "C05", "D04")]
-        page.set_input_files(
-            "#seg-files",
-            files=[
-                {"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)}
-                for n, f in zip(names, plate, strict=True)
-            ],
-        )
-        page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+        _choose_plate_files(page, names, plate)
         page.select_option("#seg-cell-line", LINE)
         page.uncheck("#segment-form input[value='cells']")  # only nuclei were annotated and trained
         page.uncheck("#seg-zoo-channels")
@@ -201,14 +204,7 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
 
         # 5b. The same plate zero-shot: the shipped base model, its size model estimating the diameter.
         page.click("nav [data-tab='segment']")
-        page.set_input_files(
-            "#seg-files",
-            files=[
-                {"name": n, "mimeType": "image/tiff", "buffer": field_tiff(f)}
-                for n, f in zip(names, plate, strict=True)
-            ],
-        )
-        page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+        _choose_plate_files(page, names, plate)
         page.select_option("#seg-cell-line", LINE)
         page.select_option("#seg-model", "base")
         page.set_checked("#segment-form input[value='cells']", False)
