@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Generator
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -146,7 +146,7 @@ def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarr
 
 def _field_outcomes(
     ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list, plate, zarr_fields: dict
-) -> Iterator[tuple]:
+) -> Generator[tuple, None, None]:
     """(field, image, labels per object, error or None, seconds, settings used per object, style
     vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
 
@@ -154,7 +154,7 @@ def _field_outcomes(
     batched through each channel model, masks reconstructed beside the network, while this thread
     writes the previous field's results. A per-image diameter estimate changes the models per field,
     and OME-Zarr fields may be lazy and larger than memory, so those keep the one-field-at-a-time
-    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``, the default).
+    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``; the plate route is the default).
     """
     seg = p.params
     n_fields = len(p.fields)
@@ -238,6 +238,13 @@ def _field_outcomes(
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
+    # The plate engine's threads stop however the run ends (a cancel or a lost worker while a
+    # field's results are written), not whenever the garbage collector finalises its generator.
+    with ExitStack() as stack:
+        return _run(ctx, stack)
+
+
+def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
     from app.jobs import JobCancelled
     from app.science import exports
     from app.science.imageio import labels_to_tiff_bytes, read_labels
@@ -285,7 +292,11 @@ def run(ctx: JobContext) -> dict[str, Any]:
             on_progress=lambda stage: ctx.progress(stage, 0.0, force=True),
         )
     provenance = _provenance(ctx, p, prep.record())  # written at the end, with the plate's QC
-    outcomes = _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate, zarr_fields)
+    outcomes = stack.enter_context(
+        closing(
+            _field_outcomes(ctx, p, cache, prep, [f for f in p.fields if f.name not in finished], plate, zarr_fields)
+        )
+    )
     for field in p.fields:
         name = field.name
         if name in finished:
