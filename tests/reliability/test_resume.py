@@ -14,13 +14,10 @@ import pytest
 from sqlalchemy import select
 
 from app import jobs
-from app.client import CellFuseClient
 from app.db import session_factory
-from app.job_params import SegmentJob
-from app.models import BaseModel, CellLine, JobResult, ModelVersion, Reporter, utcnow
-from tests.reliability.conftest import make_client
+from app.models import JobResult, utcnow
 from tests.service.conftest import make_embedded_settings
-from tests.service.workflow import register_tiny_base, small_plate, upload_dataset
+from tests.service.workflow import ready_segmentation_job, small_plate
 
 
 class _Killed(BaseException):
@@ -33,51 +30,6 @@ FIELD_STAGE = re.compile(r"^field (\d+) of (\d+) \((.+)\)$")
 
 def _new_engine_threads(before: set[threading.Thread]) -> list[str]:
     return [t.name for t in set(threading.enumerate()) - before if t.name.startswith("cellfuse-")]
-
-
-@pytest.fixture
-def engine_starts(monkeypatch) -> list[int]:
-    """One entry per start of the plate engine: proof of which route a segmentation took."""
-    import app.science.plate as plate
-
-    starts: list[int] = []
-    real = plate.segment_fields
-
-    def counted(*args, **kwargs):
-        starts.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(plate, "segment_fields", counted)
-    return starts
-
-
-def _segmentation_job(settings, n_fields: int) -> tuple:
-    client, _ = make_client(settings, run_reaper=False)
-    api = CellFuseClient(client)
-    base_name = register_tiny_base(api)
-    ds = upload_dataset(api, small_plate(n_fields, size=64, n_channels=1))
-    factory = session_factory(settings.resolved_database_url)
-    with factory() as session:  # a ready zoo version (the tiny base's weights) for the one reporter
-        base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
-        session.add(
-            ModelVersion(
-                cell_line_id=session.scalar(select(CellLine.id)),
-                object="nuclei",
-                version=1,
-                reporter_id=session.scalar(select(Reporter.id)),
-                status="ready",
-                weights_sha256=base.weights_sha256,
-                card=base.card,
-                diameter=17.0,
-            )
-        )
-        session.commit()
-    response = client.post("/api/v1/jobs/segment-dataset", json={"dataset_id": ds["id"], "objects": ["nuclei"]})
-    assert response.status_code == 202, response.text
-    job_id = response.json()["id"]
-    with factory() as session:
-        names = [f.name for f in SegmentJob.model_validate(session.get(jobs.Job, job_id).params).fields]
-    return client, factory, job_id, names
 
 
 def _requeue(factory) -> None:
@@ -95,7 +47,7 @@ def test_segmentation_rerun_skips_the_fields_already_finished(embedded_settings,
     from workers.runner import run_job
 
     monkeypatch.setattr(embedded_settings, "segment_route", route)
-    client, factory, job_id, names = _segmentation_job(embedded_settings, 5)
+    client, factory, job_id, names = ready_segmentation_job(embedded_settings, small_plate(5, size=64, n_channels=1))
     segment = pipeline_for("segment")
 
     def dies_at_the_third_field(ctx):
@@ -167,7 +119,7 @@ def test_a_plate_killed_while_writing_a_field_stops_its_engine_and_resumes(
 
     monkeypatch.setattr(embedded_settings, "segment_route", "plate")
     # Eight fields: more than the engine holds in flight, so its threads are still busy at the kill.
-    client, factory, job_id, names = _segmentation_job(embedded_settings, 8)
+    client, factory, job_id, names = ready_segmentation_job(embedded_settings, small_plate(8, size=64, n_channels=1))
     segment = pipeline_for("segment")
 
     def dies_writing_the_third_field(ctx):
@@ -203,7 +155,7 @@ def test_a_plate_cancelled_mid_plate_stops_at_the_next_field(embedded_settings, 
     from workers.runner import run_job
 
     monkeypatch.setattr(embedded_settings, "segment_route", "plate")
-    client, factory, job_id, names = _segmentation_job(embedded_settings, 8)
+    client, factory, job_id, names = ready_segmentation_job(embedded_settings, small_plate(8, size=64, n_channels=1))
     segment = pipeline_for("segment")
 
     def cancelled_while_writing_the_third_field(ctx):

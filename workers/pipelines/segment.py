@@ -134,10 +134,16 @@ def _tasks(ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, 
     return tasks
 
 
+class _BlockedField(Exception):
+    """A field the plate route hands to the one-field route, which segments it in blocks."""
+
+
 def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarray:
     """The raw field and, after it, each object's preprocessed network inputs, as one stack (read
     and corrected on the plate engine's reader thread: blob files and arrays only)."""
     image = read_field(ctx, sha256)
+    if p.method == "flow_fusion" and image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels:
+        raise _BlockedField  # too large for a batch: segment_object segments it in blocks
     stacks = [image.astype(np.float32)]
     for obj in p.objects:
         stacks.append(prep.inputs(obj, p.plan[obj].channels, image, p.channels)[0])
@@ -145,7 +151,15 @@ def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarr
 
 
 def _field_outcomes(
-    ctx: JobContext, p: SegmentJob, cache: dict[int, LoadedModel], prep, fields: list, plate, zarr_fields: dict
+    ctx: JobContext,
+    p: SegmentJob,
+    cache: dict[int, LoadedModel],
+    prep,
+    fields: list,
+    plate,
+    zarr_fields: dict,
+    *,
+    one_field_route: bool = False,
 ) -> Generator[tuple, None, None]:
     """(field, image, labels per object, error or None, seconds, settings used per object, style
     vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
@@ -154,13 +168,15 @@ def _field_outcomes(
     batched through each channel model, masks reconstructed beside the network, while this thread
     writes the previous field's results. A per-image diameter estimate changes the models per field,
     and OME-Zarr fields may be lazy and larger than memory, so those keep the one-field-at-a-time
-    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``; the plate route is the default).
+    route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``; the plate route is the default), and so
+    does each field above ``segment_block_pixels`` (segmented in blocks, ``segment_object``).
     """
     seg = p.params
     n_fields = len(p.fields)
     index_of = {f.name: i for i, f in enumerate(p.fields)}
     one_at_a_time = (
-        (seg.estimate_diameter and not seg.diameter)
+        one_field_route
+        or (seg.estimate_diameter and not seg.diameter)
         or ctx.settings.segment_route == "per_field"
         or plate is not None
         or not fields
@@ -214,27 +230,41 @@ def _field_outcomes(
     tasks = _tasks(ctx, p, cache, prep, first)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
-    engine = segment_fields(
-        ((field, partial(reader, field.image_sha256)) for field in fields),
-        tasks,
-        precision=compute.precision,
-        mask_device=compute.device,
-        batch_fields=compute.plate_batch_fields or None,
-    )
-    with closing(engine):
-        for outcome in engine:
-            field = outcome.key
-            index = index_of[field.name]
-            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
-            labels = {obj: result.labels for obj, result in outcome.results.items()}
-            settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
-            styles = {
-                f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
-                for obj, result in outcome.results.items()
-                for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)
-            }
-            image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
-            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
+    start = 0
+    while start < len(fields):
+        engine = segment_fields(
+            ((field, partial(reader, field.image_sha256)) for field in fields[start:]),
+            tasks,
+            precision=compute.precision,
+            mask_device=compute.device,
+            batch_fields=compute.plate_batch_fields or None,
+        )
+        blocked = None
+        with closing(engine):
+            for outcome in engine:
+                field = outcome.key
+                start += 1
+                if isinstance(outcome.error, _BlockedField):
+                    # Blocked segmentation swaps modules of the shared nets: the engine's threads
+                    # stop first (closing), and a new engine takes the fields after this one.
+                    blocked = field
+                    break
+                index = index_of[field.name]
+                ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
+                labels = {obj: result.labels for obj, result in outcome.results.items()}
+                settings = {obj: dict(result.settings) for obj, result in outcome.results.items()}
+                for obj, used in settings.items():  # recorded as segment_object records it
+                    if tasks[obj].fusion is not None:
+                        used["weights_source"] = p.plan[obj].fusion_source or used.get("weights_source")
+                styles = {
+                    f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
+                    for obj, result in outcome.results.items()
+                    for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)
+                }
+                image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
+                yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
+        if blocked is not None:
+            yield from _field_outcomes(ctx, p, cache, prep, [blocked], plate, zarr_fields, one_field_route=True)
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
