@@ -58,9 +58,8 @@ class Settings(BaseSettings):
     # Fields per network batch when segmenting a plate (0: by device, 2 on a CPU, 8 on a GPU).
     plate_batch_fields: int = Field(default=0, ge=0)
     # "plate": fields batched and overlapped (app.science.plate); "per_field": one field after the
-    # other. per_field stays the default until the plate route passes the resume test
-    # (tests/reliability/test_resume.py fails with it after the merge of job resumption).
-    segment_route: Literal["plate", "per_field"] = "per_field"
+    # other, as before that engine (kept for `cellfuse bench plate` and as a fallback).
+    segment_route: Literal["plate", "per_field"] = "plate"
 
     # Bounds per role on what one job may occupy a worker for: a noop's steps x seconds, and a
     # fine-tune's max_epochs (instrument keys cannot fine-tune at all).

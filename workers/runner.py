@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 
 
+#: How long the end of an attempt waits for a heartbeat write in flight (a database outage can hold one).
+HEARTBEAT_JOIN_S = 10.0
+
+
 def worker_name() -> str:
     # Evaluated per call: a prefork child has its own pid, not its parent's.
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -357,6 +361,12 @@ def _run_job(
             return jobs.JobStatus.FAILED.value
         finally:
             beat.stop_event.set()
+            # A beat already in flight lands before run_job returns or raises, never after: a beat
+            # from an ended attempt moves heartbeat_at under the reaper, whose re-queue of a dead
+            # attempt (compare-and-set on heartbeat_at) then finds nothing to do.
+            beat.join(timeout=HEARTBEAT_JOIN_S)
+            if beat.is_alive():
+                log.warning("the heartbeat of job %s is still writing after the attempt ended", job_id)
         if ctx._with_db_retry(ctx.cancel_requested):
             # Cancelled after the last checkpoint: honour it, and say what was kept.
             kept = _result_count(session, job_id)

@@ -263,6 +263,12 @@ def _run_pipeline(
         return _finish_entry(entry, task_map, plans, mask_device)
 
     def network() -> None:
+        try:
+            batches()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller, which would wait forever
+            put(out_queue, _SourceFailed(error))
+
+    def batches() -> None:
         pending: list[_Entry] = []
 
         def flush() -> bool:

@@ -20,6 +20,7 @@ from tests.service.conftest import (  # noqa: F401 - fixtures re-exported for th
     FAST_JOB_TIMINGS,
     SERVICES_REQUIRED,
     embedded_settings,
+    engine_starts,
     make_client,
     pg_url,
     redis_url,

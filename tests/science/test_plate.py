@@ -113,6 +113,32 @@ def test_closing_early_stops_every_thread_and_source_errors_reach_the_caller():
     assert seen == ["ok"]
 
 
+def test_a_network_thread_that_dies_raises_in_the_caller_instead_of_hanging_it(monkeypatch):
+    import app.science.plate as plate
+
+    model = base_model()
+    fields = real_fields(3, size=64)
+
+    def dies(*args, **kwargs):
+        raise SystemExit("the network thread died")  # not an Exception: no field can keep it as its error
+
+    monkeypatch.setattr(plate, "_run_networks", dies)
+    caught: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(segment_fields([(i, f) for i, f in enumerate(fields)], [model, model], batch_fields=1))
+        except BaseException as error:  # noqa: BLE001 - what the caller sees is the point of the test
+            caught.append(error)
+
+    caller = threading.Thread(target=consume, daemon=True)  # a hang fails the test instead of the suite
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive(), "the caller still waits for fields that will never come"
+    assert len(caught) == 1 and isinstance(caught[0], SystemExit) and "network thread died" in str(caught[0])
+    assert not [t for t in threading.enumerate() if t.name.startswith("cellfuse-")]
+
+
 @pytest.mark.slow
 def test_bf16_masks_agree_with_fp32():
     model = base_model()

@@ -104,6 +104,22 @@ def embedded_settings(tmp_path) -> Settings:
 
 
 @pytest.fixture
+def engine_starts(monkeypatch) -> list[int]:
+    """One entry per start of the plate engine (in this process): proof of the route a segmentation took."""
+    import app.science.plate as plate
+
+    starts: list[int] = []
+    real = plate.segment_fields
+
+    def counted(*args, **kwargs):
+        starts.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plate, "segment_fields", counted)
+    return starts
+
+
+@pytest.fixture
 def pg_url() -> Iterator[str]:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     name = f"cellfuse_t_{uuid.uuid4().hex[:10]}"

@@ -67,3 +67,41 @@ def tiff_to_array(data: bytes) -> np.ndarray:
     import tifffile
 
     return tifffile.imread(io.BytesIO(data))
+
+
+def ready_segmentation_job(settings, fields) -> tuple:
+    """A queued nuclei segmentation of ``fields`` (one channel) through a ready zoo version of the
+    tiny base, not yet run: (client, session factory, job id, field names in plate order)."""
+    from sqlalchemy import select
+
+    from app.db import session_factory
+    from app.job_params import SegmentJob
+    from app.models import BaseModel, CellLine, Job, ModelVersion, Reporter
+    from tests.service.conftest import make_client
+
+    client, _ = make_client(settings, run_reaper=False)
+    api = CellFuseClient(client)
+    base_name = register_tiny_base(api)
+    ds = upload_dataset(api, fields)
+    factory = session_factory(settings.resolved_database_url)
+    with factory() as session:
+        base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
+        session.add(
+            ModelVersion(
+                cell_line_id=session.scalar(select(CellLine.id)),
+                object="nuclei",
+                version=1,
+                reporter_id=session.scalar(select(Reporter.id)),
+                status="ready",
+                weights_sha256=base.weights_sha256,
+                card=base.card,
+                diameter=17.0,
+            )
+        )
+        session.commit()
+    response = client.post("/api/v1/jobs/segment-dataset", json={"dataset_id": ds["id"], "objects": ["nuclei"]})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    with factory() as session:
+        names = [f.name for f in SegmentJob.model_validate(session.get(Job, job_id).params).fields]
+    return client, factory, job_id, names

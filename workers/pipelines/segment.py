@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Generator
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -143,10 +143,16 @@ def _tasks(
     return tasks
 
 
+class _BlockedField(Exception):
+    """A field the plate route hands to the one-field route, which segments it in blocks."""
+
+
 def _plate_inputs(ctx: JobContext, p: SegmentJob, prep, sha256: str) -> np.ndarray:
     """The raw field and, after it, each object's preprocessed network inputs, as one stack (read
     and corrected on the plate engine's reader thread: blob files and arrays only)."""
     image = read_field(ctx, sha256)
+    if p.method == "flow_fusion" and image.shape[-2] * image.shape[-1] > ctx.settings.segment_block_pixels:
+        raise _BlockedField  # too large for a batch: segment_object segments it in blocks
     stacks = [image.astype(np.float32)]
     for obj in p.objects:
         stacks.append(prep.inputs(obj, p.plan[obj].channels, image, p.channels)[0])
@@ -174,6 +180,8 @@ def _plate_diameters(ctx: JobContext, p: SegmentJob, cache, prep, read_any) -> d
             out[obj] = given
         elif mode == "off":
             out[obj] = DiameterChoice(None, "model default")
+        elif not any(model_source(ctx, p.plan[obj], name).size_model for name in p.plan[obj].channels):
+            out[obj] = DiameterChoice(None, "model default (no size model)")  # nothing to estimate with
         elif mode == "per-field":
             out[obj] = None
         else:
@@ -217,7 +225,9 @@ def _field_outcomes(
     plate,
     zarr_fields: dict,
     plate_diameters: dict[str, DiameterChoice | None],
-) -> Iterator[tuple]:
+    *,
+    one_field_route: bool = False,
+) -> Generator[tuple, None, None]:
     """(field, image, labels per object, error or None, seconds, settings used per object, style
     vectors per "object:channel", OME-Zarr field or None) for each of ``fields``, in order.
 
@@ -225,13 +235,16 @@ def _field_outcomes(
     batched through each channel model, masks reconstructed beside the network, while this thread
     writes the previous field's results. A per-field diameter (given or estimated) changes the
     models per field, and OME-Zarr fields may be lazy and larger than memory, so those keep the
-    one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``).
+    one-field-at-a-time route (as does ``CELLFUSE_SEGMENT_ROUTE=per_field``; the plate route is the
+    default), and so does each field above ``segment_block_pixels`` (segmented in blocks,
+    ``segment_object``).
     """
     seg = p.params
     n_fields = len(p.fields)
     index_of = {f.name: i for i, f in enumerate(p.fields)}
     one_at_a_time = (
-        any(choice is None for choice in plate_diameters.values())
+        one_field_route
+        or any(choice is None for choice in plate_diameters.values())
         or any(f.diameter is not None for f in fields)
         or ctx.settings.segment_route == "per_field"
         or plate is not None
@@ -289,30 +302,53 @@ def _field_outcomes(
     tasks = _tasks(ctx, p, cache, prep, first, fixed)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
-    engine = segment_fields(
-        ((field, partial(reader, field.image_sha256)) for field in fields),
-        tasks,
-        precision=compute.precision,
-        mask_device=compute.device,
-        batch_fields=compute.plate_batch_fields or None,
-    )
-    with closing(engine):
-        for outcome in engine:
-            field = outcome.key
-            index = index_of[field.name]
-            ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
-            labels = {obj: result.labels for obj, result in outcome.results.items()}
-            settings = {obj: {**result.settings, **fixed[obj].record()} for obj, result in outcome.results.items()}
-            styles = {
-                f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
-                for obj, result in outcome.results.items()
-                for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)
-            }
-            image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
-            yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
+    start = 0
+    while start < len(fields):
+        engine = segment_fields(
+            ((field, partial(reader, field.image_sha256)) for field in fields[start:]),
+            tasks,
+            precision=compute.precision,
+            mask_device=compute.device,
+            batch_fields=compute.plate_batch_fields or None,
+        )
+        blocked = None
+        with closing(engine):
+            for outcome in engine:
+                field = outcome.key
+                start += 1
+                if isinstance(outcome.error, _BlockedField):
+                    # Blocked segmentation swaps modules of the shared nets: the engine's threads
+                    # stop first (closing), and a new engine takes the fields after this one.
+                    blocked = field
+                    break
+                index = index_of[field.name]
+                ctx.progress(f"field {index + 1} of {n_fields} ({field.name})", index / n_fields, force=True)
+                labels = {obj: result.labels for obj, result in outcome.results.items()}
+                settings = {obj: {**result.settings, **fixed[obj].record()} for obj, result in outcome.results.items()}
+                for obj, used in settings.items():  # recorded as segment_object records it
+                    if tasks[obj].fusion is not None:
+                        used["weights_source"] = p.plan[obj].fusion_source or used.get("weights_source")
+                styles = {
+                    f"{obj}:{channel}": [round(float(v), 6) for v in maps.style]
+                    for obj, result in outcome.results.items()
+                    for channel, maps in zip(p.plan[obj].channels, result.channel_maps, strict=True)
+                }
+                image = None if outcome.image is None else outcome.image[:n_raw].astype(raw_dtype)
+                yield field, image, labels, outcome.error, outcome.timings.get("total", 0.0), settings, styles, None
+        if blocked is not None:
+            yield from _field_outcomes(
+                ctx, p, cache, prep, [blocked], plate, zarr_fields, plate_diameters, one_field_route=True
+            )
 
 
 def run(ctx: JobContext) -> dict[str, Any]:
+    # The plate engine's threads stop however the run ends (a cancel or a lost worker while a
+    # field's results are written), not whenever the garbage collector finalises its generator.
+    with ExitStack() as stack:
+        return _run(ctx, stack)
+
+
+def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
     from app.jobs import JobCancelled
     from app.science import exports
     from app.science.imageio import labels_to_tiff_bytes, read_labels
@@ -367,7 +403,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         for obj, choice in plate_diameters.items()
     }
     remaining = [f for f in p.fields if f.name not in finished]
-    outcomes = _field_outcomes(ctx, p, cache, prep, remaining, plate, zarr_fields, plate_diameters)
+    outcomes = stack.enter_context(
+        closing(_field_outcomes(ctx, p, cache, prep, remaining, plate, zarr_fields, plate_diameters))
+    )
     for field in p.fields:
         name = field.name
         if name in finished:
