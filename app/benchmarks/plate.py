@@ -351,6 +351,8 @@ def run_plate_benchmark(
             "use_channels": reporters,
             "objects": [OBJECT],
             "method": "flow_fusion",
+            # The direct loop uses the models' training diameter: the API must do the same work.
+            "params": {"estimate_diameter": "off"},
         }
 
         today_env = {**env, "CELLFUSE_SEGMENT_ROUTE": "per_field", "CELLFUSE_PRECISION": "fp32"}
