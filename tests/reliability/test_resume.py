@@ -96,6 +96,13 @@ def test_segmentation_rerun_skips_the_fields_already_finished(embedded_settings,
     assert job["summary"]["fields_done"] == 5 and job["summary"]["fields_failed"] == 0
     assert [f["field"] for f in job["summary"]["fields"]] == names
     assert job["summary"]["metrics"]["nuclei"]  # pooled over all five fields, the kept ones included
+    # The plate's QC covers all five fields too: the kept ones' rows come from their records.
+    summary = job["summary"]
+    assert summary["qc"]["summary"]["fields"] == 5
+    qc_rows = {row["field"]: row["stats"]["nuclei"] for row in summary["qc_field_stats"]}
+    assert set(qc_rows) == {f["field"] for f in summary["fields"]} and finished_first <= set(qc_rows)
+    for f in summary["fields"]:
+        assert qc_rows[f["field"]]["count"] == f["objects"]["nuclei"], (f, qc_rows[f["field"]])
     result_names = [r["name"] for r in job["results"]]
     assert len(result_names) == len(set(result_names))
     with factory() as session:

@@ -216,3 +216,58 @@ def test_job_events_reach_the_lims_signed(tmp_path, receiver, worker_factory):
     assert event["type"] == "job.succeeded" and event["data"]["job_id"] == job["id"]
     assert event["data"]["status"] == "succeeded" and event["data"]["links"]["job"].endswith(job["id"])
     assert r.bad_signatures == 0 and r_other.requests == 0
+
+
+@pytest.mark.slow
+def test_a_failed_field_is_announced_and_the_plate_still_succeeds(tmp_path, receiver, worker_factory):
+    """One field's stored image is gone when the worker reaches it: the LIMS gets a signed
+    plate.field_failed naming the field and the error, and the job succeeds with the other fields."""
+    from sqlalchemy import select
+
+    from app.client import CellFuseClient
+    from app.models import BaseModel, CellLine, ModelVersion, Reporter
+    from app.storage import BlobStore
+    from tests.service.workflow import register_tiny_base, small_plate, upload_dataset
+
+    settings = make_embedded_settings(tmp_path, **FAST_WEBHOOKS)
+    worker_factory(settings)
+    client, _ = make_client(settings)
+    api = CellFuseClient(client)
+    r = receiver()
+    r.secret = client.post("/api/v1/webhooks", json={"url": r.url, "events": ["plate.field_failed"]}).json()["secret"]
+    with client:  # the lifespan runs the dispatcher
+        base_name = register_tiny_base(api)
+        ds = upload_dataset(api, small_plate(3, size=64, n_channels=1))
+        with session_factory(settings.resolved_database_url)() as session:  # a ready version: the tiny base
+            base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
+            session.add(
+                ModelVersion(
+                    cell_line_id=session.scalar(select(CellLine.id)),
+                    object="nuclei",
+                    version=1,
+                    reporter_id=session.scalar(select(Reporter.id)),
+                    status="ready",
+                    weights_sha256=base.weights_sha256,
+                    card=base.card,
+                    diameter=17.0,
+                )
+            )
+            session.commit()
+        # The second field's image vanishes from the data directory before the worker reads it.
+        lost = ds["images"][1]["image_sha256"]
+        BlobStore(settings.blob_dir).path_for(lost).unlink()
+        response = client.post("/api/v1/jobs/segment-dataset", json={"dataset_id": ds["id"], "objects": ["nuclei"]})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["id"], timeout=300)
+        assert job["status"] == "succeeded", job
+        summary = job["summary"]
+        assert summary["fields_done"] == 2 and summary["fields_failed"] == 1, summary
+        [failed] = summary["failed_fields"]
+        assert failed["field"] not in {f["field"] for f in summary["fields"]}
+        [event] = r.wait_for(1)
+    assert r.bad_signatures == 0
+    assert event["type"] == "plate.field_failed"
+    data = event["data"]
+    assert data["job_id"] == job["id"] and data["field"] == failed["field"]
+    assert "missing from the data directory" in data["error"] and data["error"] == failed["error"]
+    assert data["links"]["job"].endswith(job["id"])

@@ -94,14 +94,14 @@ def _finished_fields(ctx: JobContext, names: set[str]) -> dict[str, dict[str, An
     return finished
 
 
-def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: list[str]) -> None:
-    """Written after all of a field's results: a re-run skips the field."""
+def _record_finished(ctx: JobContext, name: str, done: dict[str, Any], scored: list[str], qc: dict[str, Any]) -> None:
+    """Written after all of a field's results: a re-run skips the field (and takes its QC row from here)."""
     folder = ctx.checkpoint_dir / "fields"
     target = folder / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
     tmp = target.with_name(target.name + ".partial")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"done": done, "scored": scored}))
+        tmp.write_text(json.dumps({"done": done, "scored": scored, "qc": qc}))
         os.replace(tmp, target)
     except OSError:  # without the record the field is redone on a re-run, nothing worse
         log.warning("could not record field %s of job %s as finished", name, ctx.job_id, exc_info=True)
@@ -411,6 +411,8 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
         if name in finished:
             record = finished[name]
             done.append(record["done"])
+            if record.get("qc"):  # the plate's QC covers the fields kept from the earlier attempt too
+                qc_fields.append(record["qc"])
             for obj in record["scored"]:  # pooled metrics need every field's masks
                 image_row = ctx.session.get(DatasetImage, field.dataset_image_id)
                 truths[obj].append(read_mask(ctx, mask_sha(image_row, obj)))
@@ -442,7 +444,8 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
                             }
                         )
                         continue
-            qc_fields.append(_qc_row(name, field.well, labels, styles, image))
+            qc_row = _qc_row(name, field.well, labels, styles, image)
+            qc_fields.append(qc_row)
             nuclei, cells = labels.get("nuclei"), labels.get("cells")
             for obj, lab in labels.items():
                 ctx.add_result(
@@ -512,7 +515,7 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
                     "settings": settings,
                 }
             )
-            _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)])
+            _record_finished(ctx, name, done[-1], scored=[o for o in labels if field_metrics.get(o)], qc=qc_row)
         except JobCancelled:
             raise
         except JobFailed as exc:
@@ -525,7 +528,7 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
     if not done:
         raise JobFailed(f"every field failed; first error: {failed[0]['error'] if failed else 'no fields'}")
     pooled = {obj: score_set(truths[obj], preds[obj]).as_dict() for obj in p.objects if truths[obj]}
-    qc = _plate_qc(ctx, p, qc_fields)  # (fields resumed from an earlier attempt are not in it)
+    qc = _plate_qc(ctx, p, qc_fields)
     provenance["qc"] = qc
     ctx.add_result(
         "provenance.json", json.dumps(provenance, indent=2).encode(), kind="provenance", media_type="application/json"
