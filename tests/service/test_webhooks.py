@@ -222,12 +222,10 @@ def test_job_events_reach_the_lims_signed(tmp_path, receiver, worker_factory):
 def test_a_failed_field_is_announced_and_the_plate_still_succeeds(tmp_path, receiver, worker_factory):
     """One field's stored image is gone when the worker reaches it: the LIMS gets a signed
     plate.field_failed naming the field and the error, and the job succeeds with the other fields."""
-    from sqlalchemy import select
 
     from app.client import CellFuseClient
-    from app.models import BaseModel, CellLine, ModelVersion, Reporter
     from app.storage import BlobStore
-    from tests.service.workflow import register_tiny_base, small_plate, upload_dataset
+    from tests.service.workflow import add_ready_version_of_base, register_tiny_base, small_plate, upload_dataset
 
     settings = make_embedded_settings(tmp_path, **FAST_WEBHOOKS)
     worker_factory(settings)
@@ -238,21 +236,7 @@ def test_a_failed_field_is_announced_and_the_plate_still_succeeds(tmp_path, rece
     with client:  # the lifespan runs the dispatcher
         base_name = register_tiny_base(api)
         ds = upload_dataset(api, small_plate(3, size=64, n_channels=1))
-        with session_factory(settings.resolved_database_url)() as session:  # a ready version: the tiny base
-            base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
-            session.add(
-                ModelVersion(
-                    cell_line_id=session.scalar(select(CellLine.id)),
-                    object="nuclei",
-                    version=1,
-                    reporter_id=session.scalar(select(Reporter.id)),
-                    status="ready",
-                    weights_sha256=base.weights_sha256,
-                    card=base.card,
-                    diameter=17.0,
-                )
-            )
-            session.commit()
+        add_ready_version_of_base(session_factory(settings.resolved_database_url), base_name)
         # The second field's image vanishes from the data directory before the worker reads it.
         lost = ds["images"][1]["image_sha256"]
         BlobStore(settings.blob_dir).path_for(lost).unlink()

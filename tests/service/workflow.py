@@ -69,21 +69,13 @@ def tiff_to_array(data: bytes) -> np.ndarray:
     return tifffile.imread(io.BytesIO(data))
 
 
-def ready_segmentation_job(settings, fields) -> tuple:
-    """A queued nuclei segmentation of ``fields`` (one channel) through a ready zoo version of the
-    tiny base, not yet run: (client, session factory, job id, field names in plate order)."""
+def add_ready_version_of_base(factory, base_name: str) -> None:
+    """A ready nuclei version of the first reporter on the first cell line, with ``base_name``'s
+    weights (a zoo model without a fine-tune)."""
     from sqlalchemy import select
 
-    from app.db import session_factory
-    from app.job_params import SegmentJob
-    from app.models import BaseModel, CellLine, Job, ModelVersion, Reporter
-    from tests.service.conftest import make_client
+    from app.models import BaseModel, CellLine, ModelVersion, Reporter
 
-    client, _ = make_client(settings, run_reaper=False)
-    api = CellFuseClient(client)
-    base_name = register_tiny_base(api)
-    ds = upload_dataset(api, fields)
-    factory = session_factory(settings.resolved_database_url)
     with factory() as session:
         base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
         session.add(
@@ -99,6 +91,22 @@ def ready_segmentation_job(settings, fields) -> tuple:
             )
         )
         session.commit()
+
+
+def ready_segmentation_job(settings, fields) -> tuple:
+    """A queued nuclei segmentation of ``fields`` (one channel) through a ready zoo version of the
+    tiny base, not yet run: (client, session factory, job id, field names in plate order)."""
+    from app.db import session_factory
+    from app.job_params import SegmentJob
+    from app.models import Job
+    from tests.service.conftest import make_client
+
+    client, _ = make_client(settings, run_reaper=False)
+    api = CellFuseClient(client)
+    base_name = register_tiny_base(api)
+    ds = upload_dataset(api, fields)
+    factory = session_factory(settings.resolved_database_url)
+    add_ready_version_of_base(factory, base_name)
     response = client.post("/api/v1/jobs/segment-dataset", json={"dataset_id": ds["id"], "objects": ["nuclei"]})
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
