@@ -165,7 +165,9 @@ def _estimation_mode(p: SegmentJob) -> str:
     return p.params.estimation("per-field" if p.dataset_id is not None else "per-plate")
 
 
-def _plate_diameters(ctx: JobContext, p: SegmentJob, cache, prep, read_any) -> dict[str, DiameterChoice | None]:
+def _plate_diameters(
+    ctx: JobContext, p: SegmentJob, cache, prep, read_any, too_large
+) -> dict[str, DiameterChoice | None]:
     """Per object, the diameter every field uses unless it gives its own: the request's; or, with
     estimate_diameter "per-plate", the median of the two-pass size-model estimates of up to three
     fields (first, middle, last: the same ones on a re-run); "model default" when off or when no
@@ -188,6 +190,8 @@ def _plate_diameters(ctx: JobContext, p: SegmentJob, cache, prep, read_any) -> d
             if samples is None:
                 samples = []
                 for i in picks:
+                    if too_large(p.fields[i]):  # a stitched well is not read whole for an estimate
+                        continue
                     try:
                         image = read_any(p.fields[i])
                     except Exception:  # noqa: BLE001 - a field that cannot be read fails on its own later
@@ -373,6 +377,11 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
     qc_fields: list[dict[str, Any]] = []
     owner = ctx.job.owner_key_id
 
+    def too_large(field) -> bool:
+        """An OME-Zarr field beyond the block size (its shape is known without reading it)."""
+        zf = zarr_fields.get(field.zarr_path) if field.zarr_path else None
+        return zf is not None and zf.shape[1] * zf.shape[2] > ctx.settings.segment_block_pixels
+
     def read_any(field) -> np.ndarray:
         if field.zarr_path:
             return np.asarray(_zarr_image(ctx, plate, zarr_fields[field.zarr_path], in_memory=True))
@@ -396,7 +405,7 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
             on_progress=lambda stage: ctx.progress(stage, 0.0, force=True),
         )
     with ctx.stage("diameter", 0.0):
-        plate_diameters = _plate_diameters(ctx, p, cache, prep, read_any)
+        plate_diameters = _plate_diameters(ctx, p, cache, prep, read_any, too_large)
     provenance = _provenance(ctx, p, prep.record())  # written at the end, with the plate's QC
     provenance["diameters"] = {
         obj: {"mode": _estimation_mode(p), **(choice.record() if choice else {}), "value": choice and choice.value}
