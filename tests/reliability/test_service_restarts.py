@@ -90,11 +90,9 @@ def test_redis_killed_with_jobs_queued_and_running_loses_no_job(tmp_path, pg_url
 @pytest.mark.slow
 @pytest.mark.services
 def test_postgresql_restart_is_survived_by_api_and_worker(tmp_path, own_postgres, redis_url, worker_factory):
-    # No heartbeat can be written while PostgreSQL is down, and its restart took over 4 s on a loaded
-    # 2-core machine (the reaper then re-ran the job): the stale threshold must exceed the outage for
-    # "rode it out" to be what is tested.
-    timings = {**FAST_JOB_TIMINGS, "job_stale_after_s": 12.0, "job_resend_after_s": 14.0}
-    settings = Settings(data_dir=tmp_path / "data", database_url=own_postgres.url, broker_url=redis_url, **timings)
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=own_postgres.url, broker_url=redis_url, **FAST_JOB_TIMINGS
+    )
     upgrade(settings.resolved_database_url)
     worker = worker_factory(settings)
     with _live_client(settings) as client:
