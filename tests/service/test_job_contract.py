@@ -191,7 +191,9 @@ def test_a_job_that_stops_reaching_checkpoints_is_treated_as_stalled(tmp_path):
     runner = threading.Thread(target=run_job, args=(job_id, hung_pipeline, settings, "w1"))
     runner.start()
     try:
-        time.sleep(2.0)
+        # Stall (0.5 s after the last progress, seen up to ~1 s late on a busy machine) + stale (1 s),
+        # with a margin: at 2 s a heartbeat could still be fresh once in several runs.
+        time.sleep(3.0)
         with session_factory(settings.resolved_database_url)() as session:
             actions = jobs.reap_stale_jobs(session, stale_after_s=1.0, resend_after_s=60)
             assert [a.job_id for a in actions if a.action == "requeued"] == [job_id]

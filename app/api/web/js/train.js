@@ -98,7 +98,7 @@ async function onFinetuneSubmit(event, onJob) {
     const datasetId = Number($("ft-dataset").value);
     if (!datasetId) throw new ApiError("No dataset", "create a dataset and upload annotated images first (above)");
     const body = {dataset_id: datasetId, reporter: $("ft-reporter").value, object: $("ft-object").value,
-      base: $("ft-base").value, params: {max_epochs: Number($("ft-max-epochs").value) || 200}};
+      base: $("ft-base").value, params: {max_epochs: Number($("ft-max-epochs").value) || 300}};
     for (const [id, key] of [["ft-min-epochs", "min_epochs"], ["ft-patience", "patience"],
       ["ft-batch-size", "batch_size"], ["ft-bsize", "bsize"], ["ft-learning-rate", "learning_rate"]]) {
       const raw = $(id).value.trim();
