@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, SessionDep, SettingsDep
 from app.api.errors import Problem
-from app.api.routes.work import _accepted, field_name, plan_models
+from app.api.routes.work import _accepted, field_name, plan_request_models
 from app.api.schemas import MODEL_DESCRIPTION, JobOut, ModelChoice
 from app.api.uploads import read_upload
 from app.job_params import FieldSpec, OmeZarrSource, SegmentJob, SegmentParams, StrictModel
@@ -166,17 +166,7 @@ def submit_segment_ome_zarr(
             slug="unknown-channel",
             channels=info.channel_names,
         )
-    plan = plan_models(
-        session,
-        line,
-        reporters,
-        list(req.objects),
-        req.use_channels,
-        req.alias,
-        req.params.learned_fusion,
-        model=req.model,
-        models=req.models,
-    )
+    plan = plan_request_models(session, line, reporters, list(req.objects), req)
     plate_name = req.plate or info.name
     fields = [
         FieldSpec(name=field_name(f.well, f.index), well=f.well, field=f.index, zarr_path=f.path) for f in info.fields

@@ -6,7 +6,7 @@ missing models. A refused request leaves no job and no stored file behind.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 from pydantic import ValidationError
@@ -80,6 +80,38 @@ def _check_subset(use: list[str] | None, channels: list[str]) -> None:
         )
     if len(set(use)) != len(use):
         raise Problem(422, "use_channels lists a channel twice", slug="duplicate-channels")
+
+
+class ModelChoiceRequest(Protocol):
+    """What the segment, segment-dataset, OME-Zarr and evaluate requests share for model planning."""
+
+    @property
+    def use_channels(self) -> list[str] | None: ...
+    @property
+    def alias(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def models(self) -> dict[str, str] | None: ...
+    @property
+    def params(self) -> Any: ...
+
+
+def plan_request_models(
+    session: Session, line: CellLine, channels: list[str], objects: list[str], req: ModelChoiceRequest
+) -> dict[str, ObjectPlan]:
+    """``plan_models`` with the request's own channel, alias, fusion and model choices."""
+    return plan_models(
+        session,
+        line,
+        channels,
+        objects,
+        req.use_channels,
+        req.alias,
+        req.params.learned_fusion,
+        model=req.model,
+        models=req.models,
+    )
 
 
 def plan_models(
@@ -506,17 +538,7 @@ def submit_segment(
             zoo.reporter_by_name(session, name)
     if len(set(req.channels)) != len(req.channels):
         raise Problem(422, "each channel needs its own name; the request lists one twice", slug="duplicate-channels")
-    plan = plan_models(
-        session,
-        line,
-        req.channels,
-        list(req.objects),
-        req.use_channels,
-        req.alias,
-        req.params.learned_fusion,
-        model=req.model,
-        models=req.models,
-    )
+    plan = plan_request_models(session, line, req.channels, list(req.objects), req)
     loaded = []
     for index, upload in enumerate(files):
         # Validated from its spooled file; only one field's pixels are in memory at a time.
@@ -633,17 +655,7 @@ def submit_segment_dataset(
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     ds = zoo.dataset_by_id(session, body.dataset_id)
-    plan = plan_models(
-        session,
-        ds.cell_line,
-        ds.channels,
-        list(body.objects),
-        body.use_channels,
-        body.alias,
-        body.params.learned_fusion,
-        model=body.model,
-        models=body.models,
-    )
+    plan = plan_request_models(session, ds.cell_line, ds.channels, list(body.objects), body)
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
@@ -724,17 +736,7 @@ def submit_evaluate(
                 "give either model_version_id, or object (with optional use_channels, method and model)",
                 slug="evaluate-target-missing",
             )
-        plan = plan_models(
-            session,
-            ds.cell_line,
-            ds.channels,
-            [body.object],
-            body.use_channels,
-            body.alias,
-            body.params.learned_fusion,
-            model=body.model,
-            models=body.models,
-        )
+        plan = plan_request_models(session, ds.cell_line, ds.channels, [body.object], body)
         params = EvaluateJob(
             dataset_id=ds.id, split=body.split, object=body.object, method=body.method, plan=plan, params=body.params
         )
