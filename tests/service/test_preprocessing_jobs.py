@@ -14,6 +14,7 @@ import pytest
 from app.client import ApiError, CellFuseClient
 from app.science.imageio import image_to_tiff_bytes
 from tests.service.conftest import make_client
+from tests.service.test_base_segmentation import _shipped_base as shipped_base
 from tests.service.workflow import CELL_LINE, register_tiny_base, small_plate, upload_dataset
 
 TINY_TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
@@ -153,3 +154,53 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
         files={"flatfield": ("flat.tif", image_to_tiff_bytes(-np.ones((64, 64), np.float32)), "image/tiff")},
     )
     assert negative.status_code == 422 and negative.json()["type"].endswith("invalid-profile")
+
+
+@pytest.mark.slow
+def test_evaluation_and_channel_selection_use_the_models_recipe(embedded_settings, worker_factory):
+    """A model trained on corrected, plate-normalised pixels is scored on the same kind of pixels:
+    an evaluation of its test split repeats the fine-tune's own test score (before, evaluate and
+    select-channels fed it Cellpose's per-image scaling of the raw pixels)."""
+    worker_factory(embedded_settings)
+    client, _ = make_client(embedded_settings)
+    api = CellFuseClient(client)
+    fields = shaded(small_plate(8, seed=5), gain=0.4)
+    channel = fields[0].channel_names[0]
+    ds = upload_dataset(api, fields, splits=["train", "train", "train", "train", "val", "test", "test", "val"])
+    # The shipped base: an untrained net would score 0 either way and prove nothing.
+    base = shipped_base(api, embedded_settings)
+    tuned = api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": channel,
+            "object": "nuclei",
+            "base": base,
+            "params": {**TINY_TRAINING, "preprocessing": RECIPE},
+        },
+        timeout=600,
+    )
+    assert tuned["status"] == "succeeded", tuned
+    version = api.get(f"/api/v1/models/{tuned['summary']['model_version_id']}")
+    recorded = version["card"]["data"]["preprocessing"]
+    assert tuned["summary"]["test_metrics"]["f1"] > 0.1, tuned["summary"]["test_metrics"]
+
+    evaluation = api.run(
+        "evaluate", {"dataset_id": ds["id"], "split": "test", "model_version_id": version["id"]}, timeout=300
+    )
+    assert evaluation["status"] == "succeeded", evaluation
+    used = evaluation["summary"]["preprocessing"][channel]
+    assert used["recipe_source"] == "model card" and used["recipe"] == recorded["recipe"]
+    assert used["illumination_profile"]["source"] == "estimated"
+    assert used["percentiles"] == pytest.approx(recorded["percentiles"], rel=1e-3)
+    assert evaluation["summary"]["metrics"]["f1"] == pytest.approx(tuned["summary"]["test_metrics"]["f1"], abs=1e-6)
+
+    # Channel selection needs a model per channel: the other one keeps Cellpose's default recipe.
+    other = fields[0].channel_names[1]
+    job = {"dataset_id": ds["id"], "reporter": other, "object": "nuclei", "base": base, "params": TINY_TRAINING}
+    assert api.run("finetune", job, timeout=600)["status"] == "succeeded"
+    selection = api.run("select-channels", {"dataset_id": ds["id"], "object": "nuclei", "split": "val"}, timeout=300)
+    assert selection["status"] == "succeeded", selection
+    chosen = selection["summary"]["preprocessing"]
+    assert chosen[channel]["recipe"] == recorded["recipe"] and chosen[channel]["recipe_source"] == "model card"
+    assert chosen[other]["recipe"]["normalization"] == "per-image" and chosen[other]["percentiles"] is None
