@@ -204,3 +204,47 @@ def test_evaluation_and_channel_selection_use_the_models_recipe(embedded_setting
     chosen = selection["summary"]["preprocessing"]
     assert chosen[channel]["recipe"] == recorded["recipe"] and chosen[channel]["recipe_source"] == "model card"
     assert chosen[other]["recipe"]["normalization"] == "per-image" and chosen[other]["percentiles"] is None
+
+
+def _upload_flat(client, shape: tuple[int, ...], channels: str, darkfield_shape: tuple[int, ...] | None = None):
+    files = {"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones(shape, np.float32)), "image/tiff")}
+    if darkfield_shape is not None:
+        files["darkfield"] = ("dark.tif", image_to_tiff_bytes(np.zeros(darkfield_shape, np.float32)), "image/tiff")
+    return client.post("/api/v1/illumination-profiles", data={"name": "slide", "channels": channels}, files=files)
+
+
+def test_a_fine_tune_recipe_it_cannot_honour_is_refused_before_any_job(embedded_settings):
+    """No worker: each refusal is a precise 422 at submission, and no job is created."""
+    client, _ = make_client(embedded_settings)
+    api = CellFuseClient(client)
+    base = register_tiny_base(api)
+    fields = small_plate(3, size=64)
+    channel = fields[0].channel_names[0]
+    ds = upload_dataset(api, fields, splits=["train", "val", "test"])
+
+    def finetune(recipe: dict) -> ApiError:
+        body = {"dataset_id": ds["id"], "reporter": channel, "object": "nuclei", "base": base}
+        with pytest.raises(ApiError) as refused:
+            api.submit("finetune", {**body, "params": {"preprocessing": recipe}})
+        assert refused.value.status == 422
+        return refused.value
+
+    too_small = finetune(RECIPE)
+    assert too_small.problem["type"].endswith("plate-too-small-for-profile")
+    assert "3 image(s)" in too_small.problem["detail"]
+
+    wrong = _upload_flat(client, (128, 128), channel)
+    assert wrong.status_code == 201, wrong.text
+    shape = finetune({"illumination": "profile", "profile_id": wrong.json()["id"]})
+    assert shape.problem["type"].endswith("profile-shape-mismatch") and "128×128" in shape.problem["detail"]
+    other = _upload_flat(client, (64, 64), "GFP")
+    assert other.status_code == 201, other.text
+    missing = finetune({"illumination": "profile", "profile_id": other.json()["id"]})
+    assert missing.problem["type"].endswith("profile-channel-mismatch")
+    unknown = finetune({"illumination": "profile", "profile_id": 999_999})
+    assert unknown.problem["type"].endswith("unknown-profile")
+
+    dark = _upload_flat(client, (64, 64), channel, darkfield_shape=(32, 32))
+    assert dark.status_code == 422 and dark.json()["type"].endswith("invalid-profile"), dark.text
+    assert "darkfield" in dark.json()["detail"]
+    assert api.get("/api/v1/jobs")["total"] == 0
