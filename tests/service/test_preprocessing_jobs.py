@@ -14,6 +14,7 @@ import pytest
 from app.client import ApiError, CellFuseClient
 from app.science.imageio import image_to_tiff_bytes
 from tests.service.conftest import make_client
+from tests.service.test_base_segmentation import _shipped_base as shipped_base
 from tests.service.workflow import CELL_LINE, register_tiny_base, small_plate, upload_dataset
 
 TINY_TRAINING = {"max_epochs": 2, "min_epochs": 0, "patience": 5, "batch_size": 4, "bsize": 64}
@@ -153,3 +154,97 @@ def test_a_recipe_follows_its_model_from_training_to_inference(embedded_settings
         files={"flatfield": ("flat.tif", image_to_tiff_bytes(-np.ones((64, 64), np.float32)), "image/tiff")},
     )
     assert negative.status_code == 422 and negative.json()["type"].endswith("invalid-profile")
+
+
+@pytest.mark.slow
+def test_evaluation_and_channel_selection_use_the_models_recipe(embedded_settings, worker_factory):
+    """A model trained on corrected, plate-normalised pixels is scored on the same kind of pixels:
+    an evaluation of its test split repeats the fine-tune's own test score (before, evaluate and
+    select-channels fed it Cellpose's per-image scaling of the raw pixels)."""
+    worker_factory(embedded_settings)
+    client, _ = make_client(embedded_settings)
+    api = CellFuseClient(client)
+    fields = shaded(small_plate(8, seed=5), gain=0.4)
+    channel = fields[0].channel_names[0]
+    ds = upload_dataset(api, fields, splits=["train", "train", "train", "train", "val", "test", "test", "val"])
+    # The shipped base: an untrained net would score 0 either way and prove nothing.
+    base = shipped_base(api, embedded_settings)
+    tuned = api.run(
+        "finetune",
+        {
+            "dataset_id": ds["id"],
+            "reporter": channel,
+            "object": "nuclei",
+            "base": base,
+            "params": {**TINY_TRAINING, "preprocessing": RECIPE},
+        },
+        timeout=600,
+    )
+    assert tuned["status"] == "succeeded", tuned
+    version = api.get(f"/api/v1/models/{tuned['summary']['model_version_id']}")
+    recorded = version["card"]["data"]["preprocessing"]
+    assert tuned["summary"]["test_metrics"]["f1"] > 0.1, tuned["summary"]["test_metrics"]
+
+    evaluation = api.run(
+        "evaluate", {"dataset_id": ds["id"], "split": "test", "model_version_id": version["id"]}, timeout=300
+    )
+    assert evaluation["status"] == "succeeded", evaluation
+    used = evaluation["summary"]["preprocessing"][channel]
+    assert used["recipe_source"] == "model card" and used["recipe"] == recorded["recipe"]
+    assert used["illumination_profile"]["source"] == "estimated"
+    assert used["percentiles"] == pytest.approx(recorded["percentiles"], rel=1e-3)
+    assert evaluation["summary"]["metrics"]["f1"] == pytest.approx(tuned["summary"]["test_metrics"]["f1"], abs=1e-6)
+
+    # Channel selection needs a model per channel: the other one keeps Cellpose's default recipe.
+    other = fields[0].channel_names[1]
+    job = {"dataset_id": ds["id"], "reporter": other, "object": "nuclei", "base": base, "params": TINY_TRAINING}
+    assert api.run("finetune", job, timeout=600)["status"] == "succeeded"
+    selection = api.run("select-channels", {"dataset_id": ds["id"], "object": "nuclei", "split": "val"}, timeout=300)
+    assert selection["status"] == "succeeded", selection
+    chosen = selection["summary"]["preprocessing"]
+    assert chosen[channel]["recipe"] == recorded["recipe"] and chosen[channel]["recipe_source"] == "model card"
+    assert chosen[other]["recipe"]["normalization"] == "per-image" and chosen[other]["percentiles"] is None
+
+
+def _upload_flat(client, shape: tuple[int, ...], channels: str, darkfield_shape: tuple[int, ...] | None = None):
+    files = {"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones(shape, np.float32)), "image/tiff")}
+    if darkfield_shape is not None:
+        files["darkfield"] = ("dark.tif", image_to_tiff_bytes(np.zeros(darkfield_shape, np.float32)), "image/tiff")
+    return client.post("/api/v1/illumination-profiles", data={"name": "slide", "channels": channels}, files=files)
+
+
+def test_a_fine_tune_recipe_it_cannot_honour_is_refused_before_any_job(embedded_settings):
+    """No worker: each refusal is a precise 422 at submission, and no job is created."""
+    client, _ = make_client(embedded_settings)
+    api = CellFuseClient(client)
+    base = register_tiny_base(api)
+    fields = small_plate(3, size=64)
+    channel = fields[0].channel_names[0]
+    ds = upload_dataset(api, fields, splits=["train", "val", "test"])
+
+    def finetune(recipe: dict) -> ApiError:
+        body = {"dataset_id": ds["id"], "reporter": channel, "object": "nuclei", "base": base}
+        with pytest.raises(ApiError) as refused:
+            api.submit("finetune", {**body, "params": {"preprocessing": recipe}})
+        assert refused.value.status == 422
+        return refused.value
+
+    too_small = finetune(RECIPE)
+    assert too_small.problem["type"].endswith("plate-too-small-for-profile")
+    assert "3 image(s)" in too_small.problem["detail"]
+
+    wrong = _upload_flat(client, (128, 128), channel)
+    assert wrong.status_code == 201, wrong.text
+    shape = finetune({"illumination": "profile", "profile_id": wrong.json()["id"]})
+    assert shape.problem["type"].endswith("profile-shape-mismatch") and "128×128" in shape.problem["detail"]
+    other = _upload_flat(client, (64, 64), "GFP")
+    assert other.status_code == 201, other.text
+    missing = finetune({"illumination": "profile", "profile_id": other.json()["id"]})
+    assert missing.problem["type"].endswith("profile-channel-mismatch")
+    unknown = finetune({"illumination": "profile", "profile_id": 999_999})
+    assert unknown.problem["type"].endswith("unknown-profile")
+
+    dark = _upload_flat(client, (64, 64), channel, darkfield_shape=(32, 32))
+    assert dark.status_code == 422 and dark.json()["type"].endswith("invalid-profile"), dark.text
+    assert "darkfield" in dark.json()["detail"]
+    assert api.get("/api/v1/jobs")["total"] == 0

@@ -18,9 +18,12 @@ from workers.pipelines.common import (
     labelled_split,
     load_labelled,
     load_version,
+    model_source,
     record_evaluation,
     segment_object,
+    zoo_source,
 )
+from workers.pipelines.preprocess import dataset_plate_preprocessing
 from workers.runner import JobContext, JobFailed
 
 
@@ -42,13 +45,18 @@ def run(ctx: JobContext) -> dict[str, Any]:
         loaded = load_version(ctx, p.model_version_id, cache)
         if p.reporter not in ds.channels:
             raise JobFailed(f"dataset {ds.id} no longer has a channel {p.reporter!r}")
-        channel = ds.channels.index(p.reporter)
+        # The model's own recipe (illumination, plate percentiles), as it was trained and segments.
+        prep = dataset_plate_preprocessing(
+            ctx, ds, {obj: {p.reporter: zoo_source(ctx, p.model_version_id)}}, ds.channels
+        )
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
+            inputs, normalizations = prep.inputs(obj, [p.reporter], it.image, ds.channels)
             maps = predict_maps(
                 loaded.net,
-                it.image[channel].astype("float32"),
+                inputs[0],
                 diameter=loaded.diameter,
+                normalization=normalizations[0],
                 tile=False,
                 precision=options["precision"],
             )
@@ -63,9 +71,13 @@ def run(ctx: JobContext) -> dict[str, Any]:
         plan = p.plan[obj]
         used: dict = {}
         diameters: list[dict] = []
+        sources = {name: model_source(ctx, plan, name) for name in plan.channels}
+        prep = dataset_plate_preprocessing(ctx, ds, {obj: sources}, ds.channels)
         for i, it in enumerate(items):
             ctx.progress(f"image {i + 1} of {len(items)}", 0.1 + 0.9 * i / len(items))
-            preds.append(segment_object(ctx, it.image, ds.channels, plan, p.method, p.params, cache, used, obj=obj))
+            preds.append(
+                segment_object(ctx, it.image, ds.channels, plan, p.method, p.params, cache, used, obj=obj, prep=prep)
+            )
             diameters.append({"image": it.row.id, **{k: used.get(k) for k in ("diameter", "diameter_source")}})
         # What was applied (weights, thresholds, their source): the same for every image of the split.
         fusion = {
@@ -96,6 +108,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
         "n_images": len(items),
         "model_version_id": p.model_version_id,
         "fusion": fusion,
+        # Per channel: the recipe applied, its profile (id, sha256) and the dataset's percentiles.
+        "preprocessing": prep.record()[obj],
         "metrics": metrics,
         "compute": compute_provenance(ctx),
     }

@@ -9,7 +9,7 @@ the plate it is given: a BaSiC flatfield estimated from the plate's own fields (
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -197,7 +197,7 @@ class PlatePreprocessing:
 
 def plan_plate_preprocessing(
     ctx: JobContext,
-    versions: dict[str, dict[str, CardedModel]],
+    versions: Mapping[str, Mapping[str, CardedModel]],
     override: PreprocessingRecipe | None,
     n_fields: int,
     read_fields: Callable[[], Iterable[np.ndarray]],
@@ -327,3 +327,26 @@ def dataset_preprocessing(
         "percentiles": None if percentiles is None else list(percentiles),
     }
     return prepare, record, percentiles is not None
+
+
+def dataset_plate_preprocessing(
+    ctx: JobContext, ds: Any, versions: Mapping[str, Mapping[str, CardedModel]], channels: list[str]
+) -> PlatePreprocessing:
+    """Each model's own recipe fitted on a labelled dataset, for evaluation and channel selection.
+
+    Fitted on every image of the dataset, as the fine-tune fits its recipe: a model's scores then
+    come from the inputs it was trained on (the fine-tune's own test score, an evaluation of the
+    same split and the fusion fitted for it agree), not from Cellpose's per-image scaling.
+    """
+    from workers.pipelines.common import read_field
+
+    images = list(ds.images)
+    return plan_plate_preprocessing(
+        ctx,
+        versions,
+        None,
+        len(images),
+        lambda: (read_field(ctx, im.image_sha256) for im in images),
+        channels,
+        on_progress=lambda stage: ctx.progress(stage, None, force=True),
+    )
