@@ -58,3 +58,32 @@ def test_finetune_rerun_after_a_lost_worker_resumes_from_its_checkpoint(tmp_path
     epochs = [p["epoch"] for p in job["summary"]["training_curve"]]
     assert epochs == list(range(len(epochs))), epochs  # one curve: saved epochs, then the rest
     assert not checkpoint.parent.exists()  # removed once the job ended
+
+
+@pytest.mark.slow
+def test_postgresql_restart_mid_segmentation_does_not_restart_it(tmp_path, own_postgres, worker_factory):
+    """Defect 5's other half: a 5 s PostgreSQL crash restarted a segmentation and spent an attempt."""
+    from tests.service.workflow import ready_segmentation_job, small_plate
+
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=own_postgres.url, **{**FAST_JOB_TIMINGS, "job_stale_after_s": 40.0}
+    )
+    upgrade(settings.resolved_database_url)
+    settings.resolved_data_dir.mkdir(parents=True)  # the embedded broker's file lives there
+    client, _, job_id, names = ready_segmentation_job(settings, small_plate(24, size=192, n_channels=1))
+    worker = worker_factory(settings)  # started after the job is queued: the outage lands mid-plate
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
+        if job["stage"].startswith("field ") and int(job["stage"].split()[1]) >= 3:
+            break
+        time.sleep(0.1)
+    own_postgres.stop("immediate")
+    time.sleep(5)
+    own_postgres.start()
+    job = wait_for_job(client, job_id, timeout=300)
+    assert job["status"] == "succeeded", (job["error"], worker.log()[-6000:])
+    assert job["attempts"] == 1, job  # ridden out in place: no attempt spent, no field redone
+    assert "database unreachable" in worker.log()  # the outage did hit the job
+    assert {r["name"].split("/")[0] for r in job["results"] if "/" in r["name"]} >= set(names)

@@ -233,3 +233,81 @@ def test_gate_leaves_public_routes_alone(embedded_settings):
     assert client.get("/").status_code == 200
     response = client.get("/api/v1/jobs")
     assert response.status_code == 401 and response.json()["type"].endswith("missing-api-key")
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_keyed_many_field_upload_holds_one_field_in_memory_at_a_time(tmp_path):
+    """Defect 1's last case: a 4-field segmentation whose last field is wrong is refused with a 422
+    while the API holds about one field's pixels; before, every earlier field's bytes stayed in
+    memory (a 4 x 118 MB request raised memory by 696 MB)."""
+    import httpx
+    import numpy as np
+
+    from app.client import CellFuseClient
+    from app.science.imageio import image_to_tiff_bytes
+    from tests.service.workflow import register_tiny_base
+
+    settings = make_embedded_settings(tmp_path)
+    client, key = make_client(settings, run_reaper=False)
+    register_tiny_base(CellFuseClient(client), name="tiny")
+    assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
+    rng = np.random.default_rng(0)
+    side = 4096  # 32 MiB of uint16 noise per field (noise does not compress)
+    good = image_to_tiff_bytes(rng.integers(0, 65535, (1, side, side), dtype=np.uint16))
+    bad = image_to_tiff_bytes(rng.integers(0, 65535, (2, 64, 64), dtype=np.uint16))  # 2 channels, 1 mapped
+    field_kb = len(good) // 1024
+    request = '{"cell_line": "L", "channels": ["R"], "objects": ["nuclei"], "model": "base:tiny"}'
+    env = settings_env(settings)
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    env["TMPDIR"] = str(spool)
+    port = free_port()
+    log = (tmp_path / "api.log").open("wb")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.api.main:create_app", "--factory", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port, 60)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=120) as http:
+
+            def submit(files: list[bytes]) -> httpx.Response:
+                return http.post(
+                    "/api/v1/jobs/segment",
+                    data={"request": request},
+                    files=[("files", (f"f{i}.tif", f, "image/tiff")) for i, f in enumerate(files)],
+                )
+
+            warm = submit([bad])  # imports and first-request allocations out of the measurement
+            assert warm.status_code == 422 and "channel" in warm.json()["detail"], warm.text
+            blobs_before = sorted(p for p in settings.blob_dir.rglob("*") if p.is_file())
+            peaks = {}
+            for n_good in (1, 3):
+                # Reset the peak (VmHWM) to the current resident size: what follows is this request's.
+                Path(f"/proc/{api.pid}/clear_refs").write_text("5")
+                rss_before = _rss_kb(api.pid)
+                response = submit([good] * n_good + [bad])
+                peaks[n_good] = _peak_rss_kb(api.pid) - rss_before
+                assert response.status_code == 422 and f"f{n_good}.tif" in response.json()["detail"], response.text
+        leftover = _du(spool)
+    finally:
+        api.terminate()
+        api.wait(timeout=20)
+    print(f"\nkeyed upload of 1 / 3 fields ({field_kb} kB each) then a bad one: API peak +{peaks} kB")
+    assert leftover == 0  # the spooled files went with the requests
+    # Reading a field costs a few of its sizes (bytes, pixels) once; more fields must not add to that.
+    assert peaks[1] < 4 * field_kb
+    assert peaks[3] - peaks[1] < field_kb // 2
+    assert sorted(p for p in settings.blob_dir.rglob("*") if p.is_file()) == blobs_before  # nothing stored

@@ -129,3 +129,22 @@ def test_first_admin_key_is_shown_once_and_never_to_a_log(tmp_path, monkeypatch)
         assert second.exit_code == 0 and key not in second.output and cli.ADMIN_KEY_FILE not in second.output
     finally:
         get_settings.cache_clear()
+
+
+def test_tiny_fields_are_refused_at_segment_submit(embedded_settings):
+    """The issue's 1×1 fields were accepted by a segmentation and failed in the worker."""
+    from app.client import CellFuseClient
+    from tests.service.workflow import register_tiny_base
+
+    client, _ = make_client(embedded_settings, run_reaper=False)
+    register_tiny_base(CellFuseClient(client), name="tiny")
+    assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
+    request = '{"cell_line": "L", "channels": ["R"], "objects": ["nuclei"], "model": "base:tiny"}'
+    fields = [
+        ("files", ("ok.tif", image_to_tiff_bytes(np.ones((1, 32, 32), np.uint16)))),
+        ("files", ("dot.tif", image_to_tiff_bytes(np.ones((1, 1, 1), np.uint16)))),
+    ]
+    response = client.post("/api/v1/jobs/segment", data={"request": request}, files=fields)
+    assert response.status_code == 422, response.text
+    assert response.json()["min_side"] == 16 and "dot.tif" in response.json()["detail"]
+    assert client.get("/api/v1/jobs").json()["items"] == []  # no job queued
