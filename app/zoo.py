@@ -219,7 +219,7 @@ def chosen_channels(session: Session, cell_line_id: int, obj: str) -> ChannelSet
 
 
 def _comparable_scores(session: Session, candidate: ModelVersion, holder: ModelVersion) -> tuple[float, float] | None:
-    """Both versions' F1 on the same test set (same bytes), newest evaluation each, or None."""
+    """Both versions' F1 on the same test set (same pixels and masks), newest evaluation each, or None."""
 
     def by_set(version_id: int) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -7,6 +7,7 @@ A non-editable install must not depend on the repository: the wheel carries the 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -42,6 +43,21 @@ def test_lock_pins_every_dependency_within_its_range():
     # Any torch 2.13.0 build satisfies it (CPU here, CUDA in the worker image), and no CUDA wheels ride along.
     assert pins["torch"] == "2.13.0"
     assert not [name for name in pins if name.startswith("nvidia-") or name == "triton"]
+
+
+def test_readme_and_ci_install_from_the_lock_and_run_the_same_tests():
+    """The README's two commands and .ci/run install torch 2.13.0, then the lock, then CellFuse
+    without resolving anything else; CI runs the README's test command verbatim."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    install, test = (line.split("#", 1)[0].strip() for line in block.strip().splitlines())
+    steps = [step.strip() for step in install.split("&&")]
+    assert steps[:3] == ["pip install torch==2.13.0", "pip install -r requirements.lock", "pip install --no-deps -e ."]
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    ci_installs = re.findall(r"^python3 -m pip install -q (.+)$", ci, flags=re.M)
+    assert ci_installs == ["torch==2.13.0", "-r requirements.lock", "--no-deps -e ."]
+    assert ci.rstrip().splitlines()[-1] == test
+    assert re.search(r"^python3 -m ruff check \.$", ci, flags=re.M) and re.search(r"^python3 -m mypy$", ci, flags=re.M)
 
 
 @pytest.mark.slow

@@ -303,7 +303,10 @@ def _run_job(
 
             def cancel() -> None:
                 kept = _result_count(session, job_id)
-                current = dict(session.get(Job, job_id).summary or {})
+                # A column read, not session.get(): sessions keep objects across commits
+                # (expire_on_commit=False) and progress() writes the summary with an UPDATE, so the
+                # identity map may hold the summary of the claim (a fine-tune lost its curve here).
+                current = dict(session.scalar(select(Job.summary).where(Job.id == job_id)) or {})
                 jobs.finish(
                     session,
                     job_id,

@@ -70,6 +70,23 @@ def test_a_plate_naming_one_field_twice_is_refused_before_anything_is_stored(emb
     assert list((embedded_settings.blob_dir).rglob("*.tif")) == []
 
 
+def test_dataset_fields_get_distinct_names_with_their_plate():
+    """The demo's path (segment-dataset): fields 0 and 1 of a well, two plates with the same well, and
+    a repeated image each keep a result set of their own."""
+    from app.api.routes.work import _dataset_field_names
+
+    images = [
+        SimpleNamespace(id=1, well="A06", field=0, plate=None),
+        SimpleNamespace(id=2, well="A06", field=1, plate=None),
+        SimpleNamespace(id=3, well="A06", field=1, plate="P2"),
+        SimpleNamespace(id=4, well="A06", field=1, plate=None),
+        SimpleNamespace(id=5, well=None, field=None, plate=None),
+    ]
+    names = _dataset_field_names(images)
+    assert names == ["A06-0", "A06-1", "P2_A06-1", "A06-1-image-4", "image-5"]
+    assert len(set(names)) == len(images)
+
+
 def test_sanitised_names_that_clash_are_refused():
     req = SegmentRequest(
         cell_line="x", channels=["a"], fields=[{"well": "A 1", "field": 1}, {"well": "A_1", "field": 1}]
@@ -135,7 +152,12 @@ def test_ready_ignores_a_worker_not_seen_within_the_heartbeat_window(embedded_se
 
 
 def test_every_job_kind_has_a_typed_parameter_model():
+    from app.queue import TASK_ROUTES, TASK_TIME_LIMITS
+    from workers.pipelines import PIPELINE_MODULES
+
     assert set(JOB_PARAMS) >= {"noop", "finetune", "segment", "evaluate", "select_channels"}
+    # One list of job kinds: each has its parameters, its task and queue, its time limits and its pipeline.
+    assert set(JOB_PARAMS) == set(TASK_ROUTES) == set(TASK_TIME_LIMITS) == set(PIPELINE_MODULES)
     with pytest.raises(ValueError):
         SegmentJob.model_validate({"cell_line": "x"})
 
@@ -204,6 +226,34 @@ def test_a_job_that_stops_reaching_checkpoints_is_treated_as_stalled(tmp_path):
         assert session.get(Job, job_id).status == "queued"  # the hung attempt did not finish it
 
 
+def test_every_task_has_time_limits_below_the_redis_visibility_timeout(tmp_path):
+    from app.queue import REDIS_VISIBILITY_TIMEOUT_S, TASK_ROUTES, TASK_TIME_LIMITS, make_celery
+    from app.settings import Settings
+    from workers.celery_app import celery_app
+    from workers.tasks import noop_task  # noqa: F401  (registers the tasks)
+
+    for kind, (task_name, _queue) in TASK_ROUTES.items():
+        task = celery_app.tasks[task_name]
+        soft, hard = TASK_TIME_LIMITS[kind]
+        assert (task.soft_time_limit, task.time_limit) == (soft, hard), kind
+        assert soft < hard < REDIS_VISIBILITY_TIMEOUT_S, kind  # else Redis re-delivers a running job
+    redis_app = make_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0"))
+    assert redis_app.conf.broker_transport_options["visibility_timeout"] == REDIS_VISIBILITY_TIMEOUT_S
+
+
+def test_a_job_past_its_soft_time_limit_fails_with_the_reason(embedded_settings):
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    job_id = _queued_job(embedded_settings)
+
+    def overlong(ctx):
+        raise SoftTimeLimitExceeded()  # what Celery raises inside the task at the soft limit
+
+    assert run_job(job_id, overlong, embedded_settings, worker="w1") == "failed"
+    with session_factory(embedded_settings.resolved_database_url)() as session:
+        assert "time limit" in session.get(Job, job_id).error
+
+
 def test_a_cancel_after_the_last_checkpoint_ends_cancelled_not_succeeded(embedded_settings):
     job_id = _queued_job(embedded_settings)
 
@@ -228,6 +278,51 @@ def test_a_result_name_is_never_replaced_by_another_write(embedded_settings):
         ctx.add_result("A1-1/nuclei.tif", b"second", kind="nuclei_mask", media_type="image/tiff")
 
     assert run_job(job_id, pipeline, embedded_settings, worker="w1") == "failed"
+
+
+@pytest.mark.slow
+def test_a_running_fine_tune_cancelled_between_epochs_ends_cancelled_and_fails_its_version(embedded_settings):
+    from app.client import CellFuseClient
+    from tests.service.workflow import register_tiny_base, small_plate, upload_dataset
+
+    client, _ = make_client(embedded_settings, run_reaper=False)
+    api = CellFuseClient(client)
+    base = register_tiny_base(api)
+    ds = upload_dataset(api, small_plate(n_fields=4, size=64))
+    reporter = ds["channels"][0]
+    many_epochs = {"max_epochs": 2000, "min_epochs": 2000, "patience": 1000, "batch_size": 2, "bsize": 64}
+    params = FinetuneJob(
+        dataset_id=ds["id"],
+        reporter=reporter,
+        object="nuclei",
+        base=base,
+        cell_line=ds["cell_line"],
+        params=many_epochs,
+    ).model_dump(mode="json")
+    job_id = _queued_job(embedded_settings, "finetune", params)
+    factory = session_factory(embedded_settings.resolved_database_url)
+
+    def cancel_after_an_epoch() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            with factory() as other:
+                if (other.get(Job, job_id).summary or {}).get("training_curve"):
+                    jobs.request_cancel(other, job_id)  # the user clicks Cancel mid-training
+                    return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_after_an_epoch)
+    canceller.start()
+    try:
+        outcome = run_job(job_id, pipeline_for("finetune"), embedded_settings, worker="w1")
+    finally:
+        canceller.join(250)
+    assert outcome == "cancelled"
+    with factory() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "cancelled" and 0 < len(job.summary["training_curve"]) < 2000
+        [version] = session.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id)).all()
+        assert version.status == "failed"  # never "ready", never left "training"
 
 
 def test_a_deleted_reporter_fails_the_fine_tune_with_a_clear_reason(embedded_settings):

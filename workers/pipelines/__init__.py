@@ -2,7 +2,7 @@
 
 Each reads its typed parameters (``app.job_params``) and inputs from the database and the blob
 store, calls the pure science core, writes under its own job folder and reports progress at
-checkpoints, where a cancellation takes effect. ``PIPELINES`` maps a job kind to its ``run``.
+checkpoints, where a cancellation takes effect. ``PIPELINE_MODULES`` maps a job kind to its module.
 Modules that import torch are imported only when their job runs.
 """
 
