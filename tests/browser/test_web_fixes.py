@@ -346,3 +346,34 @@ def test_text_contrast_meets_wcag_aa_and_tabs_work_by_keyboard(page, live_server
     page.wait_for_function("() => location.hash.startsWith('#/jobs/')")
     page.locator("#job-detail h3").wait_for()
     assert page.locator("#live").get_attribute("aria-live") == "polite"
+
+
+def test_jobs_filter_offers_every_kind_and_pages(page, live_server):
+    from app.job_params import JOB_PARAMS
+
+    api = live_server.client()
+    # 21 test jobs cancelled at once: one more than a page of the list.
+    made = [api.submit("noop", {"steps": 50, "step_seconds": 0.1})["id"] for _ in range(21)]
+    for job_id in made:
+        _cancel(live_server, job_id)
+    deadline = time.monotonic() + 60
+    while any(api.job(j)["status"] != "cancelled" for j in made):
+        assert time.monotonic() < deadline, "the test jobs did not end cancelled"
+        time.sleep(0.3)
+    total = api.get("/api/v1/jobs?kind=noop&status=cancelled&limit=1")["total"]
+    enter_key(page, live_server.key)
+    page.click("nav [data-tab='jobs']")
+    # Every job kind the service runs can be filtered on, and no option matches nothing.
+    values = [v for v in page.locator("#jobs-kind option").evaluate_all("os => os.map(o => o.value)") if v]
+    assert sorted(values) == sorted(JOB_PARAMS), values
+    page.select_option("#jobs-kind", "noop")
+    page.select_option("#jobs-status", "cancelled")
+    page.locator("#jobs-page", has_text=f"1–20 of {total}").wait_for()
+    assert page.locator("#jobs-body tr.job-row").count() == 20
+    assert page.locator("#jobs-prev").is_disabled() and page.locator("#jobs-next").is_enabled()
+    page.click("#jobs-next")
+    page.locator("#jobs-page", has_text=f"21–{min(40, total)} of {total}").wait_for()
+    assert page.locator("#jobs-body tr.job-row").count() == min(20, total - 20)
+    assert page.locator("#jobs-prev").is_enabled()
+    page.click("#jobs-prev")
+    page.locator("#jobs-page", has_text=f"1–20 of {total}").wait_for()
