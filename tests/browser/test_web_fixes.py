@@ -377,3 +377,26 @@ def test_jobs_filter_offers_every_kind_and_pages(page, live_server):
     assert page.locator("#jobs-prev").is_enabled()
     page.click("#jobs-prev")
     page.locator("#jobs-page", has_text=f"1–20 of {total}").wait_for()
+
+
+def test_the_job_page_tells_the_queue_position_and_the_time_left(page, live_server, tiny_zoo):
+    running = _long_noop(live_server, steps=120)
+    waiting = _long_noop(live_server, steps=5)
+    try:
+        _wait_running(live_server, running["id"])
+        enter_key(page, live_server.key)
+        page.goto(f"/#/jobs/{waiting['id']}")
+        page.locator("#job-detail .job-timing", has_text="number 1 in the queue").wait_for()
+        page.goto(f"/#/jobs/{running['id']}")
+        timing = page.locator("#job-detail .job-timing", has_text="left")
+        timing.wait_for()
+        assert "running for" in timing.inner_text()
+        assert "step" in page.locator("#job-detail .progress").get_attribute("aria-valuetext")
+        # Screen readers hear the job's status and progress (the live region, not every poll).
+        page.wait_for_function(
+            "id => document.getElementById('live').textContent.startsWith(`Job ${id}: running`)",
+            arg=running["id"][:8],
+        )
+    finally:
+        _cancel(live_server, waiting["id"])
+        _cancel(live_server, running["id"])
