@@ -400,3 +400,25 @@ def test_the_job_page_tells_the_queue_position_and_the_time_left(page, live_serv
     finally:
         _cancel(live_server, waiting["id"])
         _cancel(live_server, running["id"])
+
+
+def test_cancel_during_a_single_field_segmentation_ends_cancelled(page, live_server, tiny_zoo):
+    # One large field (1024 x 1024, nuclei and cells): long enough to click Cancel while it runs.
+    field = small_plate(1, size=1024, n_channels=2, seed=7)[0]
+    enter_key(page, live_server.key)
+    page.set_input_files(
+        "#seg-files", files=[{"name": "C07-field1.ome.tif", "mimeType": "image/tiff", "buffer": field_tiff(field)}]
+    )
+    page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+    page.select_option("#seg-cell-line", CELL_LINE)
+    # The thresholds are explained beside them (in the folded Advanced panel).
+    assert page.locator("#seg-thresholds-help").text_content().startswith("Flow threshold:")
+    page.click("#seg-submit")
+    page.wait_for_function("() => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash)")
+    job_id = page.evaluate("() => location.hash.split('/').pop()")
+    page.locator("#job-detail h3 .badge", has_text="running").wait_for(timeout=60_000)
+    page.click("#job-detail button.cancel")
+    page.locator("#job-detail h3 .badge", has_text="cancelled").wait_for(timeout=120_000)
+    # Said in words on the job's page, and the service agrees: not "succeeded" after a Cancel.
+    assert "was cancelled" in page.inner_text("#job-detail .job-error")
+    assert live_server.client().job(job_id)["status"] == "cancelled"
