@@ -60,6 +60,39 @@ def test_readme_and_ci_install_from_the_lock_and_run_the_same_tests():
     assert re.search(r"^python3 -m ruff check \.$", ci, flags=re.M) and re.search(r"^python3 -m mypy$", ci, flags=re.M)
 
 
+VENDOR = REPO_ROOT / "app" / "api" / "web" / "vendor"
+#: Each third-party package's licence files, which VENDOR.md names and which must ship beside its code.
+LICENCES = ["openseadragon/LICENSE.txt", "swagger-ui/LICENSE", "swagger-ui/NOTICE"]
+
+
+def _vendored() -> list[str]:
+    """The third-party files the web page serves (paths under vendor/) with VENDOR.md and the licences."""
+    return sorted({*_vendor_checksums(), *LICENCES, "VENDOR.md"})
+
+
+def _vendor_checksums() -> dict[str, str]:
+    record = (VENDOR / "VENDOR.md").read_text()
+    block = record.split("SHA-256 of the copied code:")[1].split("```")[1]
+    return {path: digest for digest, path in (line.split() for line in block.strip().splitlines())}
+
+
+def test_vendored_assets_match_their_record_and_keep_their_licences():
+    """VENDOR.md's checksums are those of the files served (an upgrade updates both), every
+    served third-party script or style sheet is recorded, and each package's licence is kept."""
+    import hashlib
+
+    recorded = _vendor_checksums()
+    served = {str(p.relative_to(VENDOR)) for p in VENDOR.rglob("*") if p.suffix in (".js", ".css")}
+    assert served == set(recorded), served ^ set(recorded)
+    for path, digest in recorded.items():
+        assert hashlib.sha256((VENDOR / path).read_bytes()).hexdigest() == digest, path
+    for licence in LICENCES:
+        assert (VENDOR / licence).is_file() and licence in (VENDOR / "VENDOR.md").read_text(), licence
+    table = (VENDOR / "VENDOR.md").read_text()
+    for package in ("`openseadragon` | 6.1.1", "`swagger-ui-dist` | 5.35.0"):
+        assert package in table, package
+
+
 @pytest.mark.slow
 def test_wheel_ships_migrations_and_web_page_and_migrates_outside_the_repo(tmp_path):
     dist = tmp_path / "dist"
@@ -90,6 +123,7 @@ def test_wheel_ships_migrations_and_web_page_and_migrates_outside_the_repo(tmp_p
         "app/_alembic/alembic.ini",
         "app/api/web/index.html",
         "app/api/web/js/api.js",
+        *(f"app/api/web/vendor/{name}" for name in _vendored()),
     } <= names
     assert any(n.startswith("models_zoo/weights/") and n.endswith(".safetensors") for n in names)
 

@@ -346,3 +346,79 @@ def test_text_contrast_meets_wcag_aa_and_tabs_work_by_keyboard(page, live_server
     page.wait_for_function("() => location.hash.startsWith('#/jobs/')")
     page.locator("#job-detail h3").wait_for()
     assert page.locator("#live").get_attribute("aria-live") == "polite"
+
+
+def test_jobs_filter_offers_every_kind_and_pages(page, live_server):
+    from app.job_params import JOB_PARAMS
+
+    api = live_server.client()
+    # 21 test jobs cancelled at once: one more than a page of the list.
+    made = [api.submit("noop", {"steps": 50, "step_seconds": 0.1})["id"] for _ in range(21)]
+    for job_id in made:
+        _cancel(live_server, job_id)
+    deadline = time.monotonic() + 60
+    while any(api.job(j)["status"] != "cancelled" for j in made):
+        assert time.monotonic() < deadline, "the test jobs did not end cancelled"
+        time.sleep(0.3)
+    total = api.get("/api/v1/jobs?kind=noop&status=cancelled&limit=1")["total"]
+    enter_key(page, live_server.key)
+    page.click("nav [data-tab='jobs']")
+    # Every job kind the service runs can be filtered on, and no option matches nothing.
+    values = [v for v in page.locator("#jobs-kind option").evaluate_all("os => os.map(o => o.value)") if v]
+    assert sorted(values) == sorted(JOB_PARAMS), values
+    page.select_option("#jobs-kind", "noop")
+    page.select_option("#jobs-status", "cancelled")
+    page.locator("#jobs-page", has_text=f"1–20 of {total}").wait_for()
+    assert page.locator("#jobs-body tr.job-row").count() == 20
+    assert page.locator("#jobs-prev").is_disabled() and page.locator("#jobs-next").is_enabled()
+    page.click("#jobs-next")
+    page.locator("#jobs-page", has_text=f"21–{min(40, total)} of {total}").wait_for()
+    assert page.locator("#jobs-body tr.job-row").count() == min(20, total - 20)
+    assert page.locator("#jobs-prev").is_enabled()
+    page.click("#jobs-prev")
+    page.locator("#jobs-page", has_text=f"1–20 of {total}").wait_for()
+
+
+def test_the_job_page_tells_the_queue_position_and_the_time_left(page, live_server, tiny_zoo):
+    running = _long_noop(live_server, steps=120)
+    waiting = _long_noop(live_server, steps=5)
+    try:
+        _wait_running(live_server, running["id"])
+        enter_key(page, live_server.key)
+        page.goto(f"/#/jobs/{waiting['id']}")
+        page.locator("#job-detail .job-timing", has_text="number 1 in the queue").wait_for()
+        page.goto(f"/#/jobs/{running['id']}")
+        timing = page.locator("#job-detail .job-timing", has_text="left")
+        timing.wait_for()
+        assert "running for" in timing.inner_text()
+        assert "step" in page.locator("#job-detail .progress").get_attribute("aria-valuetext")
+        # Screen readers hear the job's status and progress (the live region, not every poll).
+        page.wait_for_function(
+            "id => document.getElementById('live').textContent.startsWith(`Job ${id}: running`)",
+            arg=running["id"][:8],
+        )
+    finally:
+        _cancel(live_server, waiting["id"])
+        _cancel(live_server, running["id"])
+
+
+def test_cancel_during_a_single_field_segmentation_ends_cancelled(page, live_server, tiny_zoo):
+    # One large field (1024 x 1024, nuclei and cells): long enough to click Cancel while it runs.
+    field = small_plate(1, size=1024, n_channels=2, seed=7)[0]
+    enter_key(page, live_server.key)
+    page.set_input_files(
+        "#seg-files", files=[{"name": "C07-field1.ome.tif", "mimeType": "image/tiff", "buffer": field_tiff(field)}]
+    )
+    page.wait_for_selector("#seg-file-info:has-text('2 channel(s)')")
+    page.select_option("#seg-cell-line", CELL_LINE)
+    # The thresholds are explained beside them (in the folded Advanced panel).
+    assert page.locator("#seg-thresholds-help").text_content().startswith("Flow threshold:")
+    page.click("#seg-submit")
+    page.wait_for_function("() => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash)")
+    job_id = page.evaluate("() => location.hash.split('/').pop()")
+    page.locator("#job-detail h3 .badge", has_text="running").wait_for(timeout=60_000)
+    page.click("#job-detail button.cancel")
+    page.locator("#job-detail h3 .badge", has_text="cancelled").wait_for(timeout=120_000)
+    # Said in words on the job's page, and the service agrees: not "succeeded" after a Cancel.
+    assert "was cancelled" in page.inner_text("#job-detail .job-error")
+    assert live_server.client().job(job_id)["status"] == "cancelled"

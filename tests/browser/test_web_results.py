@@ -138,6 +138,11 @@ def test_the_viewer_zooms_toggles_and_tells_about_a_cell(browser, live_server, p
             " return [...Array(w.getItemCount()).keys()].map(i => w.getItemAt(i).getOpacity()); }"
         )
         assert opacities[1] == 0 and abs(opacities[2] - 0.3) < 1e-6, opacities
+        # Nucleus outlines off and on again: their layer (drawn last) hides and comes back at its opacity.
+        page.uncheck("#viewer-box input[data-outline='nuclei']")
+        assert page.evaluate("() => document.getElementById('viewer').osd.world.getItemAt(3).getOpacity()") == 0
+        page.check("#viewer-box input[data-outline='nuclei']")
+        assert page.evaluate("() => document.getElementById('viewer').osd.world.getItemAt(3).getOpacity()") > 0.5
         with page.expect_response(lambda r: "/channel/0.png?low=" in r.url) as answer:
             page.fill("#viewer-box input.contrast-high >> nth=0", "40000")
             page.dispatch_event("#viewer-box input.contrast-high >> nth=0", "change")
@@ -212,3 +217,57 @@ def test_jobs_filter_and_page(page, live_server, plate_job):
     assert page.inner_text("#jobs-page").endswith(f"of {total}")
     page.select_option("#jobs-status", "failed")
     page.locator("#jobs-body td.muted", has_text="No job matches").wait_for()
+
+
+def test_a_384_well_plate_marks_its_failed_field(browser, live_server, tiny_zoo):
+    """Wells past H12 make a 384-well map; a field that failed is crossed out and says why."""
+    from app.storage import BlobStore
+
+    api = live_server.client()
+    wells = ["A01", "H13", "P24"]
+    # A long test job keeps the worker busy, so the plate waits in the queue while one of its
+    # stored images is removed: that field fails when the worker reaches it, the others succeed.
+    blocker = api.submit("noop", {"steps": 600, "step_seconds": 0.1})
+    try:
+        deadline = time.monotonic() + 60
+        while api.job(blocker["id"])["status"] != "running":
+            assert time.monotonic() < deadline, "the blocking job did not start"
+            time.sleep(0.2)
+        fields = small_plate(len(wells), size=128, n_channels=2, seed=31)
+        request = {
+            "cell_line": CELL_LINE,
+            "channels": tiny_zoo.channels,
+            "objects": ["nuclei"],
+            "plate": "P-384",
+            "fields": [{"well": w, "field": 1} for w in wells],
+        }
+        seg = api.submit_segment(request, [(f"{w}.tif", field_tiff(f)) for w, f in zip(wells, fields, strict=True)])
+        lost = api.job(seg["id"])["params"]["fields"][1]["image_sha256"]
+        BlobStore(live_server.settings.blob_dir).path_for(lost).unlink()
+    finally:
+        api.http.post(f"/api/v1/jobs/{blocker['id']}/cancel")
+    done = api.wait(seg["id"], timeout=180, poll=0.5)
+    assert done["status"] == "succeeded" and done["summary"]["fields_failed"] == 1, done["summary"]
+
+    context, page = open_page(browser, live_server, width=1600, height=1000)
+    try:
+        enter_key(page, live_server.key)
+        page.goto(f"/#/jobs/{seg['id']}")
+        plate = page.locator("#plate-box svg.plate")
+        plate.locator(".well-group").nth(len(wells) - 1).wait_for()
+        assert plate.get_attribute("aria-label").startswith("384-well")
+        assert plate.locator("rect.well.empty").count() == 384
+        failed = plate.locator(".well-group.failed")
+        assert failed.count() == 1 and failed.get_attribute("data-well") == "H13"
+        assert failed.locator("path.failed-mark").count() == 1
+        assert "1 field(s) failed" in failed.get_attribute("aria-label")
+        assert "missing from the data directory" in failed.locator("title").text_content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("#plate-box").screenshot(path=str(ARTIFACTS / "web-plate-map-384.png"))
+        # A well is reachable by keyboard: Enter opens its field in the viewer.
+        page.locator("#plate-box .well-group[data-well='P24']").focus()
+        page.keyboard.press("Enter")
+        page.locator("#field-view-title", has_text="P24").wait_for()
+        assert not page.console_errors.unexpected(), page.console_errors.unexpected()
+    finally:
+        context.close()
