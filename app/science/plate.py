@@ -17,6 +17,11 @@ instead of stopping the plate. Results equal ``segment_field``'s up to float rou
 convolutions may sum in another order). The iterable and its loaders run on the reader thread:
 give them no database session or other object that is not thread-safe.
 
+A long field reports where it is: ``on_wait`` (given to ``segment_fields``) is called in the
+caller's thread every ``wait_interval`` seconds while no result is ready, with the stage of each
+field in flight (``FieldStage``). An exception raised there (a job's cancel) stops the threads
+after the network pass or mask task under way, not at the end of the field.
+
 Typical use::
 
     for outcome in segment_fields(((name, load) for name, load in fields), models, precision="bf16"):
@@ -127,6 +132,47 @@ class _Entry:
         return tuple((name, p.batch_key) for name, p in self.prepared.items())
 
 
+@dataclass(frozen=True)
+class FieldStage:
+    """Where one field in flight is: ``stage`` is "reading", "network" or "masks"; ``fraction``
+    (0-1) is how far the field is through the engine (network passes done, mask tasks done)."""
+
+    index: int
+    key: Any
+    stage: str
+    fraction: float
+
+
+class _EngineStopped(BaseException):
+    """Raised inside an engine thread when the caller has stopped: ends a pass or mask task early.
+    A BaseException so that the per-field ``except Exception`` handlers do not keep it as a field error."""
+
+
+class _Stages:
+    """The stage of each field in flight, written by the engine threads, read by the caller."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: dict[int, FieldStage] = {}
+
+    def set(self, entry: _Entry, stage: str, fraction: float) -> None:
+        with self._lock:
+            self._stages[entry.index] = FieldStage(entry.index, entry.key, stage, min(1.0, max(0.0, fraction)))
+
+    def drop(self, index: int) -> None:
+        with self._lock:
+            self._stages.pop(index, None)
+
+    def snapshot(self) -> list[FieldStage]:
+        with self._lock:
+            return sorted(self._stages.values(), key=lambda s: s.index)
+
+
+def _n_passes(plans: dict[str, ChannelPlan]) -> int:
+    """Network passes per batch: one per (rescale group, distinct net) per task (``forward_fields``)."""
+    return sum(len({id(plan.nets[c]) for c in group}) for plan in plans.values() for group in plan.groups)
+
+
 class _SourceFailed:
     """The caller's iterable itself raised: re-raised in the caller's thread."""
 
@@ -171,6 +217,8 @@ def segment_fields(
     mask_workers: int = 1,
     prefetch: int | None = None,
     channels_last: bool | None = None,
+    on_wait: Callable[[list[FieldStage]], None] | None = None,
+    wait_interval: float = 0.5,
     **options: Any,
 ) -> Iterator[FieldOutcome]:
     """Segment every (key, field) of ``fields``; yields one ``FieldOutcome`` per field, in order.
@@ -208,6 +256,8 @@ def segment_fields(
         mask_workers=mask_workers,
         depth=depth,
         channels_last=channels_last,
+        on_wait=on_wait,
+        wait_interval=wait_interval,
     )
 
 
@@ -222,8 +272,17 @@ def _run_pipeline(
     mask_workers: int,
     depth: int,
     channels_last: bool | None,
+    on_wait: Callable[[list[FieldStage]], None] | None = None,
+    wait_interval: float = 0.5,
 ) -> Iterator[FieldOutcome]:
     stop = threading.Event()
+    stages = _Stages()
+    n_passes = max(1, _n_passes(plans))
+
+    def stopped() -> None:
+        if stop.is_set():
+            raise _EngineStopped()
+
     prepared_queue: queue.Queue = queue.Queue(maxsize=depth)
     out_queue: queue.Queue = queue.Queue(maxsize=depth)
 
@@ -249,6 +308,7 @@ def _run_pipeline(
             for index, item in enumerate(fields):
                 if stop.is_set():
                     return
+                stages.set(_Entry(index, item[0] if isinstance(item, tuple) and item else None), "reading", 0.0)
                 entry = _prepare_entry(index, item, task_map, plans)
                 if not put(prepared_queue, entry):
                     return
@@ -260,7 +320,12 @@ def _run_pipeline(
     masks_pool = ThreadPoolExecutor(mask_workers, thread_name_prefix="cellfuse-masks")
 
     def finish(entry: _Entry) -> FieldOutcome:
-        return _finish_entry(entry, task_map, plans, mask_device)
+        def mask_task_done(done: int) -> None:
+            stopped()
+            stages.set(entry, "masks", 0.7 + 0.3 * done / len(task_map))
+
+        mask_task_done(0)
+        return _finish_entry(entry, task_map, plans, mask_device, on_task=mask_task_done)
 
     def network() -> None:
         try:
@@ -273,7 +338,17 @@ def _run_pipeline(
 
         def flush() -> bool:
             if pending:
-                _run_networks(pending, plans, channels_last=channels_last, precision=precision)
+                passes = [0]
+
+                def pass_done() -> None:
+                    stopped()
+                    passes[0] += 1
+                    for waiting in pending:
+                        stages.set(waiting, "network", 0.1 + 0.6 * min(1.0, passes[0] / n_passes))
+
+                for waiting in pending:
+                    stages.set(waiting, "network", 0.1)
+                _run_networks(pending, plans, channels_last=channels_last, precision=precision, checkpoint=pass_done)
             for entry in pending:
                 if not put(out_queue, masks_pool.submit(finish, entry)):
                     return False
@@ -304,13 +379,22 @@ def _run_pipeline(
         thread.start()
     try:
         while True:
-            item = get(out_queue)
+            item = _DONE
+            while not stop.is_set():
+                try:
+                    item = out_queue.get(timeout=wait_interval if on_wait is not None else 0.1)
+                    break
+                except queue.Empty:
+                    if on_wait is not None:
+                        on_wait(stages.snapshot())
             if item is _DONE:
                 return
             if isinstance(item, _SourceFailed):
                 raise item.error
             assert isinstance(item, Future)
-            yield item.result()
+            outcome = item.result()
+            stages.drop(outcome.index)
+            yield outcome
     finally:
         stop.set()
         for thread in threads:
@@ -350,19 +434,31 @@ def _prepare_entry(index: int, item: Any, task_map: dict[str, SegmentTask], plan
 
 
 def _run_networks(
-    entries: list[_Entry], plans: dict[str, ChannelPlan], *, channels_last: bool | None, precision: str
+    entries: list[_Entry],
+    plans: dict[str, ChannelPlan],
+    *,
+    channels_last: bool | None,
+    precision: str,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
-    """One batched pass per task; if the batch fails, each field alone, so only bad ones fail."""
+    """One batched pass per task; if the batch fails, each field alone, so only bad ones fail.
+    ``checkpoint`` runs after each network pass (stage reports; raises to stop the engine)."""
     tic = time.perf_counter()
     try:
         for name, plan in plans.items():
-            forward_fields([e.prepared[name] for e in entries], plan, channels_last=channels_last, precision=precision)
+            forward_fields(
+                [e.prepared[name] for e in entries],
+                plan,
+                channels_last=channels_last,
+                precision=precision,
+                checkpoint=checkpoint,
+            )
     except Exception as error:  # noqa: BLE001 - kept on the field that caused it
         if len(entries) == 1:
             entries[0].error = error
             return
         for entry in entries:
-            _run_networks([entry], plans, channels_last=channels_last, precision=precision)
+            _run_networks([entry], plans, channels_last=channels_last, precision=precision, checkpoint=checkpoint)
         return
     share = (time.perf_counter() - tic) / len(entries)
     for entry in entries:
@@ -370,7 +466,11 @@ def _run_networks(
 
 
 def _finish_entry(
-    entry: _Entry, task_map: dict[str, SegmentTask], plans: dict[str, ChannelPlan], mask_device
+    entry: _Entry,
+    task_map: dict[str, SegmentTask],
+    plans: dict[str, ChannelPlan],
+    mask_device,
+    on_task: Callable[[int], None] | None = None,
 ) -> FieldOutcome:
     outcome = FieldOutcome(entry.index, entry.key, entry.image, error=entry.error, timings=dict(entry.timings))
     if entry.error is not None:
@@ -396,6 +496,8 @@ def _finish_entry(
             )
             for stage, seconds in timings.items():
                 outcome.timings[stage] = outcome.timings.get(stage, 0.0) + seconds
+            if on_task is not None:
+                on_task(len(outcome.results))
     except Exception as error:  # noqa: BLE001 - one failed field does not stop the plate
         outcome.results.clear()
         outcome.error = error

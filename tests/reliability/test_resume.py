@@ -219,3 +219,46 @@ def test_an_ended_attempt_writes_no_heartbeat_after_it(tmp_path, monkeypatch):
     with factory() as session:
         assert session.get(jobs.Job, job_id).heartbeat_at == last_beat
     _requeue(factory)
+
+
+@pytest.mark.slow
+def test_a_cancel_inside_a_single_field_stops_it_between_network_passes(embedded_settings, monkeypatch, engine_starts):
+    """One long field on the plate route: its progress moves inside the field, and a cancel during
+    the network stops it there (before, it ran the field to its end at 0 % and then stopped)."""
+    import app.science.plate as plate
+    from workers.pipelines import pipeline_for
+    from workers.runner import run_job
+
+    monkeypatch.setattr(embedded_settings, "segment_route", "plate")
+    client, factory, job_id, names = ready_segmentation_job(embedded_settings, small_plate(1, size=64, n_channels=1))
+    real_forward = plate.forward_fields
+    passes: list[int] = []
+
+    def slow_forward(*args, **kwargs):
+        with factory() as other:  # the user clicks Cancel while the field is in the network
+            jobs.request_cancel(other, job_id)
+        time.sleep(2.5)  # a long pass: the job thread reports and sees the cancel meanwhile
+        passes.append(1)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(plate, "forward_fields", slow_forward)
+    segment = pipeline_for("segment")
+    reported: list[tuple[str | None, float | None]] = []
+
+    def recording(ctx):
+        progress = ctx.progress
+
+        def report(stage=None, fraction=None, **kwargs):
+            reported.append((stage, fraction))
+            return progress(stage, fraction, **kwargs)
+
+        ctx.progress = report
+        return segment(ctx)
+
+    assert run_job(job_id, recording, embedded_settings, worker="w") == "cancelled"
+    assert engine_starts == [1] and passes == [1]
+    inside = [(s, f) for s, f in reported if s and s.startswith(f"field 1 of 1 ({names[0]}): network")]
+    assert inside and all(f is not None and 0 < f < 1 for _, f in inside), reported
+    job = client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "cancelled"
+    assert not [r for r in job["results"] if r["name"].startswith(f"{names[0]}/")]  # the field was not finished

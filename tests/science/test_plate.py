@@ -139,17 +139,59 @@ def test_a_network_thread_that_dies_raises_in_the_caller_instead_of_hanging_it(m
     assert not [t for t in threading.enumerate() if t.name.startswith("cellfuse-")]
 
 
+def test_on_wait_sees_the_field_inside_the_network_and_stops_it_between_passes():
+    """The caller learns where a long field is, and what it raises stops the engine after the pass
+    under way: the channels after it never reach their nets."""
+    import copy
+
+    model = base_model()
+    nets = [copy.deepcopy(model.net) for _ in range(4)]  # four nets: four passes per field
+    models = [
+        ChannelModel(n, diameter=model.diameter, diam_mean=model.diam_mean, name=f"c{i}") for i, n in enumerate(nets)
+    ]
+    called: list[int] = []
+    second_pass_reported = threading.Event()
+
+    def hold_second_pass(*_args) -> None:
+        called.append(1)
+        second_pass_reported.wait(30)  # holds the pass until the caller has seen the first one
+
+    for i, net in enumerate(nets):
+        net.register_forward_hook(lambda *_a, i=i: called.append(i) if i != 1 else hold_second_pass())
+    field = np.concatenate(real_fields(2, size=64))  # (4, 64, 64)
+    seen = []
+
+    class Cancelled(Exception):
+        pass
+
+    def on_wait(stages) -> None:
+        seen.extend(stages)
+        if any(s.stage == "network" and s.fraction > 0.1 for s in stages):
+            second_pass_reported.set()
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        list(segment_fields([("only", field)], models, on_wait=on_wait, wait_interval=0.01))
+    assert seen[0].key == "only" and seen[0].index == 0
+    assert [s.stage for s in seen if s.stage == "network"] and max(s.fraction for s in seen) < 0.7
+    assert called == [0, 1]  # passes 3 and 4 never ran
+    assert not [t for t in threading.enumerate() if t.name.startswith("cellfuse-")]
+
+
 @pytest.mark.slow
 def test_bf16_masks_agree_with_fp32():
+    """Pooled over ~120 nuclei: on 128² crops with 2-6 nuclei each, one nucleus tipped by bf16's
+    rounding (CPUs with AMX round differently from those without) was a field F1 of 0.8."""
     model = base_model()
-    fields = real_fields(3)
+    fields = real_fields(4, size=256)
     fp32 = [o.result.labels for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model])]
     bf16 = [
         o.result.labels
         for o in segment_fields([(i, f) for i, f in enumerate(fields)], [model, model], precision="bf16")
     ]
-    f1 = [match(a, b).f1 for a, b in zip(fp32, bf16) if a.max()]
-    assert f1 and np.mean(f1) >= 0.95
+    matches = [match(a, b) for a, b in zip(fp32, bf16)]
+    tp, fp, fn = (sum(getattr(m, k) for m in matches) for k in ("tp", "fp", "fn"))
+    assert tp > 50 and 2 * tp / (2 * tp + fp + fn) >= 0.95
 
 
 def test_bad_task_options_are_refused_before_any_work():

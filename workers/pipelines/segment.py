@@ -298,7 +298,7 @@ def _field_outcomes(
             yield field, image, labels, None, time.perf_counter() - started, settings, styles, zf
         return
 
-    from app.science.plate import segment_fields
+    from app.science.plate import FieldStage, segment_fields
 
     compute = worker_compute(ctx.settings)
     first = read_field(ctx, fields[0].image_sha256)
@@ -306,6 +306,20 @@ def _field_outcomes(
     tasks = _tasks(ctx, p, cache, prep, first, fixed)
     n_raw, raw_dtype = len(p.channels), first.dtype
     reader = partial(_plate_inputs, ctx, p, prep)  # blob files and arrays only: safe on the reader thread
+    last_report = [time.monotonic()]
+
+    def report_stage(in_flight: list[FieldStage]) -> None:
+        """Progress inside a long field, and the job's cancel checked between network passes and
+        mask tasks (``ctx.progress`` raises JobCancelled, which stops the engine)."""
+        if not in_flight or time.monotonic() - last_report[0] < 1.0:
+            return
+        last_report[0] = time.monotonic()
+        head = in_flight[0]
+        index = index_of[head.key.name]
+        ctx.progress(
+            f"field {index + 1} of {n_fields} ({head.key.name}): {head.stage}", (index + head.fraction) / n_fields
+        )
+
     start = 0
     while start < len(fields):
         engine = segment_fields(
@@ -314,6 +328,7 @@ def _field_outcomes(
             precision=compute.precision,
             mask_device=compute.device,
             batch_fields=compute.plate_batch_fields or None,
+            on_wait=report_stage,
         )
         blocked = None
         with closing(engine):
