@@ -64,6 +64,7 @@ def zero_shot_rows(
     modes: Sequence[str] = DIAMETER_MODES,
     default_diameter: float | None = None,
     flow_threshold: float = 0.4,
+    cellprob_threshold: float = 0.0,
     tile: bool = False,
     n_boot: int = 2000,
     seed: int = 0,
@@ -99,14 +100,27 @@ def zero_shot_rows(
             counts, used, ratios, preds = [], [], [], []
             for (image, truth), true_diameter in zip(scaled, true_diameters):
                 if mode == "estimated":
-                    estimate = estimate_image_diameter(net, size_model, image, flow_threshold=flow_threshold, tile=tile)
+                    estimate = estimate_image_diameter(
+                        net,
+                        size_model,
+                        image,
+                        flow_threshold=flow_threshold,
+                        cellprob_threshold=cellprob_threshold,
+                        tile=tile,
+                    )
                     diameter = estimate.diameter
                 elif mode == "default":
                     diameter = default_diameter
                 else:
                     diameter = float(true_diameter)
                 maps = predict_maps(net, image, diameter=diameter, tile=tile)
-                pred = masks_from_maps(maps, diameter=diameter, diam_mean=diam_mean, flow_threshold=flow_threshold)
+                pred = masks_from_maps(
+                    maps,
+                    diameter=diameter,
+                    diam_mean=diam_mean,
+                    flow_threshold=flow_threshold,
+                    cellprob_threshold=cellprob_threshold,
+                )
                 m = match(truth, pred)
                 counts.append((m.tp, m.fp, m.fn))
                 preds.append(pred)
@@ -190,9 +204,14 @@ def run_zero_shot_benchmark(
     net, card = load_model(entry.weights_path)
     size_model = SizeModel.from_dict(card.size_model) if card.size_model else None
     held = load_heldout(entry.card, data_dirs, limit)
+    stored = card.thresholds or {}
+    flow_threshold = float(stored.get("flow_threshold", 0.4))
+    cellprob_threshold = float(stored.get("cellprob_threshold", 0.0))
     echo(
         f"zero-shot: {entry.name} on {len(held)} held-out DSB2018 images, rescaled {list(rescales)};"
-        f" default diameter {card.diameter:.1f}; pooled F1@0.5 with a 95 % bootstrap interval over images"
+        f" default diameter {card.diameter:.1f}; thresholds flow {flow_threshold} / cell probability"
+        f" {cellprob_threshold} ({'the card' if stored else 'Cellpose'}'s); pooled F1@0.5 with a 95 % bootstrap"
+        " interval over images"
     )
     return zero_shot_rows(
         net,
@@ -202,6 +221,8 @@ def run_zero_shot_benchmark(
         rescales=rescales,
         modes=modes,
         default_diameter=card.diameter,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold,
         n_boot=n_boot,
         echo=echo,
     )

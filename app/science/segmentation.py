@@ -39,7 +39,8 @@ class ChannelModel:
 
     ``diameter``: object diameter in pixels to give at inference (the one used in training);
     ``diam_mean``: the size objects were rescaled to in training (the net's own ``diam_mean``);
-    ``flow_threshold``: the threshold stored for this model's own maps (None: Cellpose's 0.4).
+    ``flow_threshold`` / ``cellprob_threshold``: the thresholds stored for this model's own maps
+    (its card's ``thresholds``; None: Cellpose's 0.4 and 0).
     """
 
     net: torch.nn.Module
@@ -47,11 +48,17 @@ class ChannelModel:
     diam_mean: float
     name: str
     flow_threshold: float | None = None
+    cellprob_threshold: float | None = None
 
     @property
     def own_flow_threshold(self) -> float:
         """The flow threshold for this channel's unfused maps: the model's, else Cellpose's 0.4."""
         return CHANNEL_FLOW_THRESHOLD if self.flow_threshold is None else float(self.flow_threshold)
+
+    @property
+    def own_cellprob_threshold(self) -> float:
+        """The cell-probability threshold for this channel's unfused maps: the model's, else 0."""
+        return 0.0 if self.cellprob_threshold is None else float(self.cellprob_threshold)
 
     def __post_init__(self) -> None:
         if not (self.diameter > 0 and self.diam_mean > 0):
@@ -120,7 +127,7 @@ def _check_options(
             None,
             "explicit weights" if weights is not None else "equal weights",
             models[0].own_flow_threshold if models is not None and len(models) == 1 else FUSED_FLOW_THRESHOLD,
-            0.0,
+            models[0].own_cellprob_threshold if models is not None and len(models) == 1 else 0.0,
         )
     if weights is not None:
         raise SegmentationInputError("give either weights or fitted fusion parameters, not both")
@@ -198,7 +205,7 @@ def _masks_from_channel_maps(
 
     tic = time.perf_counter()
     channel_flows = [m.own_flow_threshold if flow_threshold is None else flow_threshold for m in models]
-    channel_cellprob = 0.0 if cellprob_threshold is None else cellprob_threshold
+    channel_cellprobs = [m.own_cellprob_threshold if cellprob_threshold is None else cellprob_threshold for m in models]
     channel_labels = [
         masks_from_maps(
             maps,
@@ -209,7 +216,9 @@ def _masks_from_channel_maps(
             min_size=min_size,
             device=mask_device,
         )
-        for maps, m, channel_flow in zip(channel_maps, models, channel_flows, strict=True)
+        for maps, m, channel_flow, channel_cellprob in zip(
+            channel_maps, models, channel_flows, channel_cellprobs, strict=True
+        )
     ]
     timings["masks"] = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -220,7 +229,9 @@ def _masks_from_channel_maps(
         "method": method,
         "channels": [m.name for m in models],
         "flow_thresholds": [float(f or 0.0) for f in channel_flows],
-        "cellprob_threshold": float(channel_cellprob),
+        "cellprob_thresholds": [float(c) for c in channel_cellprobs],
+        # One value when the channels share it (the usual case), as Flow Fusion records it.
+        "cellprob_threshold": float(channel_cellprobs[0]) if len(set(channel_cellprobs)) == 1 else None,
         "fusion_params": params,
         "diameters": [m.diameter for m in models],
     }

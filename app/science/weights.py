@@ -82,6 +82,9 @@ class ModelCard:
     weights_sha256: str | None = None
     parent: str | None = None  # "name:version" (or sha256) of the model fine-tuned from
     size_model: dict[str, Any] | None = None
+    #: Mask thresholds tuned for this model's own maps (StarDist stores them beside its weights):
+    #: {"flow_threshold": ..., "cellprob_threshold": ..., "chosen_on": "..."}; None: Cellpose's 0.4 / 0.
+    thresholds: dict[str, Any] | None = None
     license: str | None = None
     attribution: str | None = None
     created_at: str = field(default_factory=_now)

@@ -127,8 +127,12 @@ def test_a_single_channel_gets_its_own_flow_threshold_not_the_fused_one():
     net = build_network((8, 16, 32, 64))
     plain = segment_field(np.zeros((1, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a")])
     assert plain.settings["flow_threshold"] == 0.4 != FUSED_FLOW_THRESHOLD
-    stored = segment_field(np.zeros((1, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.55)])
-    assert stored.settings["flow_threshold"] == 0.55
+    assert plain.settings["cellprob_threshold"] == 0.0
+    stored = segment_field(
+        np.zeros((1, 64, 64), np.float32),
+        [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.55, cellprob_threshold=-1.0)],
+    )
+    assert stored.settings["flow_threshold"] == 0.55 and stored.settings["cellprob_threshold"] == -1.0
     two = segment_field(
         np.zeros((2, 64, 64), np.float32), [ChannelModel(net, 30.0, 30.0, "a"), ChannelModel(net, 30.0, 30.0, "b")]
     )
@@ -138,4 +142,10 @@ def test_a_single_channel_gets_its_own_flow_threshold_not_the_fused_one():
         [ChannelModel(net, 30.0, 30.0, "a", flow_threshold=0.3), ChannelModel(net, 30.0, 30.0, "b")],
         method="voting",
     )
-    assert voting.settings["flow_thresholds"] == [0.3, 0.4]
+    assert voting.settings["flow_thresholds"] == [0.3, 0.4] and voting.settings["cellprob_thresholds"] == [0.0, 0.0]
+    mixed = segment_field(
+        np.zeros((2, 64, 64), np.float32),
+        [ChannelModel(net, 30.0, 30.0, "a", cellprob_threshold=-0.5), ChannelModel(net, 30.0, 30.0, "b")],
+        method="voting",
+    )
+    assert mixed.settings["cellprob_thresholds"] == [-0.5, 0.0] and mixed.settings["cellprob_threshold"] is None

@@ -104,6 +104,9 @@ class LoadedModel:
     diam_mean: float
     name: str
     weights_sha256: str
+    #: The card's thresholds for this model's own maps (None: Cellpose's 0.4 and 0).
+    flow_threshold: float | None = None
+    cellprob_threshold: float | None = None
 
 
 def load_weights(ctx: JobContext, sha256: str, card: dict[str, Any], source: str) -> Any:
@@ -234,14 +237,23 @@ def load_source(ctx: JobContext, source: ModelSource, cache: dict[Any, LoadedMod
     key = (source.kind, source.id)
     if key not in cache:
         net = load_weights(ctx, source.weights_sha256, source.card, source.weights_format)
+        thresholds = card_thresholds(source.card)
         cache[key] = LoadedModel(
             net=net,
             diameter=source.diameter,
             diam_mean=float(net.diam_mean.item()),
             name=source.label,
             weights_sha256=source.weights_sha256,
+            flow_threshold=thresholds.get("flow_threshold"),
+            cellprob_threshold=thresholds.get("cellprob_threshold"),
         )
     return cache[key]
+
+
+def card_thresholds(card: dict[str, Any] | None) -> dict[str, float]:
+    """The mask thresholds a model card stores for the model's own maps (may be empty)."""
+    stored = (card or {}).get("thresholds") or {}
+    return {k: float(stored[k]) for k in ("flow_threshold", "cellprob_threshold") if stored.get(k) is not None}
 
 
 def load_version(ctx: JobContext, version_id: int, cache: dict[Any, LoadedModel]) -> LoadedModel:
@@ -310,7 +322,16 @@ def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[Any, LoadedMod
     models = []
     for name in plan.channels:
         loaded = load_source(ctx, model_source(ctx, plan, name), cache)
-        models.append(ChannelModel(net=loaded.net, diameter=loaded.diameter, diam_mean=loaded.diam_mean, name=name))
+        models.append(
+            ChannelModel(
+                net=loaded.net,
+                diameter=loaded.diameter,
+                diam_mean=loaded.diam_mean,
+                name=name,
+                flow_threshold=loaded.flow_threshold,
+                cellprob_threshold=loaded.cellprob_threshold,
+            )
+        )
     return models
 
 
@@ -368,7 +389,9 @@ def estimate_object_diameter(
             loaded.net,
             SizeModel.from_dict(source.size_model),
             inputs[k],
-            flow_threshold=0.4,
+            # The second pass segments one channel's maps: that model's own thresholds.
+            flow_threshold=0.4 if loaded.flow_threshold is None else loaded.flow_threshold,
+            cellprob_threshold=loaded.cellprob_threshold or 0.0,
             min_size=seg.min_size,
             tile=False,
             normalization=None if normalizations is None else normalizations[k],

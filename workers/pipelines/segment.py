@@ -673,6 +673,8 @@ def _write_zarr_labels(
             "thresholds": {
                 "flow_threshold": used.get("flow_threshold", seg.flow_threshold),
                 "cellprob_threshold": used.get("cellprob_threshold", seg.cellprob_threshold),
+                "cellprob_thresholds": used.get("cellprob_thresholds"),
+                "flow_thresholds": used.get("flow_thresholds"),
                 "min_size": seg.min_size,
             },
             "diameter": used.get("diameter") or {n: m["diameter"] for n, m in provenance["models"][obj].items()},

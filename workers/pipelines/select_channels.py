@@ -44,7 +44,14 @@ def run(ctx: JobContext) -> dict[str, Any]:
 
     loaded = [load_version(ctx, plan.models[name], cache) for name in plan.channels]
     models = [
-        ChannelModel(net=m.net, diameter=m.diameter, diam_mean=m.diam_mean, name=name)
+        ChannelModel(
+            net=m.net,
+            diameter=m.diameter,
+            diam_mean=m.diam_mean,
+            name=name,
+            flow_threshold=m.flow_threshold,
+            cellprob_threshold=m.cellprob_threshold,
+        )
         for m, name in zip(loaded, plan.channels, strict=True)
     ]
     diameter, diam_mean = reconstruction_size(models)
