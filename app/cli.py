@@ -447,15 +447,36 @@ def bench_quality(
 
 @bench_cli.command("preprocessing")
 def bench_preprocessing(
-    max_epochs: int = 40, small: Annotated[bool, typer.Option(help="a quick smoke run")] = False
+    n_train: Annotated[int, typer.Option("--train", help="training fields of the training plate")] = 12,
+    n_val: Annotated[int, typer.Option("--val", help="validation fields of the training plate")] = 4,
+    n_test: Annotated[int, typer.Option("--test", help="fields of each test plate")] = 12,
+    size: Annotated[int, typer.Option(help="field size in pixels (square)")] = 192,
+    max_epochs: Annotated[int, typer.Option(help="epochs per fine-tuned model (at most)")] = 40,
+    seed: Annotated[int, typer.Option(help="synthetic plates and training seed (0: the README's plates)")] = 0,
+    n_boot: Annotated[int, typer.Option("--boot", help="bootstrap resamples of the F1 interval")] = 1000,
+    json_out: Annotated[str, typer.Option("--json", help="also write the rows to this JSON file")] = "",
+    small: Annotated[bool, typer.Option(help="a quick smoke run (overrides the set-up)")] = False,
 ) -> None:
-    """Flow Fusion F1 with and without per-plate illumination correction and plate-level percentiles."""
+    """Flow Fusion F1 with and without per-plate illumination correction and plate-level percentiles:
+    every recipe × plate gain with a bootstrap interval, and the seconds per field of each step."""
+    import json
+
     from app.benchmarks.preprocessing import run_preprocessing_benchmark
 
     if small:
-        run_preprocessing_benchmark(n_train=3, n_val=2, n_test=3, size=96, max_epochs=2, n_boot=50, echo=typer.echo)
-    else:
-        run_preprocessing_benchmark(max_epochs=max_epochs, echo=typer.echo)
+        n_train, n_val, n_test, size, max_epochs, n_boot = 3, 2, 3, 96, 2, 50
+    result = run_preprocessing_benchmark(
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        size=size,
+        max_epochs=max_epochs,
+        seed=seed,
+        n_boot=n_boot,
+        echo=typer.echo,
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2, default=float))
 
 
 @bench_cli.command("zero-shot")

@@ -97,18 +97,57 @@ def test_precision_benchmark_compares_masks_and_time(tmp_path):
 
 @pytest.mark.slow
 def test_preprocessing_benchmark_scores_every_recipe_at_every_gain():
-    from app.benchmarks.preprocessing import RECIPES, run_preprocessing_benchmark
+    from app.benchmarks.preprocessing import RECIPES, STEPS, recipe_label, run_preprocessing_benchmark
 
     lines: list[str] = []
     result = run_preprocessing_benchmark(
-        n_train=3, n_val=2, n_test=5, size=96, max_epochs=1, n_boot=20, echo=lines.append
+        n_train=3, n_val=2, n_test=5, size=96, max_epochs=1, n_boot=20, seed=1, echo=lines.append
     )
+    assert result["setup"]["seed"] == 1 and result["setup"]["n_test"] == 5
     assert len(result["rows"]) == len(RECIPES) * 2
+    assert {(row["recipe"], row["gain"]) for row in result["rows"]} == {
+        (recipe_label(*recipe), gain) for recipe in RECIPES for gain in (1.0, 0.35)
+    }
     for row in result["rows"]:
         assert 0.0 <= row["interval"][0] <= row["f1"] <= row["interval"][1] <= 1.0
-    corrected = [row for row in result["rows"] if row["recipe"].startswith("illumination per-plate")]
-    assert all(row["timings_s"]["basic fit"] > 0 for row in corrected)
-    assert lines[-1].split(":")[0].strip().startswith("illumination")
+        corrects = row["recipe"].startswith("illumination per-plate")
+        per_plate = row["recipe"].endswith("normalisation per-plate")
+        expected = ({"basic fit", "correction"} if corrects else set()) | (
+            {"plate percentiles"} if per_plate else set()
+        )
+        assert set(row["timings_s"]) == expected and all(v > 0 for v in row["timings_s"].values())
+        assert (row["illumination"] is not None) == corrects
+    # the printed table: a header, then every recipe × gain with its interval and a column per step
+    table = lines[-len(result["rows"]) :]
+    assert all(line.count("[") == 1 and len(line.split()) >= len(STEPS) + 5 for line in table)
+    assert table[0].startswith("illumination none, normalisation per-image")
+
+
+def test_preprocessing_table_marks_steps_a_recipe_does_not_run():
+    from app.benchmarks.preprocessing import summary_table
+
+    rows = [
+        {"recipe": "a", "gain": 1.0, "f1": 0.8, "interval": (0.7, 0.9), "timings_s": {}},
+        {"recipe": "b", "gain": 1.0, "f1": 0.6, "interval": (0.5, 0.7), "timings_s": {"plate percentiles": 0.002}},
+    ]
+    header, columns, first, second = summary_table(rows, "a")
+    assert "basic fit" in columns and "correction" in columns and "plate percentiles" in columns
+    assert first.split()[-3:] == ["-", "-", "-"] and "+0.000" in first
+    assert second.split()[-3:] == ["-", "-", "0.0020"] and "-0.200" in second and "[0.500, 0.700]" in second
+
+
+def test_fit_recipe_times_only_the_steps_it_runs():
+    import numpy as np
+
+    from app.benchmarks.preprocessing import fit_recipe
+
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(100, 400, (2, 32, 32)).astype(np.float32) for _ in range(4)]
+    timings: dict[str, float] = {}
+    fitted = fit_recipe(images, "none", "per-image", timings=timings)
+    assert timings == {} and fitted.percentiles == [None, None]
+    fitted = fit_recipe(images, "none", "per-plate", timings=timings)
+    assert set(timings) == {"plate percentiles"} and all(p is not None and p[0] < p[1] for p in fitted.percentiles)
 
 
 def test_shading_is_one_at_the_centre_and_falls_at_the_corners():

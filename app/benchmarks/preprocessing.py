@@ -20,14 +20,23 @@ import numpy as np
 if TYPE_CHECKING:
     from app.science.preprocessing import IlluminationModel
 
-#: (illumination, darkfield, normalization) recipes compared; the first is Cellpose's default.
+#: (illumination, darkfield, normalization) recipes compared; the first is Cellpose's default. Every
+#: combination a fine-tune accepts with an estimated profile: 3 illuminations × 2 normalisations.
 RECIPES: tuple[tuple[str, bool, str], ...] = (
     ("none", False, "per-image"),
     ("per-plate", False, "per-image"),
     ("per-plate", True, "per-image"),
     ("none", False, "per-plate"),
+    ("per-plate", False, "per-plate"),
     ("per-plate", True, "per-plate"),
 )
+
+#: The preprocessing steps timed per field, in the order they run.
+STEPS = ("basic fit", "correction", "plate percentiles")
+
+
+def recipe_label(illumination: str, darkfield: bool, normalization: str) -> str:
+    return f"illumination {illumination}{' + darkfield' if darkfield else ''}, normalisation {normalization}"
 
 
 def shading(shape: tuple[int, int], strength: float = 0.6) -> np.ndarray:
@@ -57,6 +66,19 @@ class FittedRecipe:
         return np.asarray(image, np.float32) if self.illumination is None else self.illumination.apply(image)
 
 
+def illumination_check(model: IlluminationModel | None) -> dict[str, list[float]] | None:
+    """What BaSiC estimated, per channel, against the truth of these plates: the flatfield's corner /
+    centre ratio (the shading is 0.4) and the darkfield's mean (the unshaded camera offset is 100)."""
+    if model is None:
+        return None
+    flat = model.flatfield
+    y, x = flat.shape[1] // 2, flat.shape[2] // 2
+    centre = flat[:, y - 1 : y + 2, x - 1 : x + 2].mean(axis=(1, 2))
+    corners = np.stack([flat[:, :3, :3], flat[:, :3, -3:], flat[:, -3:, :3], flat[:, -3:, -3:]]).mean(axis=(0, 2, 3))
+    dark = [0.0] * flat.shape[0] if model.darkfield is None else model.darkfield.mean(axis=(1, 2)).tolist()
+    return {"flat_corner_over_centre": (corners / centre).tolist(), "darkfield_mean": [float(d) for d in dark]}
+
+
 def fit_recipe(
     images: list[np.ndarray],
     illumination: str,
@@ -69,20 +91,24 @@ def fit_recipe(
     from app.science.preprocessing import fit_basic, plate_percentiles
 
     n_channels = images[0].shape[0]
-    tic = time.perf_counter()
-    model = fit_basic(images, get_darkfield=darkfield) if illumination == "per-plate" else None
-    if timings is not None:
-        timings["basic fit"] = (time.perf_counter() - tic) / len(images)
+    # Only the steps the recipe runs are timed (a step it skips costs nothing and has no row).
+    steps: dict[str, float] = {}
+    model = None
+    if illumination == "per-plate":
+        tic = time.perf_counter()
+        model = fit_basic(images, get_darkfield=darkfield)
+        steps["basic fit"] = (time.perf_counter() - tic) / len(images)
     fitted = FittedRecipe(model, [None] * n_channels)
     tic = time.perf_counter()
     corrected = [fitted.prepare(im) for im in images]
-    if timings is not None:
-        timings["correction"] = (time.perf_counter() - tic) / len(images)
-    tic = time.perf_counter()
+    if model is not None:
+        steps["correction"] = (time.perf_counter() - tic) / len(images)
     if normalization == "per-plate":
+        tic = time.perf_counter()
         fitted.percentiles = list(plate_percentiles(corrected))
+        steps["plate percentiles"] = (time.perf_counter() - tic) / len(images)
     if timings is not None:
-        timings["plate percentiles"] = (time.perf_counter() - tic) / len(images)
+        timings.update(steps)
     return fitted
 
 
@@ -97,8 +123,15 @@ def run_preprocessing_benchmark(
     obj: str = "nuclei",
     test_gains: tuple[float, ...] = (1.0, 0.35),
     n_boot: int = 1000,
+    seed: int = 0,
+    recipes: tuple[tuple[str, bool, str], ...] = RECIPES,
     echo: Callable[[str], None] = print,
 ) -> dict:
+    """-> {"setup": the arguments, "rows": one per recipe × test gain (recipe, gain, f1, interval,
+    timings_s: seconds per field of each step the recipe runs, fitted on that test plate)}.
+
+    ``seed`` picks the synthetic plates (0: the plates of the README's rows) and the training seed.
+    """
     from app.science.backbone import Normalization
     from app.science.metrics import match, pooled_f1_interval
     from app.science.segmentation import ChannelModel, segment_field
@@ -111,9 +144,11 @@ def run_preprocessing_benchmark(
     flat_optics = replace(DEFAULT_IMAGING, vignetting=(0.0, 0.0))  # the shading comes from the microscope
     profile = shading((size, size))
     train_plate = acquire(
-        make_plate(n_train + n_val, size=size, seed=21, reporters=chosen, imaging=flat_optics), profile, gain=1.0
+        make_plate(n_train + n_val, size=size, seed=21 + 2 * seed, reporters=chosen, imaging=flat_optics),
+        profile,
+        gain=1.0,
     )
-    test_fields = make_plate(n_test, size=size, seed=22, reporters=chosen, imaging=flat_optics)
+    test_fields = make_plate(n_test, size=size, seed=22 + 2 * seed, reporters=chosen, imaging=flat_optics)
     test_plates = {gain: acquire(test_fields, profile, gain) for gain in test_gains}
     entry = shipped_base_models()[0]
     base, _card = load_model(entry.weights_path, expected_sha256=entry.weights_sha256)
@@ -121,11 +156,11 @@ def run_preprocessing_benchmark(
     echo(
         f"preprocessing bench: {obj} from {', '.join(r.name for r in chosen)}; {n_train}+{n_val} training fields "
         f"({size}²), {n_test} test fields at plate gains {', '.join(map(str, test_gains))}; vignetting to "
-        f"{profile.min():.0%} at the corners; base {entry.name}, up to {max_epochs} epochs per model"
+        f"{profile.min():.0%} at the corners; base {entry.name}, up to {max_epochs} epochs per model; seed {seed}"
     )
     rows: list[dict[str, Any]] = []
-    for illumination, darkfield, normalization in RECIPES:
-        label = f"illumination {illumination}{' + darkfield' if darkfield else ''}, normalisation {normalization}"
+    for illumination, darkfield, normalization in recipes:
+        label = recipe_label(illumination, darkfield, normalization)
         train_images = [f.image for f in train_plate]
         recipe = fit_recipe(train_images, illumination, normalization, darkfield)
         models = []
@@ -140,10 +175,10 @@ def run_preprocessing_benchmark(
             masks = [f.nuclei if obj == "nuclei" else f.cells for f in train_plate]
             config = TrainingConfig(
                 max_epochs=max_epochs,
-                min_epochs=10,
+                min_epochs=min(10, max_epochs),
                 patience=8,
                 bsize=128,
-                seed=0,
+                seed=seed,
                 normalize_per_image=normalization == "per-image",
             )
             result = finetune(base, prepared[:n_train], masks[:n_train], prepared[n_train:], masks[n_train:], config)
@@ -165,14 +200,60 @@ def run_preprocessing_benchmark(
                 labels = segment_field(inputs, models, normalizations=norms).labels
                 matchings.append(match(true, labels))
             f1, lo, hi = pooled_f1_interval(matchings, n_boot=n_boot)
-            rows.append({"recipe": label, "gain": gain, "f1": f1, "interval": (lo, hi), "timings_s": timings})
-            echo(
-                f"  {label:58s} gain {gain:4.2f}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}]  per field: "
-                + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
+            check = illumination_check(fitted.illumination)
+            rows.append(
+                {
+                    "recipe": label,
+                    "gain": gain,
+                    "f1": f1,
+                    "interval": (lo, hi),
+                    "timings_s": timings,
+                    "illumination": check,
+                }
             )
-    default = "illumination none, normalisation per-image"
-    baseline = {row["gain"]: row["f1"] for row in rows if row["recipe"] == default}
-    echo("F1 change against Cellpose's default (no correction, per-image percentiles):")
+            echo(
+                f"  {label:60s} gain {gain:4.2f}: F1 {f1:.3f} [{lo:.3f}, {hi:.3f}]  per field: "
+                + (", ".join(f"{k} {v:.3f} s" for k, v in timings.items()) or "no preprocessing step")
+                + (
+                    ""
+                    if check is None
+                    else "; flatfield corner/centre "
+                    + " / ".join(f"{v:.2f}" for v in check["flat_corner_over_centre"])
+                    + " (true 0.40), darkfield mean "
+                    + " / ".join(f"{v:.0f}" for v in check["darkfield_mean"])
+                    + " (true 100)"
+                )
+            )
+    for line in summary_table(rows, recipe_label(*recipes[0])):
+        echo(line)
+    setup = {
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "size": size,
+        "max_epochs": max_epochs,
+        "reporters": [r.name for r in chosen],
+        "obj": obj,
+        "test_gains": list(test_gains),
+        "n_boot": n_boot,
+        "seed": seed,
+    }
+    return {"setup": setup, "rows": rows}
+
+
+def summary_table(rows: list[dict[str, Any]], baseline_recipe: str) -> list[str]:
+    """Every recipe × gain: F1 with its interval, its change against the baseline recipe at that gain,
+    and the seconds per field of each preprocessing step ("-": the recipe does not run it)."""
+    baseline = {row["gain"]: row["f1"] for row in rows if row["recipe"] == baseline_recipe}
+    head = f"{'recipe':60s} {'gain':>5s} {'F1 [95 % interval]':>22s} {'vs default':>10s}"
+    head += "".join(f" {step:>17s}" for step in STEPS)
+    lines = [f"F1 change against {baseline_recipe}; seconds per field of each step ('-': not run):", head]
     for row in rows:
-        echo(f"  {row['recipe']:58s} gain {row['gain']:4.2f}: {row['f1'] - baseline[row['gain']]:+.3f}")
-    return {"rows": rows}
+        lo, hi = row["interval"]
+        delta = row["f1"] - baseline[row["gain"]] if row["gain"] in baseline else float("nan")
+        line = f"{row['recipe']:60s} {row['gain']:5.2f} {row['f1']:7.3f} [{lo:.3f}, {hi:.3f}] {delta:+10.3f}"
+        line += "".join(
+            f" {row['timings_s'][step]:17.4f}" if step in row["timings_s"] else f" {'-':>17s}" for step in STEPS
+        )
+        lines.append(line)
+    return lines

@@ -205,6 +205,19 @@ def test_evaluation_and_channel_selection_use_the_models_recipe(embedded_setting
     assert chosen[channel]["recipe"] == recorded["recipe"] and chosen[channel]["recipe_source"] == "model card"
     assert chosen[other]["recipe"]["normalization"] == "per-image" and chosen[other]["percentiles"] is None
 
+    # Segmenting the 2-image test split fits the recipe on the whole dataset too, as the fine-tune and
+    # evaluate do (before: on the split alone, 2 images, too few for a profile: another scaling).
+    segmented = api.run(
+        "segment-dataset", {"dataset_id": ds["id"], "split": "test", "objects": ["nuclei"]}, timeout=300
+    )
+    assert segmented["status"] == "succeeded", segmented
+    applied = _provenance(api, segmented)["preprocessing"]["nuclei"][channel]
+    assert applied["recipe"] == recorded["recipe"] and applied["percentiles"] == pytest.approx(
+        recorded["percentiles"], rel=1e-3
+    )
+    assert applied["illumination_profile"]["source"] == "estimated"
+    assert "used_because" not in applied["illumination_profile"]
+
 
 def _upload_flat(client, shape: tuple[int, ...], channels: str, darkfield_shape: tuple[int, ...] | None = None):
     files = {"flatfield": ("flat.tif", image_to_tiff_bytes(np.ones(shape, np.float32)), "image/tiff")}

@@ -360,6 +360,14 @@ def _field_outcomes(
             )
 
 
+def _dataset_images(ctx: JobContext, dataset_id: int | None) -> list[DatasetImage]:
+    """Every image of a segment-dataset job's dataset (none for a plate or an OME-Zarr job)."""
+    from app.models import Dataset
+
+    ds = ctx.session.get(Dataset, dataset_id) if dataset_id is not None else None
+    return [] if ds is None else list(ds.images)
+
+
 def run(ctx: JobContext) -> dict[str, Any]:
     # The plate engine's threads stop however the run ends (a cancel or a lost worker while a
     # field's results are written), not whenever the garbage collector finalises its generator.
@@ -409,13 +417,20 @@ def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
         for obj, plan in p.plan.items()
         if obj in p.objects
     }
+    # A dataset's recipe is fitted on every image of the dataset, as its fine-tune and evaluate fit it,
+    # so segmenting one split scores the same inputs as evaluating it (not a profile and percentiles
+    # of that split alone, which for a 2-image test split would be a fallback or another scaling).
+    dataset_images = _dataset_images(ctx, p.dataset_id)
+    n_fit, read_fit = len(p.fields), lambda: (read_any(f) for f in p.fields)
+    if dataset_images:
+        n_fit, read_fit = len(dataset_images), lambda: (read_field(ctx, im.image_sha256) for im in dataset_images)
     with ctx.stage("preprocessing", 0.0):
         prep = plan_plate_preprocessing(
             ctx,
             versions,
             seg.preprocessing,
-            len(p.fields),
-            lambda: (read_any(f) for f in p.fields),
+            n_fit,
+            read_fit,
             p.channels,
             on_progress=lambda stage: ctx.progress(stage, 0.0, force=True),
         )

@@ -659,7 +659,10 @@ def submit_segment_dataset(
     images = [im for im in ds.images if body.split is None or im.split == body.split]
     if not images:
         raise Problem(422, f"dataset {ds.id} has no images in split {body.split!r}", slug="empty-split")
-    check_preprocessing(session, plan, body.params.preprocessing, len(images), {(im.height, im.width) for im in images})
+    # The recipe is fitted on the whole dataset (as the fine-tune and evaluate fit it), not on the split.
+    check_preprocessing(
+        session, plan, body.params.preprocessing, len(ds.images), {(im.height, im.width) for im in ds.images}
+    )
     fields = [
         FieldSpec(
             name=name,
