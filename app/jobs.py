@@ -201,6 +201,10 @@ def finish(
     session.commit()
     if result.rowcount != 1:
         return False
+    if status != JobStatus.SUCCEEDED:
+        # Here and not in each pipeline: a cancel seen at a progress checkpoint inside training
+        # raises JobCancelled past the pipeline's own clean-up and left its version 'training'.
+        _fail_unfinished_outputs(session, job_id)
     # The one place every final state passes through, once: the LIMS hears of it here.
     _emit_job_event(session, job_id)
     return True
@@ -299,7 +303,6 @@ def reap_stale_jobs(
             if result.rowcount == 1:
                 actions.append(ReaperAction(job.id, "requeued", reason))
         elif finish(session, job.id, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts: {reason}"):
-            _fail_unfinished_outputs(session, job.id)
             actions.append(ReaperAction(job.id, "failed", reason))
     resend_before = now - timedelta(seconds=resend_after_s)
     for job in session.scalars(
