@@ -409,11 +409,25 @@ def bench_ablation(max_epochs: int = 30) -> None:
 def bench_few_shot(
     small: Annotated[bool, typer.Option("--small", help="a smoke-test size")] = False,
     dataset: Annotated[list[str] | None, typer.Option(help="synthetic and/or dsb2018")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="a seed (repeat for several); default 0 and 1")] = None,
+    n_test: Annotated[int | None, typer.Option(help="held-out test fields / crops (default 4)")] = None,
+    n_pretext: Annotated[int | None, typer.Option(help="unannotated ISL pretext images (default 12)")] = None,
 ) -> None:
     """F1 / mAP against the number of annotated images: random, shipped base, ISL init, self-trained."""
-    from app.benchmarks.few_shot import run_few_shot_benchmark
+    import dataclasses
 
-    run_few_shot_benchmark(small=small, datasets=tuple(dataset or ("synthetic", "dsb2018")), echo=typer.echo)
+    from app.benchmarks.few_shot import FewShotBudget, run_few_shot_benchmark
+
+    # Options so that a table in the README can be reproduced by the command alone (the DSB2018 one
+    # used 10 test crops and 10 pretext images).
+    budget = FewShotBudget.small() if small else FewShotBudget()
+    changes: dict = {"seeds": tuple(seed)} if seed else {}
+    changes.update({k: v for k, v in (("n_test", n_test), ("n_pretext", n_pretext)) if v is not None})
+    run_few_shot_benchmark(
+        datasets=tuple(dataset or ("synthetic", "dsb2018")),
+        budget=dataclasses.replace(budget, **changes),
+        echo=typer.echo,
+    )
 
 
 @bench_cli.command("quality")

@@ -26,3 +26,28 @@ def test_few_shot_benchmark_small_runs_every_line_on_both_datasets():
         isl = out["results"][name]["isl"]
         assert isl["base"]["epochs"] >= 1 and math.isfinite(isl["base"]["best_val_l1"])
     assert sum(line.startswith("| classical |") for line in lines) == 2
+
+
+def test_few_shot_command_passes_seeds_and_sizes_to_the_benchmark(monkeypatch):
+    """The README's DSB2018 budget (10 test crops, 10 pretext images, chosen seeds) is one command."""
+    from typer.testing import CliRunner
+
+    from app.benchmarks import few_shot
+    from app.cli import cli
+
+    seen: dict = {}
+    monkeypatch.setattr(few_shot, "run_few_shot_benchmark", lambda **kwargs: seen.update(kwargs))
+    args = ["bench", "few-shot", "--dataset", "dsb2018", "--seed", "0", "--seed", "2", "--n-test", "10"]
+    result = CliRunner().invoke(cli, [*args, "--n-pretext", "10"])
+    assert result.exit_code == 0, result.output
+    budget = seen["budget"]
+    assert seen["datasets"] == ("dsb2018",)
+    assert (budget.seeds, budget.n_test, budget.n_pretext, budget.steps) == (
+        (0, 2),
+        10,
+        10,
+        few_shot.FewShotBudget.steps,
+    )
+    result = CliRunner().invoke(cli, ["bench", "few-shot", "--small"])
+    assert result.exit_code == 0 and seen["budget"] == few_shot.FewShotBudget.small()
+    assert seen["datasets"] == ("synthetic", "dsb2018")

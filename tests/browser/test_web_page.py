@@ -219,3 +219,30 @@ def test_zoo_lists_versions_and_draws_the_training_curve(page, live_server, tiny
         assert page.locator("#zoo-weak").is_hidden()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-zoo.png"), full_page=True)
+
+
+def test_zoo_marks_a_pseudo_labelled_version(page, live_server, tiny_zoo):
+    """A self-trained version (no human annotation) carries a badge in the zoo table; others do not."""
+    from sqlalchemy import update
+
+    from app.db import session_factory
+    from app.models import ModelVersion
+
+    marked = tiny_zoo.version_ids[0]
+    factory = session_factory(live_server.settings.resolved_database_url)
+
+    def set_pseudo(value: bool) -> None:  # a real self-train job is covered over HTTP in tests/service
+        with factory() as session:
+            session.execute(update(ModelVersion).where(ModelVersion.id == marked).values(pseudo_labelled=value))
+            session.commit()
+
+    set_pseudo(True)
+    try:
+        enter_key(page, live_server.key)
+        page.click("nav [data-tab='zoo']")
+        badge = page.locator(f"#versions-body tr[data-version='{marked}'] .badge.pseudo")
+        badge.wait_for()
+        assert badge.inner_text() == "pseudo-labelled" and "no human annotation" in badge.get_attribute("title")
+        assert page.locator("#versions-body .badge.pseudo").count() == 1
+    finally:
+        set_pseudo(False)

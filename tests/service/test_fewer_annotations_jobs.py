@@ -151,3 +151,54 @@ def test_pretrain_isl_can_be_cancelled_between_epochs(embedded_settings, worker_
     final = wait_for_job(client, job["id"], timeout=120)
     assert final["status"] == "cancelled"
     assert "isl-cancelled" not in {b["name"] for b in api.get("/api/v1/base-models")}
+
+
+@pytest.mark.slow
+def test_self_train_shows_progress_and_can_be_cancelled_while_fine_tuning(embedded_settings, worker_factory):
+    """Cancelled in its second phase, a self-train job leaves its pseudo-labelled version failed, not ready."""
+    import time
+
+    worker_factory(embedded_settings)
+    client, _ = make_client(embedded_settings)
+    api = CellFuseClient(client)
+    tiny = register_tiny_base(api)
+    ds = upload_dataset(api, small_plate(4, size=96))
+    job = api.submit(
+        "self-train",
+        {
+            "dataset_id": ds["id"],
+            "reporter": "cyto",
+            "object": "nuclei",
+            "marker_channel": "nuclear",
+            "base": tiny,
+            "self_train": {"epochs": 10},
+            "params": {**TINY_TRAINING, "max_epochs": 2000, "patience": 1000},
+        },
+    )
+    # Progress is reported per epoch of both phases; the fraction only grows.
+    stages: list[str] = []
+    fractions: list[float] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        current = client.get(f"/api/v1/jobs/{job['id']}").json()
+        assert current["status"] in ("queued", "running"), current
+        if not stages or stages[-1] != current["stage"]:
+            stages.append(current["stage"])
+            fractions.append(current["progress"])
+        if current["stage"].startswith("fine-tuning on pseudo-labels: epoch"):
+            break
+        time.sleep(0.1)
+    # Each phase lasts seconds against a 0.1 s poll, so both are seen.
+    assert any(s.startswith("pseudo-labelling") for s in stages), stages
+    assert stages[-1].startswith("fine-tuning on pseudo-labels: epoch"), stages
+    assert fractions == sorted(fractions) and 0.4 <= fractions[-1] < 1.0, (stages, fractions)
+    version_id = current["summary"]["model_version_id"]
+    assert api.get(f"/api/v1/models/{version_id}")["status"] == "training"
+
+    client.post(f"/api/v1/jobs/{job['id']}/cancel")
+    final = wait_for_job(client, job["id"], timeout=120)
+    assert final["status"] == "cancelled"
+    assert {"nuclear markers", "pseudo-labelling", "fine-tuning on pseudo-labels"} <= set(final["stage_timings"])
+    version = api.get(f"/api/v1/models/{version_id}")
+    assert version["status"] == "failed" and version["pseudo_labelled"] is True
+    assert version_id not in {v["id"] for v in api.get("/api/v1/models", status="ready")}

@@ -270,6 +270,37 @@ def test_a_cancel_after_the_last_checkpoint_ends_cancelled_not_succeeded(embedde
         assert job.summary["partial_results"] is True and job.summary["fields_done"] == 1
 
 
+def test_a_cancel_seen_at_an_epoch_checkpoint_fails_the_version_in_training(embedded_settings):
+    """A training pipeline's on_epoch reports progress; the cancel raises there, past the pipeline's
+    own clean-up: the version must still end 'failed', not 'training' for ever (fine-tune, self-train)."""
+    job_id = _queued_job(embedded_settings)
+    factory = session_factory(embedded_settings.resolved_database_url)
+
+    def pipeline(ctx):
+        line, reporter = CellLine(name="L"), Reporter(name="R")
+        ctx.session.add_all([line, reporter])
+        ctx.session.commit()
+        ctx.session.add(
+            ModelVersion(
+                cell_line_id=line.id,
+                reporter_id=reporter.id,
+                object="nuclei",
+                version=1,
+                status="training",
+                job_id=job_id,
+            )
+        )
+        ctx.session.commit()
+        with factory() as other:
+            jobs.request_cancel(other, job_id)
+        ctx.progress("training: epoch 3 of at most 300", 0.1, force=True)  # raises JobCancelled
+        raise AssertionError("the checkpoint did not stop the job")
+
+    assert run_job(job_id, pipeline, embedded_settings, worker="w1") == "cancelled"
+    with factory() as session:
+        assert session.scalar(select(ModelVersion.status).where(ModelVersion.job_id == job_id)) == "failed"
+
+
 def test_a_result_name_is_never_replaced_by_another_write(embedded_settings):
     job_id = _queued_job(embedded_settings)
 
