@@ -144,7 +144,7 @@ def run_demo(
     data_dir: Path | None = None,
     console: Console | None = None,
 ) -> int:
-    from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+    from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
     from app.science.synthetic import DEFAULT_REPORTERS, make_plate
 
     console = console or Console()

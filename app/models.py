@@ -114,7 +114,7 @@ class DatasetImage(Base):
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
 
-class BaseModel(Base):
+class BaseNetwork(Base):
     """A model fine-tuning can start from: the shipped base, a Cellpose file, an admin upload."""
 
     __tablename__ = "base_models"

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.models import (
     OBJECTS,
     AliasMove,
-    BaseModel,
+    BaseNetwork,
     CellLine,
     ChannelSet,
     Dataset,
@@ -76,10 +76,10 @@ def reporter_by_name(session: Session, name: str) -> Reporter:
     return row
 
 
-def base_model_by_name(session: Session, name: str) -> BaseModel:
-    row = session.scalar(select(BaseModel).where(BaseModel.name == name))
+def base_model_by_name(session: Session, name: str) -> BaseNetwork:
+    row = session.scalar(select(BaseNetwork).where(BaseNetwork.name == name))
     if row is None:
-        names = ", ".join(session.scalars(select(BaseModel.name)).all()) or "none registered"
+        names = ", ".join(session.scalars(select(BaseNetwork.name)).all()) or "none registered"
         raise NotFound(f"no base model named {name!r} (available: {names})")
     return row
 
@@ -115,7 +115,7 @@ def register_base_models(session: Session, blobs: BlobStore) -> list[str]:
 
     added = []
     for entry in [*shipped_base_models(), *cellpose_local_models()]:
-        if session.scalar(select(BaseModel).where(BaseModel.name == entry.name)) is not None:
+        if session.scalar(select(BaseNetwork).where(BaseNetwork.name == entry.name)) is not None:
             continue
         try:
             verify(entry.weights_path, entry.weights_sha256)
@@ -129,7 +129,7 @@ def register_base_models(session: Session, blobs: BlobStore) -> list[str]:
             shutil.copyfile(entry.weights_path, tmp)
             tmp.replace(target)
         session.add(
-            BaseModel(name=entry.name, source=entry.source, weights_sha256=entry.weights_sha256, card=entry.card)
+            BaseNetwork(name=entry.name, source=entry.source, weights_sha256=entry.weights_sha256, card=entry.card)
         )
         added.append(entry.name)
     session.commit()

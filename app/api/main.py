@@ -25,7 +25,7 @@ from app.api.routes import (
     system,
     web,
     webhooks,
-    work,
+    submit,
     zoo,
 )
 from app.metrics import HttpMetrics, build_registry
@@ -83,6 +83,6 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     app.add_middleware(HttpMetrics, requests=http_requests, latency=http_latency)
     app.add_middleware(RequestGate, settings=settings)
     app.add_middleware(SecurityHeaders)  # outermost: refusals by the gate get the headers too
-    for module in (system, jobs, zoo, datasets, illumination, work, results, ome_zarr, keys, webhooks, metrics, web):
+    for module in (system, jobs, zoo, datasets, illumination, submit, results, ome_zarr, keys, webhooks, metrics, web):
         app.include_router(module.router)
     return app

@@ -308,7 +308,7 @@ def run_plate_benchmark(
         raise ValueError("need at least one field, one channel and fields of at least 64 x 64 pixels")
     from app.benchmarks.fused import quick_trained_state
     from app.science.device import device_name, resolve_device, resolve_precision
-    from app.science.imageio import image_to_tiff_bytes, read_labels
+    from app.science.image_files import image_to_tiff_bytes, read_labels
     from app.science.metrics import match
     from app.settings import Settings
 

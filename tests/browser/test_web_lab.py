@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.science.imageio import labels_to_tiff_bytes
+from app.science.image_files import labels_to_tiff_bytes
 from tests.browser.conftest import (
     ARTIFACTS,
     enter_key,

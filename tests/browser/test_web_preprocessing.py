@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from app.science.imageio import image_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes
 from tests.browser.conftest import (
     ARTIFACTS,
     CELL_LINE,

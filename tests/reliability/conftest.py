@@ -189,7 +189,7 @@ def seed_minimal_zoo(client, splits: tuple[str, ...] = ("train", "val", "test"))
     generated requests can get past the name and id lookups."""
     import numpy as np
 
-    from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+    from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
 
     assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201
     assert client.post("/api/v1/reporters", json={"name": "R"}).status_code == 201

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from app import jobs
 from app.db import session_factory
 from app.models import JobResult
-from app.science.imageio import image_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes
 from tests.reliability.conftest import make_client
 
 PROBLEM = "application/problem+json"

@@ -252,7 +252,7 @@ def test_a_keyed_many_field_upload_holds_one_field_in_memory_at_a_time(tmp_path)
     import numpy as np
 
     from app.client import CellFuseClient
-    from app.science.imageio import image_to_tiff_bytes
+    from app.science.image_files import image_to_tiff_bytes
     from tests.service.workflow import register_tiny_base
 
     settings = make_embedded_settings(tmp_path)

@@ -93,7 +93,7 @@ def test_nul_and_surrogates_anywhere_are_a_422(any_db_settings, method, path, bo
 def test_nul_in_a_form_field_is_a_422(any_db_settings):
     import numpy as np
 
-    from app.science.imageio import image_to_tiff_bytes
+    from app.science.image_files import image_to_tiff_bytes
 
     client, _ = make_client(any_db_settings, run_reaper=False)
     assert client.post("/api/v1/cell-lines", json={"name": "L"}).status_code == 201

@@ -17,7 +17,7 @@ from app import jobs
 from app.api.main import create_app
 from app.db import session_factory
 from app.models import JobResult
-from app.science.imageio import image_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes
 from tests.reliability.conftest import make_client, seed_minimal_zoo
 from tests.service.conftest import make_embedded_settings
 

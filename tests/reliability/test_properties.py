@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from app.api import schemas
-from app.science.imageio import ImageReadError, image_to_tiff_bytes, labels_to_tiff_bytes, read_image, read_labels
+from app.science.image_files import ImageReadError, image_to_tiff_bytes, labels_to_tiff_bytes, read_image, read_labels
 from tests.reliability.conftest import make_client, seed_minimal_zoo
 from tests.service.conftest import make_embedded_settings
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from app.science import imageio
-from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+from app.science import image_files
+from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
 from app.storage import check_result_name
 from tests.reliability.conftest import make_client
 from tests.service.conftest import make_embedded_settings
@@ -58,8 +58,8 @@ def test_compressed_tiff_declaring_a_huge_image_is_refused_without_decoding(embe
     client, _ = make_client(embedded_settings)
     ds = _dataset(client)
     decoded: list[object] = []
-    real_decode = imageio._decode
-    monkeypatch.setattr(imageio, "_decode", lambda series: decoded.append(series) or real_decode(series))
+    real_decode = image_files._decode
+    monkeypatch.setattr(image_files, "_decode", lambda series: decoded.append(series) or real_decode(series))
     bomb = declared_huge_tiff(*size)
     assert len(bomb) < 1000
     before = _blob_files(embedded_settings)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.client import CellFuseClient
-from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
 from tests.service.conftest import make_client, make_embedded_settings
 from tests.service.workflow import CELL_LINE, field_tiff, small_plate, upload_dataset
 

@@ -39,7 +39,7 @@ def test_science_core_imports_no_framework_and_nothing_else_from_app():
 def test_light_science_modules_do_not_import_torch():
     """The API validates uploads and writes exports with these: they must stay torch-free."""
     loaded = _modules_after(
-        "import app.science.imageio, app.science.metrics, app.science.synthetic, "
+        "import app.science.image_files, app.science.metrics, app.science.synthetic, "
         "app.science.exports, app.science.flow_fusion"
     )
     assert "numpy" in loaded and "torch" not in loaded and "cellpose" not in loaded

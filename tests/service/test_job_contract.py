@@ -16,12 +16,12 @@ import tifffile
 from sqlalchemy import select
 
 from app import jobs
-from app.api.routes.work import _uploaded_field_names, field_name
+from app.api.routes.submit import _uploaded_field_names, field_name
 from app.api.schemas import SegmentRequest
 from app.db import session_factory
 from app.job_params import JOB_PARAMS, FinetuneJob, SegmentJob
 from app.models import CellLine, Job, ModelVersion, Reporter, WorkerHeartbeat, utcnow
-from app.science.imageio import content_digest, read_image, read_labels
+from app.science.image_files import content_digest, read_image, read_labels
 from tests.service.conftest import make_client, make_embedded_settings
 from workers.pipelines import pipeline_for
 from workers.pipelines.common import evaluation_set_identity
@@ -73,7 +73,7 @@ def test_a_plate_naming_one_field_twice_is_refused_before_anything_is_stored(emb
 def test_dataset_fields_get_distinct_names_with_their_plate():
     """The demo's path (segment-dataset): fields 0 and 1 of a well, two plates with the same well, and
     a repeated image each keep a result set of their own."""
-    from app.api.routes.work import _dataset_field_names
+    from app.api.routes.submit import _dataset_field_names
 
     images = [
         SimpleNamespace(id=1, well="A06", field=0, plate=None),

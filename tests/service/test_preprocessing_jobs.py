@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from app.client import ApiError, CellFuseClient
-from app.science.imageio import image_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes
 from tests.service.conftest import make_client
 from tests.service.test_base_segmentation import _shipped_base as shipped_base
 from tests.service.workflow import CELL_LINE, register_tiny_base, small_plate, upload_dataset

@@ -14,7 +14,7 @@ from PIL import Image
 from app.db import session_factory
 from app.models import Job, JobResult
 from app.science import exports
-from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
 from app.security import create_key
 from app.storage import BlobStore, JobFolder
 from tests.service.conftest import make_client

@@ -7,7 +7,7 @@ import io
 import numpy as np
 
 from app.client import CellFuseClient
-from app.science.imageio import image_to_tiff_bytes, labels_to_tiff_bytes
+from app.science.image_files import image_to_tiff_bytes, labels_to_tiff_bytes
 from app.science.synthetic import DEFAULT_REPORTERS, make_plate
 
 TINY_WIDTHS = (8, 16, 32, 64)
@@ -74,10 +74,10 @@ def add_ready_version_of_base(factory, base_name: str) -> None:
     weights (a zoo model without a fine-tune)."""
     from sqlalchemy import select
 
-    from app.models import BaseModel, CellLine, ModelVersion, Reporter
+    from app.models import BaseNetwork, CellLine, ModelVersion, Reporter
 
     with factory() as session:
-        base = session.scalar(select(BaseModel).where(BaseModel.name == base_name))
+        base = session.scalar(select(BaseNetwork).where(BaseNetwork.name == base_name))
         session.add(
             ModelVersion(
                 cell_line_id=session.scalar(select(CellLine.id)),

@@ -34,13 +34,13 @@ def read_blob(ctx: JobContext, sha256: str) -> bytes:
 
 def read_field(ctx: JobContext, sha256: str) -> np.ndarray:
     """A stored multi-channel image as (C, Y, X)."""
-    from app.science.imageio import read_image
+    from app.science.image_files import read_image
 
     return read_image(read_blob(ctx, sha256), max_pixels=ctx.settings.max_image_pixels).data
 
 
 def read_mask(ctx: JobContext, sha256: str | None) -> np.ndarray | None:
-    from app.science.imageio import read_labels
+    from app.science.image_files import read_labels
 
     return None if sha256 is None else read_labels(read_blob(ctx, sha256))
 
@@ -50,7 +50,7 @@ def mask_sha(image: DatasetImage, obj: str) -> str | None:
 
 
 def evaluation_set_identity(digests: Iterable[str]) -> str:
-    """'The same test set' means the same pixels and masks (``imageio.content_digest`` per image),
+    """'The same test set' means the same pixels and masks (``image_files.content_digest`` per image),
     whatever the files' bytes, names or order."""
     digest = hashlib.sha256(b"cellfuse-test-set-v2")
     for item in sorted(digests):
@@ -71,7 +71,7 @@ class LabelledImage:
 def load_labelled(
     ctx: JobContext, rows: list[DatasetImage], obj: str, on_image: Callable[[int], None] | None = None
 ) -> list[LabelledImage]:
-    from app.science.imageio import content_digest
+    from app.science.image_files import content_digest
 
     out = []
     for i, row in enumerate(rows):
@@ -210,9 +210,9 @@ def zoo_source(ctx: JobContext, version_id: int) -> ModelSource:
 
 
 def base_source(ctx: JobContext, base_id: int) -> ModelSource:
-    from app.models import BaseModel
+    from app.models import BaseNetwork
 
-    row = ctx.session.get(BaseModel, base_id)
+    row = ctx.session.get(BaseNetwork, base_id)
     if row is None:
         raise JobFailed(f"base model {base_id} no longer exists")
     card = row.card or {}

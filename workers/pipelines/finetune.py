@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app.job_params import FinetuneJob, FinetuneParams
-from app.models import BaseModel, Dataset, DatasetImage, ModelVersion, Reporter
+from app.models import BaseNetwork, Dataset, DatasetImage, ModelVersion, Reporter
 from workers.pipelines.common import (
     store_trained_version,
     LabelledImage,
@@ -121,7 +121,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             base_net = load_version(ctx, parent.id, {}).net
             base_name = f"version:{parent.id}"
         else:
-            base_row = ctx.session.scalar(select(BaseModel).where(BaseModel.name == p.base))
+            base_row = ctx.session.scalar(select(BaseNetwork).where(BaseNetwork.name == p.base))
             if base_row is None:
                 raise JobFailed(f"base model {p.base!r} is no longer registered")
             base_net = load_weights(ctx, base_row.weights_sha256, base_row.card or {}, base_row.source)

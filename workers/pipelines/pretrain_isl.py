@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import select
 
 from app.job_params import PretrainISLJob
-from app.models import BaseModel, Dataset
+from app.models import BaseNetwork, Dataset
 from workers.pipelines.common import library_versions, load_weights, read_field
 from workers.runner import JobContext, JobFailed
 
@@ -38,7 +38,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         raise JobFailed(f"dataset {ds.id} no longer has channel(s) {', '.join(missing)}")
     sources_idx = [ds.channels.index(c) for c in p.source_channels]
     target_idx = ds.channels.index(p.target_channel)
-    existing = ctx.session.scalar(select(BaseModel).where(BaseModel.name == p.name))
+    existing = ctx.session.scalar(select(BaseNetwork).where(BaseNetwork.name == p.name))
     if existing is not None and (existing.card or {}).get("training", {}).get("job_id") != ctx.job_id:
         raise JobFailed(f"a base model named {p.name!r} was registered meanwhile; submit again with another name")
 
@@ -68,7 +68,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
     init_net, init_name = None, None
     if p.init_base:
         with ctx.stage("loading the initial base model", 0.03):
-            row = ctx.session.scalar(select(BaseModel).where(BaseModel.name == p.init_base))
+            row = ctx.session.scalar(select(BaseNetwork).where(BaseNetwork.name == p.init_base))
             if row is None:
                 raise JobFailed(f"base model {p.init_base!r} is no longer registered")
             init_net, init_name = load_weights(ctx, row.weights_sha256, row.card or {}, row.source), row.name
@@ -166,7 +166,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         )
         card_dict = {**saved.card.to_dict(), "training_curve": curve}
         if existing is None:
-            existing = BaseModel(name=p.name, source="isl", weights_sha256=blob.sha256, card=card_dict)
+            existing = BaseNetwork(name=p.name, source="isl", weights_sha256=blob.sha256, card=card_dict)
             ctx.session.add(existing)
         else:
             existing.weights_sha256, existing.card = blob.sha256, card_dict

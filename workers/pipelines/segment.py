@@ -378,7 +378,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
 def _run(ctx: JobContext, stack: ExitStack) -> dict[str, Any]:
     from app.jobs import JobCancelled
     from app.science import exports
-    from app.science.imageio import labels_to_tiff_bytes, read_labels
+    from app.science.image_files import labels_to_tiff_bytes, read_labels
     from app.science.metrics import score, score_set
 
     p = ctx.params_as(SegmentJob)

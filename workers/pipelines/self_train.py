@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import select
 
 from app.job_params import SelfTrainJob
-from app.models import BaseModel, Dataset, ModelVersion, Reporter
+from app.models import BaseNetwork, Dataset, ModelVersion, Reporter
 from workers.pipelines.common import (
     store_trained_version,
     library_versions,
@@ -41,7 +41,7 @@ def _cancelled(ctx: JobContext, version: ModelVersion | None):
 
 def run(ctx: JobContext) -> dict[str, Any]:
     from app.science import weights
-    from app.science.imageio import labels_to_tiff_bytes
+    from app.science.image_files import labels_to_tiff_bytes
     from app.science.isl import predict_stain
     from app.science.self_training import SelfTrainConfig, self_train
     from app.science.training import TrainingCancelled, TrainingConfig, finetune
@@ -78,7 +78,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             marker_images = channel(p.marker_channel)
             marker_origin = {"channel": p.marker_channel}
         else:
-            isl_row = ctx.session.scalar(select(BaseModel).where(BaseModel.name == p.marker_isl_model))
+            isl_row = ctx.session.scalar(select(BaseNetwork).where(BaseNetwork.name == p.marker_isl_model))
             if isl_row is None:
                 raise JobFailed(f"ISL model {p.marker_isl_model!r} is no longer registered")
             isl_net = load_weights(ctx, isl_row.weights_sha256, isl_row.card or {}, isl_row.source)
@@ -163,7 +163,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
             parent = model_version(ctx, p.parent_version_id)
             base_net, base_name = load_version(ctx, parent.id, {}).net, f"version:{parent.id}"
         else:
-            base_row = ctx.session.scalar(select(BaseModel).where(BaseModel.name == p.base))
+            base_row = ctx.session.scalar(select(BaseNetwork).where(BaseNetwork.name == p.base))
             if base_row is None:
                 raise JobFailed(f"base model {p.base!r} is no longer registered")
             base_net = load_weights(ctx, base_row.weights_sha256, base_row.card or {}, base_row.source)

@@ -16,7 +16,7 @@ from app.api.errors import Problem
 from app.api.schemas import DatasetImageOut, DatasetIn, DatasetOut, SplitLiteral
 from app.api.uploads import display_name, upload_size, upload_source
 from app.models import Dataset, DatasetImage
-from app.science.imageio import (
+from app.science.image_files import (
     ImageReadError,
     image_to_tiff_bytes,
     read_image,

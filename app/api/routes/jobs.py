@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from app import jobs
 from app.api.deps import InstrumentDep, SessionDep, SettingsDep
 from app.api.errors import Problem
-from app.api.jobs_service import get_visible_job, job_out, submit_job
+from app.api.job_records import get_visible_job, job_out, submit_job
 from app.api.schemas import JobOut, JobPage, JobStatusLiteral, NoopJobIn
 from app.models import Job, JobResult
 from app.storage import JobFolder, check_result_name

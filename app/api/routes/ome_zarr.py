@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError
 from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, SessionDep, SettingsDep
 from app.api.errors import Problem
-from app.api.routes.work import _accepted, field_name, plan_request_models
+from app.api.routes.submit import _accepted, field_name, plan_request_models
 from app.api.schemas import MODEL_DESCRIPTION, JobOut, ModelChoice
 from app.api.uploads import read_upload
 from app.job_params import FieldSpec, OmeZarrSource, SegmentJob, SegmentParams, StrictModel

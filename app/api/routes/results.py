@@ -23,10 +23,10 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import InstrumentDep, SessionDep, SettingsDep
 from app.api.errors import Problem
-from app.api.jobs_service import get_visible_job
+from app.api.job_records import get_visible_job
 from app.models import Job
 from app.science import exports
-from app.science.imageio import ImageReadError, read_image, read_labels
+from app.science.image_files import ImageReadError, read_image, read_labels
 from app.storage import BlobNotFound, BlobStore, JobFolder
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["results"])

@@ -42,7 +42,7 @@ from app.api.schemas import (
 from app.api.uploads import read_upload
 from app.models import (
     AliasMove,
-    BaseModel,
+    BaseNetwork,
     CellLine,
     ChannelSet,
     ModelAlias,
@@ -86,8 +86,8 @@ def list_reporters(session: SessionDep, _: InstrumentDep, page: PageDep, respons
 
 
 @router.get("/base-models", response_model=list[BaseModelOut], summary="Models fine-tuning can start from (paged)")
-def list_base_models(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response) -> list[BaseModel]:
-    return page.rows(session, select(BaseModel).order_by(BaseModel.name), response)
+def list_base_models(session: SessionDep, _: InstrumentDep, page: PageDep, response: Response) -> list[BaseNetwork]:
+    return page.rows(session, select(BaseNetwork).order_by(BaseNetwork.name), response)
 
 
 @router.post(
@@ -105,7 +105,7 @@ def upload_base_model(
     weights: Annotated[UploadFile, File(description="a .safetensors CPnet state dict")],
     diam_mean: Annotated[float, Form(gt=0, le=500)] = 30.0,
     diameter: Annotated[float | None, Form(gt=0, le=500)] = None,
-) -> BaseModel:
+) -> BaseNetwork:
     from models_zoo.registry import check_cpnet_safetensors
 
     data = read_upload(weights, settings.max_upload_bytes)
@@ -113,7 +113,7 @@ def upload_base_model(
         header = check_cpnet_safetensors(data)
     except ValueError as exc:
         raise Problem(422, f"{exc}. Convert Cellpose .pth files with `cellfuse` tools first.", slug="invalid-weights")
-    if session.scalar(select(BaseModel).where(BaseModel.name == name)) is not None:
+    if session.scalar(select(BaseNetwork).where(BaseNetwork.name == name)) is not None:
         raise Problem(409, f"a base model named {name!r} exists already", slug="base-model-exists")
     widths = _header_widths(header)
     if not widths:
@@ -134,7 +134,7 @@ def upload_base_model(
         "widths": widths,
     }
     return _create(
-        session, BaseModel(name=name, source="upload", weights_sha256=stored.sha256, card=card), "base model"
+        session, BaseNetwork(name=name, source="upload", weights_sha256=stored.sha256, card=card), "base model"
     )
 
 
@@ -151,7 +151,7 @@ def _header_widths(header: dict) -> list[int]:
 
 def version_out(session, v: ModelVersion) -> ModelVersionOut:
     aliases = list(session.scalars(select(ModelAlias.alias).where(ModelAlias.model_version_id == v.id)))
-    base = session.get(BaseModel, v.base_model_id) if v.base_model_id else None
+    base = session.get(BaseNetwork, v.base_model_id) if v.base_model_id else None
     return ModelVersionOut(
         id=v.id,
         cell_line=v.cell_line.name,

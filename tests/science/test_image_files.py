@@ -1,4 +1,4 @@
-"""Tests for app.science.imageio: round trips, channel names, and every refusal with its message."""
+"""Tests for app.science.image_files: round trips, channel names, and every refusal with its message."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from app.science.imageio import (
+from app.science.image_files import (
     ChannelImage,
     ImageReadError,
     image_to_tiff_bytes,

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app import zoo
 from app.api.deps import BlobsDep, InstrumentDep, ScientistDep, SessionDep, SettingsDep
 from app.api.errors import Problem
-from app.api.jobs_service import job_out, submit_job
+from app.api.job_records import job_out, submit_job
 from app.api.routes.datasets import load_image
 from app.api.schemas import (
     MAX_ID,
@@ -199,17 +199,19 @@ def _ready_version(session: Session, choice: str, obj: str) -> ModelVersion:
 
 def _base_for_choice(session: Session, choice: str):
     """'base' is the newest shipped base; 'base:<name>' a registered one (422 when there is none)."""
-    from app.models import BaseModel
+    from app.models import BaseNetwork
 
     if choice == "base":
-        newest = session.scalar(select(BaseModel).where(BaseModel.source == "shipped").order_by(BaseModel.id.desc()))
+        newest = session.scalar(
+            select(BaseNetwork).where(BaseNetwork.source == "shipped").order_by(BaseNetwork.id.desc())
+        )
         if newest is None:
             raise Problem(422, "no shipped base model is registered", slug="no-base-model")
         return newest
     name = choice.split(":", 1)[1]
-    row = session.scalar(select(BaseModel).where(BaseModel.name == name))
+    row = session.scalar(select(BaseNetwork).where(BaseNetwork.name == name))
     if row is None:
-        names = ", ".join(session.scalars(select(BaseModel.name)).all()) or "none registered"
+        names = ", ".join(session.scalars(select(BaseNetwork.name)).all()) or "none registered"
         raise Problem(422, f"no base model named {name!r} (available: {names})", slug="unknown-base-model")
     return row
 
@@ -226,9 +228,9 @@ def _resolve_base(session: Session, base: str) -> str:
         return zoo.base_model_by_name(session, base).name
     from sqlalchemy import select
 
-    from app.models import BaseModel
+    from app.models import BaseNetwork
 
-    shipped = session.scalar(select(BaseModel).where(BaseModel.source == "shipped").order_by(BaseModel.id))
+    shipped = session.scalar(select(BaseNetwork).where(BaseNetwork.source == "shipped").order_by(BaseNetwork.id))
     if shipped is None:
         raise Problem(422, "no base model is registered; upload one or name one in 'base'", slug="no-base-model")
     return shipped.name
@@ -259,7 +261,7 @@ def submit_pretrain_isl(
 ) -> JobOut:
     from sqlalchemy import select
 
-    from app.models import BaseModel
+    from app.models import BaseNetwork
 
     ds = zoo.dataset_by_id(session, body.dataset_id)
     for name in body.source_channels:
@@ -276,7 +278,7 @@ def submit_pretrain_isl(
             "(training and validation)",
             slug="too-few-images",
         )
-    if session.scalar(select(BaseModel).where(BaseModel.name == body.name)) is not None:
+    if session.scalar(select(BaseNetwork).where(BaseNetwork.name == body.name)) is not None:
         raise Problem(
             409, f"a base model named {body.name!r} already exists; choose another name", slug="base-model-exists"
         )
@@ -462,9 +464,9 @@ def submit_finetune(
     else:
         from sqlalchemy import select
 
-        from app.models import BaseModel
+        from app.models import BaseNetwork
 
-        shipped = session.scalar(select(BaseModel).where(BaseModel.source == "shipped").order_by(BaseModel.id))
+        shipped = session.scalar(select(BaseNetwork).where(BaseNetwork.source == "shipped").order_by(BaseNetwork.id))
         if shipped is None:
             raise Problem(422, "no base model is registered; upload one or name one in 'base'", slug="no-base-model")
         base = shipped.name
