@@ -4,6 +4,7 @@ server and worker: each test failed on the page before its fix."""
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import httpx
@@ -417,6 +418,22 @@ def test_cancel_during_a_single_field_segmentation_ends_cancelled(page, live_ser
     page.wait_for_function("() => /^#\\/jobs\\/[0-9a-f-]{36}$/.test(location.hash)")
     job_id = page.evaluate("() => location.hash.split('/').pop()")
     page.locator("#job-detail h3 .badge", has_text="running").wait_for(timeout=60_000)
+    # Progress inside the field: the job page names the field's step and moves off 0 % before the field
+    # ends (before, a lone field sat at 0 % for its whole run).
+    inside = re.compile(r"^(\d+)% · field 1 of 1 \(C07[^)]*\): (network|masks)$")
+    seen: list[str] = []  # every text the bar showed, for the message if it never moves
+    deadline = time.monotonic() + 120
+    while True:
+        shown = page.inner_text("#job-detail .progress-text")
+        if not seen or seen[-1] != shown:
+            seen.append(shown)
+        match = inside.match(shown)
+        if (match and int(match[1]) > 0) or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(250)
+    assert match and int(match[1]) > 0, seen
+    assert int(page.get_attribute("#job-detail .progress", "aria-valuenow")) > 0
+    assert page.locator("#job-detail h3 .badge").inner_text() == "running"  # still inside the field
     page.click("#job-detail button.cancel")
     page.locator("#job-detail h3 .badge", has_text="cancelled").wait_for(timeout=120_000)
     # Said in words on the job's page, and the service agrees: not "succeeded" after a Cancel.

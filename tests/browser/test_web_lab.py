@@ -117,11 +117,26 @@ def test_a_lab_from_an_empty_service_to_a_segmented_plate(browser, empty_server)
                 "#up-nuclei",
                 files=[{"name": f"nuc{i}.tif", "mimeType": "image/tiff", "buffer": labels_to_tiff_bytes(field.nuclei)}],
             )
+            if i == 0:  # the first image with its cell mask as well: image + nuclei + cells
+                page.set_input_files(
+                    "#up-cells",
+                    files=[
+                        {"name": "cells0.tif", "mimeType": "image/tiff", "buffer": labels_to_tiff_bytes(field.cells)}
+                    ],
+                )
             page.select_option("#up-split", split)
             page.click("#up-submit")
             page.locator("#notice-title", has_text="Image added").wait_for()
             page.locator("#datasets-list", has_text=f"{SPLITS[: i + 1].count(split)} {split}").wait_for()
-        assert "1 val" in page.inner_text("#datasets-list") and "1 test" in page.inner_text("#datasets-list")
+            masks = "nuclei + cells" if i == 0 else "nuclei"
+            assert page.inner_text("#notice-detail").endswith(f"labelled for {masks}"), page.inner_text("#notice")
+        listed = page.inner_text("#datasets-list")
+        assert "1 val" in listed and "1 test" in listed
+        assert "labelled for nuclei: 5, for cells: 1" in listed, listed
+        dataset = next(d for d in empty_server.client().get("/api/v1/datasets") if d["name"] == "lab-set")
+        with_cells = [image for image in dataset["images"] if image["cells_sha256"]]
+        assert [(image["filename"], image["split"]) for image in with_cells] == [("img0.tif", "train")]
+        assert all(image["nuclei_sha256"] for image in dataset["images"])
 
         # 3. Two versions of the nuclear reporter's nuclei model.
         # The first from the shipped (pretrained) base; the second from a randomly initialised base that an

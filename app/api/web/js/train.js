@@ -27,11 +27,20 @@ export async function loadTrainForm() {
   await loadRecipeForm();
 }
 
+/** Which masks an image came with, in words ("nuclei + cells"). */
+function maskWords(image) {
+  return [image.nuclei_sha256 ? "nuclei" : null, image.cells_sha256 ? "cells" : null].filter(Boolean).join(" + ");
+}
+
 function renderDatasets() {
   const list = $("datasets-list");
-  list.replaceChildren(...(state.datasets.length ? state.datasets.map((d) => el("li", {},
+  // How many images are labelled for each object: a cells model can only be trained on cell masks.
+  const count = (d, key) => d.images.filter((image) => image[key]).length;
+  const labelled = (d) => d.images.length
+    ? ` · labelled for nuclei: ${count(d, "nuclei_sha256")}, for cells: ${count(d, "cells_sha256")}` : "";
+  list.replaceChildren(...(state.datasets.length ? state.datasets.map((d) => el("li", {"data-dataset": d.id},
     el("strong", {}, `#${d.id} ${d.name}`), ` · ${d.cell_line} · channels ${d.channels.join(", ")} · `,
-    Object.entries(d.split_counts).map(([k, n]) => `${n} ${k}`).join(", ") || "no images yet"))
+    (Object.entries(d.split_counts).map(([k, n]) => `${n} ${k}`).join(", ") || "no images yet") + labelled(d)))
     : [el("li", {class: "muted"}, "No datasets yet: create one below.")]));
 }
 
@@ -81,7 +90,8 @@ async function onUploadImage(event) {
     form.append("split", $("up-split").value);
     button.disabled = true;
     const added = await api(`/api/v1/datasets/${datasetId}/images`, {method: "POST", form});
-    showNotice("Image added", `image #${added.id} in the ${added.split} split`, "info");
+    showNotice("Image added", `image #${added.id} in the ${added.split} split, labelled for ${maskWords(added)}`,
+      "info");
     for (const id of ["up-image", "up-nuclei", "up-cells"]) $(id).value = "";
     await loadTrainForm();
   } catch (error) {
