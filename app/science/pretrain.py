@@ -450,17 +450,14 @@ def fit_base_size_model(
     *,
     every: int = 2,
     samples_per_image: int = 4,
-    diameter_range: tuple[float, float] = (4.0, 120.0),
+    diameter_range: tuple[float, float] = (4.0, 80.0),
     seed: int = 0,
 ):
     """The base's size model: Cellpose's style regression on every ``every``-th training image,
-    each resized ``samples_per_image`` times so its objects span ``diameter_range`` (224-px crops),
-    with the ridge chosen by cross-validation over the images.
+    each resized ``samples_per_image`` times so its objects span ``diameter_range`` (224-px crops).
 
     The range reaches down to 4 px: fitted on 8-80 px, the regression put nuclei of 5-8 px at
-    22-42 px, beyond what the second pass can correct (validation images at 0.5x: F1 0.537 -> 0.748).
-    Cellpose's ridge 1.0 then shrank every estimate towards the middle (validation, first pass:
-    2x-rescaled nuclei at 0.61x their size, median); the cross-validated ridge is ~1e-4."""
+    22-42 px, beyond what the second pass can correct (validation images at 0.5x: F1 0.537 -> 0.748)."""
     from app.science.training import train_size_model
 
     sub = train.subset(range(0, len(train), every))

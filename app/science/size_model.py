@@ -50,8 +50,6 @@ class SizeModel:
     ridge: float
     n_train: int
     train_correlation: float = math.nan
-    #: How the ridge was chosen (``RidgeChoice.to_dict``), when it was not given.
-    ridge_selection: dict | None = None
 
     @property
     def style_dim(self) -> int:
@@ -79,7 +77,6 @@ class SizeModel:
             "ridge": float(self.ridge),
             "n_train": int(self.n_train),
             "train_correlation": None if math.isnan(self.train_correlation) else float(self.train_correlation),
-            **({"ridge_selection": self.ridge_selection} if self.ridge_selection else {}),
         }
 
     @classmethod
@@ -97,7 +94,6 @@ class SizeModel:
                 train_correlation=math.nan
                 if data.get("train_correlation") is None
                 else float(data["train_correlation"]),
-                ridge_selection=data.get("ridge_selection"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise SizeModelError(f"not a size model description: {error}") from error
@@ -136,69 +132,6 @@ def fit_size_model(
     fitted = x @ coefficients
     correlation = float(np.corrcoef(y, fitted)[0, 1]) if np.std(y) > 0 and np.std(fitted) > 0 else math.nan
     return SizeModel(coefficients, style_mean, log_offset, float(diam_mean), float(ridge), n, correlation)
-
-
-#: Ridge penalties ``choose_ridge`` tries. Styles are unit vectors of 128-256 numbers, so X^T X is
-#: small and Cellpose's 1.0 shrinks hard: the shipped base's fit put 2x-rescaled nuclei at 0.6x.
-RIDGE_GRID: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-
-
-@dataclass(frozen=True)
-class RidgeChoice:
-    """The ridge chosen by cross-validation and the table it was chosen from: per ridge, the mean
-    |log(predicted / true diameter)| on held-out folds and its standard error."""
-
-    ridge: float
-    table: list[dict[str, float]]
-    n_folds: int
-
-    def to_dict(self) -> dict:
-        return {"rule": "one standard error", "n_folds": self.n_folds, "ridge": self.ridge, "cv": self.table}
-
-
-def choose_ridge(
-    styles: np.ndarray,
-    diameters: np.ndarray,
-    groups: np.ndarray,
-    *,
-    ridges: tuple[float, ...] = RIDGE_GRID,
-    n_folds: int = 5,
-    diam_mean: float = 30.0,
-) -> RidgeChoice:
-    """The ridge for ``fit_size_model`` by cross-validation over ``groups`` (the image each style
-    came from: resizes of one image stay in one fold), with the one-standard-error rule: the
-    largest ridge whose held-out error is within one standard error of the best (prefer the
-    stronger shrinkage unless the gain exceeds the noise).
-
-    >>> rng = np.random.default_rng(1)
-    >>> styles = rng.normal(size=(120, 8)) * 0.1
-    >>> diameters = np.exp(3.0 + styles @ np.linspace(-2, 2, 8))
-    >>> choice = choose_ridge(styles, diameters, np.arange(120) // 3)
-    >>> choice.ridge < 1.0 and len(choice.table) == len(RIDGE_GRID)
-    True
-    """
-    styles = np.asarray(styles, np.float64)
-    diameters = np.asarray(diameters, np.float64)
-    groups = np.asarray(groups)
-    unique = np.unique(groups)
-    if len(unique) < n_folds:
-        raise SizeModelError(f"need styles from at least {n_folds} images to cross-validate the ridge")
-    fold_of = {g: i % n_folds for i, g in enumerate(np.random.default_rng(0).permutation(unique))}
-    folds = np.array([fold_of[g] for g in groups])
-    table = []
-    for ridge in ridges:
-        errors = []
-        for k in range(n_folds):
-            model = fit_size_model(styles[folds != k], diameters[folds != k], ridge=ridge, diam_mean=diam_mean)
-            errors.append(np.abs(np.log(np.asarray(model.predict(styles[folds == k])) / diameters[folds == k])))
-        error = np.concatenate(errors)
-        table.append(
-            {"ridge": ridge, "mean_abs_log": float(error.mean()), "se": float(error.std() / np.sqrt(error.size))}
-        )
-    best = min(table, key=lambda row: row["mean_abs_log"])
-    within = [row["ridge"] for row in table if row["mean_abs_log"] <= best["mean_abs_log"] + best["se"]]
-    rounded = [{k: round(v, 6) for k, v in row.items()} for row in table]
-    return RidgeChoice(max(within), rounded, n_folds)
 
 
 def mask_diameter(labels: np.ndarray) -> tuple[float, int]:

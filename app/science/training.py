@@ -14,7 +14,6 @@ does); the mean training diameter is recorded and is the diameter to give at inf
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import queue
@@ -852,7 +851,7 @@ def train_size_model(
     diameter_range: tuple[float, float] | None = None,
     samples_per_image: int = 3,
     max_side: int = 448,
-    ridge: float | None = None,
+    ridge: float = 1.0,
     seed: int = 0,
 ):
     """Cellpose 3's ``train_size`` for a trained net: style vectors of each image resized by a few
@@ -861,14 +860,13 @@ def train_size_model(
     ``scales``: fixed resize factors per image. ``diameter_range`` (instead): ``samples_per_image``
     resizes per image whose object diameters are drawn log-uniformly in that range (e.g. 8-80 px),
     each from a random crop no larger than ``max_side`` pixels after resizing (bounded cost, as
-    Cellpose fits on crops). ``ridge`` None: chosen by cross-validation over the images
-    (``size_model.choose_ridge``; Cellpose's 1.0 when there are fewer than 5 images). Returns a
-    ``size_model.SizeModel``; ``estimate_image_diameter`` applies it with Cellpose's second pass.
+    Cellpose fits on crops). Returns a ``size_model.SizeModel``; ``estimate_image_diameter``
+    applies it with Cellpose's second pass.
     """
     import cv2
 
     from app.science.backbone import predict_maps
-    from app.science.size_model import choose_ridge, fit_size_model
+    from app.science.size_model import fit_size_model
 
     _check_pairs(images, masks, "size-model")
     if len(images) == 0:
@@ -878,8 +876,8 @@ def train_size_model(
     rng = np.random.default_rng(seed)
     diam_mean = float(net.diam_mean.item())
     net.eval()
-    styles, diameters, groups = [], [], []
-    for index, (image, diameter) in enumerate(zip(images, image_diameters(masks))):
+    styles, diameters = [], []
+    for image, diameter in zip(images, image_diameters(masks)):
         image = np.asarray(image, np.float32)
         if scales is not None:
             factors = list(scales)
@@ -898,13 +896,7 @@ def train_size_model(
             resized = cv2.resize(crop, size, interpolation=interpolation)
             styles.append(predict_maps(net, resized, diameter=diam_mean).style)
             diameters.append(diameter * size[1] / crop.shape[0])
-            groups.append(index)
-    style_arr, diameter_arr = np.stack(styles), np.asarray(diameters)
-    if ridge is not None or len(images) < 5:
-        return fit_size_model(style_arr, diameter_arr, ridge=1.0 if ridge is None else ridge, diam_mean=diam_mean)
-    choice = choose_ridge(style_arr, diameter_arr, np.asarray(groups), diam_mean=diam_mean)
-    model = fit_size_model(style_arr, diameter_arr, ridge=choice.ridge, diam_mean=diam_mean)
-    return dataclasses.replace(model, ridge_selection=choice.to_dict())
+    return fit_size_model(np.stack(styles), np.asarray(diameters), ridge=ridge, diam_mean=diam_mean)
 
 
 def predict_diameter(net: torch.nn.Module, size_model, image: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from app.science.size_model import RIDGE_GRID, SizeModel, SizeModelError, choose_ridge, fit_size_model
+from app.science.size_model import SizeModel, SizeModelError, fit_size_model
 
 
 def _linear_data(n: int = 300, d: int = 16, seed: int = 0, noise: float = 0.0):
@@ -61,30 +61,6 @@ def test_round_trips_through_json():
     np.testing.assert_array_equal(restored.coefficients, model.coefficients)
     assert restored.diam_mean == 17.0 and restored.n_train == 50
     assert restored.predict(styles[3]) == model.predict(styles[3])
-
-
-def test_cross_validation_picks_a_small_ridge_for_unit_styles_and_is_recorded():
-    """Unit-norm styles make X^T X small: Cellpose's ridge 1.0 shrinks the fit towards the mean
-    diameter (large objects estimated too small); cross-validation over images picks less."""
-    styles, diameters, _ = _linear_data(n=400, d=32, seed=4, noise=0.05)
-    groups = np.arange(400) // 4  # four resizes per image stay in one fold
-    choice = choose_ridge(styles, diameters, groups)
-    assert [row["ridge"] for row in choice.table] == list(RIDGE_GRID)
-    assert choice.ridge < 1.0
-    errors = {row["ridge"]: row["mean_abs_log"] for row in choice.table}
-    assert errors[choice.ridge] < errors[1.0]
-    model = fit_size_model(styles, diameters, ridge=choice.ridge)
-    shrunk = fit_size_model(styles, diameters, ridge=1.0)
-    large = diameters > np.quantile(diameters, 0.9)
-    assert np.median(np.log(model.predict(styles[large]) / diameters[large])) > np.median(
-        np.log(shrunk.predict(styles[large]) / diameters[large])
-    )
-    recorded = SizeModel.from_dict(
-        json.loads(json.dumps({**model.to_dict(), "ridge_selection": choice.to_dict()}))
-    ).to_dict()
-    assert recorded["ridge_selection"]["ridge"] == choice.ridge
-    with pytest.raises(SizeModelError, match="at least 5 images"):
-        choose_ridge(styles[:8], diameters[:8], np.arange(8) // 4)
 
 
 def test_never_predicts_below_five_pixels():
