@@ -108,6 +108,19 @@ class LoadedModel:
     flow_threshold: float | None = None
     cellprob_threshold: float | None = None
 
+    def channel_model(self, channel: str):
+        """This network as the science core's ``ChannelModel`` for one channel of a field."""
+        from app.science.segmentation import ChannelModel
+
+        return ChannelModel(
+            net=self.net,
+            diameter=self.diameter,
+            diam_mean=self.diam_mean,
+            name=channel,
+            flow_threshold=self.flow_threshold,
+            cellprob_threshold=self.cellprob_threshold,
+        )
+
 
 def load_weights(ctx: JobContext, sha256: str, card: dict[str, Any], source: str) -> Any:
     """A stored network on this worker's device, from the process's model cache when it is there.
@@ -317,22 +330,7 @@ def record_evaluation(
 
 
 def channel_models(ctx: JobContext, plan: ObjectPlan, cache: dict[Any, LoadedModel]):
-    from app.science.segmentation import ChannelModel
-
-    models = []
-    for name in plan.channels:
-        loaded = load_source(ctx, model_source(ctx, plan, name), cache)
-        models.append(
-            ChannelModel(
-                net=loaded.net,
-                diameter=loaded.diameter,
-                diam_mean=loaded.diam_mean,
-                name=name,
-                flow_threshold=loaded.flow_threshold,
-                cellprob_threshold=loaded.cellprob_threshold,
-            )
-        )
-    return models
+    return [load_source(ctx, model_source(ctx, plan, name), cache).channel_model(name) for name in plan.channels]
 
 
 @dataclass(frozen=True)

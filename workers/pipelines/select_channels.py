@@ -40,20 +40,8 @@ def run(ctx: JobContext) -> dict[str, Any]:
     ds, rows = labelled_split(ctx, p.dataset_id, p.split, obj)
     plan = p.plan[obj]
     cache: dict[Any, LoadedModel] = {}
-    from app.science.segmentation import ChannelModel
-
     loaded = [load_version(ctx, plan.models[name], cache) for name in plan.channels]
-    models = [
-        ChannelModel(
-            net=m.net,
-            diameter=m.diameter,
-            diam_mean=m.diam_mean,
-            name=name,
-            flow_threshold=m.flow_threshold,
-            cellprob_threshold=m.cellprob_threshold,
-        )
-        for m, name in zip(loaded, plan.channels, strict=True)
-    ]
+    models = [m.channel_model(name) for m, name in zip(loaded, plan.channels, strict=True)]
     diameter, diam_mean = reconstruction_size(models)
     indices = [ds.channels.index(name) for name in plan.channels]
     # Each channel's model's own recipe: the fusion is fitted on the maps segmentation will see.
