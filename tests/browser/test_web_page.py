@@ -51,12 +51,9 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     api = live_server.client()
     waiting = api.submit("noop", {"steps": 50, "step_seconds": 0.1})
     page.click("nav [data-tab='jobs']")
-    rows = page.locator("#jobs-body tr.job-row")
     page.wait_for_function(
         "n => document.querySelectorAll('#jobs-body tr.job-row').length >= n", arg=len(zoo_jobs.job_ids) + 1
     )
-    finetunes = page.locator("#jobs-body tr.job-row", has_text="fine-tuning")
-    assert "fine-tuning" in page.inner_text("#jobs-body")
     noop_row = page.locator(f"#jobs-body tr[data-job='{waiting['id']}']")
     noop_row.locator("button.cancel").click()
     noop_row.locator(".badge.cancelled").wait_for()
@@ -70,21 +67,25 @@ def test_jobs_list_shows_live_progress_and_cancels(page, live_server, zoo_jobs):
     seen_progress: set[str] = set()
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
-        statuses = finetunes.locator(".badge").all_inner_texts()
         seen_progress.update(
             page.locator(f"#jobs-body tr[data-job='{moving['id']}'] .progress").evaluate_all(
                 "bars => bars.map(b => b.getAttribute('aria-valuenow'))"
             )
         )
         moving_done = moving_row.count() and moving_row.locator(".badge").inner_text() == "succeeded"
-        if statuses.count("succeeded") >= len(zoo_jobs.job_ids) and moving_done:
+        finetunes_done = all(api.job(j)["status"] == "succeeded" for j in zoo_jobs.job_ids)
+        if finetunes_done and moving_done:
             break
-        assert "failed" not in statuses, page.inner_text("#jobs-body")
         page.wait_for_timeout(300)
-    assert finetunes.locator(".badge", has_text="succeeded").count() == len(zoo_jobs.job_ids)
     assert len(seen_progress) >= 3, seen_progress  # 0 (queued), values while running, 100
+    # Other tests' jobs on the shared server may push the fine-tunes past the first page: filter.
+    page.select_option("#jobs-kind", "finetune")
+    finetunes = page.locator("#jobs-body tr.job-row", has_text="fine-tuning")
+    for job_id in zoo_jobs.job_ids:
+        page.locator(f"#jobs-body tr[data-job='{job_id}'] .badge", has_text="succeeded").wait_for()
+    assert finetunes.count() >= len(zoo_jobs.job_ids)
     # A finished fine-tune shows its training curve in the job's details.
-    rows.filter(has_text="fine-tuning").first.click()
+    finetunes.first.click()
     page.locator("#job-detail svg.curve polyline").first.wait_for()
 
 
