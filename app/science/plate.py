@@ -155,9 +155,9 @@ class _Stages:
         self._lock = threading.Lock()
         self._stages: dict[int, FieldStage] = {}
 
-    def set(self, entry: _Entry, stage: str, fraction: float) -> None:
+    def set(self, index: int, key: Any, stage: str, fraction: float) -> None:
         with self._lock:
-            self._stages[entry.index] = FieldStage(entry.index, entry.key, stage, min(1.0, max(0.0, fraction)))
+            self._stages[index] = FieldStage(index, key, stage, min(1.0, max(0.0, fraction)))
 
     def drop(self, index: int) -> None:
         with self._lock:
@@ -308,7 +308,7 @@ def _run_pipeline(
             for index, item in enumerate(fields):
                 if stop.is_set():
                     return
-                stages.set(_Entry(index, item[0] if isinstance(item, tuple) and item else None), "reading", 0.0)
+                stages.set(index, item[0] if isinstance(item, tuple) and item else None, "reading", 0.0)
                 entry = _prepare_entry(index, item, task_map, plans)
                 if not put(prepared_queue, entry):
                     return
@@ -322,7 +322,7 @@ def _run_pipeline(
     def finish(entry: _Entry) -> FieldOutcome:
         def mask_task_done(done: int) -> None:
             stopped()
-            stages.set(entry, "masks", 0.7 + 0.3 * done / len(task_map))
+            stages.set(entry.index, entry.key, "masks", 0.7 + 0.3 * done / len(task_map))
 
         mask_task_done(0)
         return _finish_entry(entry, task_map, plans, mask_device, on_task=mask_task_done)
@@ -344,10 +344,10 @@ def _run_pipeline(
                     stopped()
                     passes[0] += 1
                     for waiting in pending:
-                        stages.set(waiting, "network", 0.1 + 0.6 * min(1.0, passes[0] / n_passes))
+                        stages.set(waiting.index, waiting.key, "network", 0.1 + 0.6 * min(1.0, passes[0] / n_passes))
 
                 for waiting in pending:
-                    stages.set(waiting, "network", 0.1)
+                    stages.set(waiting.index, waiting.key, "network", 0.1)
                 _run_networks(pending, plans, channels_last=channels_last, precision=precision, checkpoint=pass_done)
             for entry in pending:
                 if not put(out_queue, masks_pool.submit(finish, entry)):
