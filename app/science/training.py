@@ -842,6 +842,13 @@ def run_cellpose_train_seg(
     return time.perf_counter() - started, np.asarray(train_losses)
 
 
+#: Recentring passes of the size model's style estimate (``recentred_style_diameter``). Chosen on
+#: the base v3's 12 validation images rescaled 0.5x-2x (untiled, two-pass): the mean |log(estimate /
+#: true diameter)| at 2x fell from 0.248 (Cellpose's single pass) to 0.138 / 0.071 / 0.057 with
+#: 1 / 2 / 3 passes, at 1.5x from 0.097 to 0.063, unchanged below 1x; pooled F1 within noise.
+RECENTRE_ITERATIONS = 3
+
+
 def train_size_model(
     net: torch.nn.Module,
     images: Sequence[np.ndarray],
@@ -918,17 +925,27 @@ def estimate_image_diameter(
     min_size: int = 15,
     tile: bool = True,
     normalization=None,
+    recentre_iterations: int = RECENTRE_ITERATIONS,
 ):
     """Cellpose 3's ``SizeModel.eval`` for one (Y, X) image: the style regression's diameter, then
     the median diameter of the masks segmented at it. Returns a ``size_model.SizeEstimate``.
-    ``normalization`` (a ``backbone.Normalization``): default Cellpose's per-image percentiles."""
+    ``normalization`` (a ``backbone.Normalization``): default Cellpose's per-image percentiles.
+
+    ``recentre_iterations`` > 0: the style pass is repeated on the image zoomed so that its objects
+    sit at the regression's centre (``size_model.recentred_style_diameter``), which undoes the
+    ridge's shrinkage for objects far from the training size; 0 is Cellpose's single pass."""
     from app.science.backbone import Normalization, masks_from_maps, predict_maps
-    from app.science.size_model import estimate_diameter
+    from app.science.size_model import estimate_diameter, recentred_style_diameter
 
     image = np.asarray(image, np.float32)
     norm = normalization if normalization is not None else Normalization()
     diam_mean = float(net.diam_mean.item())
-    style = predict_maps(net, image, diameter=diam_mean, tile=tile, normalization=norm).style
+
+    def style_at(diameter: float) -> np.ndarray:
+        return predict_maps(net, image, diameter=diameter, tile=tile, normalization=norm).style
+
+    style = style_at(diam_mean)
+    style_diameter = recentred_style_diameter(style_at, size_model, iterations=recentre_iterations, first_style=style)
 
     def segment(diameter: float) -> np.ndarray:
         maps = predict_maps(net, image, diameter=diameter, tile=tile, normalization=norm)
@@ -941,4 +958,4 @@ def estimate_image_diameter(
             min_size=min_size,
         )
 
-    return estimate_diameter(style, size_model, segment)
+    return estimate_diameter(style, size_model, segment, style_diameter=style_diameter)

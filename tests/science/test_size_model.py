@@ -138,3 +138,53 @@ def test_two_pass_estimate_keeps_the_style_diameter_when_nothing_is_found():
     assert combine_estimates([blind, seeing]) == pytest.approx(seeing.diameter)
     assert combine_estimates([blind]) == pytest.approx(25.0)
     assert combine_estimates([]) is None
+
+
+def _shrunk_model_and_styles(seed: int = 2):
+    """A size model fitted with Cellpose's ridge on unit styles whose direction encodes log size:
+    the fit shrinks towards its centre, as the base's does for objects far from 30 px."""
+    rng = np.random.default_rng(seed)
+    log_sizes = rng.uniform(math.log(8.0), math.log(80.0), 400)
+
+    def style_of(log_size: float) -> np.ndarray:
+        angle = (log_size - math.log(8.0)) / math.log(10.0) * (math.pi / 2)  # 8 px -> 0, 80 px -> pi/2
+        return np.array([math.cos(angle), math.sin(angle), 0.0, 0.0])
+
+    model = fit_size_model(np.stack([style_of(v) for v in log_sizes]), np.exp(log_sizes), ridge=30.0)
+    return model, style_of
+
+
+def test_recentring_undoes_the_ridge_shrinkage_far_from_the_centre():
+    from app.science.size_model import MAX_RECENTRE_ZOOM, recentred_style_diameter
+
+    model, style_of = _shrunk_model_and_styles()
+    for true in (9.0, 60.0):
+        zooms: list[float] = []
+
+        def style_at(diameter: float, true: float = true, zooms: list[float] = zooms) -> np.ndarray:
+            zooms.append(model.diam_mean / diameter)
+            return style_of(math.log(true * model.diam_mean / diameter))
+
+        one_pass = model.predict(style_at(model.diam_mean))
+        recentred = recentred_style_diameter(style_at, model, iterations=3)
+        # One pass is pulled towards the centre; three recentred passes land far closer.
+        assert abs(math.log(one_pass / true)) > 0.15
+        assert abs(math.log(recentred / true)) < abs(math.log(one_pass / true)) / 3
+        assert len(zooms) == 2 + 3  # the first style, its repeat, then one per pass
+        assert all(1 / MAX_RECENTRE_ZOOM <= z <= MAX_RECENTRE_ZOOM for z in zooms)
+    # No pass: the plain regression, on the style given.
+    plain_style = style_of(math.log(60.0))
+    assert recentred_style_diameter(lambda d: 1 / 0, model, iterations=0, first_style=plain_style) == pytest.approx(
+        model.predict(plain_style)
+    )
+    with pytest.raises(SizeModelError):
+        recentred_style_diameter(style_of, model, iterations=-1)
+
+
+def test_two_pass_estimate_starts_from_a_given_style_diameter():
+    from app.science.size_model import estimate_diameter
+
+    model = SizeModel(np.zeros(4), np.zeros(4), 0.0, 30.0, 1.0, 10)
+    asked = []
+    estimate = estimate_diameter(np.zeros(4), model, lambda d: asked.append(d) or _discs(16.0), style_diameter=17.0)
+    assert asked == [17.0] and estimate.style_diameter == 17.0 and estimate.source == "masks"
