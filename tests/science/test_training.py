@@ -451,3 +451,29 @@ def test_reduced_precision_training_learns_like_fp32(device):
     assert low.best_val_loss == pytest.approx(fp32.best_val_loss, rel=0.25)
     with pytest.raises(ValueError, match="precision"):
         finetune(build_network(TINY), images, masks, [], [], config, precision="int8")
+
+
+def test_recentring_crop_bounds_the_zoomed_image_and_keeps_its_centre():
+    from app.science.training import _centre_crop_for_zoom
+
+    image = np.arange(600 * 800, dtype=np.float32).reshape(600, 800)
+    crop = _centre_crop_for_zoom(image, 4.0, max_side=1024)
+    assert crop.shape == (256, 256)
+    assert crop[128, 128] == image[300, 400]  # centred
+    assert _centre_crop_for_zoom(image, 0.5, max_side=1024).shape == image.shape  # zoom-out: whole image
+
+
+@pytest.mark.slow
+def test_image_diameter_estimate_runs_the_recentred_passes_on_the_shipped_base():
+    from app.science.size_model import SizeModel
+    from app.science.training import estimate_image_diameter, predict_diameter
+    from app.science.weights import load_model
+
+    net, card = load_model(SHIPPED_BASE)
+    size_model = SizeModel.from_dict(card.size_model)
+    image, labels = disc_field(3, size=160, n=8)
+    plain = estimate_image_diameter(net, size_model, image, tile=False, recentre_iterations=0)
+    recentred = estimate_image_diameter(net, size_model, image, tile=False, recentre_iterations=2)
+    assert plain.style_diameter == pytest.approx(predict_diameter(net, size_model, image), rel=1e-5)
+    assert recentred.style_diameter != pytest.approx(plain.style_diameter, rel=1e-3)
+    assert recentred.source == "masks" and recentred.n_objects > 0
