@@ -474,9 +474,6 @@ def fit_base_size_model(
 
 #: The v3 recipe's two phases: (learning rate, minutes); both continue from the previous best.
 V3_PHASES: tuple[tuple[float, float], ...] = ((0.003, 28.0), (0.0006, 11.0))
-#: v4 continues v3 on an otherwise idle core: v3 got ~20 % of one core (6 epochs) and its
-#: validation loss was still falling.
-V4_PHASES: tuple[tuple[float, float], ...] = ((0.0015, 45.0), (0.0004, 15.0))
 
 
 def v3_training_data(seed: int = 3) -> tuple[BaseSplit, AnnotatedSet]:
@@ -508,13 +505,6 @@ def continue_base_v3(
 ) -> tuple[TrainingResult, BaseSplit, AnnotatedSet]:
     """Train v3 from v2 in ``V3_PHASES`` (the run shipped as cellfuse-base-w16-v3)."""
     return continue_base(init_weights, V3_PHASES, checkpoint_dir=checkpoint_dir, echo=echo)
-
-
-def continue_base_v4(
-    init_weights: str | Path, *, checkpoint_dir: str | Path | None = None, echo: Callable[[str], None] = print
-) -> tuple[TrainingResult, BaseSplit, AnnotatedSet]:
-    """Train v4 from v3 in ``V4_PHASES`` on v3's data and split (the held-out images stay out)."""
-    return continue_base(init_weights, V4_PHASES, checkpoint_dir=checkpoint_dir, echo=echo)
 
 
 def continue_base(
