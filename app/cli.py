@@ -501,6 +501,9 @@ def bench_zero_shot(
     limit: Annotated[int, typer.Option(help="use only the first N held-out images (0: all)")] = 0,
     data_dir: Annotated[list[Path] | None, typer.Option(help="DSB2018 folder(s)")] = None,
     json_out: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None,
+    recentre_passes: Annotated[
+        int, typer.Option(min=0, max=10, help="recentring passes of the size model's style estimate (0: Cellpose's)")
+    ] = 0,
 ) -> None:
     """A shipped base on its held-out DSB2018 images rescaled 0.5x-2x: pooled F1@0.5 with estimated,
     default and true diameters, each with a bootstrap interval over images."""
@@ -518,6 +521,7 @@ def bench_zero_shot(
         rescales=factors,
         modes=[m.strip() for m in modes.split(",") if m.strip()],
         limit=limit or None,
+        recentre_iterations=recentre_passes,
         echo=typer.echo,
     )
     if json_out is not None:

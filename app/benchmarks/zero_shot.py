@@ -69,6 +69,7 @@ def zero_shot_rows(
     n_boot: int = 2000,
     seed: int = 0,
     with_scores: bool = False,
+    recentre_iterations: int = 0,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per (rescale, diameter mode): pooled F1@0.5, its bootstrap interval, counts and the
@@ -107,6 +108,7 @@ def zero_shot_rows(
                         flow_threshold=flow_threshold,
                         cellprob_threshold=cellprob_threshold,
                         tile=tile,
+                        recentre_iterations=recentre_iterations,
                     )
                     diameter = estimate.diameter
                 elif mode == "default":
@@ -185,6 +187,7 @@ def run_zero_shot_benchmark(
     modes: Sequence[str] = DIAMETER_MODES,
     limit: int | None = None,
     n_boot: int = 2000,
+    recentre_iterations: int = 0,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Load a shipped base (newest by default), its held-out split and size model, print the table."""
@@ -224,5 +227,6 @@ def run_zero_shot_benchmark(
         flow_threshold=flow_threshold,
         cellprob_threshold=cellprob_threshold,
         n_boot=n_boot,
+        recentre_iterations=recentre_iterations,
         echo=echo,
     )
