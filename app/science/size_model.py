@@ -197,9 +197,9 @@ def recentred_style_diameter(
     ``c = diam_mean * exp(log_offset)``: if the fitted log diameter is ``log c + k (log t - log c)``
     with ``k < 1``, an image of true diameter ``t`` zoomed by ``r = c / d`` is predicted at
     ``(1 - k) log d + k log t`` in its own pixels, so each pass removes a fraction ``k`` of the
-    log error, and the estimate is exact at the centre whatever ``k`` is (here: 60 -> 85 -> 101 -> 110 px). Images 2x the training
-    size were estimated at 0.61x their size in one pass (validation); three passes leave ~6 % of
-    that error.
+    log error, and the estimate is exact at the centre whatever ``k`` is (below: 60 -> 85 -> 101
+    -> 110 px). Images 2x the training size were estimated at 0.61x their size in one pass
+    (validation); three passes leave ~6 % of that error.
 
     >>> model = SizeModel(np.array([0.5]), np.zeros(1), 0.0, 30.0, 1.0, 10)  # k = 0.5 on s = log(t/30)
     >>> true = 120.0
