@@ -62,6 +62,7 @@ from app.science.backbone import (
     _forward,
     _rescale_factor,
     masks_from_maps,
+    min_size_for,
 )
 from app.science.flow_fusion import FUSED_FLOW_THRESHOLD, fuse_maps
 from app.science.segmentation import ChannelModel, SegmentationInputError, reconstruction_size
@@ -554,7 +555,7 @@ def segment_blocked(
                     dropped_duplicates += 1
                     continue
             free = mine & (updated[box] == 0)
-            if np.count_nonzero(free) < min_size:
+            if np.count_nonzero(free) < min_size_for(min_size, diameter, diam_mean):
                 continue
             view = updated[box]
             view[free] = next_label

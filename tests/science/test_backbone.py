@@ -140,7 +140,9 @@ def test_tiled_prediction_and_masks_equal_cellpose_eval(diameter, tmp_path):
     masks_ref, flows_ref, style_ref = model.eval(image, channels=[0, 0], diameter=diameter)
 
     maps = bb.predict_maps(net, image, diameter=diameter, tile=True)
-    masks = bb.masks_from_maps(maps, diameter=diameter, diam_mean=bb.diam_mean_of(net))
+    masks = bb.masks_from_maps(
+        maps, diameter=diameter, diam_mean=bb.diam_mean_of(net), min_size_at_training_scale=False
+    )
 
     assert masks_ref.max() >= 25, "the trained net must give non-trivial masks for this check to mean anything"
     np.testing.assert_array_equal(masks, masks_ref)
@@ -237,3 +239,26 @@ def test_masks_from_ideal_maps_recover_the_labels():
 
     assert match(labels, masks).f1 == 1.0
     assert bb.default_niter(20.0, 30.0) == pytest.approx(133.333, abs=1e-3)
+
+
+def test_min_size_is_read_at_the_training_scale():
+    # 4-px objects (13 px of area): Cellpose's literal 15-px cut-off removes every one of them,
+    # the cut-off read at the training scale (15 x (4 / 30)^2 -> 1 px) keeps them.
+    assert bb.min_size_for(15, 30.0, 30.0) == 15
+    assert bb.min_size_for(15, 90.0, 30.0) == 15
+    assert bb.min_size_for(15, 15.0, 30.0) == 4
+    assert bb.min_size_for(0, 5.0, 30.0) == 0
+    labels = np.zeros((48, 48), np.int32)
+    yy, xx = np.mgrid[:48, :48]
+    for i, (cy, cx) in enumerate([(10, 10), (10, 30), (30, 10), (30, 30)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 4] = i  # 13-pixel objects
+    from cellpose import dynamics
+
+    flows = dynamics.masks_to_flows(labels)
+    maps = np.concatenate([5.0 * flows, np.where(labels > 0, 5.0, -5.0)[None]]).astype(np.float32)
+    scaled = bb.masks_from_maps(maps, diameter=4.0, diam_mean=30.0)
+    literal = bb.masks_from_maps(maps, diameter=4.0, diam_mean=30.0, min_size_at_training_scale=False)
+    assert scaled.max() == 4
+    assert literal.max() == 0
+    many = bb.masks_for_flow_thresholds(maps, diameter=4.0, diam_mean=30.0, flow_thresholds=[0.4])
+    np.testing.assert_array_equal(many[0], scaled)
