@@ -502,8 +502,14 @@ def bench_zero_shot(
     data_dir: Annotated[list[Path] | None, typer.Option(help="DSB2018 folder(s)")] = None,
     json_out: Annotated[Path | None, typer.Option(help="also write the rows as JSON")] = None,
     recentre_passes: Annotated[
-        int, typer.Option(min=0, max=10, help="recentring passes of the size model's style estimate (0: Cellpose's)")
-    ] = 0,
+        int | None,
+        typer.Option(
+            min=0,
+            max=10,
+            help="recentring passes of the size model's style estimate (0: Cellpose's single pass; default"
+            " the service's, 3 with early stop)",
+        ),
+    ] = None,
 ) -> None:
     """A shipped base on its held-out DSB2018 images rescaled 0.5x-2x: pooled F1@0.5 with estimated,
     default and true diameters, each with a bootstrap interval over images."""

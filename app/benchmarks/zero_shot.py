@@ -69,7 +69,7 @@ def zero_shot_rows(
     n_boot: int = 2000,
     seed: int = 0,
     with_scores: bool = False,
-    recentre_iterations: int = 0,
+    recentre_iterations: int | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per (rescale, diameter mode): pooled F1@0.5, its bootstrap interval, counts and the
@@ -108,7 +108,7 @@ def zero_shot_rows(
                         flow_threshold=flow_threshold,
                         cellprob_threshold=cellprob_threshold,
                         tile=tile,
-                        recentre_iterations=recentre_iterations,
+                        **({} if recentre_iterations is None else {"recentre_iterations": recentre_iterations}),
                     )
                     diameter = estimate.diameter
                 elif mode == "default":
@@ -187,7 +187,7 @@ def run_zero_shot_benchmark(
     modes: Sequence[str] = DIAMETER_MODES,
     limit: int | None = None,
     n_boot: int = 2000,
-    recentre_iterations: int = 0,
+    recentre_iterations: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
     """Load a shipped base (newest by default), its held-out split and size model, print the table."""

@@ -842,12 +842,16 @@ def run_cellpose_train_seg(
     return time.perf_counter() - started, np.asarray(train_losses)
 
 
-#: Recentring passes of the size model's style estimate (``recentred_style_diameter``). On the base
-#: v3's 12 validation images rescaled 0.5x-2x, 3 passes cut the mean |log(estimate / true)| at 2x
-#: from 0.248 to 0.057 (pooled F1 within noise), but they made the diameter stage of a 1024-px,
-#: 2-channel field through the page take over 2 min on this CPU; until that cost is measured and
-#: bounded, the default stays Cellpose's single pass (``bench zero-shot --recentre-passes 3``).
-RECENTRE_ITERATIONS = 0
+#: Recentring passes of the size model's style estimate (``recentred_style_diameter``), chosen on
+#: the base v3's 12 validation images rescaled 0.5x-2x (untiled): mean |log(estimate / true)| over
+#: the five scales 0.107 with Cellpose's single pass, 0.071 with these settings (at 2x 0.248 ->
+#: 0.068; at 0.75x-1x 0.068 / 0.049 -> 0.079 / 0.063). Passes stop once the next zoom would be
+#: within ``RECENTRE_TOLERANCE`` of 1, and run on a crop of at most ``RECENTRE_MAX_SIDE`` pixels,
+#: which bounds their cost: three full passes on a 1024-px field of 2 channels had put the page's
+#: diameter stage over 2 min. A tolerance of log 1.25 skipped too many images: the single pass
+#: shrinks 2x images' estimates to within 25 % of the centre (|log| at 2x 0.185).
+RECENTRE_ITERATIONS = 3
+RECENTRE_TOLERANCE = math.log(1.15)
 
 
 def train_size_model(
@@ -917,9 +921,10 @@ def predict_diameter(net: torch.nn.Module, size_model, image: np.ndarray) -> flo
 
 
 #: Longest side (pixels, after zooming) of the image a recentring pass runs on: a style is an
-#: average over the image, so a centred crop of this size estimates it, and a 2160-px field of
-#: 5-px nuclei (zoomed 4x) would otherwise cost three extra 8640-px passes.
-RECENTRE_MAX_SIDE = 1024
+#: average over the image, so a centred crop of this size estimates it (~700 objects at the 19-px
+#: centre), and a 2160-px field of 5-px nuclei (zoomed 4x) would otherwise cost three extra 8640-px
+#: passes. On the validation images 512 and 1024 gave the same errors (0.070 vs 0.071 at 1.5x).
+RECENTRE_MAX_SIDE = 512
 
 
 def _centre_crop_for_zoom(image: np.ndarray, zoom: float, max_side: int = RECENTRE_MAX_SIDE) -> np.ndarray:
@@ -941,6 +946,8 @@ def estimate_image_diameter(
     tile: bool = True,
     normalization=None,
     recentre_iterations: int = RECENTRE_ITERATIONS,
+    recentre_tolerance: float = RECENTRE_TOLERANCE,
+    recentre_max_side: int = RECENTRE_MAX_SIDE,
 ):
     """Cellpose 3's ``SizeModel.eval`` for one (Y, X) image: the style regression's diameter, then
     the median diameter of the masks segmented at it. Returns a ``size_model.SizeEstimate``.
@@ -958,11 +965,17 @@ def estimate_image_diameter(
 
     def style_at(diameter: float) -> np.ndarray:
         return predict_maps(
-            net, _centre_crop_for_zoom(image, diam_mean / diameter), diameter=diameter, tile=tile, normalization=norm
+            net,
+            _centre_crop_for_zoom(image, diam_mean / diameter, recentre_max_side),
+            diameter=diameter,
+            tile=tile,
+            normalization=norm,
         ).style
 
     style = predict_maps(net, image, diameter=diam_mean, tile=tile, normalization=norm).style
-    style_diameter = recentred_style_diameter(style_at, size_model, iterations=recentre_iterations, first_style=style)
+    style_diameter = recentred_style_diameter(
+        style_at, size_model, iterations=recentre_iterations, first_style=style, tolerance=recentre_tolerance
+    )
 
     def segment(diameter: float) -> np.ndarray:
         maps = predict_maps(net, image, diameter=diameter, tile=tile, normalization=norm)

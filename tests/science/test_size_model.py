@@ -181,6 +181,27 @@ def test_recentring_undoes_the_ridge_shrinkage_far_from_the_centre():
         recentred_style_diameter(style_of, model, iterations=-1)
 
 
+def test_recentring_stops_once_the_zoom_would_be_near_one():
+    from app.science.size_model import recentred_style_diameter
+
+    model, style_of = _shrunk_model_and_styles()
+    centre = model.diam_mean * math.exp(model.log_offset)
+    for true in (centre * 1.02, 60.0):
+        zooms: list[float] = []
+
+        def style_at(diameter: float, true: float = true, zooms: list[float] = zooms) -> np.ndarray:
+            zooms.append(model.diam_mean / diameter)
+            return style_of(math.log(true * model.diam_mean / diameter))
+
+        estimate = recentred_style_diameter(style_at, model, iterations=3, tolerance=math.log(1.15))
+        passes = len(zooms) - 1  # the first style is read unzoomed
+        if true < 2 * centre:  # objects at the centre: no extra pass
+            assert passes == 0
+        else:  # far from it: at least one pass, and closer than the single pass
+            assert 1 <= passes <= 3
+            assert abs(math.log(estimate / true)) < abs(math.log(model.predict(style_of(math.log(true))) / true))
+
+
 def test_two_pass_estimate_starts_from_a_given_style_diameter():
     from app.science.size_model import estimate_diameter
 
