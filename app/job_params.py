@@ -182,7 +182,13 @@ class SegmentParams(StrictModel):
         description="Flow Fusion uses the weights and thresholds fitted "
         "for this channel set by select-channels, when the zoo has them",
     )
-    min_size: int = Field(default=15, ge=0, le=100_000)
+    min_size: int = Field(
+        default=15,
+        ge=0,
+        le=100_000,
+        description="smallest mask kept, in pixels at the model's training scale (Cellpose's 15 for 30-px objects); "
+        "for objects smaller than the training size it shrinks with their area",
+    )
     diameter: Diameter | dict[ObjectLiteral, Diameter] | None = Field(
         default=None,
         description="object diameter in pixels, for every object or per object ({'nuclei': 12, 'cells': 30}); "
