@@ -506,8 +506,8 @@ def bench_zero_shot(
         typer.Option(
             min=0,
             max=10,
-            help="recentring passes of the size model's style estimate (0: Cellpose's single pass; default"
-            " the service's, 3 with early stop)",
+            help="recentring passes of the size model's style estimate (0: Cellpose's single pass;"
+            " default the service's, 0)",
         ),
     ] = None,
 ) -> None:

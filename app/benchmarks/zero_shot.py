@@ -78,11 +78,13 @@ def zero_shot_rows(
     from app.science.backbone import masks_from_maps, predict_maps
     from app.science.metrics import match, score_set
     from app.science.pretrain import rescale_annotated
-    from app.science.training import estimate_image_diameter, image_diameters
+    from app.science.training import RECENTRE_ITERATIONS, estimate_image_diameter, image_diameters
 
     unknown = set(modes) - set(DIAMETER_MODES)
     if unknown:
         raise ValueError(f"unknown diameter mode(s) {sorted(unknown)}; choose from {DIAMETER_MODES}")
+    if recentre_iterations is None:
+        recentre_iterations = RECENTRE_ITERATIONS
     if "estimated" in modes and size_model is None:
         raise ValueError("the model has no size model: mode 'estimated' needs one")
     diam_mean = float(net.diam_mean.item())
@@ -108,7 +110,7 @@ def zero_shot_rows(
                         flow_threshold=flow_threshold,
                         cellprob_threshold=cellprob_threshold,
                         tile=tile,
-                        **({} if recentre_iterations is None else {"recentre_iterations": recentre_iterations}),
+                        recentre_iterations=recentre_iterations,
                     )
                     diameter = estimate.diameter
                 elif mode == "default":

@@ -621,7 +621,7 @@ def min_size_for(min_size: int, diameter: float, diam_mean: float) -> int:
     ``diam_mean``), the cut-off shrinks by (diameter / diam_mean)^2 for smaller objects and stays
     Cellpose's for larger ones. Chosen on the v3 base's validation images rescaled 0.5x-2x (pooled
     F1 at true diameters 0.791 -> 0.794, +0.012 at 0.5x); held out, 0.863 -> 0.869 at 0.5x and no
-    change from 1x up (``docs/BASE_MODEL.md``).
+    change from 1x up (``models_zoo/BASE_MODEL.md``).
 
     >>> min_size_for(15, 10.0, 30.0), min_size_for(15, 30.0, 30.0), min_size_for(15, 60.0, 30.0)
     (2, 15, 15)

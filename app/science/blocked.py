@@ -527,6 +527,7 @@ def segment_blocked(
     # Objects kept lie within about half a diameter of the core; half an overlap more context
     # gives their maps the full overlap of context, as in maps mode.
     context = int(math.ceil(overlap / 2))
+    kept_min_size = min_size_for(min_size, diameter, diam_mean)  # as masks_from_maps reads it
     for i, read in enumerate(plan.reads):
         maps = _region_maps(image, _span(read), context, models, grids, norms, styles, weights)
         block_labels = masks_from_maps(maps, **mask_args)  # type: ignore[arg-type]
@@ -555,7 +556,7 @@ def segment_blocked(
                     dropped_duplicates += 1
                     continue
             free = mine & (updated[box] == 0)
-            if np.count_nonzero(free) < min_size_for(min_size, diameter, diam_mean):
+            if np.count_nonzero(free) < kept_min_size:
                 continue
             view = updated[box]
             view[free] = next_label

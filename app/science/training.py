@@ -848,8 +848,8 @@ def run_cellpose_train_seg(
 #: mean |log(estimate / true)| over the five scales from 0.107 to 0.071 (2x: 0.248 -> 0.068;
 #: 0.75x-1x: 0.068 / 0.049 -> 0.079 / 0.063), and the early stop and the crop bound their cost (the
 #: page's 1024-px field: no extra pass). Not the default because on the 48 held-out images at 1.5x
-#: one walking estimate gave 970 false positives (pooled F1 0.895 -> 0.672); the step guard added
-#: for it (``size_model.MAX_LAST_RECENTRE_STEP``) is not yet measured on the whole held-out set.
+#: one walking estimate gave 970 false positives (pooled F1 0.895 -> 0.672), and with the step guard
+#: added for it (``size_model.MAX_LAST_RECENTRE_STEP``) another one at 2x gave 1914 (0.877 -> 0.535).
 #: A tolerance of log 1.25 skipped too many images: the single pass shrinks 2x images' estimates
 #: to within 25 % of the centre (|log| at 2x 0.185).
 RECENTRE_ITERATIONS = 0
